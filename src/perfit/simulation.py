@@ -1,0 +1,64 @@
+"""Run the Flower app in this process on Flower's Simulation Runtime (Ray), with a perfit Config.
+
+`flwr run .` runs the same ServerApp/ClientApp; this path exists so that `perfit run` and the tests
+pass a Config straight in (Flower's public `run_simulation` takes no run config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from perfit.config import Config
+
+
+def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client: int = 1) -> dict[str, Any]:
+    """Run one federation to completion and return its summary (also in `<out>/summary.json`)."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import ray
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from perfit.client_app import app as client_app
+    from perfit.server_app import app as server_app
+
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
+    ray_dir = tempfile.mkdtemp(prefix="perfit-ray-")  # Ray's session files stay out of ~ and of the repo
+    cpus = num_cpus or os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+            "include_dashboard": False,
+            "_temp_dir": ray_dir,
+        },
+    }
+    try:
+        _run_simulation(
+            num_supernodes=config.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend,
+            run=run,
+            server_app_context=context,
+        )
+    finally:
+        ray.shutdown()
+    return json.loads((Path(config.out).expanduser().resolve() / "summary.json").read_text())

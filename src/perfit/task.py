@@ -1,0 +1,148 @@
+"""What one client does, independent of Flower: its data, its mask search (Alg. 1), masked local
+training and personalized evaluation. The Flower ClientApp is thin glue over `ClientTask`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from perfit.config import Config
+from perfit.data import ClientSplit, Example, load_rows, partition, tokenize
+from perfit.model import (
+    Layout,
+    attach_lora,
+    initial_adapter,
+    load_base,
+    lora_layout,
+    resolve_model,
+    zero_b,
+)
+from perfit.search import search_mask
+from perfit.train import TrainResult, evaluate_nll, importance_scores, micro_batches, train_masked
+
+
+def search_init(config: Config) -> str:
+    """The init the dense adapter is scored at: peft for FIT and init=peft, else symmetric."""
+    return "peft" if config.method == "fit" or config.init == "peft" else "symmetric"
+
+
+def global_start(layout: Layout, config: Config) -> torch.Tensor:
+    """The seeded adapter the server's global state starts from (what positions hold before training)."""
+    flat = initial_adapter(layout, search_init(config), config.seed)
+    return zero_b(layout, flat) if config.init == "symmetric_then_zero_b" and config.method == "perfit" else flat
+
+
+def budget_groups(layout: Layout, config: Config, client: int) -> list[tuple[int, int, int]]:
+    """Slices pruned independently with their budgets: one for scope=global, one per module otherwise."""
+    rank_budget = config.client_rank_budget(client)
+    if config.scope == "per_module":
+        return layout.module_groups(rank_budget)
+    return [(0, layout.size, layout.budget(rank_budget))]
+
+
+class ClientTask:
+    """Data, model and local algorithms of every client of one run, loaded once per process."""
+
+    def __init__(self, config: Config, rows: list[dict[str, str]] | None = None) -> None:
+        self.config = config
+        self.model_path = resolve_model(config)
+        self._rows = rows
+        self._examples: dict[tuple[int, str], list[Example]] = {}
+
+    @cached_property
+    def rows(self) -> list[dict[str, str]]:
+        return self._rows if self._rows is not None else load_rows(self.config.data)
+
+    @cached_property
+    def splits(self) -> dict[int, ClientSplit]:
+        return partition(self.rows, self.config)
+
+    @cached_property
+    def _base(self) -> tuple[Any, Any]:
+        return load_base(self.model_path)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._base[1]
+
+    @property
+    def peft_model(self) -> Any:
+        return attach_lora(self._base[0], self.config.dense_rank, self.config.alpha_value)
+
+    @cached_property
+    def layout(self) -> Layout:
+        return lora_layout(self.peft_model)
+
+    def examples(self, client: int, part: str) -> list[Example]:
+        """The client's tokenised train or eval rows, tokenised once per process."""
+        key = (client, part)
+        if key not in self._examples:
+            indices = getattr(self.splits[client], part)
+            self._examples[key] = [tokenize(self.rows[i], self.tokenizer, self.config.cutoff_len) for i in indices]
+        return list(self._examples[key])
+
+    # ---- the three things a client does ----
+    def search(self, client: int) -> torch.Tensor:
+        """Alg. 1 on this client's train data from the seeded dense adapter; a boolean flat mask."""
+        config = self.config
+        groups = budget_groups(self.layout, config, client)
+        if config.method == "fit" or sum(b for _, _, b in groups) == self.layout.size:
+            return torch.ones(self.layout.size, dtype=torch.bool)
+        theta = initial_adapter(self.layout, search_init(config), config.seed)
+        train = self.examples(client, "train")
+        random.Random(config.seed * 7919 + client).shuffle(train)
+        batches = list(micro_batches(train, config.micro_batch_size))[: config.search_batches]
+        pad_id = self.tokenizer.pad_token_id
+
+        def score(alive: torch.Tensor) -> torch.Tensor:
+            if not batches:  # a client without train rows (tiny Dirichlet share): magnitude fallback
+                return (theta * alive).abs()
+            return importance_scores(self.peft_model, theta * alive, batches, pad_id, config.metric)
+
+        return search_mask(score, groups, config.pruning_steps)
+
+    def train(self, client: int, start: torch.Tensor, mask: torch.Tensor, round_number: int) -> TrainResult:
+        config = self.config
+        return train_masked(
+            self.peft_model,
+            start,
+            mask,
+            self.examples(client, "train"),
+            self.tokenizer.pad_token_id,
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
+            lr=config.lr,
+            seed=config.seed * 1_000_003 + round_number * 1009 + client,
+        )
+
+    def evaluate(self, client: int, flat: torch.Tensor) -> tuple[float, int]:
+        """(total NLL, target tokens) of the client's adapter on its held-out rows."""
+        return evaluate_nll(
+            self.peft_model,
+            flat,
+            self.examples(client, "eval"),
+            self.tokenizer.pad_token_id,
+            self.config.micro_batch_size,
+        )
+
+
+@dataclass
+class _Cache:
+    key: str = ""
+    task: ClientTask | None = None
+
+
+_PROCESS_TASK = _Cache()
+
+
+def client_task(config: Config) -> ClientTask:
+    """The process's ClientTask for this config (Flower calls the ClientApp per message)."""
+    key = config.to_toml()
+    if _PROCESS_TASK.key != key or _PROCESS_TASK.task is None:
+        _PROCESS_TASK.key, _PROCESS_TASK.task = key, ClientTask(config)
+    return _PROCESS_TASK.task

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random Llama with its own small tokenizer, and small slices of dolly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOLLY = Path(os.environ.get("PERFIT_DOLLY", REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"))
+
+
+def dolly_rows(per_category: int) -> list[dict]:
+    if not DOLLY.is_file():
+        pytest.skip(f"{DOLLY} not found")
+    counts: dict[str, int] = {}
+    rows = []
+    with DOLLY.open() as handle:
+        for line in handle:
+            row = json.loads(line)
+            if counts.get(row["category"], 0) < per_category:
+                counts[row["category"]] = counts.get(row["category"], 0) + 1
+                rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A .jsonl with 24 dolly rows per category (192 rows)."""
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in dolly_rows(24)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 32) and a 400-token BPE tokenizer trained on dolly text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    texts = [" ".join(row.values()) for row in dolly_rows(24)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

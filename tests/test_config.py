@@ -1,0 +1,43 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from perfit.config import PRESETS, Config, from_mapping, from_toml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_flower_app_config_is_the_dataclass_defaults():
+    flwr_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert flwr_config == Config().to_dict()
+    assert from_mapping(flwr_config) == Config()
+
+
+def test_presets_and_overrides(tmp_path):
+    quick = from_mapping({}, preset="quick")
+    assert quick.num_clients == PRESETS["quick"]["num_clients"] and quick.rank == 8
+    assert from_mapping({"num_clients": "6", "lr": "0.001"}, preset="quick").num_clients == 6
+    path = tmp_path / "run.toml"
+    path.write_text('method = "fit"\nrounds = 2\n')
+    config = from_toml(path, preset="quick", rounds=4)
+    assert (config.method, config.rounds, config.num_clients) == ("fit", 4, PRESETS["quick"]["num_clients"])
+    assert from_toml(tmp_path / "run.toml") == Config(method="fit", rounds=2)
+    written = tmp_path / "back.toml"
+    written.write_text(config.to_toml())
+    assert from_toml(written) == config
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"num_clent": 3}, "unknown config field"),
+        ({"rounds": "many"}, "'rounds'"),
+        ({"sparsity": 1.0}, "'sparsity'"),
+        ({"aggregation": "median"}, "'aggregation'"),
+        ({"budgets": "8,x"}, "'budgets'"),
+    ],
+)
+def test_bad_config_names_the_field(values, needle):
+    with pytest.raises(ValueError, match=needle):
+        from_mapping(values)

@@ -1,0 +1,126 @@
+"""Flower simulation of the whole loop on a tiny random Llama: both methods, both splits."""
+
+import json
+import tomllib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from perfit.config import Config
+from perfit.model import layout_for
+from perfit.simulation import run_simulation
+
+CASES = [
+    ("fit", "pathological", ""),
+    ("perfit", "pathological", ""),
+    ("fit", "dirichlet", ""),
+    ("perfit", "dirichlet", ""),
+    ("perfit", "dirichlet", "2,4"),
+]
+
+
+def _config(tiny_model, small_data, out, method, split, budgets):
+    return Config(
+        method=method, split=split, budgets=budgets, num_clients=4, clients_per_round=2, rounds=2, rank=4,
+        sparsity=0.5, prune_iterations=2, search_batches=1, batch_size=8, micro_batch_size=4, cutoff_len=256,
+        lr=1e-3, eval_every=1, model=str(tiny_model), data=str(small_data), out=str(out), seed=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, small_data, tmp_path_factory):
+    results = {}
+    for case in CASES:
+        out = tmp_path_factory.mktemp("run") / "-".join(filter(None, case))
+        config = _config(tiny_model, small_data, out, *case)
+        results[case] = (config, run_simulation(config, num_cpus=2))
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(filter(None, c)) for c in CASES])
+def test_run_directory_outputs(runs, case):
+    config, summary = runs[case]
+    out = config.out
+    from pathlib import Path
+
+    out = Path(out)
+    assert tomllib.loads((out / "config.toml").read_text()) == config.to_dict()
+    partitions = json.loads((out / "partitions.json").read_text())
+    assert sorted(partitions) == ["0", "1", "2", "3"]
+    seen = [i for p in partitions.values() for i in p["train"] + p["eval"]]
+    assert len(seen) == len(set(seen)) and min(seen) >= 0 and max(seen) < 192
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_round = [r for r in rounds if not r.get("final")]
+    assert [r["round"] for r in per_round] == [1, 2]
+    for record in per_round:
+        assert record["train_loss"] > 0 and record["bytes_up"] > 0 and record["bytes_down"] > 0 and record["seconds"] > 0
+        assert set(record["per_client_ppl"]) == {str(c) for c in record["clients"]}
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["method"] == config.method and summary["split"] == config.split
+    assert set(summary["per_client_ppl"]) == {"0", "1", "2", "3"}
+    values = list(summary["per_client_ppl"].values())
+    assert summary["personalized_ppl"] == pytest.approx(sum(values) / len(values))
+    assert summary["rejected_updates"] == []
+    layout = layout_for(str(config.model), config.dense_rank, config.alpha_value)
+    budgets = {str(c): layout.budget(config.client_rank_budget(c)) for c in range(4)}
+    assert summary["trainable_params_per_client"] == budgets
+    assert summary["bytes_up_total"] > 0 and summary["wall_seconds"] > 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(filter(None, c)) for c in CASES])
+def test_adapters_load_with_plain_peft_and_respect_masks(runs, case, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config, _ = runs[case]
+    from pathlib import Path
+
+    out = Path(config.out)
+    adapters = {c: load_file(str(out / "adapters" / f"client_{c}" / "adapter_model.safetensors")) for c in range(4)}
+    if config.method == "fit":
+        assert not (out / "masks.safetensors").exists()
+        for c in range(1, 4):  # every client gets the same global adapter
+            assert all(torch.equal(adapters[0][k], adapters[c][k]) for k in adapters[0])
+    else:
+        masks = load_file(str(out / "masks.safetensors"))
+        layout = layout_for(str(config.model), config.dense_rank, config.alpha_value)
+        for c in range(4):
+            flat = torch.cat([adapters[c][t.name].flatten() for t in layout.tensors])
+            mask = masks[f"client_{c}"].bool()
+            assert torch.all(flat[~mask] == 0)
+            assert int(mask.sum()) == layout.budget(config.client_rank_budget(c))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model = PeftModel.from_pretrained(base, str(out / "adapters" / "client_1"))
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(adapters[1])
+    for name, tensor in adapters[1].items():
+        assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor)
+
+
+def test_perfit_sends_masks_once_and_values_only(runs):
+    config, summary = runs[("perfit", "pathological", "")]
+    fit_config, fit = runs[("fit", "pathological", "")]
+    # PerFIT payloads hold as many values as FIT's rank-r adapter (same budget) plus bit-packed masks
+    assert summary["bytes_down_total"] == pytest.approx(fit["bytes_down_total"], rel=0.01)
+    layout = layout_for(str(config.model), config.dense_rank, config.alpha_value)
+    masks_bytes = 4 * (layout.size // 8)
+    assert fit["bytes_up_total"] < summary["bytes_up_total"] <= fit["bytes_up_total"] + masks_bytes + 4 * 256
+
+
+def test_bad_data_fails_before_any_output(tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from perfit.cli import app
+    from perfit.server_app import Federation
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "context": "", "response": "y", "category": "open_qa"}\n{"instruction": 1}\n')
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--data", str(bad), "--model", str(tiny_model), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "bad.jsonl:2" in result.output and "instruction" in result.output
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'instruction'"):
+        Federation(grid=None, config=Config(data=str(bad), model=str(tiny_model), out=str(out))).run()
+    assert not out.exists()

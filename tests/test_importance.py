@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from perfit.importance import first_order, gradient_moments, importance, mixed, second_order
+
+
+def test_first_order_is_abs_grad_times_theta():
+    grad = torch.tensor([0.5, -2.0, 0.0, 3.0])
+    theta = torch.tensor([2.0, 1.5, 7.0, -1.0])
+    # |0.5*2|, |-2*1.5|, |0*7|, |3*-1|
+    assert torch.equal(first_order(grad, theta), torch.tensor([1.0, 3.0, 0.0, 3.0]))
+
+
+def test_second_order_is_abs_theta_fisher_theta():
+    fisher = torch.tensor([4.0, 0.25, 1.0])
+    theta = torch.tensor([0.5, -2.0, 3.0])
+    # 0.25*4, 4*0.25, 9*1
+    assert torch.equal(second_order(fisher, theta), torch.tensor([1.0, 1.0, 9.0]))
+
+
+def test_mixed_subtracts_half_second_order_before_abs():
+    grad = torch.tensor([1.0, 1.0, -1.0])
+    fisher = torch.tensor([2.0, 8.0, 2.0])
+    theta = torch.tensor([1.0, 1.0, 2.0])
+    # 1*1 - 0.5*1*2*1 = 0 ; 1 - 0.5*8 = -3 -> 3 ; -2 - 0.5*4*2 = -6 -> 6
+    assert torch.equal(mixed(grad, fisher, theta), torch.tensor([0.0, 3.0, 6.0]))
+    assert torch.equal(importance("mixed", grad, fisher, theta), mixed(grad, fisher, theta))
+    with pytest.raises(ValueError, match="metric"):
+        importance("third", grad, fisher, theta)
+
+
+def test_gradient_moments_mean_and_fisher():
+    g1 = torch.tensor([1.0, -2.0])
+    g2 = torch.tensor([3.0, 2.0])
+    grad, fisher = gradient_moments([g1, g2])
+    assert torch.equal(grad, torch.tensor([2.0, 0.0]))
+    assert torch.equal(fisher, torch.tensor([5.0, 4.0]))  # (1+9)/2, (4+4)/2

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from perfit.config import Config
+from perfit.model import (
+    attach_lora,
+    initial_adapter,
+    layout_for,
+    load_base,
+    lora_layout,
+    read_flat,
+    write_flat,
+    zero_b,
+)
+
+
+@pytest.fixture
+def peft16(tiny_model):
+    model, _ = load_base(str(tiny_model))
+    return attach_lora(model, 16, 32.0)
+
+
+def test_layout_budget_equals_rank_r_adapter(tiny_model, peft16):
+    layout = lora_layout(peft16)
+    # tiny Llama: 2 layers; q 32->32, k 32->16, v 32->16 (2 kv heads of 8)
+    per_rank = 2 * ((32 + 32) + (32 + 16) + (32 + 16))
+    assert layout.size == 16 * per_rank
+    assert layout.budget(8) == 8 * per_rank
+    model, _ = load_base(str(tiny_model))
+    rank8 = attach_lora(model, 8, 16.0)
+    assert sum(p.numel() for p in rank8.parameters() if p.requires_grad) == layout.budget(8)
+    assert layout_for(str(tiny_model), 8, 16.0) == lora_layout(rank8)
+
+
+def test_flat_roundtrip(peft16):
+    layout = lora_layout(peft16)
+    flat = torch.arange(layout.size, dtype=torch.float)
+    write_flat(peft16, flat)
+    assert torch.equal(read_flat(peft16), flat)
+    first = layout.tensors[0]
+    assert torch.equal(dict(peft16.named_parameters())[first.name.replace("lora_A.", "lora_A.default.")].flatten(), flat[: first.end])
+
+
+def test_initial_adapter_schemes(peft16):
+    layout = lora_layout(peft16)
+    sym = initial_adapter(layout, "symmetric", seed=3)
+    assert torch.equal(sym, initial_adapter(layout, "symmetric", seed=3))
+    assert not torch.equal(sym, initial_adapter(layout, "symmetric", seed=4))
+    a, b = layout.tensors[0], layout.tensors[1]
+    # N(0, 1/d) with d = 32: std 0.177; both A and B are random
+    assert sym[a.start : a.end].std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
+    assert sym[b.start : b.end].std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
+    peft = initial_adapter(layout, "peft", seed=3)
+    assert peft[b.start : b.end].abs().sum() == 0
+    assert peft[a.start : a.end].abs().max() <= 1 / math.sqrt(32)
+    zeroed = zero_b(layout, sym)
+    assert zeroed[b.start : b.end].abs().sum() == 0 and torch.equal(zeroed[a.start : a.end], sym[a.start : a.end])
+
+
+def test_config_dense_rank_and_budgets():
+    assert Config(sparsity=0.5).dense_rank == 16
+    assert Config(sparsity=0.33).dense_rank == 12
+    assert Config(sparsity=0.66).dense_rank == 24
+    assert Config(method="fit", sparsity=0.66).dense_rank == 8
+    hetero = Config(budgets="8,12,16", num_clients=6, clients_per_round=2)
+    assert hetero.dense_rank == 16
+    assert [hetero.client_rank_budget(c) for c in range(6)] == [8, 8, 12, 12, 16, 16]
+    assert Config(sparsity=0.5).pruning_steps == 10 and Config(sparsity=0.33).pruning_steps == 5
+    with pytest.raises(ValueError, match="method"):
+        Config(method="fedprox")
