@@ -22,9 +22,25 @@ CASES = [
 
 def _config(tiny_model, small_data, out, method, split, budgets):
     return Config(
-        method=method, split=split, budgets=budgets, num_clients=4, clients_per_round=2, rounds=2, rank=4,
-        sparsity=0.5, prune_iterations=2, search_batches=1, batch_size=8, micro_batch_size=4, cutoff_len=256,
-        lr=1e-3, eval_every=1, model=str(tiny_model), data=str(small_data), out=str(out), seed=1,
+        method=method,
+        split=split,
+        budgets=budgets,
+        num_clients=4,
+        clients_per_round=2,
+        rounds=2,
+        rank=4,
+        sparsity=0.5,
+        prune_iterations=2,
+        search_batches=1,
+        batch_size=8,
+        micro_batch_size=4,
+        cutoff_len=256,
+        lr=1e-3,
+        eval_every=1,
+        model=str(tiny_model),
+        data=str(small_data),
+        out=str(out),
+        seed=1,
     )
 
 
@@ -54,7 +70,9 @@ def test_run_directory_outputs(runs, case):
     per_round = [r for r in rounds if not r.get("final")]
     assert [r["round"] for r in per_round] == [1, 2]
     for record in per_round:
-        assert record["train_loss"] > 0 and record["bytes_up"] > 0 and record["bytes_down"] > 0 and record["seconds"] > 0
+        assert (
+            record["train_loss"] > 0 and record["bytes_up"] > 0 and record["bytes_down"] > 0 and record["seconds"] > 0
+        )
         assert set(record["per_client_ppl"]) == {str(c) for c in record["clients"]}
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["method"] == config.method and summary["split"] == config.split

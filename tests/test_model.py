@@ -40,7 +40,9 @@ def test_flat_roundtrip(peft16):
     write_flat(peft16, flat)
     assert torch.equal(read_flat(peft16), flat)
     first = layout.tensors[0]
-    assert torch.equal(dict(peft16.named_parameters())[first.name.replace("lora_A.", "lora_A.default.")].flatten(), flat[: first.end])
+    assert torch.equal(
+        dict(peft16.named_parameters())[first.name.replace("lora_A.", "lora_A.default.")].flatten(), flat[: first.end]
+    )
 
 
 def test_initial_adapter_schemes(peft16):

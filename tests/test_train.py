@@ -65,8 +65,17 @@ def test_peft_init_vanishes_a_scores_symmetric_does_not(setup):
 @pytest.mark.parametrize("scope", ["global", "per_module"])
 def test_client_search_hits_budget_exactly(tiny_model, small_data, scope):
     config = Config(
-        model=str(tiny_model), data=str(small_data), num_clients=4, clients_per_round=2, rank=4, sparsity=0.5,
-        prune_iterations=3, search_batches=2, micro_batch_size=4, cutoff_len=256, scope=scope,
+        model=str(tiny_model),
+        data=str(small_data),
+        num_clients=4,
+        clients_per_round=2,
+        rank=4,
+        sparsity=0.5,
+        prune_iterations=3,
+        search_batches=2,
+        micro_batch_size=4,
+        cutoff_len=256,
+        scope=scope,
     )
     task = ClientTask(config)
     mask = task.search(0)

@@ -64,6 +64,8 @@ def _check(previous: torch.Tensor, updates: list[Update], total_weight: float) -
         raise ValueError("aggregation weights must sum to a positive number")
     for mask, values, weight in updates:
         if mask.shape != previous.shape or values.shape != previous.shape:
-            raise ValueError(f"update shape {tuple(values.shape)} / mask {tuple(mask.shape)} != {tuple(previous.shape)}")
+            raise ValueError(
+                f"update shape {tuple(values.shape)} / mask {tuple(mask.shape)} != {tuple(previous.shape)}"
+            )
         if weight < 0:
             raise ValueError(f"negative aggregation weight {weight}")

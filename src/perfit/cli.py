@@ -18,7 +18,7 @@ from rich.table import Table
 from perfit.config import Config, from_mapping, from_toml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = Console(width=140) if not Console().is_terminal else Console()
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -73,7 +73,7 @@ def _run(config: Config) -> dict[str, Any]:
 def summary_table(summaries: list[dict[str, Any]]) -> Table:
     table = Table(title="Personalized perplexity (mean over clients; lower is better)")
     for column in ("method", "pers. ppl", "overall ppl", "trainable/client", "MB up", "MB down", "wall", "outputs"):
-        table.add_column(column, justify="left" if column in ("method", "outputs") else "right")
+        table.add_column(column, justify="left" if column in ("method", "outputs") else "right", no_wrap=True)
     for s in summaries:
         params = sorted(set(s["trainable_params_per_client"].values()))
         params_text = f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}-{params[-1]:,}"

@@ -52,7 +52,9 @@ def validate_record(record: Any, where: str) -> dict[str, str]:
         if field in REQUIRED_NON_EMPTY and not record[field].strip():
             raise DataError(f"{where}: field '{field}' is empty")
     if record["category"] not in CATEGORIES:
-        raise DataError(f"{where}: field 'category' has unknown value {record['category']!r}; expected one of {CATEGORIES}")
+        raise DataError(
+            f"{where}: field 'category' has unknown value {record['category']!r}; expected one of {CATEGORIES}"
+        )
     return {field: record[field] for field in FIELDS}
 
 
@@ -158,7 +160,9 @@ def partition(rows: list[dict[str, str]], config: Config) -> dict[int, ClientSpl
                 warnings.simplefilter("ignore", UserWarning)
                 indices = list(partitioner.load_partition(client)["row"])
         except ValueError as err:
-            raise DataError(f"cannot split {len(rows)} rows over {config.num_clients} clients ({config.split}): {err}") from err
+            raise DataError(
+                f"cannot split {len(rows)} rows over {config.num_clients} clients ({config.split}): {err}"
+            ) from err
         splits[client] = split_train_eval(indices, config.max_samples_per_client, seed=config.seed * 100_003 + client)
     return splits
 

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,16 @@ def attach_lora(model: Any, rank: int, alpha: float) -> Any:
     from peft import PeftModel, get_peft_model
 
     current = getattr(model, "_perfit_lora", None)
-    if current is not None and current.peft_config["default"].r == rank and current.peft_config["default"].lora_alpha == alpha:
+    if (
+        current is not None
+        and current.peft_config["default"].r == rank
+        and current.peft_config["default"].lora_alpha == alpha
+    ):
         return current
     base = current.unload() if isinstance(current, PeftModel) else model
-    wrapped = get_peft_model(base, lora_config(rank, alpha))
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = get_peft_model(base, lora_config(rank, alpha))
     object.__setattr__(model, "_perfit_lora", wrapped)
     return wrapped
 
@@ -173,7 +180,9 @@ def layout_for(model_path: str, rank: int, alpha: float) -> Layout:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return lora_layout(get_peft_model(skeleton, lora_config(rank, alpha)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return lora_layout(get_peft_model(skeleton, lora_config(rank, alpha)))
 
 
 def lora_parameters(peft_model: Any) -> list[torch.nn.Parameter]:

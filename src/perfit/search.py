@@ -43,7 +43,9 @@ def top_k_mask(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tenso
     return mask.view_as(scores)
 
 
-def prune_step(scores: torch.Tensor, alive: torch.Tensor, keeps: list[int], groups: list[tuple[int, int]]) -> torch.Tensor:
+def prune_step(
+    scores: torch.Tensor, alive: torch.Tensor, keeps: list[int], groups: list[tuple[int, int]]
+) -> torch.Tensor:
     """One step of Alg. 1 on a flat score vector: each (start, end) slice keeps its top `keeps[i]`.
 
     One slice spanning everything ranks all LoRA tensors together (scope=global); one slice per LoRA

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ class Federation:
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
         config = self.config
@@ -71,11 +73,13 @@ class Federation:
         sampler = random.Random(config.seed)
         bytes_up_total = bytes_down_total = 0
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"{config.method} rounds", total=config.rounds)
+            bar = progress.add_task(f"{config.method}", total=config.rounds + 1)
+            self.status = lambda text: progress.update(bar, description=f"{config.method}: {text}")
             for round_number in range(1, config.rounds + 1):
                 round_started = time.perf_counter()
                 sampled = sorted(sampler.sample(range(config.num_clients), config.clients_per_round))
                 up_search = self._ensure_masks(sampled)
+                self.status(f"round {round_number}/{config.rounds}: training {len(sampled)} clients")
                 train = self._train_round(sampled, round_number)
                 record = {
                     "round": round_number,
@@ -92,10 +96,13 @@ class Federation:
                 bytes_up_total += record["bytes_up"]
                 bytes_down_total += record["bytes_down"]
                 self.out.append_metrics(record)
-                progress.update(bar, advance=1, description=f"{config.method} round {round_number} loss {train['loss']:.3f}")
-        everyone = list(range(config.num_clients))
-        final_up = self._ensure_masks(everyone)
-        final = self._evaluate(everyone, config.rounds)
+                progress.update(bar, advance=1)
+            everyone = list(range(config.num_clients))
+            final_up = self._ensure_masks(everyone)
+            self.status(f"evaluating {len(everyone)} clients")
+            final = self._evaluate(everyone, config.rounds)
+            self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
+            progress.update(bar, advance=1)
         bytes_up_total += final_up
         bytes_down_total += final["bytes_down"]
         summary = {
@@ -114,7 +121,9 @@ class Federation:
             "model": model_path,
             "out": str(self.out.path),
         }
-        self.out.append_metrics({"round": config.rounds, "final": True, **{k: final[k] for k in ("personalized_ppl", "overall_ppl")}})
+        self.out.append_metrics(
+            {"round": config.rounds, "final": True, **{k: final[k] for k in ("personalized_ppl", "overall_ppl")}}
+        )
         self.out.write_masks(self.masks if config.method == "perfit" else {})
         personalized = {c: self.global_flat * mask for c, mask in self.masks.items()}
         self.out.write_adapters(self.layout, personalized, config.dense_rank, config.alpha_value, model_path)
@@ -123,7 +132,9 @@ class Federation:
 
     # ---- messaging ----
     def _message(self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int) -> Message:
-        content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": ConfigRecord({"round": round_number})})
+        content = RecordDict(
+            {"run": ConfigRecord(self.config.to_dict()), "round": ConfigRecord({"round": round_number})}
+        )
         if arrays is not None:
             content["arrays"] = arrays
         return Message(content, dst_node_id=self.nodes[client], message_type=message_type, group_id=str(round_number))
@@ -168,6 +179,7 @@ class Federation:
         todo = [c for c in clients if c not in self.masks]
         if not todo:
             return 0
+        self.status(f"searching masks (Alg. 1) for {len(todo)} clients")
         replies = self._exchange({c: self._message(c, "query.search", None, 0) for c in todo})
         uploaded = 0
         for client, reply in replies.items():

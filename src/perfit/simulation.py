@@ -43,7 +43,7 @@ def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client:
         "init_args": {
             "num_cpus": cpus,
             "logging_level": "ERROR",
-            "log_to_driver": True,
+            "log_to_driver": False,  # client failures reach the server as error replies
             "include_dashboard": False,
             "_temp_dir": ray_dir,
         },

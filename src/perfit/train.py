@@ -38,7 +38,9 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     positions carry no loss, and the 49k-wide head would otherwise dominate the cost.
     """
     causal_lm = peft_model.get_base_model()
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     targets = batch["labels"][:, 1:]
     selected = targets != -100
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][selected])
@@ -116,7 +118,9 @@ def train_masked(
 
 
 @torch.no_grad()
-def evaluate_nll(peft_model: Any, flat: torch.Tensor, examples: Sequence[Example], pad_id: int, micro_batch_size: int) -> tuple[float, int]:
+def evaluate_nll(
+    peft_model: Any, flat: torch.Tensor, examples: Sequence[Example], pad_id: int, micro_batch_size: int
+) -> tuple[float, int]:
     """(total NLL, total target tokens) of the adapter `flat` on `examples`."""
     write_flat(peft_model, flat)
     peft_model.eval()
@@ -133,7 +137,9 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return math.exp(total_nll / tokens) if tokens else float("nan")
 
 
-def batch_gradients(peft_model: Any, flat: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int) -> list[torch.Tensor]:
+def batch_gradients(
+    peft_model: Any, flat: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int
+) -> list[torch.Tensor]:
     """Flat LoRA gradient of each micro-batch's mean target-token loss at adapter `flat`."""
     write_flat(peft_model, flat)
     params = lora_parameters(peft_model)
@@ -150,7 +156,9 @@ def batch_gradients(peft_model: Any, flat: torch.Tensor, batches: Sequence[Seque
     return grads
 
 
-def importance_scores(peft_model: Any, theta: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int, metric: str) -> torch.Tensor:
+def importance_scores(
+    peft_model: Any, theta: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int, metric: str
+) -> torch.Tensor:
     """Eq. 2-4 scores of every element of the adapter `theta` from the scoring batches."""
     grad, fisher = gradient_moments(batch_gradients(peft_model, theta, batches, pad_id))
     return importance(metric, grad, fisher, theta)
