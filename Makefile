@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/perfit demo --preset quick $(DATA_ARG)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
 
 lint: install

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests touch nothing under ~ and never reach a hub: Flower's and Hugging Face's homes go to /tmp.
+_HOME = tempfile.mkdtemp(prefix="perfit-test-home-")
+os.environ.setdefault("FLWR_HOME", os.path.join(_HOME, "flwr"))
+os.environ.setdefault("HF_HOME", os.path.join(_HOME, "hf"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = Path(os.environ.get("PERFIT_DOLLY", REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"))

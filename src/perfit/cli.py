@@ -6,7 +6,6 @@ Every config field is a flag with the same name (`--num-clients 4`); see `perfit
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -134,10 +133,34 @@ def config(
     if not flwr:
         typer.echo(resolved.to_toml(), nl=False)
         return
-    pairs = []
-    for key, value in resolved.to_dict().items():
-        pairs.append(f'{key}="{value}"' if isinstance(value, str) else f"{key}={value!r}")
-    typer.echo(shlex.quote(" ".join(pairs)))
+    # `flwr run` executes a copy of the app under $FLWR_HOME/apps: local paths must be absolute.
+    values = resolved.to_dict()
+    values["out"] = str(Path(resolved.out).expanduser().resolve())
+    for key in ("data", "model", "cache_dir"):
+        if values[key] and Path(values[key]).expanduser().exists():
+            values[key] = str(Path(values[key]).expanduser().resolve())
+    pairs = [f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in values.items()]
+    typer.echo(" ".join(pairs))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run directory, e.g. runs/demo/perfit."),
+    client: int = typer.Option(..., "--client", help="Client id (partition) to export."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+) -> None:
+    """Export a client's personalized adapter (PEFT) or the base model with it merged in."""
+    from perfit.export import RunError, export_client
+
+    command = f"perfit export {run_dir} --client {client} --out {out}" + (" --merge" if merge else "")
+    try:
+        written = export_client(run_dir, client, out, merge=merge, force=force, command=command)
+    except RunError as err:
+        console.print(f"[red]export error:[/red] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"{'merged model' if merge else 'adapter'} of client {client} -> {written}")
 
 
 @app.command()

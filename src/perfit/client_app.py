@@ -40,6 +40,13 @@ def _mask(task: ClientTask, client: int, context: Context) -> torch.Tensor:
     return decode(context.state["perfit"]["mask"].numpy(), task.layout.size)
 
 
+def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays:
+        content["arrays"] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
 def _received(msg: Message, mask: torch.Tensor) -> torch.Tensor:
     values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
     return scatter(values, mask)
@@ -56,13 +63,7 @@ def search(msg: Message, context: Context) -> Message:
     task = _task(msg)
     state_before = "perfit" in context.state
     mask = _mask(task, client, context)
-    reply = RecordDict(
-        {
-            "arrays": ArrayRecord({"mask": Array(encode(mask))}),
-            "metrics": MetricRecord({"client": client, "cached": int(state_before)}),
-        }
-    )
-    return Message(reply, reply_to=msg)
+    return _reply(msg, {"client": client, "cached": int(state_before)}, mask=encode(mask))
 
 
 @app.train()
@@ -72,15 +73,8 @@ def train(msg: Message, context: Context) -> Message:
     mask = _mask(task, client, context)
     result = task.train(client, _received(msg, mask), mask, int(msg.content["round"]["round"]))
     values = gather(result.flat, mask).numpy().astype(np.float32)
-    reply = RecordDict(
-        {
-            "arrays": ArrayRecord({"values": Array(values)}),
-            "metrics": MetricRecord(
-                {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
-            ),
-        }
-    )
-    return Message(reply, reply_to=msg)
+    metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
+    return _reply(msg, metrics, values=values)
 
 
 @app.evaluate()
@@ -89,5 +83,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     task = _task(msg)
     mask = _mask(task, client, context)
     total_nll, tokens = task.evaluate(client, _received(msg, mask))
-    metrics = MetricRecord({"client": client, "nll": total_nll, "tokens": tokens})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return _reply(msg, {"client": client, "nll": total_nll, "tokens": tokens})

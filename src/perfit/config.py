@@ -173,14 +173,14 @@ class Config:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Fits 2 CPU cores in minutes (measured: `make demo`, README): fewer and smaller clients, shorter
-    # sequences. A client holds 32 train rows, so batch 8 gives it 4 steps a round instead of less than
+    # sequences. A client holds 26 train rows, so batch 8 gives it 4 steps a round instead of less than
     # one step of 64; the search scores 5 steps x 1 micro-batch (its cost is T_p x search_batches
     # forward/backward passes, which dominated the run at T_p 10 x 2 batches).
     "quick": {
         "num_clients": 8,
         "clients_per_round": 4,
         "rounds": 3,
-        "max_samples_per_client": 40,
+        "max_samples_per_client": 32,
         "cutoff_len": 256,
         "batch_size": 8,
         "search_batches": 1,

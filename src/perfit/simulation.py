@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,13 @@ from typing import Any
 from perfit.config import Config
 
 
-def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client: int = 1) -> dict[str, Any]:
-    """Run one federation to completion and return its summary (also in `<out>/summary.json`)."""
+def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client: int = 2) -> dict[str, Any]:
+    """Run one federation to completion and return its summary (also in `<out>/summary.json`).
+
+    Each simulated client gets `cpus_per_client` cores (torch threads); on 2 cores one 2-thread
+    client process ran a quick-preset FIT round as fast as two 1-thread ones (122 s vs 123 s), with
+    one model copy in memory instead of two.
+    """
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import ray
@@ -61,4 +67,5 @@ def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client:
         )
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     return json.loads((Path(config.out).expanduser().resolve() / "summary.json").read_text())
