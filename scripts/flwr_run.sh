@@ -6,7 +6,8 @@
 # it started. Exit 0 only when the run finished completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
+BIN=$(cd "${BIN:-.venv/bin}" && pwd)
+export PATH="$BIN:$PATH"   # the SuperLink starts flower-superexec by name
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr}
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1   # else flwr installs a multi-GB CUDA torch
 export FLWR_TELEMETRY_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
