@@ -17,7 +17,9 @@ from rich.table import Table
 from perfit.config import Config, from_mapping, from_toml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(width=140) if not Console().is_terminal else Console()
+console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough for the summary table
+    console = Console(width=140)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 

@@ -105,9 +105,17 @@ def lora_config(rank: int, alpha: float, base_path: str | None = None) -> Any:
     )
 
 
+def _wrap(model: Any, rank: int, alpha: float) -> Any:
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lora_config(rank, alpha))
+
+
 def attach_lora(model: Any, rank: int, alpha: float) -> Any:
     """Wrap `model` in a peft LoRA of this rank, replacing an earlier wrap of another rank."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     current = getattr(model, "_perfit_lora", None)
     if (
@@ -117,9 +125,7 @@ def attach_lora(model: Any, rank: int, alpha: float) -> Any:
     ):
         return current
     base = current.unload() if isinstance(current, PeftModel) else model
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
-        wrapped = get_peft_model(base, lora_config(rank, alpha))
+    wrapped = _wrap(base, rank, alpha)
     object.__setattr__(model, "_perfit_lora", wrapped)
     return wrapped
 
@@ -175,14 +181,11 @@ def lora_layout(peft_model: Any) -> Layout:
 
 def layout_for(model_path: str, rank: int, alpha: float) -> Layout:
     """The layout without loading weights (meta device): what the server needs."""
-    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return lora_layout(get_peft_model(skeleton, lora_config(rank, alpha)))
+    return lora_layout(_wrap(skeleton, rank, alpha))
 
 
 def lora_parameters(peft_model: Any) -> list[torch.nn.Parameter]:

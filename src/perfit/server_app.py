@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
-from perfit.aggregate import aggregate
+from perfit.aggregate import aggregate, personalize
 from perfit.config import Config, from_mapping
 from perfit.data import load_rows, partition
 from perfit.masks import decode, gather, scatter
@@ -125,7 +125,7 @@ class Federation:
             {"round": config.rounds, "final": True, **{k: final[k] for k in ("personalized_ppl", "overall_ppl")}}
         )
         self.out.write_masks(self.masks if config.method == "perfit" else {})
-        personalized = {c: self.global_flat * mask for c, mask in self.masks.items()}
+        personalized = {c: personalize(self.global_flat, mask) for c, mask in self.masks.items()}
         self.out.write_adapters(self.layout, personalized, config.dense_rank, config.alpha_value, model_path)
         self.out.write_summary(summary)
         return summary
