@@ -12,27 +12,15 @@ import pytest
 from perfit.config import Config
 from perfit.simulation import run_simulation
 
+from .tiny import TINY_RUN, cli_args
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_flwr_run_matches_in_process_run(tiny_model, small_data, tmp_path):
-    flags = {
-        "method": "perfit",
-        "num_clients": 4,
-        "clients_per_round": 2,
-        "rounds": 2,
-        "rank": 4,
-        "sparsity": 0.5,
-        "prune_iterations": 2,
-        "search_batches": 1,
-        "batch_size": 8,
-        "micro_batch_size": 4,
-        "cutoff_len": 256,
-        "model": str(tiny_model),
-        "data": str(small_data),
-        "seed": 3,
-    }
-    args = [item for key, value in flags.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    flags = {**TINY_RUN, "num_clients": 4, "clients_per_round": 2, "rounds": 2, "seed": 3}
+    flags.update(model=str(tiny_model), data=str(small_data))
+    args = cli_args(flags)
     env = {**os.environ, "BIN": str(Path(sys.executable).parent), "FLWR_HOME": str(tmp_path / "flwr-home")}
     out = tmp_path / "via-flwr"
     result = subprocess.run(

@@ -1,4 +1,5 @@
-"""`perfit` command line: run one federation, run the FIT-vs-PerFIT demo, print a resolved config.
+"""`perfit` command line: run a federation or the FIT-vs-PerFIT demo, then export, chat with or
+join what it trained. A thin layer over the Python API (`perfit.api`).
 
 Every config field is a flag with the same name (`--num-clients 4`); see `perfit fields`.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,8 @@ def _field_flags(args: list[str]) -> dict[str, str]:
         arg = args[index]
         if not arg.startswith("--"):
             raise typer.BadParameter(f"unexpected argument {arg!r}; fields are given as --name value")
-        name, _, value = arg[2:].partition("=")
-        if not value:
+        name, equals, value = arg[2:].partition("=")
+        if not equals:
             if index + 1 >= len(args):
                 raise typer.BadParameter(f"--{name} needs a value")
             value = args[index + 1]
@@ -52,21 +55,25 @@ def _config(ctx: typer.Context, config_file: Path | None, preset: str | None, **
         raise typer.Exit(2) from err
 
 
-def _check_inputs(config: Config) -> None:
-    """Validate data and split before anything starts, so bad input writes no run output."""
-    from perfit.data import DataError, load_rows, partition
+@contextmanager
+def _errors(what: str) -> Iterator[None]:
+    """Known input errors become one red line and exit code 2, never a traceback."""
+    from perfit.data import DataError
+    from perfit.export import RunError
 
     try:
-        partition(load_rows(config.data), config)
-    except (DataError, FileNotFoundError) as err:
-        console.print(f"[red]data error:[/red] {err}")
+        yield
+    except (DataError, RunError, FileNotFoundError) as err:
+        console.print(f"[red]{what} error:[/red] {err}")
         raise typer.Exit(2) from err
 
 
 def _run(config: Config) -> dict[str, Any]:
+    from perfit.api import check_inputs
     from perfit.simulation import run_simulation
 
-    _check_inputs(config)
+    with _errors("data"):  # validate before anything starts, so bad input writes no run output
+        check_inputs(config)
     console.print(f"[bold]{config.method}[/bold] on {config.data} -> {config.out}")
     return run_simulation(config)
 
@@ -96,9 +103,20 @@ def run(
     ctx: typer.Context,
     config_file: Path | None = typer.Option(None, "--config", help="TOML file with config fields."),
     preset: str | None = typer.Option(None, help="quick (minutes on 2 CPU cores) or paper (the paper's setting)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue this run directory from its checkpoint."),
 ) -> None:
     """Run one federation (FIT or PerFIT) on Flower's simulation engine."""
-    summary = _run(_config(ctx, config_file, preset))
+    if resume is not None:
+        if ctx.args or config_file or preset:
+            console.print("[red]config error:[/red] --resume takes the run's own config; give no other settings")
+            raise typer.Exit(2)
+        with _errors("resume"):
+            if not (resume / "config.toml").is_file():
+                raise FileNotFoundError(f"{resume}: no run to resume (config.toml missing)")
+        config = _config(ctx, resume / "config.toml", None, resume=1, out=str(resume))
+    else:
+        config = _config(ctx, config_file, preset)
+    summary = _run(config)
     console.print(summary_table([summary]))
 
 
@@ -145,24 +163,119 @@ def config(
     typer.echo(" ".join(pairs))
 
 
+RUN_DIR = typer.Argument(..., help="A finished run directory, e.g. runs/demo/perfit.")
+BASE_MODEL = typer.Option(None, "--model", help="Where the run's base model is, if not where the run recorded it.")
+
+
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A finished run directory, e.g. runs/demo/perfit."),
+    run_dir: Path = RUN_DIR,
     client: int = typer.Option(..., "--client", help="Client id (partition) to export."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    model: str | None = BASE_MODEL,
 ) -> None:
     """Export a client's personalized adapter (PEFT) or the base model with it merged in."""
-    from perfit.export import RunError, export_client
+    from perfit.export import export_client
 
     command = f"perfit export {run_dir} --client {client} --out {out}" + (" --merge" if merge else "")
-    try:
-        written = export_client(run_dir, client, out, merge=merge, force=force, command=command)
-    except RunError as err:
-        console.print(f"[red]export error:[/red] {err}")
-        raise typer.Exit(2) from err
+    with _errors("export"):
+        written = export_client(run_dir, client, out, merge=merge, force=force, command=command, model=model)
     console.print(f"{'merged model' if merge else 'adapter'} of client {client} -> {written}")
+
+
+@app.command()
+def chat(
+    run_dir: Path = RUN_DIR,
+    client: int = typer.Option(..., "--client", help="Client id whose personalized model answers."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Answer this one instruction and exit."),
+    context: str = typer.Option("", "--context", help="Input/context given with every instruction."),
+    compare: bool = typer.Option(False, "--compare", help="Answer with base, global and personalized models."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
+    model: str | None = BASE_MODEL,
+) -> None:
+    """Chat with a client's personalized model (Alpaca prompt); Ctrl-C or Ctrl-D ends it."""
+    from perfit.chat import generate
+    from perfit.export import RunModel
+
+    with _errors("chat"):
+        loaded = RunModel(run_dir, model)
+        personal = loaded.flat(client)
+        shared = loaded.flat(None) if compare else None
+    settings = {"context": context, "max_new_tokens": max_new_tokens, "temperature": temperature}
+
+    def answer(instruction: str) -> None:
+        if not compare:
+            generate(loaded.use(personal), loaded.tokenizer, instruction, on_text=_print_stream, **settings)
+            console.print()
+            return
+        table = Table(title=instruction, show_lines=True)
+        answers = []
+        with loaded.peft_model.disable_adapter():
+            answers.append(generate(loaded.peft_model, loaded.tokenizer, instruction, **settings))
+        for flat in (shared, personal):
+            answers.append(generate(loaded.use(flat), loaded.tokenizer, instruction, **settings))
+        for column in ("base model", "global adapter", f"client {client} (personalized)"):
+            table.add_column(column, overflow="fold")
+        table.add_row(*answers)
+        console.print(table)
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    console.print(f"client {client} of {loaded.run.path} ({loaded.run.config.method}); Ctrl-D or Ctrl-C to leave")
+    try:
+        while True:
+            instruction = console.input("[bold]you>[/bold] ").strip()
+            if instruction:
+                answer(instruction)
+    except (EOFError, KeyboardInterrupt):
+        console.print()
+
+
+def _print_stream(text: str) -> None:
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def join(
+    run_dir: Path = RUN_DIR,
+    out: Path = typer.Option(..., "--out", help="Output directory for the owner's adapter and join.json."),
+    data: Path | None = typer.Option(None, "--data", help="The new owner's .jsonl (instruction data)."),
+    holdout_client: int | None = typer.Option(
+        None, "--holdout-client", help="Instead of --data: a client the run held out (to measure join)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    model: str | None = BASE_MODEL,
+) -> None:
+    """Personalize a finished run for a data owner who did not take part in training."""
+    from perfit.late_join import join as join_run
+
+    source = f"--data {data}" if data is not None else f"--holdout-client {holdout_client}"
+    with _errors("join"):
+        report = join_run(
+            run_dir,
+            out,
+            data=data,
+            holdout_client=holdout_client,
+            model=model,
+            force=force,
+            command=f"perfit join {run_dir} {source} --out {out}",
+        )
+    table = Table(title=f"Personalized perplexity of the new owner ({report['eval_rows']} held-out rows)")
+    for column in ("base model", "global adapter", "own adapter", "trainable", "wall"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{report['ppl_base']:.3f}",
+        f"{report['ppl_global']:.3f}",
+        f"{report['ppl_own']:.3f}",
+        f"{report['trainable_params']:,}",
+        f"{report['seconds']:.0f} s",
+    )
+    console.print(table)
+    console.print(f"adapter and join.json -> {out}")
 
 
 @app.command()

@@ -5,6 +5,7 @@ run_config and the CLI (`--num-clients 4`)."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -74,6 +75,14 @@ class Config:
     """Tokens kept per example (prompt + response + EOS)."""
     max_samples_per_client: int = 0
     """Cap on each client's rows before the 80/20 split; 0 keeps all."""
+    holdout_clients: int = 0
+    """Clients held out of training entirely (seeded choice, recorded in partitions.json), so that
+    `perfit join` can be measured on data owners who never took part."""
+    min_replies: float = 0.5
+    """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
+    otherwise the global adapter is left unchanged (the round is logged as not counted)."""
+    reply_timeout_seconds: float = 3600.0
+    """How long the server waits for a round's replies; clients that have not answered are skipped."""
     eval_every: int = 0
     """Evaluate the sampled clients every this many rounds; 0 only at the end (all clients)."""
     seed: int = 0
@@ -84,6 +93,8 @@ class Config:
     """A hub dataset id or a local .jsonl/.json with instruction, context, response, category."""
     out: str = "runs/perfit"
     """Run directory for config, partitions, metrics, summary, masks and adapters."""
+    resume: int = 0
+    """1: continue the run in `out` from its last checkpoint (`perfit run --resume DIR`)."""
     cache_dir: str = ""
     """Where the dequantized default model is cached; empty means ~/.cache/perfit/models."""
 
@@ -107,8 +118,12 @@ class Config:
             "lr": self.lr > 0,
             "cutoff_len": self.cutoff_len >= 8,
             "max_samples_per_client": self.max_samples_per_client >= 0,
+            "holdout_clients": 0 <= self.holdout_clients <= self.num_clients - self.clients_per_round,
             "eval_every": self.eval_every >= 0,
+            "min_replies": 0.0 <= self.min_replies <= 1.0,
+            "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,
+            "resume": self.resume in (0, 1),
         }
         for name, ok in checks.items():
             if not ok:
@@ -140,6 +155,17 @@ class Config:
         if self.method == "fit" or not budgets:
             return self.rank
         return budgets[client_id * len(budgets) // self.num_clients]
+
+    @property
+    def held_out(self) -> list[int]:
+        """Client ids kept out of training (`holdout_clients` of them, seeded)."""
+        return sorted(random.Random(self.seed * 31 + 17).sample(range(self.num_clients), self.holdout_clients))
+
+    @property
+    def participants(self) -> list[int]:
+        """Client ids that take part in training: all but the held-out ones."""
+        held_out = set(self.held_out)
+        return [c for c in range(self.num_clients) if c not in held_out]
 
     @property
     def pruning_steps(self) -> int:

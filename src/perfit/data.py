@@ -58,19 +58,35 @@ def validate_record(record: Any, where: str) -> dict[str, str]:
     return {field: record[field] for field in FIELDS}
 
 
+MAX_LINE_BYTES = 4 << 20  # one record; far above any instruction example, far below a memory problem
+
+
 def _read_local(path: Path) -> list[dict[str, str]]:
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno})") from err
-            rows.append(validate_record(record, f"{path}:{number}"))
+        with path.open("rb") as handle:
+            number = 0
+            while raw := handle.readline(MAX_LINE_BYTES + 1):  # never reads more than one line's limit
+                number += 1
+                where = f"{path}:{number}"
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{where}: line of {len(raw):,} bytes is over the limit of {MAX_LINE_BYTES:,}")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{where}: not valid UTF-8 (byte {err.start + 1} of the line)") from err
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
+                rows.append(validate_record(record, where))
         return rows
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte {err.start + 1} of the file)") from err
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
@@ -93,7 +109,7 @@ def load_rows(data: str) -> list[dict[str, str]]:
         table = datasets.load_dataset(data, split="train")
         rows = [validate_record(record, f"{data}: row {index}") for index, record in enumerate(table)]
     if not rows:
-        raise DataError(f"{data}: no rows")
+        raise DataError(f"{data}: no rows (the file is empty)")
     return rows
 
 

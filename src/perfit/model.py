@@ -3,6 +3,7 @@ LoRA on q/k/v through peft, the flat layout of all LoRA tensors, and the initial
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
@@ -70,6 +71,23 @@ def _dequantize_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
         os.rename(staging, target)  # atomic: concurrent processes never see a half-written cache
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+
+
+def model_fingerprint(path: str) -> str:
+    """A cheap identity of a base model's weights (name, size, first and last MiB of each weight
+    file), recorded with a run so that adapters are never loaded onto a different base model."""
+    local = Path(path)
+    if not local.is_dir():
+        return f"id:{path}"
+    digest = hashlib.sha256()
+    for file in sorted([*local.glob("*.safetensors"), *local.glob("*.bin")]):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(size - (1 << 20), 0))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 _PROCESS_MODELS: dict[str, tuple[Any, Any]] = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +15,66 @@ from perfit.config import Config
 from perfit.data import ClientSplit
 from perfit.model import Layout, save_adapter
 
+CHECKPOINT = "checkpoint.safetensors"
+
 
 class RunDirectory:
-    """Writes a run's outputs under `config.out`; created only once the inputs validated."""
+    """Writes a run's outputs under `config.out`; created only once the inputs validated. With
+    `config.resume` it continues an existing run directory instead."""
 
     def __init__(self, config: Config) -> None:
         self.path = Path(config.out).expanduser().resolve()
+        self.metrics_path = self.path / "metrics.jsonl"
+        if config.resume:
+            self._check_resumable(config)
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.toml").write_text(config.to_toml())
-        self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.write_text("")
 
-    def write_partitions(self, splits: dict[int, ClientSplit]) -> None:
-        data = {str(c): {"train": s.train, "eval": s.eval} for c, s in sorted(splits.items())}
+    def _check_resumable(self, config: Config) -> None:
+        from perfit.config import from_toml
+
+        if not (self.path / "config.toml").is_file():
+            raise FileNotFoundError(f"{self.path}: no run to resume (config.toml missing)")
+        recorded = from_toml(self.path / "config.toml").replace(resume=config.resume)
+        if recorded != config:
+            changed = sorted(k for k, v in config.to_dict().items() if recorded.to_dict()[k] != v)
+            raise ValueError(f"{self.path}: cannot resume with a different config (changed: {', '.join(changed)})")
+
+    # ---- checkpoint: written atomically after every round ----
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        staging = self.path / f".{CHECKPOINT}.tmp"
+        tensors = {name: value.contiguous() for name, value in tensors.items()}
+        save_file(tensors, str(staging), metadata={"state": json.dumps(state)})
+        os.replace(staging, self.path / CHECKPOINT)  # atomic: a crash leaves the previous checkpoint
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(tensors, state) of the last finished round, or None before the first one; metrics of
+        rounds after it (written before a crash) are dropped so they are not logged twice."""
+        from safetensors import safe_open
+
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            self.metrics_path.write_text("")
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            state = json.loads(handle.metadata()["state"])
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line and not json.loads(line).get("final") and json.loads(line)["round"] <= state["round"]
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        return tensors, state
+
+    def write_partitions(self, splits: dict[int, ClientSplit], held_out: list[int]) -> None:
+        data = {
+            str(c): {"train": s.train, "eval": s.eval, "held_out": c in held_out} for c, s in sorted(splits.items())
+        }
         (self.path / "partitions.json").write_text(json.dumps(data))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -33,7 +82,9 @@ class RunDirectory:
             handle.write(json.dumps(_finite(record)) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.path / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        staging = self.path / ".summary.json.tmp"
+        staging.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        os.replace(staging, self.path / "summary.json")
 
     def write_masks(self, masks: dict[int, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -43,10 +94,24 @@ class RunDirectory:
             save_file(tensors, str(self.path / "masks.safetensors"))
 
     def write_adapters(
-        self, layout: Layout, flats: dict[int, torch.Tensor], rank: int, alpha: float, base_path: str
+        self, layout: Layout, flats: dict[int | str, torch.Tensor], rank: int, alpha: float, base_path: str
     ) -> None:
-        for client, flat in sorted(flats.items()):
-            save_adapter(self.path / "adapters" / f"client_{client}", layout, flat, rank, alpha, base_path)
+        """`adapters/client_<id>/` per client, `adapters/global/` for the server's dense global adapter."""
+        for name, flat in flats.items():
+            directory = f"client_{name}" if isinstance(name, int) else str(name)
+            save_adapter(self.path / "adapters" / directory, layout, flat, rank, alpha, base_path)
+
+
+def sampler_state(sampler: random.Random) -> list[Any]:
+    """A JSON-able `random.Random` state (for the checkpoint)."""
+    version, internal, gauss = sampler.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_sampler(state: list[Any]) -> random.Random:
+    sampler = random.Random()
+    sampler.setstate((state[0], tuple(state[1]), state[2]))
+    return sampler
 
 
 def _finite(value: Any) -> Any:

@@ -24,11 +24,12 @@ from rich.progress import Progress
 from perfit.aggregate import aggregate, personalize
 from perfit.config import Config, from_mapping
 from perfit.data import load_rows, partition
-from perfit.masks import decode, gather, scatter
-from perfit.model import layout_for, resolve_model
-from perfit.outputs import RunDirectory
+from perfit.masks import decode, encode, gather, scatter
+from perfit.model import layout_for, model_fingerprint, resolve_model
+from perfit.outputs import RunDirectory, restore_sampler, sampler_state
 from perfit.task import global_start
 from perfit.train import perplexity
+from perfit.validation import evaluation_problem, mask_problem, update_problem
 
 log = logging.getLogger("perfit")
 app = ServerApp()
@@ -53,6 +54,7 @@ class Federation:
     grid: Grid
     config: Config
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     rejected: list[dict[str, Any]] = field(default_factory=list)
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
@@ -66,45 +68,34 @@ class Federation:
         self.layout = layout_for(model_path, config.dense_rank, config.alpha_value)
         self.global_flat = global_start(self.layout, config)
         self.out = RunDirectory(config)
-        self.out.write_partitions(splits)
+        self.out.write_partitions(splits, config.held_out)
         self._discover_nodes()
         if config.method == "fit":
-            self.masks = {c: torch.ones(self.layout.size, dtype=torch.bool) for c in range(config.num_clients)}
+            self.masks = {c: torch.ones(self.layout.size, dtype=torch.bool) for c in config.participants}
+            self.confirmed = set(self.masks)
         sampler = random.Random(config.seed)
-        bytes_up_total = bytes_down_total = 0
+        totals = {"bytes_up": 0, "bytes_down": 0, "seconds_before_resume": 0.0}
+        first_round = 1
+        checkpoint = self.out.load_checkpoint() if config.resume else None
+        if checkpoint is not None:
+            first_round, sampler, totals = self._restore(*checkpoint)
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"{config.method}", total=config.rounds + 1)
+            bar = progress.add_task(f"{config.method}", total=config.rounds + 1, completed=first_round - 1)
             self.status = lambda text: progress.update(bar, description=f"{config.method}: {text}")
-            for round_number in range(1, config.rounds + 1):
-                round_started = time.perf_counter()
-                sampled = sorted(sampler.sample(range(config.num_clients), config.clients_per_round))
-                up_search = self._ensure_masks(sampled)
-                self.status(f"round {round_number}/{config.rounds}: training {len(sampled)} clients")
-                train = self._train_round(sampled, round_number)
-                record = {
-                    "round": round_number,
-                    "clients": sampled,
-                    "train_loss": train["loss"],
-                    "bytes_up": up_search + train["bytes_up"],
-                    "bytes_down": train["bytes_down"],
-                }
-                if config.eval_every and round_number % config.eval_every == 0:
-                    evaluation = self._evaluate(sampled, round_number)
-                    record.update({k: evaluation[k] for k in ("personalized_ppl", "per_client_ppl", "overall_ppl")})
-                    record["bytes_down"] += evaluation["bytes_down"]
-                record["seconds"] = time.perf_counter() - round_started
-                bytes_up_total += record["bytes_up"]
-                bytes_down_total += record["bytes_down"]
+            for round_number in range(first_round, config.rounds + 1):
+                sampled = sorted(sampler.sample(config.participants, config.clients_per_round))
+                record = self._round(round_number, sampled)
+                totals["bytes_up"] += record["bytes_up"]
+                totals["bytes_down"] += record["bytes_down"]
                 self.out.append_metrics(record)
+                self._checkpoint(round_number, sampler, totals, started)
                 progress.update(bar, advance=1)
-            everyone = list(range(config.num_clients))
+            everyone = config.participants
             final_up = self._ensure_masks(everyone)
             self.status(f"evaluating {len(everyone)} clients")
             final = self._evaluate(everyone, config.rounds)
             self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
             progress.update(bar, advance=1)
-        bytes_up_total += final_up
-        bytes_down_total += final["bytes_down"]
         summary = {
             "method": config.method,
             "split": config.split,
@@ -112,23 +103,77 @@ class Federation:
             "overall_ppl": final["overall_ppl"],
             "per_client_ppl": {str(c): v for c, v in final["per_client_ppl"].items()},
             "trainable_params_per_client": {str(c): int(m.sum()) for c, m in sorted(self.masks.items())},
-            "bytes_up_total": bytes_up_total,
-            "bytes_down_total": bytes_down_total,
-            "wall_seconds": time.perf_counter() - started,
+            "bytes_up_total": totals["bytes_up"] + final_up,
+            "bytes_down_total": totals["bytes_down"] + final["bytes_down"],
+            "wall_seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
             "rounds": config.rounds,
             "dense_rank": config.dense_rank,
             "rejected_updates": self.rejected,
+            "held_out_clients": config.held_out,
+            "resumed_at_round": first_round if checkpoint is not None else None,
             "model": model_path,
+            "model_fingerprint": model_fingerprint(model_path),
             "out": str(self.out.path),
         }
         self.out.append_metrics(
             {"round": config.rounds, "final": True, **{k: final[k] for k in ("personalized_ppl", "overall_ppl")}}
         )
         self.out.write_masks(self.masks if config.method == "perfit" else {})
-        personalized = {c: personalize(self.global_flat, mask) for c, mask in self.masks.items()}
-        self.out.write_adapters(self.layout, personalized, config.dense_rank, config.alpha_value, model_path)
+        adapters: dict[int | str, torch.Tensor] = {c: personalize(self.global_flat, m) for c, m in self.masks.items()}
+        adapters["global"] = self.global_flat
+        self.out.write_adapters(self.layout, adapters, config.dense_rank, config.alpha_value, model_path)
         self.out.write_summary(summary)
         return summary
+
+    def _round(self, round_number: int, sampled: list[int]) -> dict[str, Any]:
+        """Masks for newcomers, local training, Eq. 6 aggregation and optional evaluation."""
+        config = self.config
+        round_started = time.perf_counter()
+        up_search = self._ensure_masks(sampled)
+        self.status(f"round {round_number}/{config.rounds}: training {len(sampled)} clients")
+        train = self._train_round(sampled, round_number)
+        record = {
+            "round": round_number,
+            "clients": sampled,
+            "accepted": train["accepted"],
+            "counted": train["counted"],
+            "train_loss": train["loss"],
+            "bytes_up": up_search + train["bytes_up"],
+            "bytes_down": train["bytes_down"],
+        }
+        if config.eval_every and round_number % config.eval_every == 0:
+            evaluation = self._evaluate(sampled, round_number)
+            record.update({k: evaluation[k] for k in ("personalized_ppl", "per_client_ppl", "overall_ppl")})
+            record["bytes_down"] += evaluation["bytes_down"]
+        record["seconds"] = time.perf_counter() - round_started
+        return record
+
+    # ---- checkpoint and resume ----
+    def _checkpoint(self, round_number: int, sampler: random.Random, totals: dict[str, Any], started: float) -> None:
+        tensors = {"global": self.global_flat}
+        tensors.update({f"mask_{c}": torch.from_numpy(encode(m)) for c, m in self.masks.items()})
+        state = {
+            "round": round_number,
+            "sampler": sampler_state(sampler),
+            "bytes_up": totals["bytes_up"],
+            "bytes_down": totals["bytes_down"],
+            "seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
+            "rejected": self.rejected,
+        }
+        self.out.save_checkpoint(tensors, state)
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> tuple[int, random.Random, dict]:
+        """Server state after the checkpointed round; nodes get their masks back with their next message."""
+        self.global_flat = tensors["global"]
+        for name, packed in tensors.items():
+            if name.startswith("mask_"):
+                self.masks[int(name.removeprefix("mask_"))] = decode(packed.numpy(), self.layout.size)
+        self.confirmed = set(self.masks) if self.config.method == "fit" else set()
+        self.rejected = list(state["rejected"])
+        log.info("resuming %s after round %d", self.out.path, state["round"])
+        totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
+        totals["seconds_before_resume"] = state["seconds"]
+        return state["round"] + 1, restore_sampler(state["sampler"]), totals
 
     # ---- messaging ----
     def _message(self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int) -> Message:
@@ -137,21 +182,28 @@ class Federation:
         )
         if arrays is not None:
             content["arrays"] = arrays
+        if client in self.masks and client not in self.confirmed:  # after a resume: the node lost its state
+            content["registered"] = ArrayRecord({"mask": Array(encode(self.masks[client]))})
         return Message(content, dst_node_id=self.nodes[client], message_type=message_type, group_id=str(round_number))
 
     def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
-        """Send and collect replies by client; failed or missing replies are logged and dropped."""
+        """Send and collect replies by client, waiting at most `reply_timeout_seconds`; failed,
+        late, missing and unexpected replies are logged and dropped."""
         by_node = {message.metadata.dst_node_id: client for client, message in messages.items()}
         replies, failed = {}, set()
-        for reply in self.grid.send_and_receive(list(messages.values())):
-            client = by_node[reply.metadata.src_node_id]
-            if reply.has_error():
+        timeout = self.config.reply_timeout_seconds
+        for reply in self.grid.send_and_receive(list(messages.values()), timeout=timeout):
+            client = by_node.get(reply.metadata.src_node_id)
+            if client is None:
+                log.warning("reply from unknown node %s ignored", reply.metadata.src_node_id)
+            elif reply.has_error():
                 failed.add(client)
                 self._reject(client, f"client error: {reply.error.reason.strip().splitlines()[-1]}")
             else:
                 replies[client] = reply
         for client in sorted(set(messages) - set(replies) - failed):
-            self._reject(client, "no reply")
+            self._reject(client, f"no reply within {timeout:g} s")
+        self.confirmed.update(c for c in replies if c in self.masks)
         return replies
 
     def _reject(self, client: int, reason: str) -> None:
@@ -160,16 +212,17 @@ class Federation:
 
     def _discover_nodes(self) -> None:
         """Map client (partition) ids to node ids; simulation nodes register shortly after start."""
+        needed = self.config.participants
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while len(node_ids := list(self.grid.get_node_ids())) < self.config.num_clients:
+        while len(node_ids := list(self.grid.get_node_ids())) < len(needed):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(node_ids)} of {self.config.num_clients} nodes connected")
+                raise RuntimeError(f"only {len(node_ids)} of {len(needed)} nodes connected")
             time.sleep(0.1)
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         for reply in self.grid.send_and_receive(messages):
             if not reply.has_error():
                 self.nodes[int(reply.content["info"]["client"])] = reply.metadata.src_node_id
-        missing = set(range(self.config.num_clients)) - set(self.nodes)
+        missing = set(needed) - set(self.nodes)
         if missing:
             raise RuntimeError(f"no node answered for clients {sorted(missing)}")
 
@@ -187,52 +240,74 @@ class Federation:
             uploaded += array_bytes(arrays)
             try:
                 mask = decode(arrays["mask"].numpy(), self.layout.size)
-            except ValueError as err:
+            except (KeyError, ValueError) as err:
                 self._reject(client, f"bad mask: {err}")
                 continue
-            expected = self.layout.budget(self.config.client_rank_budget(client))
-            if int(mask.sum()) != expected:
-                self._reject(client, f"mask holds {int(mask.sum())} positions, budget is {expected}")
+            problem = mask_problem(int(mask.sum()), self.layout.budget(self.config.client_rank_budget(client)))
+            if problem:
+                self._reject(client, problem)
                 continue
             self.masks[client] = mask
+            self.confirmed.add(client)
         return uploaded
 
     def _payload(self, client: int) -> ArrayRecord:
         values = gather(self.global_flat, self.masks[client]).numpy().astype(np.float32)
         return ArrayRecord({"values": Array(values)})
 
+    def _send(self, clients: list[int], message_type: str, round_number: int) -> tuple[dict[int, Message], int]:
+        """Each client's adapter at its own mask positions; (replies, bytes sent down)."""
+        ready = [c for c in clients if c in self.masks]
+        messages = {c: self._message(c, message_type, self._payload(c), round_number) for c in ready}
+        bytes_down = sum(array_bytes(record) for m in messages.values() for record in m.content.array_records.values())
+        return self._exchange(messages), bytes_down
+
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
-        ready = [c for c in sampled if c in self.masks]
-        messages = {c: self._message(c, MessageType.TRAIN, self._payload(c), round_number) for c in ready}
-        bytes_down = sum(array_bytes(m.content["arrays"]) for m in messages.values())
+        replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
         updates, losses, bytes_up = [], [], 0
-        for client, reply in self._exchange(messages).items():
-            bytes_up += array_bytes(reply.content["arrays"])
-            metrics = reply.content["metrics"]
-            values = torch.from_numpy(reply.content["arrays"]["values"].numpy().copy()).float()
+        for client, reply in replies.items():
+            payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
+            bytes_up += payload_bytes
+            arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
+            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             mask = self.masks[client]
-            problem = _check_update(values, mask, metrics)
+            registered = encode(mask)
+            problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes)
             if problem:
                 self._reject(client, problem)
                 continue
             if int(metrics["examples"]) == 0:
                 continue  # a client without train rows has nothing to contribute
+            values = torch.from_numpy(arrays["values"].copy())
             updates.append((mask, scatter(values, mask), float(metrics["examples"])))
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
-        if updates:
+        needed = math.ceil(self.config.min_replies * len(sampled))
+        counted = bool(updates) and len(updates) >= needed
+        if counted:
             self.global_flat = aggregate(self.config.aggregation, self.global_flat, updates)
+        else:
+            log.warning("round %d not counted: %d accepted updates, %d needed", round_number, len(updates), needed)
         weight = sum(w for _, w in losses)
         loss = sum(v * w for v, w in losses) / weight if weight else float("nan")
-        return {"loss": loss, "bytes_up": bytes_up, "bytes_down": bytes_down}
+        return {
+            "loss": loss,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "accepted": len(updates),
+            "counted": counted,
+        }
 
     def _evaluate(self, clients: list[int], round_number: int) -> dict[str, Any]:
         """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows."""
-        ready = [c for c in clients if c in self.masks]
-        messages = {c: self._message(c, MessageType.EVALUATE, self._payload(c), round_number) for c in ready}
-        bytes_down = sum(array_bytes(m.content["arrays"]) for m in messages.values())
+        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number)
         per_client, nll_total, token_total = {}, 0.0, 0
-        for client, reply in sorted(self._exchange(messages).items()):
-            nll, tokens = float(reply.content["metrics"]["nll"]), int(reply.content["metrics"]["tokens"])
+        for client, reply in sorted(replies.items()):
+            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            problem = evaluation_problem(client, metrics)
+            if problem:
+                self._reject(client, problem)
+                continue
+            nll, tokens = float(metrics["nll"]), int(metrics["tokens"])
             per_client[client] = perplexity(nll, tokens)
             nll_total += nll
             token_total += tokens
@@ -243,15 +318,3 @@ class Federation:
             "per_client_ppl": per_client,
             "bytes_down": bytes_down,
         }
-
-
-def _check_update(values: torch.Tensor, mask: torch.Tensor, metrics: Any) -> str | None:
-    """Why a client update must not be averaged in, or None when it is sound."""
-    if values.numel() != int(mask.sum()):
-        return f"{values.numel()} values for a mask of {int(mask.sum())} positions"
-    if not torch.isfinite(values).all():
-        return "non-finite values"
-    examples = metrics.get("examples")
-    if examples is None or int(examples) < 0:
-        return f"bad example count {examples!r}"
-    return None

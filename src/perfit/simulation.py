@@ -16,8 +16,12 @@ from typing import Any
 from perfit.config import Config
 
 
-def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client: int = 2) -> dict[str, Any]:
+def run_simulation(
+    config: Config, num_cpus: int | None = None, cpus_per_client: int = 2, client_app: Any = None
+) -> dict[str, Any]:
     """Run one federation to completion and return its summary (also in `<out>/summary.json`).
+
+    `client_app` replaces perfit's ClientApp (e.g. a wrapped one that injects faults in tests).
 
     Each simulated client gets `cpus_per_client` cores (torch threads); on 2 cores one 2-thread
     client process ran a quick-preset FIT round as fast as two 1-thread ones (122 s vs 123 s), with
@@ -34,7 +38,7 @@ def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from perfit.client_app import app as client_app
+    from perfit.client_app import app as perfit_client_app
     from perfit.server_app import app as server_app
 
     run = Run.create_empty(run_id=1)
@@ -58,7 +62,7 @@ def run_simulation(config: Config, num_cpus: int | None = None, cpus_per_client:
         _run_simulation(
             num_supernodes=config.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
+            client_app=client_app or perfit_client_app,
             server_app=server_app,
             backend_name="ray",
             backend_config=backend,

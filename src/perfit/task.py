@@ -36,12 +36,35 @@ def global_start(layout: Layout, config: Config) -> torch.Tensor:
     return zero_b(layout, flat) if config.init == "symmetric_then_zero_b" and config.method == "perfit" else flat
 
 
-def budget_groups(layout: Layout, config: Config, client: int) -> list[tuple[int, int, int]]:
+def budget_groups(layout: Layout, scope: str, rank_budget: int) -> list[tuple[int, int, int]]:
     """Slices pruned independently with their budgets: one for scope=global, one per module otherwise."""
-    rank_budget = config.client_rank_budget(client)
-    if config.scope == "per_module":
+    if scope == "per_module":
         return layout.module_groups(rank_budget)
     return [(0, layout.size, layout.budget(rank_budget))]
+
+
+def search_adapter_mask(
+    peft_model: Any,
+    theta: torch.Tensor,
+    train: list[Example],
+    pad_id: int,
+    config: Config,
+    groups: list[tuple[int, int, int]],
+    seed: int,
+) -> torch.Tensor:
+    """Alg. 1 scored at the dense adapter `theta` on a few seeded micro-batches of `train`."""
+    if sum(budget for _, _, budget in groups) == theta.numel():
+        return torch.ones(theta.numel(), dtype=torch.bool)
+    train = list(train)
+    random.Random(seed).shuffle(train)
+    batches = list(micro_batches(train, config.micro_batch_size))[: config.search_batches]
+
+    def score(alive: torch.Tensor) -> torch.Tensor:
+        if not batches:  # a client without train rows (tiny Dirichlet share): magnitude fallback
+            return (theta * alive).abs()
+        return importance_scores(peft_model, theta * alive, batches, pad_id, config.metric)
+
+    return search_mask(score, groups, config.pruning_steps)
 
 
 class ClientTask:
@@ -89,21 +112,14 @@ class ClientTask:
     def search(self, client: int) -> torch.Tensor:
         """Alg. 1 on this client's train data from the seeded dense adapter; a boolean flat mask."""
         config = self.config
-        groups = budget_groups(self.layout, config, client)
-        if config.method == "fit" or sum(b for _, _, b in groups) == self.layout.size:
+        groups = budget_groups(self.layout, config.scope, config.client_rank_budget(client))
+        if config.method == "fit":
             return torch.ones(self.layout.size, dtype=torch.bool)
         theta = initial_adapter(self.layout, search_init(config), config.seed)
         train = self.examples(client, "train")
-        random.Random(config.seed * 7919 + client).shuffle(train)
-        batches = list(micro_batches(train, config.micro_batch_size))[: config.search_batches]
-        pad_id = self.tokenizer.pad_token_id
-
-        def score(alive: torch.Tensor) -> torch.Tensor:
-            if not batches:  # a client without train rows (tiny Dirichlet share): magnitude fallback
-                return (theta * alive).abs()
-            return importance_scores(self.peft_model, theta * alive, batches, pad_id, config.metric)
-
-        return search_mask(score, groups, config.pruning_steps)
+        return search_adapter_mask(
+            self.peft_model, theta, train, self.tokenizer.pad_token_id, config, groups, config.seed * 7919 + client
+        )
 
     def train(self, client: int, start: torch.Tensor, mask: torch.Tensor, round_number: int) -> TrainResult:
         config = self.config

@@ -58,7 +58,7 @@ def micro_batches(examples: Sequence[Example], size: int) -> Iterator[list[Examp
 class TrainResult:
     flat: torch.Tensor
     loss: float  # mean NLL per target token over the local epochs
-    examples: int
+    examples: int  # rows that carry loss (the aggregation weight n_j)
     steps: int
 
 
@@ -114,7 +114,8 @@ def train_masked(
             steps += 1
     peft_model.eval()
     loss = total_nll / total_tokens if total_tokens else float("nan")
-    return TrainResult(flat=read_flat(peft_model), loss=loss, examples=len(examples), steps=steps)
+    used = sum(1 for e in examples if e.target_tokens)  # rows cut to prompt only carry no loss
+    return TrainResult(flat=read_flat(peft_model), loss=loss, examples=used, steps=steps)
 
 
 @torch.no_grad()

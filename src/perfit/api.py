@@ -1,0 +1,46 @@
+"""perfit's Python API; the CLI is a thin layer over these functions.
+
+import perfit
+summary = perfit.run(preset="quick", method="perfit", data="dolly.jsonl", out="runs/p")
+model, tokenizer = perfit.load_client_model("runs/p", client=3)
+report = perfit.join("runs/p", data="owner.jsonl", out="runs/p-owner")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from perfit.config import Config, from_mapping, from_toml
+from perfit.export import export_client, load_client_model
+from perfit.late_join import join
+
+
+def make_config(config: Config | Mapping[str, Any] | str | Path | None = None, preset: str | None = None, **fields):
+    """A Config from a Config, a mapping of fields or a TOML path, with `fields` applied on top."""
+    if isinstance(config, Config):
+        return config.replace(**fields) if fields else config
+    if isinstance(config, str | Path):
+        return from_toml(config, preset=preset, **fields)
+    return from_mapping({**(config or {}), **fields}, preset=preset)
+
+
+def check_inputs(config: Config) -> None:
+    """Validate the data and its split before anything runs (raises DataError naming file, line, field)."""
+    from perfit.data import load_rows, partition
+
+    partition(load_rows(config.data), config)
+
+
+def run(config: Config | Mapping[str, Any] | str | Path | None = None, preset: str | None = None, **fields) -> dict:
+    """Run one federation (FIT or PerFIT) on Flower's simulation engine in this process; returns the
+    summary also written to `<out>/summary.json`."""
+    from perfit.simulation import run_simulation
+
+    resolved = make_config(config, preset, **fields)
+    check_inputs(resolved)
+    return run_simulation(resolved)
+
+
+__all__ = ["Config", "check_inputs", "export_client", "join", "load_client_model", "make_config", "run"]

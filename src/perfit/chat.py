@@ -1,0 +1,52 @@
+"""Generate answers from a run's models with the Alpaca prompt the run was trained on: a client's
+personalized adapter, the federation's global adapter, or the base model (adapter disabled)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from perfit.data import prompt
+
+
+def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    from transformers import TextStreamer
+
+    class _Callback(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    instruction: str,
+    context: str = "",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The model's answer to one instruction (greedy when temperature is 0); `on_text` receives the
+    text as it is generated."""
+    text = prompt({"instruction": instruction, "context": context})
+    inputs = tokenizer(text, return_tensors="pt")
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    torch.manual_seed(seed)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=_streamer(tokenizer, on_text) if on_text else None,
+        top_p=None,
+        top_k=None,
+        **sampling,
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,92 @@
+"""A ClientApp that behaves like perfit's except for the clients told to misbehave: each fault is
+one way a broken or hostile client can answer. Built by a factory so Ray ships the closures (and the
+fault table) to the simulation's worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from perfit import client_app as perfit_client
+
+TRAIN_FAULTS = (
+    "nan",
+    "inf",
+    "float64",
+    "shape",
+    "outside_mask",
+    "mask_changed",
+    "oversize",
+    "impostor",
+    "bad_examples",
+)
+
+
+def _corrupt(reply: Message, fault: str, client: int) -> None:
+    arrays = reply.content["arrays"]
+    values = arrays["values"].numpy().copy()
+    metrics = reply.content["metrics"]
+    if fault == "nan":
+        values[len(values) // 2] = np.nan
+    elif fault == "inf":
+        values[0] = np.inf
+    elif fault == "float64":
+        values = values.astype(np.float64)
+    elif fault == "shape":
+        values = values.reshape(2, -1)
+    elif fault == "outside_mask":
+        values = np.concatenate([values, np.ones(values.size, dtype=np.float32)])
+    elif fault == "mask_changed":
+        arrays["mask"] = Array(np.packbits(np.ones(values.size * 2, dtype=np.uint8)))
+    elif fault == "oversize":
+        arrays["padding"] = Array(np.zeros(2 << 20, dtype=np.uint8))
+    elif fault == "impostor":
+        metrics["client"] = client + 1
+    elif fault == "bad_examples":
+        metrics["examples"] = -3
+    arrays["values"] = Array(values)
+
+
+def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
+    """perfit's ClientApp, except that client `c` answers with fault `faults[c]`:
+    one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
+    or `over_budget_mask` (registers a mask holding every position)."""
+    app = ClientApp()
+
+    def _client(context: Context) -> int:
+        return int(context.node_config["partition-id"])
+
+    @app.query()
+    def identify(msg: Message, context: Context) -> Message:
+        return perfit_client.identify(msg, context)
+
+    @app.query("search")
+    def search(msg: Message, context: Context) -> Message:
+        reply = perfit_client.search(msg, context)
+        if faults.get(_client(context)) == "over_budget_mask":
+            size = reply.content["arrays"]["mask"].numpy().size * 8
+            reply.content["arrays"] = ArrayRecord({"mask": Array(np.packbits(np.ones(size, dtype=np.uint8)))})
+        return reply
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        fault = faults.get(_client(context))
+        if fault == "raise":
+            raise RuntimeError("injected client failure")
+        if fault == "hang":
+            time.sleep(hang_seconds)
+        reply = perfit_client.train(msg, context)
+        if fault in TRAIN_FAULTS:
+            _corrupt(reply, fault, _client(context))
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        if faults.get(_client(context)) == "raise":
+            raise RuntimeError("injected client failure")
+        return perfit_client.evaluate(msg, context)
+
+    return app

@@ -1,0 +1,53 @@
+"""What the reliability tests share: a tiny PerFIT config and the aggregate the server should reach."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from perfit.aggregate import aggregate, personalize
+from perfit.config import Config
+from perfit.task import ClientTask, global_start
+
+from ..tiny import TINY_RUN
+
+
+def tiny_config(tiny_model: Path, small_data: Path, out: Path, **changes) -> Config:
+    fields = {
+        **TINY_RUN,
+        "num_clients": 4,
+        "clients_per_round": 4,
+        "rounds": 1,
+        "max_samples_per_client": 12,
+        "lr": 1e-2,
+        "model": str(tiny_model),
+        "data": str(small_data),
+        "out": str(out),
+        "seed": 5,
+    }
+    return Config(**{**fields, **changes})
+
+
+def run_masks(out: Path) -> dict[int, torch.Tensor]:
+    return {int(k.split("_")[1]): v.bool() for k, v in load_file(str(out / "masks.safetensors")).items()}
+
+
+def server_global(out: Path) -> torch.Tensor:
+    """The global adapter the server saved after its last round."""
+    return load_file(str(out / "checkpoint.safetensors"))["global"]
+
+
+def expected_global(config: Config, clients: list[int], masks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Eq. 6 over exactly `clients`' updates in every round, computed here without Flower."""
+    task = ClientTask(config)
+    current = global_start(task.layout, config)
+    for round_number in range(1, config.rounds + 1):
+        updates = []
+        for client in clients:
+            result = task.train(client, personalize(current, masks[client]), masks[client], round_number)
+            if result.examples:  # as the server does: a client with no loss-carrying rows adds nothing
+                updates.append((masks[client], result.flat * masks[client], float(result.examples)))
+        current = aggregate(config.aggregation, current, updates)
+    return current

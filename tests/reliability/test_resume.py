@@ -1,0 +1,88 @@
+"""Checkpoint and resume: a run killed after round 2 and resumed with `perfit run --resume` ends
+with the same figures as an uninterrupted run with the same seed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from perfit.cli import app
+from perfit.simulation import run_simulation
+
+from .helpers import tiny_config
+
+CHANGES = {"num_clients": 4, "clients_per_round": 2, "rounds": 4, "max_samples_per_client": 16}
+
+
+def _checkpoint_round(out: Path) -> int:
+    try:
+        with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as handle:
+            return json.loads(handle.metadata()["state"])["round"]
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def _kill_after_round(args: list[str], out: Path, round_number: int) -> None:
+    """Run `perfit run` in its own process group and SIGKILL the whole group once the checkpoint
+    of `round_number` is on disk."""
+    scratch = tempfile.mkdtemp(prefix="pr-", dir="/tmp")  # Ray's files of the killed run land here
+    env = {**os.environ, "TMPDIR": scratch}
+    log = out.parent / f"{out.name}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "perfit.cli", "run", *args],
+        env=env,
+        start_new_session=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(out) < round_number:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run did not reach round 2"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_model, small_data, tmp_path):
+    reference = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "reference", **CHANGES), num_cpus=2)
+    out = tmp_path / "killed"
+    config = tiny_config(tiny_model, small_data, out, **CHANGES)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items() if k != "resume"]
+    _kill_after_round(args, out, 2)
+    assert _checkpoint_round(out) == 2 and not (out / "summary.json").exists()
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["resumed_at_round"] == 3 and reference["resumed_at_round"] is None
+    assert resumed["personalized_ppl"] == pytest.approx(reference["personalized_ppl"], rel=1e-4)
+    for client, value in reference["per_client_ppl"].items():
+        assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)
+    assert resumed["trainable_params_per_client"] == reference["trainable_params_per_client"]
+    assert resumed["bytes_up_total"] == reference["bytes_up_total"]  # no client searched its mask twice
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if not r.get("final")] == [1, 2, 3, 4]
+    reference_rounds = (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
+    for ours, theirs in zip(rounds, map(json.loads, reference_rounds), strict=True):
+        assert ours.get("clients") == theirs.get("clients")  # the sampler continued where it stopped
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_model, small_data, tmp_path):
+    missing = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no run to resume" in missing.output
+    extra = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--rounds", "9"])
+    assert extra.exit_code == 2 and "give no other settings" in extra.output

@@ -1,0 +1,73 @@
+"""Update validation: every kind of bad update is rejected, logged with the client id and the
+reason, and the round aggregates exactly the sound updates (Flower simulation, real messages)."""
+
+import json
+
+import pytest
+import torch
+
+from perfit.simulation import run_simulation
+from perfit.validation import evaluation_problem, mask_problem, payload_limit_bytes, update_problem
+
+from .faulty_clients import TRAIN_FAULTS, faulty_app
+from .helpers import expected_global, run_masks, server_global, tiny_config
+
+REASONS = {
+    "nan": "non-finite",
+    "inf": "non-finite",
+    "float64": "dtype float64",
+    "shape": "expected a flat vector",
+    "outside_mask": "values outside the client's mask",
+    "mask_changed": "mask changed after registration",
+    "oversize": "over the limit",
+    "impostor": "claims to be client",
+    "bad_examples": "bad example count",
+    "over_budget_mask": "budget is",
+}
+
+
+def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data, tmp_path, caplog):
+    faults = dict(enumerate(REASONS))  # clients 0..9 misbehave, 10 and 11 are sound
+    config = tiny_config(tiny_model, small_data, tmp_path / "run", num_clients=12, clients_per_round=12, min_replies=0)
+    with caplog.at_level("WARNING", logger="perfit"):
+        summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
+    reasons = {}
+    for entry in summary["rejected_updates"]:
+        reasons.setdefault(entry["client"], entry["reason"])
+    for client, fault in faults.items():
+        assert REASONS[fault] in reasons[client], (fault, reasons[client])
+        assert f"client {client}: update rejected" in caplog.text
+    assert set(reasons) == set(faults)  # the sound clients were never rejected
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["accepted"] == 2 and record["counted"] is True
+    masks = run_masks(tmp_path / "run")
+    assert 9 not in masks  # the over-budget mask was never registered
+    expected = expected_global(config, [10, 11], masks)
+    assert torch.allclose(server_global(tmp_path / "run"), expected, atol=1e-5)
+
+
+def test_update_problem_on_small_arrays():
+    import numpy as np
+
+    good = {"values": np.zeros(3, dtype=np.float32)}
+    metrics = {"client": 2, "examples": 5, "train_loss": 1.5}
+    registered = np.packbits(np.array([1, 0, 1, 1], dtype=np.uint8))
+    assert update_problem(2, good, metrics, 3, registered, 12) is None
+    assert "claims" in update_problem(3, good, metrics, 3, registered, 12)
+    assert "over the limit" in update_problem(2, good, metrics, 3, registered, payload_limit_bytes(3) + 1)
+    assert "mask changed" in update_problem(2, {**good, "mask": registered[::-1] ^ 1}, metrics, 3, registered, 12)
+    assert update_problem(2, {**good, "mask": registered}, metrics, 3, registered, 12) is None
+    assert "outside" in update_problem(2, {"values": np.zeros(4, dtype=np.float32)}, metrics, 3, registered, 16)
+    assert "2 values" in update_problem(2, {"values": np.zeros(2, dtype=np.float32)}, metrics, 3, registered, 8)
+    assert "non-finite" in update_problem(2, {"values": np.array([0, np.nan, 0], "f4")}, metrics, 3, registered, 12)
+    assert "example count" in update_problem(2, good, {**metrics, "examples": 2.5}, 3, registered, 12)
+    assert "train loss" in update_problem(2, good, {**metrics, "train_loss": float("inf")}, 3, registered, 12)
+    assert mask_problem(4, 4) is None and "budget is 4" in mask_problem(5, 4)
+    assert evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": 4}) is None
+    assert "NLL" in evaluation_problem(1, {"client": 1, "nll": float("nan"), "tokens": 4})
+    assert "token count" in evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": -1})
+
+
+@pytest.mark.parametrize("fault", TRAIN_FAULTS)
+def test_every_train_fault_has_a_reason(fault):
+    assert fault in REASONS
