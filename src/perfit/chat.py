@@ -10,14 +10,31 @@ import torch
 
 from perfit.data import prompt
 
+STOP = "\n### "  # the next Alpaca section: a model that has not learned EOS well starts a new turn here
+
+
+def visible_length(text: str) -> int:
+    """How much of the generated `text` can be shown: everything before a STOP marker, minus a tail
+    that may still become one."""
+    if STOP in text:
+        return text.index(STOP)
+    held = next((k for k in range(len(STOP) - 1, 0, -1) if text.endswith(STOP[:k])), 0)
+    return len(text) - held
+
 
 def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     from transformers import TextStreamer
 
     class _Callback(TextStreamer):
+        text, shown = "", 0
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                on_text(text)
+            self.text += text
+            end = self.text.find(STOP) if STOP in self.text else len(self.text)
+            end = end if stream_end else visible_length(self.text)
+            if end > self.shown:
+                on_text(self.text[self.shown : end])
+                self.shown = end
 
     return _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -33,8 +50,8 @@ def generate(
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """The model's answer to one instruction (greedy when temperature is 0); `on_text` receives the
-    text as it is generated."""
+    """The model's answer to one instruction (greedy when temperature is 0), up to EOS or the start of
+    a new Alpaca section; `on_text` receives the text as it is generated."""
     text = prompt({"instruction": instruction, "context": context})
     inputs = tokenizer(text, return_tensors="pt")
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -45,8 +62,11 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         streamer=_streamer(tokenizer, on_text) if on_text else None,
+        stop_strings=[STOP],
+        tokenizer=tokenizer,
         top_p=None,
         top_k=None,
         **sampling,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answer.split(STOP)[0].strip()
