@@ -278,6 +278,32 @@ def join(
     console.print(f"adapter and join.json -> {out}")
 
 
+bench = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+@bench.command("speed", context_settings=EXTRA)
+def bench_speed(
+    ctx: typer.Context,
+    preset: str = typer.Option("paper", help="Proportions for the search share and bytes (paper: 100 clients)."),
+    rows: int = typer.Option(48, help="Dolly rows in each timed training pass."),
+    out: Path = typer.Option(Path("docs"), help="Directory for performance.md and performance.json."),
+) -> None:
+    """Time local training (perfit vs a plain peft loop, fp32 vs bf16, PerFIT vs FIT), MFU, bytes, search share."""
+    import json
+
+    from perfit.speed import Bench, report_markdown
+
+    config = _config(ctx, None, preset)
+    with _errors("data"):
+        result = Bench(config, rows=rows).run()
+    command = " ".join(["perfit bench speed", *ctx.args, f"--preset {preset} --rows {rows}"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "performance.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    (out / "performance.md").write_text(report_markdown(result, command))
+    console.print(report_markdown(result, command))
+
+
 @app.command()
 def fields() -> None:
     """List every config field with its default."""

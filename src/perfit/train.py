@@ -74,8 +74,12 @@ def train_masked(
     micro_batch_size: int,
     lr: float,
     seed: int,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """AdamW on the LoRA entries inside `mask` only; every other entry stays exactly zero.
+
+    `autocast_dtype` (e.g. torch.bfloat16) runs the forward/backward under CPU autocast; parameters,
+    gradients and optimizer state stay fp32.
 
     Gradients are masked before the step (so AdamW moments never see outside entries) and the
     parameters are re-masked after it (so weight decay cannot move them either). A batch of
@@ -101,7 +105,8 @@ def train_masked(
                 continue
             optimizer.zero_grad(set_to_none=True)
             for chunk in micro_batches(batch, micro_batch_size):
-                loss_sum, _ = nll_sum(peft_model, collate(chunk, pad_id))
+                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                    loss_sum, _ = nll_sum(peft_model, collate(chunk, pad_id))
                 (loss_sum / batch_tokens).backward()
                 total_nll += loss_sum.item()
             total_tokens += batch_tokens

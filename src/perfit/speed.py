@@ -1,0 +1,302 @@
+"""`perfit bench speed`: what local training costs on this machine, measured side by side in one
+run and reported as ratios (issue 5). Every figure is timed here; nothing is taken from elsewhere.
+
+Useful FLOPs of one LoRA training pass over a sequence of T tokens (P of them predicting a target),
+with the base model frozen:
+  linear layers    4 * N_lin * T        forward + activation gradients (no weight gradients)
+  LoRA adapters    6 * N_lora * T       forward + activation gradients + adapter gradients
+  attention        6 * L * d * T(T+1)   causal QK^T and AV forward (2 L d T(T+1)) and backward (x2)
+  vocabulary head  4 * V * d * P        forward + activation gradients, at target positions only
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perfit.aggregate import aggregate
+from perfit.config import Config
+from perfit.data import Example, load_rows, tokenize
+from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, lora_parameters, resolve_model
+from perfit.train import evaluate_nll, perplexity, train_masked
+
+
+def cpu_description() -> str:
+    """The CPU model and whether it has bf16 units (AVX-512 BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    units = [flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in info]
+    return f"{name or platform.machine()} ({', '.join(units) or 'no bf16 units'})"
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """Best sustained square-matmul rate of this process's threads, in GFLOP/s."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def linear_params(model: Any) -> int:
+    """Weights of the frozen linear layers inside the decoder blocks (not embeddings or head)."""
+    return sum(m.weight.numel() for m in model.get_decoder().layers.modules() if isinstance(m, torch.nn.Linear))
+
+
+def useful_flops(model_config: Any, n_linear: int, n_lora: int, examples: list[Example]) -> float:
+    """Useful FLOPs of one training pass over `examples` (see the module docstring)."""
+    layers, width, vocab = model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size
+    total = 0.0
+    for example in examples:
+        length, predicting = len(example.input_ids), sum(label != -100 for label in example.labels[1:])
+        total += (4 * n_linear + 6 * n_lora) * length + 6 * layers * width * length * (length + 1)
+        total += 4 * vocab * width * predicting
+    return total
+
+
+def random_mask(size: int, budget: int, seed: int) -> torch.Tensor:
+    """A seeded mask holding exactly `budget` of `size` positions (timing only; not a searched mask)."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:budget]] = True
+    return mask
+
+
+def plain_peft_pass(peft_model: Any, examples: list[Example], pad_id: int, batch_size: int, micro: int) -> None:
+    """The loop a user writes with peft + torch: padded micro-batches in data order, the full head
+    and HF's loss on every position, AdamW on all LoRA parameters."""
+    params = lora_parameters(peft_model)
+    optimizer = torch.optim.AdamW(params, lr=3e-4)
+    peft_model.train()
+    for start in range(0, len(examples), batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        batch = examples[start : start + batch_size]
+        for offset in range(0, len(batch), micro):
+            chunk = batch[offset : offset + micro]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in chunk])
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk])
+            attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
+            peft_model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        optimizer.step()
+    peft_model.eval()
+
+
+@dataclass
+class Bench:
+    config: Config
+    rows: int = 48
+    """Dolly rows timed in each training pass (seeded sample of the whole file)."""
+
+    def run(self) -> dict[str, Any]:
+        torch.manual_seed(0)
+        config = self.config
+        started = time.perf_counter()
+        peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+        all_rows = load_rows(config.data)
+        picked = random.Random(0).sample(range(len(all_rows)), self.rows * 2)
+        base, tokenizer = load_base(resolve_model(config))
+        examples = [tokenize(all_rows[i], tokenizer, config.cutoff_len) for i in picked]
+        train, held_out = examples[: self.rows], examples[self.rows :]
+        pad = tokenizer.pad_token_id
+        tokens = sum(len(e.input_ids) for e in train)
+
+        def timed(fn: Any) -> float:
+            fn(train[:8])  # warm-up: the first passes allocate and pick kernels
+            begin = time.perf_counter()
+            fn(train)
+            return time.perf_counter() - begin
+
+        def masked_pass(rank: int, budget_rank: int, autocast: torch.dtype | None = None) -> Any:
+            peft_model = attach_lora(base, rank, 2.0 * rank)
+            layout = lora_layout(peft_model)
+            mask = random_mask(layout.size, layout.budget(budget_rank), seed=0)
+            start = initial_adapter(layout, "peft", 0) * mask
+            settings = {"epochs": 1, "batch_size": config.batch_size, "micro_batch_size": config.micro_batch_size}
+
+            def run_pass(subset: list[Example]) -> Any:
+                return train_masked(peft_model, start, mask, subset, pad, lr=config.lr, seed=0,
+                                    autocast_dtype=autocast, **settings)  # fmt: skip
+
+            return peft_model, layout, run_pass
+
+        fit_model, fit_layout, fit_pass = masked_pass(config.rank, config.rank)
+        n_linear, n_lora = linear_params(base), fit_layout.size
+        flops = useful_flops(base.config, n_linear, n_lora, train)
+        seconds = {"perfit_fp32": timed(fit_pass)}
+        seconds["plain_peft_fp32"] = timed(
+            lambda subset: plain_peft_pass(fit_model, subset, pad, config.batch_size, config.micro_batch_size)
+        )
+        seconds["perfit_bf16"] = timed(masked_pass(config.rank, config.rank, torch.bfloat16)[2])
+        dense = round(config.rank / (1 - config.sparsity))
+        seconds["perfit_round_dense_rank"] = timed(masked_pass(dense, config.rank)[2])
+        quality = self._bf16_quality(masked_pass, train, held_out, pad)
+        result = {
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },  # fmt: skip
+            "peak_gflops": peak,
+            "tokens_per_pass": tokens,
+            "useful_gflop_per_pass": flops / 1e9,
+            "seconds": seconds,
+            "tokens_per_s": {k: tokens / v for k, v in seconds.items()},
+            "mfu": {
+                "fp32": flops / seconds["perfit_fp32"] / (peak["fp32"] * 1e9),
+                "bf16": flops / seconds["perfit_bf16"] / (peak["bf16"] * 1e9),
+                "plain_peft_fp32": flops / seconds["plain_peft_fp32"] / (peak["fp32"] * 1e9),
+            },
+            "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
+            "bf16_over_fp32_tokens_per_s": seconds["perfit_fp32"] / seconds["perfit_bf16"],
+            "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
+            "bf16_ppl_over_fp32_ppl": quality,
+            **self._bytes_and_server(dense),
+            **self._search_share(masked_pass, dense, train, pad),
+        }
+        result["dtype"] = "fp32"  # what perfit trains in today; bf16 autocast is measured above, not yet the default
+        # the bench process (it holds 100 dense client updates for the aggregation timing), not a simulation run
+        result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["bench_seconds"] = time.perf_counter() - started
+        return result
+
+    def _bf16_quality(self, masked_pass: Any, train: list[Example], held_out: list[Example], pad: int) -> float:
+        """Personalized perplexity (evaluated in fp32) after the same training in bf16 vs fp32."""
+        ppl = {}
+        for name, autocast in (("fp32", None), ("bf16", torch.bfloat16)):
+            peft_model, _, run_pass = masked_pass(self.config.rank, self.config.rank, autocast)
+            flat = run_pass(train).flat
+            ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, self.config.micro_batch_size))
+        return ppl["bf16"] / ppl["fp32"]
+
+    def _bytes_and_server(self, dense: int) -> dict[str, Any]:
+        """Payload bytes as Flower counts them, and Eq. 6 over k masked clients on the server."""
+        from flwr.app import Array, ArrayRecord
+
+        from perfit.masks import encode
+        from perfit.model import layout_for
+
+        config = self.config
+        layout = layout_for(resolve_model(config), dense, 2.0 * dense)
+        budget = layout.budget(config.rank)
+        values = ArrayRecord({"values": Array(np.zeros(budget, dtype=np.float32))}).count_bytes()
+        mask = torch.zeros(layout.size, dtype=torch.bool)
+        mask[:budget] = True
+        mask_bytes = ArrayRecord({"mask": Array(encode(mask))}).count_bytes()
+        participations = config.rounds * config.clients_per_round / config.num_clients
+        aggregation = {}
+        for clients in (10, 100):
+            updates = []
+            for client in range(clients):
+                m = random_mask(layout.size, budget, seed=client)
+                updates.append((m, torch.randn(layout.size) * m, 10.0))
+            begin = time.perf_counter()
+            aggregate("shared", torch.zeros(layout.size), updates)
+            aggregation[str(clients)] = time.perf_counter() - begin
+        return {
+            "bytes": {"values_per_round": values, "perfit_mask_once": mask_bytes},
+            "upload_bytes_perfit_over_fit": (values + mask_bytes / participations) / values,
+            "upload_bytes_perfit_over_fit_first_round": (values + mask_bytes) / values,
+            "server_aggregation_seconds": aggregation,
+            "server_mask_bytes_per_client": {"bool_tensor": layout.size, "bit_packed": mask_bytes},
+        }
+
+    def _search_share(self, masked_pass: Any, dense: int, train: list[Example], pad: int) -> dict[str, Any]:
+        """The one-time search's share of a client's compute over a run at the config's proportions."""
+        from perfit.train import importance_scores, micro_batches
+
+        config = self.config
+        peft_model, layout, run_pass = masked_pass(dense, config.rank)
+        batches = list(micro_batches(train, config.micro_batch_size))
+        begin = time.perf_counter()
+        importance_scores(peft_model, initial_adapter(layout, "symmetric", 0), batches, pad, config.metric)
+        per_scoring_batch = (time.perf_counter() - begin) / len(batches)
+        begin = time.perf_counter()
+        run_pass(train)
+        per_training_batch = (time.perf_counter() - begin) / len(batches)
+        train_rows = 15011 * 0.8 / config.num_clients  # dolly's rows over the clients, 80 % train
+        participations = config.rounds * config.clients_per_round / config.num_clients
+        search = config.pruning_steps * config.search_batches * per_scoring_batch
+        training = participations * train_rows / config.micro_batch_size * per_training_batch
+        return {
+            "search_share": search / (search + training),
+            "search_share_inputs": {
+                "pruning_steps": config.pruning_steps,
+                "search_batches": config.search_batches,
+                "seconds_per_scoring_micro_batch": per_scoring_batch,
+                "seconds_per_training_micro_batch": per_training_batch,
+                "participations_per_client": participations,
+                "train_rows_per_client": train_rows,
+            },
+        }
+
+
+def report_markdown(result: dict[str, Any], command: str) -> str:
+    """docs/performance.md from one bench result."""
+    seconds, rate, mfu = result["seconds"], result["tokens_per_s"], result["mfu"]
+    share = result["search_share_inputs"]
+    lines = [
+        "# Performance (measured by `perfit bench speed`)",
+        "",
+        f"Command: `{command}`; machine: {result['machine']['cpu']}, {result['machine']['threads']} threads, "
+        f"torch {result['machine']['torch']}; bench wall time {result['bench_seconds']:.0f} s. Every figure below"
+        " comes from this one run (`docs/performance.json`).",
+        "",
+        "## Local training",
+        "",
+        f"One pass over {result['tokens_per_pass']:,} useful tokens (prompt + response, no padding) of dolly rows.",
+        "",
+        "| loop | seconds | useful tokens/s | MFU (of this CPU's measured peak) |",
+        "|---|---|---|---|",
+        f"| plain peft + torch, fp32 (padded, full head) | {seconds['plain_peft_fp32']:.1f} | "
+        f"{rate['plain_peft_fp32']:.0f} | {mfu['plain_peft_fp32']:.1%} |",
+        f"| perfit, fp32 (FIT adapter) | {seconds['perfit_fp32']:.1f} | {rate['perfit_fp32']:.0f} | "
+        f"{mfu['fp32']:.1%} of {result['peak_gflops']['fp32']:.0f} GFLOP/s |",
+        f"| perfit, bf16 autocast (FIT adapter) | {seconds['perfit_bf16']:.1f} | {rate['perfit_bf16']:.0f} | "
+        f"{mfu['bf16']:.1%} of {result['peak_gflops']['bf16']:.0f} GFLOP/s |",
+        f"| perfit, fp32, PerFIT client (dense rank, masked) | {seconds['perfit_round_dense_rank']:.1f} | "
+        f"{rate['perfit_round_dense_rank']:.0f} | |",
+        "",
+        "| ratio | measured | target |",
+        "|---|---|---|",
+        f"| perfit / plain peft useful tokens/s (fp32) | {result['perfit_over_peft_tokens_per_s']:.2f} | "
+        ">= 2 with bf16 units, never < 1 |",
+        f"| bf16 / fp32 tokens/s (perfit loop) | {result['bf16_over_fp32_tokens_per_s']:.2f} | |",
+        f"| bf16 / fp32 personalized perplexity after the same training | {result['bf16_ppl_over_fp32_ppl']:.4f} | "
+        "within 1 % |",
+        f"| PerFIT client round / FIT client round (search excluded) | {result['perfit_round_over_fit_round']:.2f} | "
+        "<= 1.05 |",
+        f"| MFU, fp32 | {mfu['fp32']:.1%} | >= 60 % |",
+        f"| search share of a client's compute at the config's proportions | {result['search_share']:.1%} | <= 10 % |",
+        f"| PerFIT / FIT upload bytes per round (mask amortized) | {result['upload_bytes_perfit_over_fit']:.3f} | "
+        "<= 1.05 |",
+        f"| the same, in a client's first round | {result['upload_bytes_perfit_over_fit_first_round']:.3f} | |",
+        "",
+        f"Search share inputs: T_p {share['pruning_steps']} x {share['search_batches']} scoring micro-batches of "
+        f"{share['seconds_per_scoring_micro_batch']:.2f} s, against {share['participations_per_client']:.1f} "
+        f"participations x {share['train_rows_per_client']:.0f} train rows per client in training micro-batches of "
+        f"{share['seconds_per_training_micro_batch']:.2f} s.",
+        "",
+        "## Server",
+        "",
+        f"Eq. 6 over 10 / 100 masked clients: {result['server_aggregation_seconds']['10']:.2f} s / "
+        f"{result['server_aggregation_seconds']['100']:.2f} s. A mask costs the server "
+        f"{result['server_mask_bytes_per_client']['bool_tensor']:,} bytes as a bool tensor, "
+        f"{result['server_mask_bytes_per_client']['bit_packed']:,} bit-packed. Peak resident memory of the bench "
+        f"process (100 dense updates held for the timing above): {result['bench_peak_rss_gib']:.2f} GiB.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""The FLOP accounting behind the MFU figure of `perfit bench speed`, worked by hand."""
+
+from types import SimpleNamespace
+
+import torch
+
+from perfit.data import Example
+from perfit.speed import linear_params, random_mask, useful_flops
+
+
+def test_useful_flops_by_hand():
+    config = SimpleNamespace(num_hidden_layers=2, hidden_size=32, vocab_size=400)
+    example = Example(input_ids=[1, 2, 3, 4], labels=[-100, -100, 5, 6])  # 2 positions predict a target
+    linear = (4 * 1000 + 6 * 10) * 4  # frozen linears fwd + activation grads, LoRA fwd + both grads
+    attention = 6 * 2 * 32 * 4 * 5  # causal T(T+1) = 20 per layer and width, forward + backward
+    head = 4 * 400 * 32 * 2  # only at the 2 target-predicting positions
+    assert useful_flops(config, 1000, 10, [example]) == linear + attention + head == 126320
+
+
+def test_linear_params_counts_decoder_linears_only(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # per layer: q 32x32, k 32x16, v 32x16, o 32x32, gate/up 32x64, down 64x32 (4 heads, 2 KV heads of 8)
+    per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
+    assert linear_params(model) == 2 * per_layer
+
+
+def test_random_mask_holds_the_budget():
+    mask = random_mask(100, 37, seed=1)
+    assert mask.dtype == torch.bool and int(mask.sum()) == 37
+    assert torch.equal(mask, random_mask(100, 37, seed=1)) and not torch.equal(mask, random_mask(100, 37, seed=2))
