@@ -6,7 +6,7 @@ from perfit.config import Config
 from perfit.data import tokenize
 from perfit.model import attach_lora, initial_adapter, load_base, lora_layout
 from perfit.task import ClientTask
-from perfit.train import collate, importance_scores, nll_sum, train_masked
+from perfit.train import collate, cpu_has_bf16, importance_scores, nll_sum, train_masked, training_autocast
 
 
 @pytest.fixture
@@ -31,15 +31,15 @@ def test_nll_on_target_positions_matches_full_logits(setup):
     assert total.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
-def test_masked_adamw_keeps_outside_entries_zero(setup):
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_masked_adamw_keeps_outside_entries_zero(setup, autocast):
     peft, tokenizer, examples = setup
     layout = lora_layout(peft)
     start = initial_adapter(layout, "symmetric", seed=0)
     mask = torch.rand(layout.size, generator=torch.Generator().manual_seed(1)) < 0.3
-    result = train_masked(
-        peft, start, mask, examples, tokenizer.pad_token_id, epochs=2, batch_size=4, micro_batch_size=2, lr=1e-2, seed=0
-    )
-    assert result.steps == 6
+    settings = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": 0}
+    result = train_masked(peft, start, mask, examples, tokenizer.pad_token_id, autocast_dtype=autocast, **settings)
+    assert result.steps == 6 and result.flat.dtype == torch.float32  # parameters stay fp32 under autocast
     assert torch.all(result.flat[~mask] == 0)  # exactly zero: no AdamW moment or weight-decay leak
     assert (result.flat[mask] != (start * mask)[mask]).float().mean() > 0.9  # inside entries moved
     assert result.loss == result.loss  # not NaN
@@ -85,3 +85,8 @@ def test_client_search_hits_budget_exactly(tiny_model, small_data, scope):
             assert int(mask[start:end].sum()) == budget
     assert torch.equal(mask, task.search(0))  # deterministic
     assert not torch.equal(mask, task.search(1))  # depends on the client's data
+
+
+def test_training_precision_choice():
+    assert training_autocast("fp32") is None and training_autocast("bf16") is torch.bfloat16
+    assert training_autocast("auto") is (torch.bfloat16 if cpu_has_bf16() else None)

@@ -21,6 +21,7 @@ CHOICES = {
     "scope": ("global", "per_module"),
     "aggregation": ("shared", "literal"),
     "init": ("symmetric", "symmetric_then_zero_b", "peft"),
+    "dtype": ("auto", "fp32", "bf16"),
 }
 
 
@@ -63,6 +64,9 @@ class Config:
     B = 0); `peft` (A kaiming, B = 0: shows measurement vanishing)."""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 means 2 x the dense rank."""
+    dtype: str = "auto"
+    """Local training precision: `bf16` autocast, `fp32`, or `auto` (bf16 where the CPU has bf16 units,
+    else fp32). Search and evaluation stay fp32; parameters and optimizer state are always fp32."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     batch_size: int = 64

@@ -17,7 +17,7 @@ from perfit.data import ClientSplit, DataError, load_rows, split_train_eval, tok
 from perfit.export import Run, RunError, RunModel, open_run, prepare_out
 from perfit.model import save_adapter
 from perfit.task import budget_groups, search_adapter_mask
-from perfit.train import evaluate_nll, perplexity, train_masked
+from perfit.train import evaluate_nll, perplexity, train_masked, training_autocast
 
 
 def owner_rows(run: Run, data: str | Path | None, holdout_client: int | None) -> tuple[list[dict], ClientSplit]:
@@ -83,6 +83,7 @@ def join(
         micro_batch_size=config.micro_batch_size,
         lr=config.lr,
         seed=config.seed,
+        autocast_dtype=training_autocast(config.dtype),
     )
     report = {
         "run": str(opened.path),

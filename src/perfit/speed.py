@@ -26,7 +26,7 @@ from perfit.aggregate import aggregate
 from perfit.config import Config
 from perfit.data import Example, load_rows, tokenize
 from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, lora_parameters, resolve_model
-from perfit.train import evaluate_nll, perplexity, train_masked
+from perfit.train import cpu_has_bf16, evaluate_nll, perplexity, train_masked, training_autocast
 
 
 def cpu_description() -> str:
@@ -36,8 +36,7 @@ def cpu_description() -> str:
     except OSError:
         return platform.processor() or platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    units = [flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in info]
-    return f"{name or platform.machine()} ({', '.join(units) or 'no bf16 units'})"
+    return f"{name or platform.machine()} ({'bf16 units' if cpu_has_bf16() else 'no bf16 units'})"
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
@@ -167,7 +166,7 @@ class Bench:
             **self._bytes_and_server(dense),
             **self._search_share(masked_pass, dense, train, pad),
         }
-        result["dtype"] = "fp32"  # what perfit trains in today; bf16 autocast is measured above, not yet the default
+        result["dtype"] = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
         # the bench process (it holds 100 dense client updates for the aggregation timing), not a simulation run
         result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         result["bench_seconds"] = time.perf_counter() - started

@@ -22,7 +22,14 @@ from perfit.model import (
     zero_b,
 )
 from perfit.search import search_mask
-from perfit.train import TrainResult, evaluate_nll, importance_scores, micro_batches, train_masked
+from perfit.train import (
+    TrainResult,
+    evaluate_nll,
+    importance_scores,
+    micro_batches,
+    train_masked,
+    training_autocast,
+)
 
 
 def search_init(config: Config) -> str:
@@ -134,6 +141,7 @@ class ClientTask:
             micro_batch_size=config.micro_batch_size,
             lr=config.lr,
             seed=config.seed * 1_000_003 + round_number * 1009 + client,
+            autocast_dtype=training_autocast(config.dtype),
         )
 
     def evaluate(self, client: int, flat: torch.Tensor) -> tuple[float, int]:

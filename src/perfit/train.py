@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,23 @@ import torch.nn.functional as F
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance
 from perfit.model import lora_parameters, read_flat, write_flat
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def training_autocast(dtype: str) -> torch.dtype | None:
+    """The autocast dtype for local training (None: fp32). `auto` picks bf16 on CPUs with bf16 units:
+    measured 1.6x the tokens/s of fp32 with the same perplexity (docs/performance.md)."""
+    if dtype == "bf16" or (dtype == "auto" and cpu_has_bf16()):
+        return torch.bfloat16
+    return None
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
