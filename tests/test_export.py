@@ -14,20 +14,16 @@ from perfit.cli import app
 from perfit.export import RunError, RunModel, export_client, load_client_model
 from perfit.model import layout_for
 
+from .tiny import TINY_RUN
+
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, small_data, tmp_path_factory):
     """A PerFIT run through the Python API with 1 of 5 clients held out of training."""
     out = tmp_path_factory.mktemp("export") / "run"
     summary = perfit.run(
-        {"method": "perfit", "num_clients": 5, "clients_per_round": 2, "rounds": 1},
+        {**TINY_RUN, "num_clients": 5, "clients_per_round": 2, "rounds": 1},
         holdout_clients=1,
-        rank=4,
-        prune_iterations=2,
-        search_batches=1,
-        batch_size=8,
-        micro_batch_size=4,
-        cutoff_len=256,
         lr=1e-2,
         model=str(tiny_model),
         data=str(small_data),

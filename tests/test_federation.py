@@ -11,6 +11,8 @@ from perfit.config import Config
 from perfit.model import layout_for
 from perfit.simulation import run_simulation
 
+from .tiny import TINY_RUN
+
 CASES = [
     ("fit", "pathological", ""),
     ("perfit", "pathological", ""),
@@ -22,19 +24,12 @@ CASES = [
 
 def _config(tiny_model, small_data, out, method, split, budgets):
     return Config(
-        method=method,
+        **{**TINY_RUN, "method": method},
         split=split,
         budgets=budgets,
         num_clients=4,
         clients_per_round=2,
         rounds=2,
-        rank=4,
-        sparsity=0.5,
-        prune_iterations=2,
-        search_batches=1,
-        batch_size=8,
-        micro_batch_size=4,
-        cutoff_len=256,
         lr=1e-3,
         eval_every=1,
         model=str(tiny_model),

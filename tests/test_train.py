@@ -90,3 +90,12 @@ def test_client_search_hits_budget_exactly(tiny_model, small_data, scope):
 def test_training_precision_choice():
     assert training_autocast("fp32") is None and training_autocast("bf16") is torch.bfloat16
     assert training_autocast("auto") is (torch.bfloat16 if cpu_has_bf16() else None)
+
+
+def test_search_keeps_everything_when_the_budget_is_the_whole_adapter():
+    from perfit.task import search_adapter_mask
+
+    config = Config(num_clients=2, clients_per_round=1)
+    groups = [(0, 6, 6), (6, 10, 4)]  # FIT (or a budget equal to the dense rank): nothing to prune
+    mask = search_adapter_mask(None, torch.ones(10), [], 0, config, groups, seed=0)  # never touches a model
+    assert mask.dtype == torch.bool and bool(mask.all()) and mask.numel() == 10

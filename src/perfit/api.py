@@ -12,18 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from perfit.config import Config, from_mapping, from_toml
+from perfit.config import Config, make_config
 from perfit.export import export_client, load_client_model
 from perfit.late_join import join
-
-
-def make_config(config: Config | Mapping[str, Any] | str | Path | None = None, preset: str | None = None, **fields):
-    """A Config from a Config, a mapping of fields or a TOML path, with `fields` applied on top."""
-    if isinstance(config, Config):
-        return config.replace(**fields) if fields else config
-    if isinstance(config, str | Path):
-        return from_toml(config, preset=preset, **fields)
-    return from_mapping({**(config or {}), **fields}, preset=preset)
 
 
 def check_inputs(config: Config) -> None:

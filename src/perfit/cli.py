@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from perfit.config import Config, from_mapping, from_toml
+from perfit.config import Config, make_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -45,11 +45,8 @@ def _field_flags(args: list[str]) -> dict[str, str]:
 
 
 def _config(ctx: typer.Context, config_file: Path | None, preset: str | None, **fixed: Any) -> Config:
-    overrides = {**_field_flags(ctx.args), **fixed}
     try:
-        if config_file is not None:
-            return from_toml(config_file, preset=preset, **overrides)
-        return from_mapping(overrides, preset=preset)
+        return make_config(config_file, preset, **{**_field_flags(ctx.args), **fixed})
     except ValueError as err:
         console.print(f"[red]config error:[/red] {err}")
         raise typer.Exit(2) from err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -260,3 +261,15 @@ def from_toml(path: str | Path, preset: str | None = None, **overrides: Any) -> 
         return from_mapping({**data, **overrides}, preset=preset)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def make_config(
+    config: Config | Mapping[str, Any] | str | Path | None = None, preset: str | None = None, **fields: Any
+) -> Config:
+    """A Config from a Config, a mapping of fields or a TOML path (with `preset` under it), and
+    `fields` applied on top: what `perfit.run` and every CLI command accept."""
+    if isinstance(config, Config):
+        return config.replace(**fields) if fields else config
+    if isinstance(config, str | Path):
+        return from_toml(config, preset=preset, **fields)
+    return from_mapping({**(config or {}), **fields}, preset=preset)

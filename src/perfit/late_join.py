@@ -53,7 +53,8 @@ def join(
     opened = open_run(run)
     rows, split = owner_rows(opened, data, holdout_client)
     if not split.train or not split.eval:
-        raise DataError(f"{data or opened.config.data}: need at least 2 rows (train and held-out), got {len(rows)}")
+        rows_given = len(split.train) + len(split.eval)
+        raise DataError(f"{data or opened.config.data}: need at least 2 rows (train and held-out), got {rows_given}")
     out = prepare_out(out, force)
     config = opened.config
     loaded = RunModel(opened, model)
@@ -65,12 +66,9 @@ def join(
     def ppl(flat: torch.Tensor) -> float:
         return perplexity(*evaluate_nll(loaded.peft_model, flat, held_out, pad_id, config.micro_batch_size))
 
-    search_started = time.perf_counter()
-    if config.method == "fit":
-        mask = torch.ones(layout.size, dtype=torch.bool)
-    else:
-        groups = budget_groups(layout, config.scope, config.rank)
-        mask = search_adapter_mask(loaded.peft_model, global_flat, train, pad_id, config, groups, config.seed)
+    search_started = time.perf_counter()  # FIT: the budget is the whole adapter, so the mask is all ones
+    groups = budget_groups(layout, config.scope, config.rank)
+    mask = search_adapter_mask(loaded.peft_model, global_flat, train, pad_id, config, groups, config.seed)
     search_seconds = time.perf_counter() - search_started
     result = train_masked(
         loaded.peft_model,

@@ -63,12 +63,9 @@ class RunDirectory:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             state = json.loads(handle.metadata()["state"])
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line and not json.loads(line).get("final") and json.loads(line)["round"] <= state["round"]
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        kept = [r for r in records if not r.get("final") and r["round"] <= state["round"]]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return tensors, state
 
     def write_partitions(self, splits: dict[int, ClientSplit], held_out: list[int]) -> None:

@@ -271,7 +271,7 @@ class Federation:
             arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             mask = self.masks[client]
-            registered = encode(mask)
+            registered = encode(mask) if "mask" in arrays else None  # only a reply sending a mask needs it
             problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes)
             if problem:
                 self._reject(client, problem)

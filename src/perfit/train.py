@@ -3,6 +3,7 @@ the search, and personalized perplexity. Independent of Flower."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from perfit.importance import gradient_moments, importance
 from perfit.model import lora_parameters, read_flat, write_flat
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (AVX-512 BF16 or AMX)."""
     try:
