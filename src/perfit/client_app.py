@@ -7,7 +7,10 @@ config of its own):
   server resume, when the node's state is gone); the node keeps it instead of searching again.
 - `query.search`: run Alg. 1 once, keep the mask in the node's state, send it bit-packed.
 - `train`: values at the mask positions in, local masked training, values at the mask positions out.
-- `evaluate`: personalized NLL of the received adapter on the client's held-out rows.
+  Methods that keep part of the adapter on the client (FedSA-LoRA's B, `local`) exchange only the
+  shared positions and keep the rest in the node state (`personal`); it never leaves the node.
+- `evaluate`: personalized NLL of the received adapter on the client's held-out rows, after
+  `finetune` local epochs when the server asks for them (final evaluation of FIT + FT, `local`).
 
 Node config (`flower-supernode --node-config`; simulation sets the first two): `partition-id` is the
 client this node is, `num-partitions` (optional) must equal the run's num_clients, and `data` / `model`
@@ -16,6 +19,8 @@ client this node is, `num-partitions` (optional) must equal the run's num_client
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 from perfit.config import from_mapping
 from perfit.masks import decode, encode, gather, scatter
-from perfit.task import ClientTask, client_task
+from perfit.task import ClientTask, client_task, fixed_mask
 
 app = ClientApp()
 LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
@@ -43,10 +48,11 @@ def _task(msg: Message, context: Context) -> ClientTask:
 
 
 def _mask(task: ClientTask, client: int, context: Context, msg: Message | None = None) -> torch.Tensor:
-    """The client's static mask: all ones for FIT, else searched once and kept in the node state
-    (or, after a server resume, the registered mask the server sends back)."""
-    if task.config.method == "fit":
-        return torch.ones(task.layout.size, dtype=torch.bool)
+    """The client's static mask: fixed for FIT and the baselines, else searched once and kept in the
+    node state (or, after a server resume, the registered mask the server sends back)."""
+    fixed = fixed_mask(task.layout, task.config, client)
+    if fixed is not None:
+        return fixed
     if msg is not None and "registered" in msg.content:
         context.state["perfit"] = ArrayRecord({"mask": msg.content["registered"]["mask"]})
     if "perfit" not in context.state:
@@ -62,9 +68,20 @@ def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _received(msg: Message, mask: torch.Tensor) -> torch.Tensor:
+def _start(msg: Message, context: Context, task: ClientTask, mask: torch.Tensor) -> torch.Tensor:
+    """The received values at the shared mask positions, the node's own kept values elsewhere."""
     values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
-    return scatter(values, mask)
+    received = scatter(values, mask & task.shared)
+    personal = None
+    if "personal" in context.state:
+        personal = scatter(torch.from_numpy(context.state["personal"]["values"].numpy().copy()), mask)
+    return task.starting_point(received, personal) * mask
+
+
+def _keep(context: Context, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor) -> None:
+    """Keep the trained adapter on the node when part of it is not shared."""
+    if not bool(task.shared.all()):
+        context.state["personal"] = ArrayRecord({"values": Array(gather(flat, mask).numpy().astype(np.float32))})
 
 
 @app.query()
@@ -77,8 +94,10 @@ def search(msg: Message, context: Context) -> Message:
     client = _client_id(context)
     task = _task(msg, context)
     state_before = "perfit" in context.state
+    started = time.perf_counter()
     mask = _mask(task, client, context)
-    return _reply(msg, {"client": client, "cached": int(state_before)}, mask=encode(mask))
+    metrics = {"client": client, "cached": int(state_before), "seconds": time.perf_counter() - started}
+    return _reply(msg, metrics, mask=encode(mask))
 
 
 @app.train()
@@ -86,8 +105,9 @@ def train(msg: Message, context: Context) -> Message:
     client = _client_id(context)
     task = _task(msg, context)
     mask = _mask(task, client, context, msg)
-    result = task.train(client, _received(msg, mask), mask, int(msg.content["round"]["round"]))
-    values = gather(result.flat, mask).numpy().astype(np.float32)
+    result = task.train(client, _start(msg, context, task, mask), mask, int(msg.content["round"]["round"]))
+    _keep(context, task, result.flat, mask)
+    values = gather(result.flat, mask & task.shared).numpy().astype(np.float32)
     metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
     return _reply(msg, metrics, values=values)
 
@@ -97,5 +117,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     client = _client_id(context)
     task = _task(msg, context)
     mask = _mask(task, client, context, msg)
-    total_nll, tokens = task.evaluate(client, _received(msg, mask))
-    return _reply(msg, {"client": client, "nll": total_nll, "tokens": tokens})
+    flat = _start(msg, context, task, mask)
+    metrics = {"client": client}
+    epochs = int(msg.content["round"].get("finetune", 0))
+    if epochs:  # local fine-tuning before the final evaluation; the result stays on the node
+        result = task.train(client, flat, mask, task.config.rounds + 1, epochs=epochs)
+        flat = result.flat
+        _keep(context, task, flat, mask)
+        metrics["finetune_loss"] = result.loss
+    total_nll, tokens = task.evaluate(client, flat)
+    return _reply(msg, {**metrics, "nll": total_nll, "tokens": tokens})

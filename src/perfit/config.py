@@ -16,7 +16,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "databricks/databricks-dolly-15k"
 
 CHOICES = {
-    "method": ("fit", "perfit"),
+    "method": ("fit", "perfit", "local", "fedsa", "hetlora"),
     "split": ("pathological", "dirichlet"),
     "metric": ("first", "second", "mixed"),
     "scope": ("global", "per_module"),
@@ -31,7 +31,9 @@ class Config:
     """A run's settings. Defaults follow the paper (§5.1) where it states them."""
 
     method: str = "perfit"
-    """`fit` (FedAvg of a dense rank-r LoRA, peft init) or `perfit` (search + Eq. 6)."""
+    """`fit` (FedAvg of a dense rank-r LoRA, peft init), `perfit` (search + Eq. 6), or a baseline
+    (baselines.py): `local` (each client trains its own LoRA, no federation), `fedsa` (FedSA-LoRA: A
+    averaged, B kept by its client), `hetlora` (HetLoRA: rank truncation, zero-padding aggregation)."""
     split: str = "pathological"
     """`pathological` (classes_per_client categories each) or `dirichlet` (Dir(alpha))."""
     classes_per_client: int = 2
@@ -70,6 +72,9 @@ class Config:
     else fp32). Search and evaluation stay fp32; parameters and optimizer state are always fp32."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
+    finetune_epochs: int = 0
+    """Epochs each client fine-tunes its final adapter on its train split, on the client, before the
+    final evaluation (FIT + local fine-tuning: method=fit, finetune_epochs=1). 0: none."""
     batch_size: int = 64
     """Examples per optimizer step (paper: 64)."""
     micro_batch_size: int = 8
@@ -118,6 +123,7 @@ class Config:
             "prune_iterations": self.prune_iterations >= 0,
             "search_batches": self.search_batches >= 1,
             "local_epochs": self.local_epochs >= 1,
+            "finetune_epochs": self.finetune_epochs >= 0,
             "batch_size": self.batch_size >= 1,
             "micro_batch_size": 1 <= self.micro_batch_size <= self.batch_size,
             "lr": self.lr > 0,
@@ -152,14 +158,32 @@ class Config:
             return self.rank
         if self.budget_list:
             return max(self.budget_list)
+        if self.method != "perfit":  # baselines train a dense adapter of the budget's rank
+            return self.rank
         return max(self.rank, round(self.rank / (1.0 - self.sparsity)))
 
     def client_rank_budget(self, client_id: int) -> int:
-        """The rank whose parameter count is this client's budget (equal groups for `budgets`)."""
+        """The rank whose parameter count is this client's budget (equal groups for `budgets`; FIT is
+        homogeneous and ignores them)."""
         budgets = self.budget_list
         if self.method == "fit" or not budgets:
             return self.rank
         return budgets[client_id * len(budgets) // self.num_clients]
+
+    @property
+    def federated(self) -> bool:
+        """False for `local`: no rounds, every client trains alone at the end."""
+        return self.method != "local"
+
+    @property
+    def final_finetune_epochs(self) -> int:
+        """Local epochs before the final evaluation: `finetune_epochs`, or for `local` the epochs a
+        client trains in expectation in the federated runs (rounds x sampled share x local_epochs, at
+        least 1), so local-only gets the same compute per client."""
+        if self.method == "local":
+            expected = self.rounds * self.clients_per_round / len(self.participants) * self.local_epochs
+            return max(1, round(expected)) + self.finetune_epochs
+        return self.finetune_epochs
 
     @property
     def held_out(self) -> list[int]:

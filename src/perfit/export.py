@@ -35,6 +35,11 @@ class Run:
         if not (directory / "adapter_model.safetensors").is_file():
             if client is None:
                 raise RunError(f"{self.path}: no global adapter (adapters/global/); made by an older perfit?")
+            if self.summary.get("client_adapters") == "clients":
+                raise RunError(
+                    f"{self.path}: {self.config.method} keeps each client's final adapter on the client "
+                    "(kept or fine-tuned there), so the server has no client adapters; only the global one"
+                )
             held_out = self.summary.get("held_out_clients", [])
             hint = f"; clients {held_out} were held out, see `perfit join`" if held_out else ""
             raise RunError(f"{self.path}: no client {client}; clients in this run: {self.clients}{hint}")

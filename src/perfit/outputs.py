@@ -76,11 +76,11 @@ class RunDirectory:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(_finite(record)) + "\n")
+            handle.write(json.dumps(json_safe(record)) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         staging = self.path / ".summary.json.tmp"
-        staging.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        staging.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
         os.replace(staging, self.path / "summary.json")
 
     def write_masks(self, masks: dict[int, torch.Tensor]) -> None:
@@ -111,12 +111,12 @@ def restore_sampler(state: list[Any]) -> random.Random:
     return sampler
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

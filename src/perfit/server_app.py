@@ -22,12 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
 from perfit.aggregate import aggregate, personalize
+from perfit.baselines import lora_update_norm, shared_positions
 from perfit.config import Config, from_mapping
 from perfit.data import load_rows, partition
 from perfit.masks import decode, encode, gather, scatter
 from perfit.model import layout_for, model_fingerprint, resolve_model
 from perfit.outputs import RunDirectory, restore_sampler, sampler_state
-from perfit.task import global_start
+from perfit.task import fixed_mask, global_start
 from perfit.train import perplexity
 from perfit.validation import evaluation_problem, mask_problem, update_problem
 
@@ -57,6 +58,7 @@ class Federation:
     confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -67,11 +69,12 @@ class Federation:
         model_path = resolve_model(config)
         self.layout = layout_for(model_path, config.dense_rank, config.alpha_value)
         self.global_flat = global_start(self.layout, config)
+        self.shared = shared_positions(self.layout, config.method)
         self.out = RunDirectory(config)
         self.out.write_partitions(splits, config.held_out)
         self._discover_nodes()
-        if config.method == "fit":
-            self.masks = {c: torch.ones(self.layout.size, dtype=torch.bool) for c in config.participants}
+        if config.method != "perfit":  # fixed masks: no search, nothing to register
+            self.masks = {c: fixed_mask(self.layout, config, c) for c in config.participants}
             self.confirmed = set(self.masks)
         sampler = random.Random(config.seed)
         totals = {"bytes_up": 0, "bytes_down": 0, "seconds_before_resume": 0.0}
@@ -82,7 +85,7 @@ class Federation:
         with Progress(transient=False) as progress:
             bar = progress.add_task(f"{config.method}", total=config.rounds + 1, completed=first_round - 1)
             self.status = lambda text: progress.update(bar, description=f"{config.method}: {text}")
-            for round_number in range(first_round, config.rounds + 1):
+            for round_number in range(first_round, config.rounds + 1 if config.federated else first_round):
                 sampled = sorted(sampler.sample(config.participants, config.clients_per_round))
                 record = self._round(round_number, sampled)
                 totals["bytes_up"] += record["bytes_up"]
@@ -93,7 +96,7 @@ class Federation:
             everyone = config.participants
             final_up = self._ensure_masks(everyone)
             self.status(f"evaluating {len(everyone)} clients")
-            final = self._evaluate(everyone, config.rounds)
+            final = self._evaluate(everyone, config.rounds, config.final_finetune_epochs)
             self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
             progress.update(bar, advance=1)
         summary = {
@@ -106,9 +109,11 @@ class Federation:
             "bytes_up_total": totals["bytes_up"] + final_up,
             "bytes_down_total": totals["bytes_down"] + final["bytes_down"],
             "wall_seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
+            "search_seconds": self.search_seconds,
             "rounds": config.rounds,
             "dense_rank": config.dense_rank,
             "rejected_updates": self.rejected,
+            "client_adapters": "server" if self._server_holds_clients() else "clients",
             "held_out_clients": config.held_out,
             "resumed_at_round": first_round if checkpoint is not None else None,
             "model": model_path,
@@ -119,11 +124,19 @@ class Federation:
             {"round": config.rounds, "final": True, **{k: final[k] for k in ("personalized_ppl", "overall_ppl")}}
         )
         self.out.write_masks(self.masks if config.method == "perfit" else {})
-        adapters: dict[int | str, torch.Tensor] = {c: personalize(self.global_flat, m) for c, m in self.masks.items()}
-        adapters["global"] = self.global_flat
+        adapters: dict[int | str, torch.Tensor] = {}
+        if self._server_holds_clients():
+            adapters = {c: personalize(self.global_flat, m) for c, m in self.masks.items()}
+        if config.federated:
+            adapters["global"] = self.global_flat
         self.out.write_adapters(self.layout, adapters, config.dense_rank, config.alpha_value, model_path)
         self.out.write_summary(summary)
         return summary
+
+    def _server_holds_clients(self) -> bool:
+        """Whether the server holds every client's final adapter: not when part of it stays on the
+        client (FedSA-LoRA's B, `local`) or is fine-tuned there before the final evaluation."""
+        return bool(self.shared.all()) and self.config.final_finetune_epochs == 0
 
     def _round(self, round_number: int, sampled: list[int]) -> dict[str, Any]:
         """Masks for newcomers, local training, Eq. 6 aggregation and optional evaluation."""
@@ -168,7 +181,7 @@ class Federation:
         for name, packed in tensors.items():
             if name.startswith("mask_"):
                 self.masks[int(name.removeprefix("mask_"))] = decode(packed.numpy(), self.layout.size)
-        self.confirmed = set(self.masks) if self.config.method == "fit" else set()
+        self.confirmed = set(self.masks) if self.config.method != "perfit" else set()
         self.rejected = list(state["rejected"])
         log.info("resuming %s after round %d", self.out.path, state["round"])
         totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
@@ -176,10 +189,11 @@ class Federation:
         return state["round"] + 1, restore_sampler(state["sampler"]), totals
 
     # ---- messaging ----
-    def _message(self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int) -> Message:
-        content = RecordDict(
-            {"run": ConfigRecord(self.config.to_dict()), "round": ConfigRecord({"round": round_number})}
-        )
+    def _message(
+        self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int, finetune: int = 0
+    ) -> Message:
+        step = ConfigRecord({"round": round_number, "finetune": finetune})
+        content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
         if arrays is not None:
             content["arrays"] = arrays
         if client in self.masks and client not in self.confirmed:  # after a resume: the node lost its state
@@ -238,6 +252,8 @@ class Federation:
         for client, reply in replies.items():
             arrays = reply.content["arrays"]
             uploaded += array_bytes(arrays)
+            if "metrics" in reply.content:
+                self.search_seconds += float(reply.content["metrics"].get("seconds", 0.0))
             try:
                 mask = decode(arrays["mask"].numpy(), self.layout.size)
             except (KeyError, ValueError) as err:
@@ -252,13 +268,15 @@ class Federation:
         return uploaded
 
     def _payload(self, client: int) -> ArrayRecord:
-        values = gather(self.global_flat, self.masks[client]).numpy().astype(np.float32)
+        values = gather(self.global_flat, self.masks[client] & self.shared).numpy().astype(np.float32)
         return ArrayRecord({"values": Array(values)})
 
-    def _send(self, clients: list[int], message_type: str, round_number: int) -> tuple[dict[int, Message], int]:
-        """Each client's adapter at its own mask positions; (replies, bytes sent down)."""
+    def _send(
+        self, clients: list[int], message_type: str, round_number: int, finetune: int = 0
+    ) -> tuple[dict[int, Message], int]:
+        """Each client's adapter at its own (shared) mask positions; (replies, bytes sent down)."""
         ready = [c for c in clients if c in self.masks]
-        messages = {c: self._message(c, message_type, self._payload(c), round_number) for c in ready}
+        messages = {c: self._message(c, message_type, self._payload(c), round_number, finetune) for c in ready}
         bytes_down = sum(array_bytes(record) for m in messages.values() for record in m.content.array_records.values())
         return self._exchange(messages), bytes_down
 
@@ -270,21 +288,22 @@ class Federation:
             bytes_up += payload_bytes
             arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-            mask = self.masks[client]
-            registered = encode(mask) if "mask" in arrays else None  # only a reply sending a mask needs it
+            registered = encode(self.masks[client]) if "mask" in arrays else None  # only a reply sending one
+            mask = self.masks[client] & self.shared
             problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes)
             if problem:
                 self._reject(client, problem)
                 continue
             if int(metrics["examples"]) == 0:
                 continue  # a client without train rows has nothing to contribute
-            values = torch.from_numpy(arrays["values"].copy())
-            updates.append((mask, scatter(values, mask), float(metrics["examples"])))
+            dense = scatter(torch.from_numpy(arrays["values"].copy()), mask)
+            updates.append((mask, dense, self._weight(dense, int(metrics["examples"]))))
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
         needed = math.ceil(self.config.min_replies * len(sampled))
         counted = bool(updates) and len(updates) >= needed
         if counted:
-            self.global_flat = aggregate(self.config.aggregation, self.global_flat, updates)
+            mode = "literal" if self.config.method == "hetlora" else self.config.aggregation  # zero-padding
+            self.global_flat = aggregate(mode, self.global_flat, updates)
         else:
             log.warning("round %d not counted: %d accepted updates, %d needed", round_number, len(updates), needed)
         weight = sum(w for _, w in losses)
@@ -297,9 +316,16 @@ class Federation:
             "counted": counted,
         }
 
-    def _evaluate(self, clients: list[int], round_number: int) -> dict[str, Any]:
-        """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows."""
-        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number)
+    def _weight(self, dense: torch.Tensor, examples: int) -> float:
+        """Aggregation weight: the client's example count; HetLoRA's sparsity weight ||B A||_F."""
+        if self.config.method == "hetlora":
+            return max(lora_update_norm(self.layout, dense), 1e-12)
+        return float(examples)
+
+    def _evaluate(self, clients: list[int], round_number: int, finetune: int = 0) -> dict[str, Any]:
+        """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows,
+        after `finetune` local epochs on the client when asked (the final evaluation)."""
+        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune)
         per_client, nll_total, token_total = {}, 0.0, 0
         for client, reply in sorted(replies.items()):
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from perfit.baselines import combine, rank_prefix_mask, shared_positions
 from perfit.config import Config
 from perfit.data import ClientSplit, Example, load_rows, partition, tokenize
 from perfit.model import (
@@ -33,8 +34,16 @@ from perfit.train import (
 
 
 def search_init(config: Config) -> str:
-    """The init the dense adapter is scored at: peft for FIT and init=peft, else symmetric."""
-    return "peft" if config.method == "fit" or config.init == "peft" else "symmetric"
+    """The init the dense adapter is scored at: peft for FIT, the baselines and init=peft, else symmetric."""
+    return "peft" if config.method != "perfit" or config.init == "peft" else "symmetric"
+
+
+def fixed_mask(layout: Layout, config: Config, client: int) -> torch.Tensor | None:
+    """The mask of a method without a search: the first r_k ranks of the dense adapter (all of it at
+    homogeneous budgets; HetLoRA's truncation otherwise); None for PerFIT, whose mask is searched."""
+    if config.method == "perfit":
+        return None
+    return rank_prefix_mask(layout, config.client_rank_budget(client))
 
 
 def global_start(layout: Layout, config: Config) -> torch.Tensor:
@@ -107,6 +116,21 @@ class ClientTask:
     def layout(self) -> Layout:
         return lora_layout(self.peft_model)
 
+    @cached_property
+    def shared(self) -> torch.Tensor:
+        """Positions the server aggregates and sends (all but FedSA's B matrices; none for `local`)."""
+        return shared_positions(self.layout, self.config.method)
+
+    def starting_point(self, received: torch.Tensor, personal: torch.Tensor | None) -> torch.Tensor:
+        """The adapter a client trains or evaluates: the server's values at shared positions, its own
+        kept values (or the seeded start, before it has any) elsewhere."""
+        own = personal if personal is not None else self._start
+        return combine(self.shared, received, own)
+
+    @cached_property
+    def _start(self) -> torch.Tensor:
+        return global_start(self.layout, self.config)
+
     def examples(self, client: int, part: str) -> list[Example]:
         """The client's tokenised train or eval rows, tokenised once per process."""
         key = (client, part)
@@ -119,16 +143,20 @@ class ClientTask:
     def search(self, client: int) -> torch.Tensor:
         """Alg. 1 on this client's train data from the seeded dense adapter; a boolean flat mask."""
         config = self.config
+        fixed = fixed_mask(self.layout, config, client)
+        if fixed is not None:
+            return fixed
         groups = budget_groups(self.layout, config.scope, config.client_rank_budget(client))
-        if config.method == "fit":
-            return torch.ones(self.layout.size, dtype=torch.bool)
         theta = initial_adapter(self.layout, search_init(config), config.seed)
         train = self.examples(client, "train")
         return search_adapter_mask(
             self.peft_model, theta, train, self.tokenizer.pad_token_id, config, groups, config.seed * 7919 + client
         )
 
-    def train(self, client: int, start: torch.Tensor, mask: torch.Tensor, round_number: int) -> TrainResult:
+    def train(
+        self, client: int, start: torch.Tensor, mask: torch.Tensor, round_number: int, epochs: int = 0
+    ) -> TrainResult:
+        """Masked local training from `start`: `epochs` (default: local_epochs) over the train rows."""
         config = self.config
         return train_masked(
             self.peft_model,
@@ -136,7 +164,7 @@ class ClientTask:
             mask,
             self.examples(client, "train"),
             self.tokenizer.pad_token_id,
-            epochs=config.local_epochs,
+            epochs=epochs or config.local_epochs,
             batch_size=config.batch_size,
             micro_batch_size=config.micro_batch_size,
             lr=config.lr,

@@ -1,0 +1,511 @@
+"""`perfit report`: docs/results.md, docs/results.json and docs/figures/*.png from the run directories
+of `perfit bench paper`. Everything is computed from the runs' summary.json, metrics.jsonl,
+config.toml and masks; nothing is typed in by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perfit.experiments import SCALE_PRESET, SPLITS, Cell, grid
+from perfit.outputs import json_safe
+
+SPLIT_TITLES = {"pathological": "pathological (2 of 8 categories)", "dirichlet": "Dirichlet(0.5)"}
+LABELS = {
+    "fit": "FIT (r=8)",
+    "perfit-s0.33": "PerFIT s=0.33 (dense r 12)",
+    "perfit-s0.5": "PerFIT s=0.5 (dense r 16)",
+    "perfit-s0.66": "PerFIT s=0.66 (dense r 24)",
+    "perfit-8-12-16": "PerFIT ranks 8/12/16",
+    "hetlora-8-12-16": "HetLoRA ranks 8/12/16",
+    "local": "local only (r=8)",
+    "fit-ft": "FIT + local fine-tuning",
+    "fedsa": "FedSA-LoRA (r=8)",
+}
+PERSONALIZED_BASELINES = ("local", "fit-ft", "fedsa")
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    runs: dict[int, dict[str, Any]]  # seed -> {"summary", "metrics", "dir"}
+
+    @property
+    def ppl(self) -> dict[int, float]:
+        return {seed: run["summary"]["personalized_ppl"] for seed, run in sorted(self.runs.items())}
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.ppl.values()) if self.runs else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over seeds (0 with one seed: no spread measured)."""
+        values = list(self.ppl.values())
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return set(self.runs) == set(self.cell.seeds)
+
+    def wall(self) -> float:
+        return sum(run["summary"]["wall_seconds"] for run in self.runs.values())
+
+
+def load_results(runs: Path) -> dict[str, CellResult]:
+    """Every grid cell with the seeds that finished (a summary.json in its run directory)."""
+    results = {}
+    for cell in grid():
+        found = {}
+        for seed in cell.seeds:
+            directory = cell.run_dir(runs, seed)
+            if (directory / "summary.json").is_file():
+                metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
+                found[seed] = {
+                    "summary": json.loads((directory / "summary.json").read_text()),
+                    "metrics": metrics,
+                    "dir": directory,
+                }
+        results[cell.name] = CellResult(cell, found)
+    return results
+
+
+def exceeds_spread(a: CellResult, b: CellResult) -> bool:
+    """Whether two cells differ by more than their seed spread: |mean_a - mean_b| > std_a + std_b
+    (both need two seeds or more)."""
+    if len(a.runs) < 2 or len(b.runs) < 2:
+        return False
+    return abs(a.mean - b.mean) > a.std + b.std
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator and math.isfinite(denominator) else math.nan
+
+
+def headline(results: dict[str, CellResult]) -> dict[str, dict[str, float]]:
+    """PerFIT (best sparsity) / FIT, hetero PerFIT / FIT, best PerFIT / best personalized baseline, per split."""
+    out: dict[str, dict[str, float]] = {"perfit_over_fit": {}, "hetero_over_fit": {}, "perfit_over_best_baseline": {}}
+    for split in SPLITS:
+        fit = results[f"table1/{split}/fit"]
+        perfits = [results[f"table1/{split}/perfit-s{s}"] for s in (0.33, 0.5, 0.66)]
+        perfits = [r for r in perfits if r.runs]
+        best = min(perfits, key=lambda r: r.mean) if perfits else None
+        baselines = [results[f"baselines/{split}/{b}"] for b in PERSONALIZED_BASELINES]
+        baselines = [r for r in baselines if r.runs]
+        best_baseline = min(baselines, key=lambda r: r.mean) if baselines else None
+        hetero = results[f"table2/{split}/perfit-8-12-16"]
+        out["perfit_over_fit"][split] = ratio(best.mean, fit.mean) if best and fit.runs else math.nan
+        out["hetero_over_fit"][split] = ratio(hetero.mean, fit.mean) if hetero.runs and fit.runs else math.nan
+        out["perfit_over_best_baseline"][split] = (
+            ratio(best.mean, best_baseline.mean) if best and best_baseline else math.nan
+        )
+    return out
+
+
+def _fmt(result: CellResult, reference: CellResult | None = None) -> str:
+    if not result.runs:
+        return "not run yet"
+    text = f"{result.mean:.3f} ± {result.std:.3f}" if len(result.runs) > 1 else f"{result.mean:.3f}"
+    if reference is not None and reference.runs and reference is not result:
+        change = 100 * (result.mean / reference.mean - 1)
+        mark = " *" if exceeds_spread(result, reference) else ""
+        text += f" ({change:+.1f} %{mark})"
+    if not result.complete:
+        text += f" [{len(result.runs)}/{len(result.cell.seeds)} seeds]"
+    return text
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _method_table(results: dict[str, CellResult], names: list[str], reference: str) -> str:
+    rows = []
+    for label, by_split in [(LABELS.get(n.split("/")[-1], n.split("/")[-1]), n) for n in names]:
+        cells = [results[by_split.replace("{split}", split)] for split in SPLITS]
+        refs = [results[reference.replace("{split}", split)] for split in SPLITS]
+        params = ""
+        for cell in cells:
+            for run in cell.runs.values():
+                values = sorted(set(run["summary"]["trainable_params_per_client"].values()))
+                params = f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
+                break
+            if params:
+                break
+        rows.append([label, *[_fmt(c, r) for c, r in zip(cells, refs, strict=True)], params])
+    return _table(rows, ["method", *[SPLIT_TITLES[s] for s in SPLITS], "trainable / client"])
+
+
+# ---- figures (matplotlib, written only for cells that have runs) ----
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_loss_curves(results: dict[str, CellResult], path: Path) -> bool:
+    plt = _plt()
+    labels = [
+        "table1/{split}/fit",
+        "table1/{split}/perfit-s0.5",
+        "table2/{split}/hetlora-8-12-16",
+        "table2/{split}/perfit-8-12-16",
+        "baselines/{split}/fedsa",
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    drawn = False
+    for ax, split in zip(axes, SPLITS, strict=True):
+        for name in labels:
+            result = results[name.replace("{split}", split)]
+            curves = [[m["train_loss"] for m in run["metrics"] if not m.get("final")] for run in result.runs.values()]
+            if not curves:
+                continue
+            rounds = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(rounds)]
+            ax.plot(range(1, rounds + 1), mean, marker="o", label=LABELS[name.split("/")[-1]])
+            drawn = True
+        ax.set_title(SPLIT_TITLES[split])
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("train loss (NLL per target token, sampled clients)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Local training loss per round (mean over seeds)")
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def first_module_similarity(run_dir: Path) -> tuple[list[list[float]], list[int]] | None:
+    """Pairwise Hamming similarity of the clients' masks over the first LoRA module (A and B of
+    layer 0's q_proj), from a PerFIT run's masks.safetensors."""
+    from safetensors.torch import load_file
+
+    from perfit.masks import hamming_similarity
+    from perfit.model import layout_for
+
+    masks_file = run_dir / "masks.safetensors"
+    if not masks_file.is_file():
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    from perfit.config import from_toml
+
+    config = from_toml(run_dir / "config.toml")
+    layout = layout_for(summary["model"], config.dense_rank, config.alpha_value)
+    start, end = layout.tensors[0].start, layout.tensors[1].end
+    masks = {int(k.split("_")[1]): v.bool()[start:end] for k, v in load_file(str(masks_file)).items()}
+    clients = sorted(masks)
+    matrix = [[hamming_similarity(masks[a], masks[b]) for b in clients] for a in clients]
+    return matrix, clients
+
+
+def figure_mask_similarity(results: dict[str, CellResult], path: Path) -> dict[str, float] | None:
+    plt = _plt()
+    matrices = {}
+    for split in SPLITS:
+        result = results[f"table1/{split}/perfit-s0.5"]
+        if 0 in result.runs:
+            found = first_module_similarity(result.runs[0]["dir"])
+            if found:
+                matrices[split] = found
+    if not matrices:
+        return None
+    fig, axes = plt.subplots(1, len(matrices), figsize=(5.5 * len(matrices), 4.6))
+    axes = axes if len(matrices) > 1 else [axes]
+    means = {}
+    for ax, (split, (matrix, clients)) in zip(axes, matrices.items(), strict=True):
+        image = ax.imshow(matrix, vmin=0.5, vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(len(clients)), clients)
+        ax.set_yticks(range(len(clients)), clients)
+        ax.set_xlabel("client")
+        ax.set_ylabel("client")
+        off = [matrix[i][j] for i in range(len(clients)) for j in range(len(clients)) if i != j]
+        means[split] = statistics.fmean(off)
+        ax.set_title(f"{SPLIT_TITLES[split]}\nmean off-diagonal {means[split]:.3f}")
+        fig.colorbar(image, ax=ax, label="1 - normalised Hamming distance")
+    fig.suptitle("Mask similarity, first LoRA module (layer 0 q_proj A+B), dense rank 16, s=0.5, seed 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return means
+
+
+def _bar_figure(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> bool:
+    """Grouped bars: groups[x label][series] = value."""
+    plt = _plt()
+    series = sorted({s for values in groups.values() for s in values})
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for index, name in enumerate(series):
+        xs = [i + index * width for i in range(len(groups))]
+        ys = [groups[g].get(name, math.nan) for g in groups]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def participation(results: dict[str, CellResult]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for share in (5, 10, 20):
+        for method in ("fit", "perfit"):
+            result = results[f"participation/dirichlet/{method}-p{share}"]
+            if result.runs:
+                out.setdefault(f"{share} % per round", {})[method.upper().replace("PERFIT", "PerFIT")] = result.mean
+    return out
+
+
+def metrics_comparison(results: dict[str, CellResult]) -> dict[str, dict[str, tuple[float, float]]]:
+    """split -> metric -> (personalized ppl, search seconds per client)."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for split in SPLITS:
+        names = {
+            "first": f"table1/{split}/perfit-s0.5",
+            "second": f"metric/{split}/perfit-second",
+            "mixed": f"metric/{split}/perfit-mixed",
+        }
+        for metric, name in names.items():
+            result = results[name]
+            if 0 in result.runs:
+                summary = result.runs[0]["summary"]
+                per_client = summary.get("search_seconds", math.nan) / max(len(summary["per_client_ppl"]), 1)
+                out.setdefault(split, {})[metric] = (summary["personalized_ppl"], per_client)
+    return out
+
+
+def write_report(runs: Path, out: Path) -> list[Path]:
+    from perfit.speed import cpu_description
+    from perfit.train import cpu_has_bf16
+
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{runs}: no grid directory; run `perfit bench paper --out {runs}` first")
+    results = load_results(runs)
+    finished = sum(len(r.runs) for r in results.values())
+    if not finished:
+        raise FileNotFoundError(f"{runs}: no finished run yet; run `perfit bench paper --out {runs}`")
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+    head = headline(results)
+    drawn = {
+        "loss": figure_loss_curves(results, figures / "loss_curves.png"),
+        "similarity": figure_mask_similarity(results, figures / "mask_similarity.png"),
+    }
+    part = participation(results)
+    drawn["participation"] = _bar_figure(
+        figures / "participation.png",
+        "Participation per round, 20 clients, Dirichlet(0.5), seed 0",
+        part,
+        "personalized perplexity (lower is better)",
+    )
+    comparison = metrics_comparison(results)
+    drawn["metric"] = _bar_figure(
+        figures / "importance_metric.png",
+        "Importance metric (s=0.5, seed 0)",
+        {SPLIT_TITLES[s]: {m: v[0] for m, v in c.items()} for s, c in comparison.items()},
+        "personalized perplexity (lower is better)",
+    )
+    written += [
+        figures / f
+        for f, ok in [
+            ("loss_curves.png", drawn["loss"]),
+            ("mask_similarity.png", drawn["similarity"]),
+            ("participation.png", drawn["participation"]),
+            ("importance_metric.png", drawn["metric"]),
+        ]
+        if ok
+    ]
+    machine = {
+        "cpu": cpu_description(),
+        "cores": os.cpu_count(),
+        "training dtype": "bf16 autocast (dtype=auto)" if cpu_has_bf16() else "fp32 (dtype=auto)",
+    }
+    document = {
+        "machine": machine,
+        "scale_preset": SCALE_PRESET,
+        "headline": head,
+        "cells": {
+            name: {
+                "config": {**result.cell.fields, "split": result.cell.split, "preset": SCALE_PRESET},
+                "seeds": sorted(result.runs),
+                "seeds_planned": list(result.cell.seeds),
+                "personalized_ppl": {str(s): v for s, v in result.ppl.items()},
+                "mean": result.mean if result.runs else None,
+                "std": result.std if result.runs else None,
+                "wall_seconds": {str(s): r["summary"]["wall_seconds"] for s, r in sorted(result.runs.items())},
+            }
+            for name, result in results.items()
+        },
+    }
+    (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results, head, machine, drawn, comparison, part, runs))
+    return [out / "results.md", out / "results.json", *written]
+
+
+def markdown(results, head, machine, drawn, comparison, part, runs: Path) -> str:
+    done = sum(len(r.runs) for r in results.values())
+    planned = sum(len(r.cell.seeds) for r in results.values())
+    wall = sum(r.wall() for r in results.values())
+    lines = [
+        "# Results: the paper's experiments at laptop scale",
+        "",
+        "Generated by `perfit report` from the run directories of `perfit bench paper`; every number below",
+        "is computed from them.",
+        "",
+        "```",
+        "perfit bench paper --out runs/paper --data ../shared/data/databricks-dolly-15k.jsonl   # or: make bench",
+        f"perfit report --runs {runs} --out docs",
+        "```",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores; local training in {machine['training dtype']};"
+        " search and evaluation in fp32.",
+        f"- Progress: **{done} of {planned} runs finished**, {wall / 3600:.1f} h of wall time in all."
+        + (
+            ""
+            if done == planned
+            else " Cells marked `not run yet` or `[1/2 seeds]` are still to run; "
+            "`perfit bench paper` continues where it stopped."
+        ),
+        f"- Scale: the `{SCALE_PRESET}` preset for every cell: 8 clients, 4 sampled per round, 3 rounds, 32 rows",
+        "  per client (26 train, 6 held out for personalized perplexity), 256 tokens, batch 8, lr 3e-4,",
+        "  T_p 5 scoring steps of 1 micro-batch, SmolLM2-135M-Instruct, LoRA on q/k/v at the budget of rank 8.",
+        "  This is what 2 CPU cores afford (5-6 min a run); the paper's setting is the `paper` preset.",
+        "- Personalized perplexity: each client's own adapter on its own held-out rows, mean over the 8 clients;",
+        "  lower is better. `mean ± std` over seeds (sample std); `(+x %)` is the change against the row's",
+        "  reference (FIT); `*` marks a difference larger than the sum of the two seed spreads.",
+        "",
+        "## Headline",
+        "",
+        _table(
+            [[k, *[f"{head[k][s]:.3f}" if math.isfinite(head[k][s]) else "n/a" for s in SPLITS]] for k in head],
+            ["ratio (lower is better for PerFIT)", *[SPLIT_TITLES[s] for s in SPLITS]],
+        ),
+        "",
+        "`perfit_over_fit`: best PerFIT sparsity's mean over FIT's; `hetero_over_fit`: PerFIT at ranks",
+        "8/12/16 over FIT r=8; `perfit_over_best_baseline`: best PerFIT over the best of local only, FIT + local",
+        "fine-tuning and FedSA-LoRA. The quality bar is <= 0.75 (pathological) and <= 0.78 (Dirichlet) over FIT.",
+        "",
+        "## Table 1: homogeneous budgets (rank-8 budget; personalized perplexity)",
+        "",
+        _method_table(
+            results,
+            ["table1/{split}/fit", *[f"table1/{{split}}/perfit-s{s}" for s in (0.33, 0.5, 0.66)]],
+            "table1/{split}/fit",
+        ),
+        "",
+        "## Baselines at equal trainable parameters (rank 8)",
+        "",
+        _method_table(
+            results,
+            [
+                "table1/{split}/fit",
+                *[f"baselines/{{split}}/{b}" for b in PERSONALIZED_BASELINES],
+                "table1/{split}/perfit-s0.5",
+            ],
+            "table1/{split}/fit",
+        ),
+        "",
+        "- local only: each client trains alone for the epochs it gets in expectation in the federated runs;",
+        "- FIT + local fine-tuning: FIT's final adapter fine-tuned one epoch on each client's train rows;",
+        "- FedSA-LoRA: A matrices averaged, B matrices kept by their client (Guo et al., ICLR 2025).",
+        "",
+        "## Table 2: heterogeneous budgets (clients in thirds at ranks 8 / 12 / 16)",
+        "",
+        _method_table(
+            results,
+            ["table1/{split}/fit", "table2/{split}/perfit-8-12-16", "table2/{split}/hetlora-8-12-16"],
+            "table1/{split}/fit",
+        ),
+        "",
+        "HetLoRA (Cho et al., EMNLP 2024): rank truncation, zero-padding aggregation with ||BA||_F weights.",
+        "",
+    ]
+    lines += ["## Figures", ""]
+    if drawn["loss"]:
+        lines += ["### Loss curves (Fig. 3/4)", "", "![loss curves](figures/loss_curves.png)", ""]
+    if drawn["similarity"]:
+        sim = drawn["similarity"]
+        lines += [
+            "### Mask similarity (Fig. 5)",
+            "",
+            "![mask similarity](figures/mask_similarity.png)",
+            "",
+            "Mean pairwise similarity of the first module's masks: "
+            + ", ".join(f"{SPLIT_TITLES[s]} {v:.3f}" for s, v in sim.items())
+            + ".",
+            "",
+        ]
+    if part:
+        lines += [
+            "### Participation per round (Fig. 6)",
+            "",
+            "![participation](figures/participation.png)",
+            "",
+            _table(
+                [[k, *[f"{v.get(m, math.nan):.3f}" for m in ("FIT", "PerFIT")]] for k, v in part.items()],
+                ["participation", "FIT", "PerFIT"],
+            ),
+            "",
+        ]
+    if comparison:
+        rows = [
+            [SPLIT_TITLES[s], m, f"{v[0]:.3f}", f"{v[1]:.1f} s"] for s, c in comparison.items() for m, v in c.items()
+        ]
+        lines += [
+            "### Importance metric (Fig. 7)",
+            "",
+            "![importance metric](figures/importance_metric.png)",
+            "",
+            _table(rows, ["split", "metric", "personalized ppl", "search per client"]),
+            "",
+        ]
+    ablations = [r for n, r in results.items() if n.startswith("ablation/")]
+    reference = results["table1/pathological/perfit-s0.5"]
+    lines += [
+        "## Ablations (pathological, seed 0; reference: PerFIT s=0.5, symmetric init, shared aggregation,",
+        "global scope, T_p 5, alpha 32)",
+        "",
+        _table(
+            [["reference", _fmt(reference)]] + [[r.cell.label, _fmt(r, reference)] for r in ablations],
+            ["setting", "personalized ppl (change vs reference)"],
+        ),
+        "",
+    ]
+    rows = []
+    for name, result in results.items():
+        for seed, run in sorted(result.runs.items()):
+            summary = run["summary"]
+            rows.append(
+                [
+                    name,
+                    str(seed),
+                    f"{summary['personalized_ppl']:.3f}",
+                    f"{summary['wall_seconds']:.0f} s",
+                    f"{summary.get('search_seconds', 0.0):.0f} s",
+                ]
+            )
+    lines += ["## Every run", "", _table(rows, ["cell", "seed", "personalized ppl", "wall", "search (clients)"]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The resumable paper grid and its report: cell selection and order, skip/resume, the headline
+ratios and the seed-spread rule on hand-made summaries, and one real cell end to end on the tiny Llama."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from perfit.experiments import grid, run_grid, schedule, select, state
+from perfit.report import CellResult, exceeds_spread, headline, load_results, write_report
+
+
+def test_grid_names_are_unique_and_cover_the_issue():
+    cells = grid()
+    names = [c.name for c in cells]
+    assert len(names) == len(set(names))
+    for split in ("pathological", "dirichlet"):
+        for label in ("fit", "perfit-s0.33", "perfit-s0.5", "perfit-s0.66"):
+            assert f"table1/{split}/{label}" in names
+        for label in ("local", "fit-ft", "fedsa"):
+            assert f"baselines/{split}/{label}" in names
+        assert f"table2/{split}/hetlora-8-12-16" in names
+    main = [c for c in cells if c.group in ("table1", "table2", "baselines")]
+    assert all(c.seeds == (0, 1) for c in main)
+    config = select(cells, ["table1/dirichlet/perfit-s0.66"])[0].config(1, Path("g"), data="d.jsonl")
+    assert (config.method, config.split, config.sparsity, config.seed, config.dense_rank) == (
+        "perfit",
+        "dirichlet",
+        0.66,
+        1,
+        24,
+    )
+    assert config.out == str(Path("g") / "table1/dirichlet/perfit-s0.66" / "seed1")
+
+
+def test_select_and_schedule_order():
+    cells = grid()
+    chosen = select(cells, ["table1/pathological/*", "ablation/*/tp-1"])
+    assert {c.name for c in chosen} == {
+        "table1/pathological/fit",
+        "table1/pathological/perfit-s0.33",
+        "table1/pathological/perfit-s0.5",
+        "table1/pathological/perfit-s0.66",
+        "ablation/pathological/tp-1",
+    }
+    order = [(c.name, s) for c, s in schedule(chosen)]
+    assert order[:4] == [(c.name, 0) for c in chosen[:4]]  # every table cell's seed 0 first
+    assert order[4:8] == [(c.name, 1) for c in chosen[:4]]
+    assert order[-1] == ("ablation/pathological/tp-1", 0)
+    with pytest.raises(ValueError, match="matches no cell"):
+        select(cells, ["table9/*"])
+
+
+def _fake_run(directory: Path, ppl: float, wall: float = 10.0, losses=(3.0, 2.5)) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "personalized_ppl": ppl,
+        "wall_seconds": wall,
+        "per_client_ppl": {"0": ppl},
+        "trainable_params_per_client": {"0": 100},
+        "search_seconds": 4.0,
+    }
+    (directory / "summary.json").write_text(json.dumps(summary))
+    metrics = [{"round": i + 1, "train_loss": v} for i, v in enumerate(losses)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def test_run_grid_skips_finished_resumes_partial_and_restarts_dead(tmp_path):
+    cells = select(grid(), ["table1/pathological/fit"])
+    cell = cells[0]
+    _fake_run(cell.run_dir(tmp_path, 0), 10.0)
+    partial = cell.run_dir(tmp_path, 1)
+    partial.mkdir(parents=True)
+    (partial / "checkpoint.safetensors").write_bytes(b"x")
+    assert (state(cell, tmp_path, 0), state(cell, tmp_path, 1)) == ("done", "partial")
+    seen = []
+
+    def runner(config):
+        seen.append((config.seed, config.resume))
+        return {"personalized_ppl": 9.0, "wall_seconds": 1.0}
+
+    log = run_grid(cells, tmp_path, {"data": "d.jsonl"}, runner, report=lambda text: None)
+    assert seen == [(1, 1)]
+    assert [status for _, _, status in log] == ["skipped (finished)", "ran"]
+    (partial / "checkpoint.safetensors").unlink()
+    (partial / "stale.txt").write_text("died before its first checkpoint")
+    seen.clear()
+    run_grid(cells, tmp_path, {"data": "d.jsonl"}, runner, report=lambda text: None)
+    assert seen == [(1, 0)] and not (partial / "stale.txt").exists()
+
+
+def test_headline_ratios_and_seed_spread(tmp_path):
+    values = {
+        "table1/{s}/fit": (10.0, 10.2),
+        "table1/{s}/perfit-s0.33": (9.0, 9.2),
+        "table1/{s}/perfit-s0.5": (7.0, 7.4),  # the best sparsity
+        "table1/{s}/perfit-s0.66": (8.9, 9.5),
+        "table2/{s}/perfit-8-12-16": (6.0, 6.2),
+        "baselines/{s}/local": (11.0, 11.0),
+        "baselines/{s}/fedsa": (8.0, 8.4),  # the best baseline; fit-ft not run
+    }
+    for split in ("pathological", "dirichlet"):
+        for name, seeds in values.items():
+            for seed, ppl in enumerate(seeds):
+                _fake_run(tmp_path / name.format(s=split) / f"seed{seed}", ppl)
+    results = load_results(tmp_path)
+    head = headline(results)
+    for split in ("pathological", "dirichlet"):
+        assert head["perfit_over_fit"][split] == pytest.approx(7.2 / 10.1)
+        assert head["hetero_over_fit"][split] == pytest.approx(6.1 / 10.1)
+        assert head["perfit_over_best_baseline"][split] == pytest.approx(7.2 / 8.2)
+    fit, best = results["table1/pathological/fit"], results["table1/pathological/perfit-s0.5"]
+    assert fit.std == pytest.approx(0.1414213, rel=1e-5)
+    assert exceeds_spread(fit, best)  # 2.9 apart, spreads 0.14 + 0.28
+    assert not exceeds_spread(results["table1/pathological/perfit-s0.33"], results["table1/pathological/perfit-s0.66"])
+    written = write_report(tmp_path, tmp_path / "docs")
+    document = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert document["headline"]["perfit_over_fit"]["dirichlet"] == pytest.approx(7.2 / 10.1)
+    assert document["cells"]["table1/dirichlet/perfit-s0.5"]["personalized_ppl"] == {"0": 7.0, "1": 7.4}
+    assert document["cells"]["baselines/dirichlet/fit-ft"]["seeds"] == []
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "7.200 ± 0.283 (-28.7 % *)" in text and "not run yet" in text
+    assert (tmp_path / "docs" / "figures" / "loss_curves.png") in written
+
+
+def test_single_seed_has_no_spread():
+    result = CellResult(grid()[0], {0: {"summary": {"personalized_ppl": 5.0, "wall_seconds": 1.0}}})
+    assert result.std == 0.0 and not result.complete and not exceeds_spread(result, result)
+
+
+def test_one_real_cell_and_report_end_to_end(tiny_model, small_data, tmp_path):
+    from perfit.cli import app
+
+    runner = CliRunner()
+    args = [
+        "bench",
+        "paper",
+        "--out",
+        str(tmp_path / "grid"),
+        "--cells",
+        "table1/pathological/fit",
+        "--data",
+        str(small_data),
+        "--model",
+        str(tiny_model),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "grid/table1/pathological/fit/seed1/summary.json").read_text())
+    again = runner.invoke(app, args)  # finished cells are skipped
+    assert again.exit_code == 0 and "running" not in again.output
+    report = runner.invoke(app, ["report", "--runs", str(tmp_path / "grid"), "--out", str(tmp_path / "docs")])
+    assert report.exit_code == 0, report.output
+    cell = json.loads((tmp_path / "docs/results.json").read_text())["cells"]["table1/pathological/fit"]
+    assert cell["personalized_ppl"]["1"] == pytest.approx(summary["personalized_ppl"])
+    bad = runner.invoke(app, ["bench", "paper", "--out", str(tmp_path / "g2"), "--rounds", "9"])
+    assert bad.exit_code == 2 and "rounds" in bad.output
+    assert runner.invoke(app, ["report", "--runs", str(tmp_path / "none")]).exit_code == 2
