@@ -30,3 +30,26 @@ def test_hamming_similarity():
     b = torch.tensor([True, False, False, True])
     assert hamming_similarity(a, b) == 0.5
     assert hamming_similarity(a, a) == 1.0
+
+
+def test_packed_masks_store_one_bit_per_position_and_round_trip():
+    from perfit.masks import PackedMasks
+
+    store = PackedMasks(20)
+    first = torch.tensor([True, False] * 10)
+    second = torch.zeros(20, dtype=torch.bool)
+    second[[0, 7, 19]] = True
+    store[3], store[1] = first, second
+    assert torch.equal(store[3], first) and torch.equal(store[1], second)
+    assert sorted(store) == [1, 3] and len(store) == 2 and 3 in store and 2 not in store
+    assert store.nbytes == 2 * 3  # ceil(20 / 8) bytes per client
+    assert store.packed(1).tolist() == [0b10000001, 0, 0b00010000]
+    other = PackedMasks(20)
+    other.set_packed(1, store.packed(1))
+    assert torch.equal(other[1], second)
+    with pytest.raises(ValueError, match="expected 3 uint8"):
+        other.set_packed(2, store.packed(1)[:2])
+    with pytest.raises(ValueError, match="mask of 21 positions"):
+        store[4] = torch.ones(21, dtype=torch.bool)
+    del store[3]
+    assert list(store) == [1]

@@ -7,6 +7,8 @@ been sent once, bit-packed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
+
 import numpy as np
 import torch
 
@@ -42,3 +44,41 @@ def hamming_similarity(first: torch.Tensor, second: torch.Tensor) -> float:
     if first.shape != second.shape:
         raise ValueError(f"masks differ in shape: {tuple(first.shape)} vs {tuple(second.shape)}")
     return 1.0 - (first != second).float().mean().item()
+
+
+class PackedMasks(MutableMapping[int, torch.Tensor]):
+    """Client id -> boolean mask, held bit-packed (1 bit per position instead of torch.bool's 8), so
+    the server's memory grows by ceil(n / 8) bytes per client; a mask is unpacked when it is read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._packed: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, client: int) -> torch.Tensor:
+        return decode(self._packed[client], self.size)
+
+    def __setitem__(self, client: int, mask: torch.Tensor) -> None:
+        if mask.numel() != self.size:
+            raise ValueError(f"mask of {mask.numel()} positions for an adapter of {self.size}")
+        self._packed[client] = encode(mask)
+
+    def __delitem__(self, client: int) -> None:
+        del self._packed[client]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def packed(self, client: int) -> np.ndarray:
+        """The bit-packed mask as it travels and is checkpointed."""
+        return self._packed[client]
+
+    def set_packed(self, client: int, packed: np.ndarray) -> None:
+        decode(packed, self.size)  # validates the length and dtype
+        self._packed[client] = packed
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._packed.values())

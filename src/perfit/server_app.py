@@ -25,7 +25,7 @@ from perfit.aggregate import aggregate, personalize
 from perfit.baselines import lora_update_norm, shared_positions
 from perfit.config import Config, from_mapping
 from perfit.data import load_rows, partition
-from perfit.masks import decode, encode, gather, scatter
+from perfit.masks import PackedMasks, decode, gather, scatter
 from perfit.model import layout_for, model_fingerprint, resolve_model
 from perfit.outputs import RunDirectory, restore_sampler, sampler_state
 from perfit.task import fixed_mask, global_start
@@ -54,7 +54,7 @@ class Federation:
 
     grid: Grid
     config: Config
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: PackedMasks = field(default_factory=lambda: PackedMasks(0))
     confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -68,13 +68,15 @@ class Federation:
         splits = partition(rows, config)
         model_path = resolve_model(config)
         self.layout = layout_for(model_path, config.dense_rank, config.alpha_value)
+        self.masks = PackedMasks(self.layout.size)
         self.global_flat = global_start(self.layout, config)
         self.shared = shared_positions(self.layout, config.method)
         self.out = RunDirectory(config)
         self.out.write_partitions(splits, config.held_out)
         self._discover_nodes()
         if config.method != "perfit":  # fixed masks: no search, nothing to register
-            self.masks = {c: fixed_mask(self.layout, config, c) for c in config.participants}
+            for client in config.participants:
+                self.masks[client] = fixed_mask(self.layout, config, client)
             self.confirmed = set(self.masks)
         sampler = random.Random(config.seed)
         totals = {"bytes_up": 0, "bytes_down": 0, "seconds_before_resume": 0.0}
@@ -164,7 +166,7 @@ class Federation:
     # ---- checkpoint and resume ----
     def _checkpoint(self, round_number: int, sampler: random.Random, totals: dict[str, Any], started: float) -> None:
         tensors = {"global": self.global_flat}
-        tensors.update({f"mask_{c}": torch.from_numpy(encode(m)) for c, m in self.masks.items()})
+        tensors.update({f"mask_{c}": torch.from_numpy(self.masks.packed(c)) for c in self.masks})
         state = {
             "round": round_number,
             "sampler": sampler_state(sampler),
@@ -180,7 +182,7 @@ class Federation:
         self.global_flat = tensors["global"]
         for name, packed in tensors.items():
             if name.startswith("mask_"):
-                self.masks[int(name.removeprefix("mask_"))] = decode(packed.numpy(), self.layout.size)
+                self.masks.set_packed(int(name.removeprefix("mask_")), packed.numpy())
         self.confirmed = set(self.masks) if self.config.method != "perfit" else set()
         self.rejected = list(state["rejected"])
         log.info("resuming %s after round %d", self.out.path, state["round"])
@@ -197,7 +199,7 @@ class Federation:
         if arrays is not None:
             content["arrays"] = arrays
         if client in self.masks and client not in self.confirmed:  # after a resume: the node lost its state
-            content["registered"] = ArrayRecord({"mask": Array(encode(self.masks[client]))})
+            content["registered"] = ArrayRecord({"mask": Array(self.masks.packed(client))})
         return Message(content, dst_node_id=self.nodes[client], message_type=message_type, group_id=str(round_number))
 
     def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
@@ -288,7 +290,7 @@ class Federation:
             bytes_up += payload_bytes
             arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-            registered = encode(self.masks[client]) if "mask" in arrays else None  # only a reply sending one
+            registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
             mask = self.masks[client] & self.shared
             problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes)
             if problem:
