@@ -48,3 +48,23 @@ def test_rejects_bad_updates():
         aggregate_shared(previous, [(torch.ones(2, dtype=torch.bool), torch.ones(2), 1.0)])
     with pytest.raises(ValueError):
         aggregate("median", previous, [(torch.ones(3, dtype=torch.bool), torch.ones(3), 1.0)])
+
+
+@pytest.mark.parametrize("mode", ["shared", "literal"])
+def test_accumulator_streams_to_the_same_result_and_rejects_bad_updates(mode):
+    from perfit.aggregate import Accumulator
+
+    previous, updates = _example()
+    accumulator = Accumulator(mode, 4)
+    for update in updates:
+        accumulator.add(*update)
+    assert accumulator.count == 2
+    assert torch.equal(accumulator.result(previous), aggregate(mode, previous, updates))
+    with pytest.raises(ValueError, match="negative"):
+        accumulator.add(updates[0][0], updates[0][1], -1.0)
+    with pytest.raises(ValueError, match="update shape"):
+        accumulator.add(torch.ones(3, dtype=torch.bool), torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="at least one update"):
+        Accumulator(mode, 4).result(previous)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        Accumulator("median", 4)

@@ -171,3 +171,16 @@ def test_local_and_finetuned_runs_have_no_client_adapters_on_the_server(runs):
             run.adapter_dir(0)
     assert not (Path(runs["local"][0].out) / "adapters" / "global").exists()
     assert (Path(runs["fit-ft"][0].out) / "adapters" / "global" / "adapter_model.safetensors").is_file()
+
+
+def test_fixed_masks_share_one_mask_per_budget():
+    from perfit.baselines import FixedMasks
+    from perfit.masks import decode
+
+    masks = FixedMasks(LAYOUT, {0: 2, 1: 3, 2: 2})
+    assert sorted(masks) == [0, 1, 2] and len(masks) == 3
+    assert masks[0] is masks[2] and torch.equal(masks[0], rank_prefix_mask(LAYOUT, 2))
+    assert bool(masks[1].all())
+    assert torch.equal(decode(masks.packed(2), LAYOUT.size), masks[2])
+    with pytest.raises(KeyError):
+        masks[3]

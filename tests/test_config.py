@@ -41,3 +41,18 @@ def test_presets_and_overrides(tmp_path):
 def test_bad_config_names_the_field(values, needle):
     with pytest.raises(ValueError, match=needle):
         from_mapping(values)
+
+
+def test_final_eval_is_every_participant_or_a_seeded_sample():
+    assert (
+        Config(num_clients=10, clients_per_round=2, holdout_clients=2).final_eval
+        == Config(num_clients=10, clients_per_round=2, holdout_clients=2).participants
+    )
+    sample = Config(num_clients=10, clients_per_round=2, holdout_clients=2, eval_clients=3)
+    assert len(sample.final_eval) == 3 and set(sample.final_eval) <= set(sample.participants)
+    assert sample.final_eval == sample.replace(lr=0.1).final_eval  # seeded: the same for every method
+    assert (
+        sample.final_eval != sample.replace(seed=1).final_eval or sample.replace(seed=2).final_eval != sample.final_eval
+    )
+    with pytest.raises(ValueError, match="eval_clients"):
+        Config(num_clients=10, clients_per_round=2, holdout_clients=2, eval_clients=9)

@@ -20,8 +20,12 @@ server and client apps apply them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
+import numpy as np
 import torch
 
+from perfit.masks import encode
 from perfit.model import Layout
 
 
@@ -67,3 +71,31 @@ def lora_update_norm(layout: Layout, flat: torch.Tensor) -> float:
 def combine(shared: torch.Tensor, received: torch.Tensor, personal: torch.Tensor) -> torch.Tensor:
     """A client's starting adapter: the server's values at shared positions, its own elsewhere."""
     return torch.where(shared, received, personal)
+
+
+class FixedMasks(Mapping[int, torch.Tensor]):
+    """The masks of methods without a search (FIT and the baselines): client -> the first r_k ranks.
+    One mask per distinct budget is built, so the server's memory does not grow with the clients."""
+
+    def __init__(self, layout: Layout, budgets: Mapping[int, int]) -> None:
+        self.layout, self.budgets = layout, dict(budgets)
+        self._by_rank: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def _entry(self, client: int) -> tuple[torch.Tensor, np.ndarray]:
+        rank = self.budgets[client]
+        if rank not in self._by_rank:
+            mask = rank_prefix_mask(self.layout, rank)
+            self._by_rank[rank] = (mask, encode(mask))
+        return self._by_rank[rank]
+
+    def __getitem__(self, client: int) -> torch.Tensor:
+        return self._entry(client)[0]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.budgets)
+
+    def __len__(self) -> int:
+        return len(self.budgets)
+
+    def packed(self, client: int) -> np.ndarray:
+        return self._entry(client)[1]

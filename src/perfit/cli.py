@@ -301,6 +301,45 @@ def bench_speed(
     console.print(report_markdown(result, command))
 
 
+SCALE_DEFAULTS = {
+    "method": "perfit",
+    "num_clients": 100,  # replaced by 100 and 1,000 for the two federations
+    "clients_per_round": 10,
+    "rounds": 3,
+    "max_samples_per_client": 8,
+    "eval_clients": 10,
+}
+
+
+@bench.command("scale", context_settings=EXTRA)
+def bench_scale(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("docs"), help="Directory for scale.md and scale.json."),
+    runs: Path = typer.Option(Path("runs/scale"), help="Where the two federations' run directories go."),
+) -> None:
+    """Round time and memory of whole simulated federations of 100 vs 1,000 clients."""
+    import json
+
+    from perfit.scale import bench_scale as measure
+    from perfit.scale import scale_markdown
+    from perfit.speed import cpu_description
+
+    config = _config(ctx, None, "quick", **{k: v for k, v in SCALE_DEFAULTS.items() if k not in _field_flags(ctx.args)})
+    with _errors("data"):
+        from perfit.api import check_inputs
+
+        check_inputs(config.replace(num_clients=1000))
+        result = measure(config, runs)
+    command = " ".join(["perfit bench scale", *ctx.args])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(
+        json.dumps({"command": command, "machine": cpu_description(), **result}, indent=2) + "\n"
+    )
+    text = scale_markdown(result, command, cpu_description())
+    (out / "scale.md").write_text(text)
+    console.print(text)
+
+
 @bench.command("paper", context_settings=EXTRA)
 def bench_paper(
     ctx: typer.Context,

@@ -95,6 +95,9 @@ class Config:
     """How long the server waits for a round's replies; clients that have not answered are skipped."""
     eval_every: int = 0
     """Evaluate the sampled clients every this many rounds; 0 only at the end (all clients)."""
+    eval_clients: int = 0
+    """Clients evaluated at the end: 0 means every participant; otherwise a seeded sample of this
+    many (federations of thousands of clients, where a search and evaluation of each is the cost)."""
     seed: int = 0
     """Seeds the split, sampling, initial adapter and local shuffling."""
     model: str = DEFAULT_MODEL
@@ -131,6 +134,7 @@ class Config:
             "max_samples_per_client": self.max_samples_per_client >= 0,
             "holdout_clients": 0 <= self.holdout_clients <= self.num_clients - self.clients_per_round,
             "eval_every": self.eval_every >= 0,
+            "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,
@@ -195,6 +199,13 @@ class Config:
         """Client ids that take part in training: all but the held-out ones."""
         held_out = set(self.held_out)
         return [c for c in range(self.num_clients) if c not in held_out]
+
+    @property
+    def final_eval(self) -> list[int]:
+        """The participants evaluated at the end: all, or a seeded sample of `eval_clients`."""
+        if not self.eval_clients:
+            return self.participants
+        return sorted(random.Random(self.seed * 31 + 29).sample(self.participants, self.eval_clients))
 
     @property
     def pruning_steps(self) -> int:

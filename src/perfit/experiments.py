@@ -88,10 +88,12 @@ def grid() -> list[Cell]:
         "scope-per_module": {"scope": "per_module"},
         "tp-1": {"prune_iterations": 1},
         "tp-10": {"prune_iterations": 10},
+        "search-batches-4": {"search_batches": 4},
         "alpha-16": {"lora_alpha": 16.0},
         "alpha-64": {"lora_alpha": 64.0},
     }
-    for label, fields in ablations.items():  # against table1's perfit-s0.5 (symmetric, shared, global, 5, 32)
+    # against table1's perfit-s0.5 (symmetric, shared, global, T_p 5, 1 scoring batch, alpha 32)
+    for label, fields in ablations.items():
         cells.append(_cell("ablation", "pathological", label, one, method="perfit", **fields))
     return cells
 
@@ -107,13 +109,15 @@ def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
 
 
 def schedule(cells: list[Cell]) -> Iterator[tuple[Cell, int]]:
-    """(cell, seed) in run order: the multi-seed cells (the tables) seed by seed, every cell's first
-    seed before any second one, then the single-seed cells (figures, ablations)."""
-    for group in ([c for c in cells if len(c.seeds) > 1], [c for c in cells if len(c.seeds) <= 1]):
-        for index in range(max((len(c.seeds) for c in group), default=0)):
-            for cell in group:
-                if index < len(cell.seeds):
-                    yield cell, cell.seeds[index]
+    """(cell, seed) in run order: every cell's first seed before any cell's second one, the tables
+    first within a seed, so a partial grid already has one seed of everything (the ablations explain
+    the tables) before it adds the spread."""
+    main = [c for c in cells if len(c.seeds) > 1]
+    single = [c for c in cells if len(c.seeds) <= 1]
+    for index in range(max((len(c.seeds) for c in cells), default=0)):
+        for cell in main + single:
+            if index < len(cell.seeds):
+                yield cell, cell.seeds[index]
 
 
 def state(cell: Cell, out: Path, seed: int) -> str:

@@ -21,14 +21,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
-from perfit.aggregate import aggregate, personalize
-from perfit.baselines import lora_update_norm, shared_positions
+from perfit.aggregate import Accumulator, personalize
+from perfit.baselines import FixedMasks, lora_update_norm, shared_positions
 from perfit.config import Config, from_mapping
 from perfit.data import load_rows, partition
 from perfit.masks import PackedMasks, decode, gather, scatter
 from perfit.model import layout_for, model_fingerprint, resolve_model
 from perfit.outputs import RunDirectory, restore_sampler, sampler_state
-from perfit.task import fixed_mask, global_start
+from perfit.task import global_start
 from perfit.train import perplexity
 from perfit.validation import evaluation_problem, mask_problem, update_problem
 
@@ -54,7 +54,7 @@ class Federation:
 
     grid: Grid
     config: Config
-    masks: PackedMasks = field(default_factory=lambda: PackedMasks(0))
+    masks: PackedMasks | FixedMasks = field(default_factory=lambda: PackedMasks(0))
     confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -74,9 +74,8 @@ class Federation:
         self.out = RunDirectory(config)
         self.out.write_partitions(splits, config.held_out)
         self._discover_nodes()
-        if config.method != "perfit":  # fixed masks: no search, nothing to register
-            for client in config.participants:
-                self.masks[client] = fixed_mask(self.layout, config, client)
+        if config.method != "perfit":  # fixed masks: no search, nothing to register or checkpoint
+            self.masks = FixedMasks(self.layout, {c: config.client_rank_budget(c) for c in config.participants})
             self.confirmed = set(self.masks)
         sampler = random.Random(config.seed)
         totals = {"bytes_up": 0, "bytes_down": 0, "seconds_before_resume": 0.0}
@@ -95,7 +94,7 @@ class Federation:
                 self.out.append_metrics(record)
                 self._checkpoint(round_number, sampler, totals, started)
                 progress.update(bar, advance=1)
-            everyone = config.participants
+            everyone = config.final_eval
             final_up = self._ensure_masks(everyone)
             self.status(f"evaluating {len(everyone)} clients")
             final = self._evaluate(everyone, config.rounds, config.final_finetune_epochs)
@@ -166,7 +165,8 @@ class Federation:
     # ---- checkpoint and resume ----
     def _checkpoint(self, round_number: int, sampler: random.Random, totals: dict[str, Any], started: float) -> None:
         tensors = {"global": self.global_flat}
-        tensors.update({f"mask_{c}": torch.from_numpy(self.masks.packed(c)) for c in self.masks})
+        if isinstance(self.masks, PackedMasks):  # searched masks; fixed ones are rebuilt on resume
+            tensors.update({f"mask_{c}": torch.from_numpy(self.masks.packed(c)) for c in self.masks})
         state = {
             "round": round_number,
             "sampler": sampler_state(sampler),
@@ -284,7 +284,8 @@ class Federation:
 
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
-        updates, losses, bytes_up = [], [], 0
+        mode = "literal" if self.config.method == "hetlora" else self.config.aggregation  # HetLoRA: zero-padding
+        updates, losses, bytes_up = Accumulator(mode, self.layout.size), [], 0
         for client, reply in replies.items():
             payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
             bytes_up += payload_bytes
@@ -299,22 +300,21 @@ class Federation:
             if int(metrics["examples"]) == 0:
                 continue  # a client without train rows has nothing to contribute
             dense = scatter(torch.from_numpy(arrays["values"].copy()), mask)
-            updates.append((mask, dense, self._weight(dense, int(metrics["examples"]))))
+            updates.add(mask, dense, self._weight(dense, int(metrics["examples"])))
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
         needed = math.ceil(self.config.min_replies * len(sampled))
-        counted = bool(updates) and len(updates) >= needed
+        counted = updates.count > 0 and updates.count >= needed
         if counted:
-            mode = "literal" if self.config.method == "hetlora" else self.config.aggregation  # zero-padding
-            self.global_flat = aggregate(mode, self.global_flat, updates)
+            self.global_flat = updates.result(self.global_flat)
         else:
-            log.warning("round %d not counted: %d accepted updates, %d needed", round_number, len(updates), needed)
+            log.warning("round %d not counted: %d accepted updates, %d needed", round_number, updates.count, needed)
         weight = sum(w for _, w in losses)
         loss = sum(v * w for v, w in losses) / weight if weight else float("nan")
         return {
             "loss": loss,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
-            "accepted": len(updates),
+            "accepted": updates.count,
             "counted": counted,
         }
 

@@ -1,0 +1,121 @@
+"""`perfit bench scale`: whole simulated federations of 100 and 1,000 clients at the same clients
+per round, side by side in one process: round wall time, the server's resident memory and the peak
+resident memory of the whole simulation (server, Ray and the client process).
+
+What the server keeps per client is its bit-packed mask (PerFIT) and its node id; a round's updates
+are aggregated one at a time (`aggregate.Accumulator`), and the final evaluation covers a seeded
+sample of `eval_clients` clients, so round cost depends on the clients per round, not on the
+federation's size. Both federations use the same base config; only `num_clients` differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from perfit.config import Config
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and of all its descendants (Ray's raylet, GCS
+    and worker processes) every `interval` seconds; keeps the peaks."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self._process = psutil.Process(os.getpid())
+        self.interval = interval
+        self.peak_total = self.peak_self = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            own = self._process.memory_info().rss
+            total = own
+            for child in self._process.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:  # exited between listing and reading
+                    continue
+            self.peak_self, self.peak_total = max(self.peak_self, own), max(self.peak_total, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def federation(config: Config, num_clients: int, out: Path, num_cpus: int | None = None) -> dict[str, Any]:
+    """Run one simulated federation of `num_clients`; its round times and memory peaks."""
+    from perfit.simulation import run_simulation
+
+    run = config.replace(num_clients=num_clients, out=str(out / f"clients-{num_clients}"))
+    begin = time.perf_counter()
+    with PeakMemory() as memory:
+        summary = run_simulation(run, num_cpus=num_cpus)
+    wall = time.perf_counter() - begin
+    rounds = [json.loads(line) for line in (Path(run.out) / "metrics.jsonl").read_text().splitlines() if line]
+    seconds = [r["seconds"] for r in rounds if not r.get("final")]
+    return {
+        "num_clients": num_clients,
+        "round_seconds": seconds,
+        "mean_round_seconds": sum(seconds) / len(seconds),
+        "wall_seconds": wall,
+        "peak_rss_gib": memory.peak_total / 2**30,
+        "server_process_peak_rss_gib": memory.peak_self / 2**30,
+        "personalized_ppl": summary["personalized_ppl"],
+    }
+
+
+def bench_scale(config: Config, out: Path, sizes: tuple[int, int] = (100, 1000)) -> dict[str, Any]:
+    """Both federations and the ratios; the key names assume the default sizes (100, 1000)."""
+    small, large = (federation(config, n, out) for n in sizes)
+    return {
+        "config": config.to_dict(),
+        "sizes": list(sizes),
+        "federations": {str(small["num_clients"]): small, str(large["num_clients"]): large},
+        "round_time_1000_over_100": large["mean_round_seconds"] / small["mean_round_seconds"],
+        "server_rss_1000_minus_100_gib": large["server_process_peak_rss_gib"] - small["server_process_peak_rss_gib"],
+        "peak_rss_gib": max(small["peak_rss_gib"], large["peak_rss_gib"]),
+    }
+
+
+def scale_markdown(result: dict[str, Any], command: str, machine: str) -> str:
+    small, large = (result["federations"][str(n)] for n in result["sizes"])
+    config = result["config"]
+    rows = [
+        f"| {f['num_clients']:,} | {', '.join(f'{s:.1f}' for s in f['round_seconds'])} | {f['mean_round_seconds']:.1f} "
+        f"| {f['server_process_peak_rss_gib']:.2f} | {f['peak_rss_gib']:.2f} | {f['wall_seconds']:.0f} |"
+        for f in (small, large)
+    ]
+    return "\n".join(
+        [
+            f"# Scale: {small['num_clients']:,} vs {large['num_clients']:,} simulated clients",
+            "",
+            f"`{command}` on {machine}. Both federations: {config['method']}, {config['clients_per_round']} clients",
+            f"per round, {config['rounds']} rounds, {config['max_samples_per_client']} rows per client, cutoff "
+            f"{config['cutoff_len']}, final evaluation of {config['eval_clients']} seeded clients; only the",
+            "number of clients differs.",
+            "",
+            "| clients | round seconds | mean | server process peak RSS (GiB) | simulation peak RSS (GiB) | wall (s) |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"- round time 1,000 / 100 clients: **{result['round_time_1000_over_100']:.3f}** (target <= 1.2)",
+            f"- server process memory, 1,000 minus 100 clients: "
+            f"{result['server_rss_1000_minus_100_gib'] * 1024:.0f} MiB",
+            f"- peak resident memory of a simulation: {result['peak_rss_gib']:.2f} GiB",
+            "",
+        ]
+    )

@@ -1,0 +1,33 @@
+"""`perfit bench scale` on the tiny Llama: two whole federations differing only in size, their round
+times and memory peaks read from the runs, and the report built from them."""
+
+import pytest
+
+from perfit.scale import PeakMemory, bench_scale, scale_markdown
+
+from .reliability.helpers import tiny_config
+
+
+def test_peak_memory_sees_this_process():
+    with PeakMemory(interval=0.01) as memory:
+        block = bytearray(64 << 20)  # 64 MiB, touched
+        for index in range(0, len(block), 4096):
+            block[index] = 1
+        import time
+
+        time.sleep(0.1)
+    assert memory.peak_self >= 64 << 20 and memory.peak_total >= memory.peak_self
+
+
+def test_bench_scale_runs_both_federations(tiny_model, small_data, tmp_path):
+    config = tiny_config(tiny_model, small_data, tmp_path / "unused", clients_per_round=2, rounds=2, eval_clients=2)
+    result = bench_scale(config, tmp_path, sizes=(4, 8))
+    small, large = result["federations"]["4"], result["federations"]["8"]
+    assert len(small["round_seconds"]) == len(large["round_seconds"]) == 2
+    assert result["round_time_1000_over_100"] == pytest.approx(
+        large["mean_round_seconds"] / small["mean_round_seconds"]
+    )
+    assert 0 < small["server_process_peak_rss_gib"] <= small["peak_rss_gib"] <= result["peak_rss_gib"]
+    assert (tmp_path / "clients-8" / "summary.json").is_file()
+    text = scale_markdown(result, "perfit bench scale", "test CPU")
+    assert "# Scale: 4 vs 8 simulated clients" in text and f"**{result['round_time_1000_over_100']:.3f}**" in text
