@@ -42,12 +42,13 @@ def test_select_and_schedule_order():
         "table1/pathological/perfit-s0.33",
         "table1/pathological/perfit-s0.5",
         "table1/pathological/perfit-s0.66",
+        "table1/pathological/perfit-s0.5-zero-b",
         "ablation/pathological/tp-1",
     }
     order = [(c.name, s) for c, s in schedule(chosen)]
-    assert order[:4] == [(c.name, 0) for c in chosen[:4]]  # every table cell's seed 0 first
-    assert order[4] == ("ablation/pathological/tp-1", 0)  # then one seed of the rest
-    assert order[5:] == [(c.name, 1) for c in chosen[:4]]
+    assert order[:5] == [(c.name, 0) for c in chosen[:5]]  # every table cell's seed 0 first
+    assert order[5] == ("ablation/pathological/tp-1", 0)  # then one seed of the rest
+    assert order[6:] == [(c.name, 1) for c in chosen[:5]]
     with pytest.raises(ValueError, match="matches no cell"):
         select(cells, ["table9/*"])
 

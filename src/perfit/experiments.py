@@ -60,6 +60,8 @@ def grid() -> list[Cell]:
     for split in SPLITS:
         cells.append(_cell("table1", split, "fit", method="fit"))
         cells += [_cell("table1", split, f"perfit-s{s}", method="perfit", sparsity=s) for s in SPARSITIES]
+        # the change the ablations point to: search at the symmetric init, train from B = 0
+        cells.append(_cell("table1", split, "perfit-s0.5-zero-b", method="perfit", init="symmetric_then_zero_b"))
         cells.append(_cell("table2", split, "perfit-8-12-16", method="perfit", budgets=HETERO_BUDGETS))
         cells.append(_cell("table2", split, "hetlora-8-12-16", method="hetlora", budgets=HETERO_BUDGETS))
         cells.append(_cell("baselines", split, "local", method="local"))

@@ -21,6 +21,7 @@ LABELS = {
     "perfit-s0.33": "PerFIT s=0.33 (dense r 12)",
     "perfit-s0.5": "PerFIT s=0.5 (dense r 16)",
     "perfit-s0.66": "PerFIT s=0.66 (dense r 24)",
+    "perfit-s0.5-zero-b": "PerFIT s=0.5, train from B=0",
     "perfit-8-12-16": "PerFIT ranks 8/12/16",
     "hetlora-8-12-16": "HetLoRA ranks 8/12/16",
     "local": "local only (r=8)",
@@ -89,7 +90,12 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def headline(results: dict[str, CellResult]) -> dict[str, dict[str, float]]:
     """PerFIT (best sparsity) / FIT, hetero PerFIT / FIT, best PerFIT / best personalized baseline, per split."""
-    out: dict[str, dict[str, float]] = {"perfit_over_fit": {}, "hetero_over_fit": {}, "perfit_over_best_baseline": {}}
+    out: dict[str, dict[str, float]] = {
+        "perfit_over_fit": {},
+        "hetero_over_fit": {},
+        "perfit_over_best_baseline": {},
+        "perfit_zero_b_over_fit": {},
+    }
     for split in SPLITS:
         fit = results[f"table1/{split}/fit"]
         perfits = [results[f"table1/{split}/perfit-s{s}"] for s in (0.33, 0.5, 0.66)]
@@ -101,6 +107,8 @@ def headline(results: dict[str, CellResult]) -> dict[str, dict[str, float]]:
         hetero = results[f"table2/{split}/perfit-8-12-16"]
         out["perfit_over_fit"][split] = ratio(best.mean, fit.mean) if best and fit.runs else math.nan
         out["hetero_over_fit"][split] = ratio(hetero.mean, fit.mean) if hetero.runs and fit.runs else math.nan
+        zero_b = results[f"table1/{split}/perfit-s0.5-zero-b"]
+        out["perfit_zero_b_over_fit"][split] = ratio(zero_b.mean, fit.mean) if zero_b.runs and fit.runs else math.nan
         out["perfit_over_best_baseline"][split] = (
             ratio(best.mean, best_baseline.mean) if best and best_baseline else math.nan
         )
@@ -444,13 +452,19 @@ def markdown(results, head, machine, drawn, comparison, part, runs: Path) -> str
         "",
         "`perfit_over_fit`: best PerFIT sparsity's mean over FIT's; `hetero_over_fit`: PerFIT at ranks",
         "8/12/16 over FIT r=8; `perfit_over_best_baseline`: best PerFIT over the best of local only, FIT + local",
-        "fine-tuning and FedSA-LoRA. The quality bar is <= 0.75 (pathological) and <= 0.78 (Dirichlet) over FIT.",
+        "fine-tuning and FedSA-LoRA; `perfit_zero_b_over_fit`: PerFIT s=0.5 trained from B = 0 after the search at the",
+        "symmetric init (the change the init ablation points to) over FIT. The quality bar is <= 0.75",
+        "(pathological) and <= 0.78 (Dirichlet) over FIT.",
         "",
         "## Table 1: homogeneous budgets (rank-8 budget; personalized perplexity)",
         "",
         _method_table(
             results,
-            ["table1/{split}/fit", *[f"table1/{{split}}/perfit-s{s}" for s in (0.33, 0.5, 0.66)]],
+            [
+                "table1/{split}/fit",
+                *[f"table1/{{split}}/perfit-s{s}" for s in (0.33, 0.5, 0.66)],
+                "table1/{split}/perfit-s0.5-zero-b",
+            ],
             "table1/{split}/fit",
         ),
         "",
