@@ -12,7 +12,7 @@ from perfit.baselines import a_positions, combine, lora_update_norm, rank_prefix
 from perfit.config import Config
 from perfit.model import Layout, Tensor
 from perfit.simulation import run_simulation
-from perfit.task import ClientTask, fixed_mask, global_start
+from perfit.task import ClientTask, fixed_masks, global_start
 from perfit.train import perplexity
 
 from .reliability.helpers import server_global, tiny_config
@@ -74,6 +74,8 @@ def test_config_ranks_for_baselines():
     local = Config(method="local", num_clients=4, clients_per_round=2, rounds=6)
     assert local.final_finetune_epochs == 3 and not local.federated
     assert Config(method="fit", finetune_epochs=1).final_finetune_epochs == 1
+    assert hetlora.aggregation_rule == "literal"  # zero-padding, whatever `aggregation` says
+    assert Config(aggregation="literal").aggregation_rule == "literal" and Config().aggregation_rule == "shared"
 
 
 def reference(config: Config) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -82,7 +84,7 @@ def reference(config: Config) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     ||BA||_F weights), and the final (fine-tuned) adapters."""
     task = ClientTask(config)
     layout, shared = task.layout, task.shared
-    masks = {c: fixed_mask(layout, config, c) for c in config.participants}
+    masks = fixed_masks(layout, config, config.participants)
     current, personal = global_start(layout, config), {}
     sampler = random.Random(config.seed)
 
@@ -156,7 +158,7 @@ def test_hetlora_truncates_and_zero_pads(runs):
     config, _ = runs["hetlora"]
     task = ClientTask(config)
     assert config.dense_rank == 4
-    masks = [fixed_mask(task.layout, config, c) for c in range(4)]
+    masks = [task.fixed[c] for c in range(4)]
     assert [int(m.sum()) for m in masks] == [task.layout.budget(r) for r in (2, 2, 4, 4)]
     assert torch.equal(masks[0] & masks[2], masks[0])  # the small rank is a prefix of the large one
 

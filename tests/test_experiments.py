@@ -2,6 +2,7 @@
 ratios and the seed-spread rule on hand-made summaries, and one real cell end to end on the tiny Llama."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,14 @@ def test_headline_ratios_and_seed_spread(tmp_path):
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "7.200 ± 0.283 (-28.7 % *)" in text and "not run yet" in text
     assert (tmp_path / "docs" / "figures" / "loss_curves.png") in written
+
+
+def test_pearson_correlation_by_hand():
+    from perfit.report import pearson
+
+    assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert pearson([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]) == pytest.approx(-0.5)  # cov -0.5 / (1 * 1)
+    assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # no spread on one side
 
 
 def test_single_seed_has_no_spread():

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 from perfit.config import from_mapping
 from perfit.masks import decode, encode, gather, scatter
-from perfit.task import ClientTask, client_task, fixed_mask
+from perfit.task import ClientTask, client_task
 
 app = ClientApp()
 LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
@@ -50,9 +50,8 @@ def _task(msg: Message, context: Context) -> ClientTask:
 def _mask(task: ClientTask, client: int, context: Context, msg: Message | None = None) -> torch.Tensor:
     """The client's static mask: fixed for FIT and the baselines, else searched once and kept in the
     node state (or, after a server resume, the registered mask the server sends back)."""
-    fixed = fixed_mask(task.layout, task.config, client)
-    if fixed is not None:
-        return fixed
+    if task.fixed is not None:
+        return task.fixed[client]
     if msg is not None and "registered" in msg.content:
         context.state["perfit"] = ArrayRecord({"mask": msg.content["registered"]["mask"]})
     if "perfit" not in context.state:

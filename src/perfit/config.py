@@ -175,6 +175,11 @@ class Config:
         return budgets[client_id * len(budgets) // self.num_clients]
 
     @property
+    def aggregation_rule(self) -> str:
+        """`aggregation`, except HetLoRA, whose rule is zero-padding (`literal`) by definition."""
+        return "literal" if self.method == "hetlora" else self.aggregation
+
+    @property
     def federated(self) -> bool:
         """False for `local`: no rounds, every client trains alone at the end."""
         return self.method != "local"

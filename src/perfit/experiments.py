@@ -17,6 +17,7 @@ perplexity, the same seeds for every method.
 from __future__ import annotations
 
 import fnmatch
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,8 +147,6 @@ def run_grid(
             continue
         config = cell.config(seed, out, **common, resume=int(status == "partial"))
         if status == "todo" and Path(config.out).exists():  # a run that died before its first checkpoint
-            import shutil
-
             shutil.rmtree(config.out)
         report(f"{cell.name} seed {seed}: {'resuming' if status == 'partial' else 'running'}")
         summary = runner(config)

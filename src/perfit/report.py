@@ -134,20 +134,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _params(cells: list[CellResult]) -> str:
+    """Trainable parameters per client (a range for heterogeneous budgets), from the first finished run."""
+    for cell in cells:
+        for run in cell.runs.values():
+            values = sorted(set(run["summary"]["trainable_params_per_client"].values()))
+            return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
+    return ""
+
+
 def _method_table(results: dict[str, CellResult], names: list[str], reference: str) -> str:
     rows = []
     for label, by_split in [(LABELS.get(n.split("/")[-1], n.split("/")[-1]), n) for n in names]:
         cells = [results[by_split.replace("{split}", split)] for split in SPLITS]
         refs = [results[reference.replace("{split}", split)] for split in SPLITS]
-        params = ""
-        for cell in cells:
-            for run in cell.runs.values():
-                values = sorted(set(run["summary"]["trainable_params_per_client"].values()))
-                params = f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
-                break
-            if params:
-                break
-        rows.append([label, *[_fmt(c, r) for c, r in zip(cells, refs, strict=True)], params])
+        rows.append([label, *[_fmt(c, r) for c, r in zip(cells, refs, strict=True)], _params(cells)])
     return _table(rows, ["method", *[SPLIT_TITLES[s] for s in SPLITS], "trainable / client"])
 
 
@@ -250,7 +251,8 @@ def first_module_similarity(run_dir: Path) -> tuple[list[list[float]], list[int]
     return matrix, clients
 
 
-def figure_mask_similarity(results: dict[str, CellResult], path: Path) -> dict[str, float] | None:
+def figure_mask_similarity(results: dict[str, CellResult], path: Path) -> dict[str, tuple[float, float]] | None:
+    """The heatmaps; per split (mean pairwise similarity, correlation of similarity with data overlap)."""
     plt = _plt()
     matrices = {}
     for split in SPLITS:
@@ -263,22 +265,19 @@ def figure_mask_similarity(results: dict[str, CellResult], path: Path) -> dict[s
         return None
     fig, axes = plt.subplots(1, len(matrices), figsize=(max(6.5 * len(matrices), 8), 5))
     axes = axes if len(matrices) > 1 else [axes]
-    means = {}
+    stats = {}
     for ax, (split, (matrix, clients)) in zip(axes, matrices.items(), strict=True):
         data = category_similarity(results[f"table1/{split}/perfit-s0.5"].runs[0]["dir"], clients)
         pairs = [(i, j) for i in range(len(clients)) for j in range(i + 1, len(clients))]
-        means[f"{split} data-mask correlation"] = pearson(
-            [data[i][j] for i, j in pairs], [matrix[i][j] for i, j in pairs]
-        )
+        mean = statistics.fmean(matrix[i][j] for i, j in pairs)
+        correlation = pearson([data[i][j] for i, j in pairs], [matrix[i][j] for i, j in pairs])
+        stats[split] = (mean, correlation)
         image = ax.imshow(matrix, vmin=0.5, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(len(clients)), clients)
         ax.set_yticks(range(len(clients)), clients)
         ax.set_xlabel("client")
         ax.set_ylabel("client")
-        off = [matrix[i][j] for i in range(len(clients)) for j in range(len(clients)) if i != j]
-        means[split] = statistics.fmean(off)
-        correlation = means[f"{split} data-mask correlation"]
-        ax.set_title(f"{SPLIT_TITLES[split]}\nmean {means[split]:.3f}; r(category overlap, mask) = {correlation:.2f}")
+        ax.set_title(f"{SPLIT_TITLES[split]}\nmean {mean:.3f}; r(category overlap, mask) = {correlation:.2f}")
         fig.colorbar(image, ax=ax, label="1 - normalised Hamming distance")
     fig.suptitle(
         "Mask similarity of the first LoRA module (layer 0 q_proj, A and B)\nPerFIT dense rank 16, s=0.5, seed 0"
@@ -286,7 +285,7 @@ def figure_mask_similarity(results: dict[str, CellResult], path: Path) -> dict[s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return means
+    return stats
 
 
 def _bar_figure(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> bool:
@@ -534,10 +533,10 @@ def markdown(results, head, machine, drawn, comparison, part, runs: Path) -> str
             "![mask similarity](figures/mask_similarity.png)",
             "",
             "Mean pairwise similarity of the first module's masks: "
-            + ", ".join(f"{SPLIT_TITLES[s]} {sim[s]:.3f}" for s in SPLITS if s in sim)
+            + ", ".join(f"{SPLIT_TITLES[s]} {v[0]:.3f}" for s, v in sim.items())
             + ". Pearson correlation, over client pairs, between the overlap of their data (cosine of their"
             " category histograms) and the similarity of their masks: "
-            + ", ".join(f"{SPLIT_TITLES[s]} {sim[s + ' data-mask correlation']:.2f}" for s in SPLITS if s in sim)
+            + ", ".join(f"{SPLIT_TITLES[s]} {v[1]:.2f}" for s, v in sim.items())
             + ". All clients score the same seeded dense adapter, so masks share much by construction;"
             " the correlation shows how much of the rest follows the data.",
             "",

@@ -28,7 +28,7 @@ from perfit.data import load_rows, partition
 from perfit.masks import PackedMasks, decode, gather, scatter
 from perfit.model import layout_for, model_fingerprint, resolve_model
 from perfit.outputs import RunDirectory, restore_sampler, sampler_state
-from perfit.task import global_start
+from perfit.task import fixed_masks, global_start
 from perfit.train import perplexity
 from perfit.validation import evaluation_problem, mask_problem, update_problem
 
@@ -74,8 +74,9 @@ class Federation:
         self.out = RunDirectory(config)
         self.out.write_partitions(splits, config.held_out)
         self._discover_nodes()
-        if config.method != "perfit":  # fixed masks: no search, nothing to register or checkpoint
-            self.masks = FixedMasks(self.layout, {c: config.client_rank_budget(c) for c in config.participants})
+        fixed = fixed_masks(self.layout, config, config.participants)
+        if fixed is not None:  # no search, nothing to register or checkpoint
+            self.masks = fixed
             self.confirmed = set(self.masks)
         sampler = random.Random(config.seed)
         totals = {"bytes_up": 0, "bytes_down": 0, "seconds_before_resume": 0.0}
@@ -284,8 +285,7 @@ class Federation:
 
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
-        mode = "literal" if self.config.method == "hetlora" else self.config.aggregation  # HetLoRA: zero-padding
-        updates, losses, bytes_up = Accumulator(mode, self.layout.size), [], 0
+        updates, losses, bytes_up = Accumulator(self.config.aggregation_rule, self.layout.size), [], 0
         for client, reply in replies.items():
             payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
             bytes_up += payload_bytes

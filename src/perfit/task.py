@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from perfit.baselines import combine, rank_prefix_mask, shared_positions
+from perfit.baselines import FixedMasks, combine, shared_positions
 from perfit.config import Config
 from perfit.data import ClientSplit, Example, load_rows, partition, tokenize
 from perfit.model import (
@@ -38,12 +38,12 @@ def search_init(config: Config) -> str:
     return "peft" if config.method != "perfit" or config.init == "peft" else "symmetric"
 
 
-def fixed_mask(layout: Layout, config: Config, client: int) -> torch.Tensor | None:
-    """The mask of a method without a search: the first r_k ranks of the dense adapter (all of it at
-    homogeneous budgets; HetLoRA's truncation otherwise); None for PerFIT, whose mask is searched."""
+def fixed_masks(layout: Layout, config: Config, clients: list[int]) -> FixedMasks | None:
+    """The masks of a method without a search: the first r_k ranks of the dense adapter (all of it
+    at homogeneous budgets; HetLoRA's truncation otherwise); None for PerFIT, whose masks are searched."""
     if config.method == "perfit":
         return None
-    return rank_prefix_mask(layout, config.client_rank_budget(client))
+    return FixedMasks(layout, {client: config.client_rank_budget(client) for client in clients})
 
 
 def global_start(layout: Layout, config: Config) -> torch.Tensor:
@@ -124,12 +124,17 @@ class ClientTask:
     def starting_point(self, received: torch.Tensor, personal: torch.Tensor | None) -> torch.Tensor:
         """The adapter a client trains or evaluates: the server's values at shared positions, its own
         kept values (or the seeded start, before it has any) elsewhere."""
-        own = personal if personal is not None else self._start
+        own = personal if personal is not None else self.seeded_start
         return combine(self.shared, received, own)
 
     @cached_property
-    def _start(self) -> torch.Tensor:
+    def seeded_start(self) -> torch.Tensor:
         return global_start(self.layout, self.config)
+
+    @cached_property
+    def fixed(self) -> FixedMasks | None:
+        """Every client's mask when the method has no search (one tensor per budget); else None."""
+        return fixed_masks(self.layout, self.config, list(range(self.config.num_clients)))
 
     def examples(self, client: int, part: str) -> list[Example]:
         """The client's tokenised train or eval rows, tokenised once per process."""
@@ -143,9 +148,8 @@ class ClientTask:
     def search(self, client: int) -> torch.Tensor:
         """Alg. 1 on this client's train data from the seeded dense adapter; a boolean flat mask."""
         config = self.config
-        fixed = fixed_mask(self.layout, config, client)
-        if fixed is not None:
-            return fixed
+        if self.fixed is not None:
+            return self.fixed[client]
         groups = budget_groups(self.layout, config.scope, config.client_rank_budget(client))
         theta = initial_adapter(self.layout, search_init(config), config.seed)
         train = self.examples(client, "train")
