@@ -109,3 +109,15 @@ def test_dirichlet_small_alpha_small_clients_work(small_data):
     assert all(len(s.eval) >= 1 for s in splits.values() if len(s.train) + len(s.eval) >= 2)
     all_rows = [i for s in splits.values() for i in s.train + s.eval]
     assert len(all_rows) == len(set(all_rows)) == len(rows)
+
+
+def test_validation_mode_splits_train_again_and_never_touches_held_out(small_data):
+    rows = load_rows(str(small_data))
+    common = {"data": str(small_data), "num_clients": 4, "clients_per_round": 2}
+    test = partition(rows, Config(**common))
+    tuning = partition(rows, Config(**common, validation=1))
+    for client, split in test.items():
+        val = tuning[client]
+        assert sorted(val.train + val.eval) == sorted(split.train)  # the train split, split again
+        assert not set(val.eval) & set(split.eval) and not set(val.train) & set(split.eval)
+        assert len(val.eval) == round(len(split.train) * 0.2)

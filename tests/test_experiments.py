@@ -92,6 +92,22 @@ def test_run_grid_skips_finished_resumes_partial_and_restarts_dead(tmp_path):
     assert seen == [(1, 0)] and not (partial / "stale.txt").exists()
 
 
+def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path):
+    cells = select(grid(), ["table1/pathological/fit", "table1/pathological/perfit-s0.5"])
+    seen, lines = [], []
+
+    def runner(config):
+        seen.append((config.method, config.seed))
+        if config.method == "fit" and config.seed == 0:
+            raise ValueError("cannot resume with a different config (changed: data)")
+        return {"personalized_ppl": 9.0, "wall_seconds": 1.0}
+
+    log = run_grid(cells, tmp_path, {"data": "d.jsonl"}, runner, report=lines.append)
+    assert seen == [("fit", 0), ("perfit", 0), ("fit", 1), ("perfit", 1)]  # every run was tried
+    assert [what.split(":")[0] for _, _, what in log] == ["failed", "ran", "ran", "ran"]
+    assert any("FAILED (ValueError: cannot resume" in line for line in lines)
+
+
 def test_headline_ratios_and_seed_spread(tmp_path):
     values = {
         "table1/{s}/fit": (10.0, 10.2),
@@ -158,6 +174,7 @@ def test_one_real_cell_and_report_end_to_end(tiny_model, small_data, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "grid/table1/pathological/fit/seed1/summary.json").read_text())
+    assert summary["evaluated_on"] == "held_out"
     again = runner.invoke(app, args)  # finished cells are skipped
     assert again.exit_code == 0 and "running" not in again.output
     report = runner.invoke(app, ["report", "--runs", str(tmp_path / "grid"), "--out", str(tmp_path / "docs")])

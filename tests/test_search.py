@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from perfit.search import keep_counts, keep_fraction, prune_step, search_mask, top_k_mask
+from perfit.search import keep_counts, keep_fraction, prune_step, search_mask, step_batches, top_k_mask
 
 
 def test_keep_fraction_follows_exponential_schedule():
@@ -38,20 +38,21 @@ def test_prune_step_per_group():
 def test_search_mask_exact_budget_and_recomputes_scores_on_survivors():
     calls = []
 
-    def score_fn(alive):
-        calls.append(alive.clone())
+    def score_fn(alive, step):
+        calls.append((step, alive.clone()))
         # static preference for high indices, plus pruned entries score zero (theta masked)
         return torch.arange(12, dtype=torch.float) * alive
 
     mask = search_mask(score_fn, [(0, 12, 3)], total_steps=3)
     assert int(mask.sum()) == 3
     assert mask.tolist() == [False] * 9 + [True] * 3
-    assert len(calls) == 3 and calls[0].all()  # first step scores the dense adapter
-    assert int(calls[1].sum()) == keep_counts(12, 3, 3)[0]
+    assert [step for step, _ in calls] == [0, 1, 2]
+    assert calls[0][1].all()  # first step scores the dense adapter
+    assert int(calls[1][1].sum()) == keep_counts(12, 3, 3)[0]
 
 
 def test_search_mask_per_module_budgets_each_group():
-    def score_fn(alive):
+    def score_fn(alive, step):
         return torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 9.0, 8.0, 7.0]) * alive
 
     mask = search_mask(score_fn, [(0, 5, 2), (5, 8, 1)], total_steps=2)
@@ -59,3 +60,12 @@ def test_search_mask_per_module_budgets_each_group():
     # a global ranking with the same budget would have taken 9, 8, 7
     glob = search_mask(score_fn, [(0, 8, 3)], total_steps=2)
     assert glob.tolist() == [False] * 5 + [True] * 3
+
+
+def test_step_batches_take_the_micro_batches_in_turn():
+    assert [step_batches(4, 1, t) for t in range(5)] == [[0], [1], [2], [3], [0]]
+    assert [step_batches(5, 2, t) for t in range(3)] == [[0, 1], [2, 3], [4, 0]]
+    assert step_batches(2, 4, 0) == [0, 1]  # never the same micro-batch twice in one step
+    assert step_batches(0, 1, 3) == []
+    with pytest.raises(ValueError):
+        step_batches(4, 0, 0)

@@ -30,3 +30,25 @@ def test_random_mask_holds_the_budget():
     mask = random_mask(100, 37, seed=1)
     assert mask.dtype == torch.bool and int(mask.sum()) == 37
     assert torch.equal(mask, random_mask(100, 37, seed=1)) and not torch.equal(mask, random_mask(100, 37, seed=2))
+
+
+def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data):
+    from perfit.config import Config
+    from perfit.speed import Bench, report_markdown
+    from tests.tiny import TINY_RUN
+
+    config = Config(**{**TINY_RUN, "model": str(tiny_model), "data": str(small_data), "num_clients": 4,
+                       "clients_per_round": 2, "rounds": 2})  # fmt: skip
+    result = Bench(config, rows=8).run()
+    share = result["search_share_inputs"]
+    search = share["pruning_steps"] * share["search_batches"] * share["seconds_per_scoring_micro_batch"]
+    training = (share["participations_per_client"] * share["train_rows_per_client"] / config.micro_batch_size
+                * share["seconds_per_training_micro_batch"])  # fmt: skip
+    assert abs(result["search_share"] - search / (search + training)) < 1e-9
+    searched = result["search_bf16"]
+    assert 0.0 <= searched["mask_agreement"] <= 1.0 and searched["scoring_seconds_fp32_over_bf16"] > 0
+    assert 0.5 < searched["ppl_bf16_mask_over_fp32_mask"] < 2.0
+    assert 0.5 < result["bf16_ppl_over_fp32_ppl"] < 2.0
+    assert result["upload_bytes_perfit_over_fit"] > 1.0  # the mask, amortized, is on top of the values
+    text = report_markdown(result, "perfit bench speed")
+    assert "masks agree on" in text and "search share" in text

@@ -340,15 +340,9 @@ def bench_scale(
     console.print(text)
 
 
-@bench.command("paper", context_settings=EXTRA)
-def bench_paper(
-    ctx: typer.Context,
-    out: Path = typer.Option(Path("runs/paper"), help="Grid directory: one run directory per cell and seed."),
-    cells: list[str] = typer.Option([], "--cells", help="Glob(s) of cell names to run, e.g. 'table1/*'."),
-    list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
-) -> None:
-    """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
-    from perfit.experiments import grid, run_grid, select, state
+def _grid_selection(ctx: typer.Context, patterns: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """The grid cells matching `--cells` and the extra field flags (only data, model, cache_dir, dtype)."""
+    from perfit.experiments import grid, select
 
     common = _field_flags(ctx.args)
     unknown = sorted(set(common) - {"data", "model", "cache_dir", "dtype"})
@@ -358,20 +352,102 @@ def bench_paper(
         )
         raise typer.Exit(2)
     try:
-        chosen = select(grid(), cells)
+        return select(grid(), patterns), common
     except ValueError as err:
         console.print(f"[red]config error:[/red] {err}")
         raise typer.Exit(2) from err
+
+
+def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
+    """After a grid: name every failed run and exit 1 (the finished ones are kept)."""
+    failed = [(cell, seed, what) for cell, seed, what in outcomes if what.startswith("failed")]
+    for cell, seed, what in failed:
+        console.print(f"[red]{cell.name} seed {seed}: {what}[/red]")
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) failed[/red]; fix the cause and run the same command again")
+        raise typer.Exit(1)
+
+
+def _list_cells(cells: list[Any], out: Path) -> None:
+    from perfit.experiments import state
+
+    table = Table("cell", "seeds", "state", "fields")
+    for cell in cells:
+        states = ", ".join(f"{seed}: {state(cell, out, seed)}" for seed in cell.seeds)
+        table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields))
+    console.print(table)
+
+
+@bench.command("paper", context_settings=EXTRA)
+def bench_paper(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/paper"), help="Grid directory: one run directory per cell and seed."),
+    cells: list[str] = typer.Option([], "--cells", help="Glob(s) of cell names to run, e.g. 'table1/*'."),
+    tuned: Path | None = typer.Option(
+        None, help="A tuning.json from `perfit bench tune`: run each cell at its chosen learning rate."
+    ),
+    list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
+) -> None:
+    """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
+    from perfit.experiments import run_grid
+
+    chosen, common = _grid_selection(ctx, cells)
+    if tuned is not None:
+        from perfit.tuning import tuned as with_tuned_lr
+
+        try:
+            chosen = with_tuned_lr(chosen, tuned)
+        except (OSError, ValueError) as err:
+            console.print(f"[red]tuning error:[/red] {err}")
+            raise typer.Exit(2) from err
     if list_cells:
-        table = Table("cell", "seeds", "state", "fields")
-        for cell in chosen:
-            states = ", ".join(f"{seed}: {state(cell, out, seed)}" for seed in cell.seeds)
-            table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields))
-        console.print(table)
+        _list_cells(chosen, out)
         return
     with _errors("data"):
-        run_grid(chosen, out, common, _run, console.print)
+        _check_failures(run_grid(chosen, out, common, _run, console.print))
     console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
+
+
+@bench.command("tune", context_settings=EXTRA)
+def bench_tune(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/tune"), help="One run directory per cell and candidate rate."),
+    cells: list[str] = typer.Option([], "--cells", help="Glob(s) of grid cells to tune, e.g. 'table1/*'."),
+    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in (3e-4, 1e-3, 3e-3)), help="Candidate learning rates."),
+    docs: Path = typer.Option(Path("docs"), help="Where tuning.md and tuning.json go."),
+    list_cells: bool = typer.Option(False, "--list", help="List the tuning runs and their state; run nothing."),
+) -> None:
+    """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
+    the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
+    import json
+
+    from perfit.experiments import run_grid
+    from perfit.tuning import collect, tuning_cells, tuning_markdown
+
+    chosen, common = _grid_selection(ctx, cells)
+    try:
+        candidates = tuple(float(lr) for lr in lrs.split(","))
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
+        raise typer.Exit(2) from err
+    runs = tuning_cells(chosen, candidates)
+    if list_cells:
+        _list_cells(runs, out)
+        return
+    with _errors("data"):
+        _check_failures(run_grid(runs, out, common, _run, console.print))
+    try:
+        table = collect(chosen, out, candidates)
+    except ValueError as err:
+        console.print(f"[red]tuning error:[/red] {err}")
+        raise typer.Exit(2) from err
+    command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "tuning.json").write_text(
+        json.dumps({"command": command, "lrs": list(candidates), "cells": table}, indent=2) + "\n"
+    )
+    (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command))
+    console.print(text)
 
 
 @app.command()

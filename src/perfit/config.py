@@ -56,8 +56,10 @@ class Config:
     """Importance: `first` |g*theta| (Eq. 2), `second` |theta^2 F| (Eq. 3), `mixed` (Eq. 4)."""
     prune_iterations: int = 0
     """T_p, pruning steps of Alg. 1; 0 means the paper's rule: 10 for dense rank 16, else 5."""
-    search_batches: int = 4
-    """Micro-batches of the client's train data used to score each pruning step."""
+    search_batches: int = 1
+    """Micro-batches scored at each pruning step. The steps take the client's shuffled train
+    micro-batches in turn, so T_p steps of one micro-batch see T_p different ones (the paper prunes
+    over "epochs" of the data); the search costs T_p x search_batches forward/backward passes."""
     scope: str = "global"
     """`global`: all LoRA tensors ranked together; `per_module`: each LoRA module at its budget."""
     aggregation: str = "shared"
@@ -68,8 +70,9 @@ class Config:
     lora_alpha: float = 0.0
     """LoRA alpha; 0 means 2 x the dense rank."""
     dtype: str = "auto"
-    """Local training precision: `bf16` autocast, `fp32`, or `auto` (bf16 where the CPU has bf16 units,
-    else fp32). Search and evaluation stay fp32; parameters and optimizer state are always fp32."""
+    """Local training and search precision: `bf16` autocast, `fp32`, or `auto` (bf16 where the CPU has
+    bf16 units, else fp32). Evaluation stays fp32; parameters, gradients handed to the importance
+    scores and optimizer state are always fp32."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0
@@ -98,6 +101,10 @@ class Config:
     eval_clients: int = 0
     """Clients evaluated at the end: 0 means every participant; otherwise a seeded sample of this
     many (federations of thousands of clients, where a search and evaluation of each is the cost)."""
+    validation: int = 0
+    """1: hyperparameter-tuning mode. Each client's train split is split again 80/20 (seeded); the run
+    trains on the 80 % and reports personalized perplexity on that 20 % validation slice. The
+    held-out rows (the test split of every reported result) are never read (`perfit bench tune`)."""
     seed: int = 0
     """Seeds the split, sampling, initial adapter and local shuffling."""
     model: str = DEFAULT_MODEL
@@ -134,6 +141,7 @@ class Config:
             "max_samples_per_client": self.max_samples_per_client >= 0,
             "holdout_clients": 0 <= self.holdout_clients <= self.num_clients - self.clients_per_round,
             "eval_every": self.eval_every >= 0,
+            "validation": self.validation in (0, 1),
             "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
@@ -245,8 +253,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # Fits 2 CPU cores in minutes (measured: `make demo`, README): fewer and smaller clients, shorter
     # sequences. A client holds 26 train rows, so batch 8 gives it 4 steps a round instead of less than
-    # one step of 64; the search scores 5 steps x 1 micro-batch (its cost is T_p x search_batches
-    # forward/backward passes, which dominated the run at T_p 10 x 2 batches).
+    # one step of 64; the search scores T_p = 5 steps of one micro-batch each (the default).
     "quick": {
         "num_clients": 8,
         "clients_per_round": 4,
@@ -254,7 +261,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_samples_per_client": 32,
         "cutoff_len": 256,
         "batch_size": 8,
-        "search_batches": 1,
         "prune_iterations": 5,
     },
     # The paper's setting (§5.1): the dataclass defaults.

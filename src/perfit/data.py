@@ -179,8 +179,15 @@ def partition(rows: list[dict[str, str]], config: Config) -> dict[int, ClientSpl
             raise DataError(
                 f"cannot split {len(rows)} rows over {config.num_clients} clients ({config.split}): {err}"
             ) from err
-        splits[client] = split_train_eval(indices, config.max_samples_per_client, seed=config.seed * 100_003 + client)
+        split = split_train_eval(indices, config.max_samples_per_client, seed=config.seed * 100_003 + client)
+        splits[client] = validation_split(split, seed=config.seed * 100_019 + client) if config.validation else split
     return splits
+
+
+def validation_split(split: ClientSplit, seed: int) -> ClientSplit:
+    """Tuning mode: the client's train rows split again 80/20 into train and a validation slice that
+    takes the place of the held-out rows, which are dropped (never read while tuning)."""
+    return split_train_eval(split.train, 0, seed)
 
 
 def split_train_eval(indices: list[int], max_samples: int, seed: int) -> ClientSplit:

@@ -26,6 +26,10 @@ from typing import Any
 from perfit.config import Config, make_config
 
 SCALE_PRESET = "quick"
+GRID_COMMIT = "88fffa4"
+"""The commit whose code makes every run of the grid in docs/results.md. The grid runs from a worktree
+at this commit (`PYTHONPATH=<worktree>/src perfit bench paper ...`) so that cells run over several
+sittings share one algorithm; change it only when the grid is rerun from scratch."""
 SEEDS = (0, 1)
 SPLITS = ("pathological", "dirichlet")
 SPARSITIES = (0.33, 0.5, 0.66)
@@ -138,7 +142,8 @@ def run_grid(
     runner: Callable[[Config], dict[str, Any]],
     report: Callable[[str], None] = print,
 ) -> list[tuple[Cell, int, str]]:
-    """Run every unfinished (cell, seed) with `runner`; returns what happened to each."""
+    """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
+    raises is reported as `failed: ...` and the grid goes on with the next one."""
     done = []
     for cell, seed in schedule(cells):
         status = state(cell, out, seed)
@@ -149,7 +154,12 @@ def run_grid(
         if status == "todo" and Path(config.out).exists():  # a run that died before its first checkpoint
             shutil.rmtree(config.out)
         report(f"{cell.name} seed {seed}: {'resuming' if status == 'partial' else 'running'}")
-        summary = runner(config)
+        try:
+            summary = runner(config)
+        except Exception as err:  # one failed run must not stop a grid of hours; the others go on
+            report(f"{cell.name} seed {seed}: FAILED ({type(err).__name__}: {err})")
+            done.append((cell, seed, f"failed: {type(err).__name__}: {err}"))
+            continue
         report(
             f"{cell.name} seed {seed}: personalized ppl {summary['personalized_ppl']:.3f} "
             f"in {summary['wall_seconds']:.0f} s"

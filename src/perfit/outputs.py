@@ -18,6 +18,17 @@ from perfit.model import Layout, save_adapter
 CHECKPOINT = "checkpoint.safetensors"
 
 
+def _same_value(name: str, recorded: Any, given: Any) -> bool:
+    """Config values equal for resuming: a local file given by another path (relative vs absolute,
+    another working directory) is the same input."""
+    if recorded == given:
+        return True
+    if name in ("data", "model", "cache_dir") and recorded and given:
+        first, second = Path(recorded).expanduser(), Path(given).expanduser()
+        return first.exists() and second.exists() and first.resolve() == second.resolve()
+    return False
+
+
 class RunDirectory:
     """Writes a run's outputs under `config.out`; created only once the inputs validated. With
     `config.resume` it continues an existing run directory instead."""
@@ -37,9 +48,9 @@ class RunDirectory:
 
         if not (self.path / "config.toml").is_file():
             raise FileNotFoundError(f"{self.path}: no run to resume (config.toml missing)")
-        recorded = from_toml(self.path / "config.toml").replace(resume=config.resume)
-        if recorded != config:
-            changed = sorted(k for k, v in config.to_dict().items() if recorded.to_dict()[k] != v)
+        recorded = from_toml(self.path / "config.toml").replace(resume=config.resume).to_dict()
+        changed = sorted(k for k, v in config.to_dict().items() if not _same_value(k, recorded[k], v))
+        if changed:
             raise ValueError(f"{self.path}: cannot resume with a different config (changed: {', '.join(changed)})")
 
     # ---- checkpoint: written atomically after every round ----

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perfit.experiments import SCALE_PRESET, SPLITS, Cell, grid
+from perfit.experiments import GRID_COMMIT, SCALE_PRESET, SPLITS, Cell, grid
 from perfit.outputs import json_safe
 
 SPLIT_TITLES = {"pathological": "pathological (2 of 8 categories)", "dirichlet": "Dirichlet(0.5)"}
@@ -443,7 +443,11 @@ def markdown(results, head, machine, drawn, comparison, part, runs: Path) -> str
         "```",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; local training in {machine['training dtype']};"
-        " search and evaluation in fp32.",
+        " evaluation in fp32.",
+        f"- Code: every grid run is made at commit {GRID_COMMIT} (kept in a worktree while the grid runs, so that"
+        " all cells share one algorithm). Its search scores each of the T_p steps on the same micro-batch, in fp32;",
+        "  the current search takes the client's micro-batches in turn under the training precision (measured",
+        "  against it in docs/performance.md).",
         f"- Progress: **{done} of {planned} runs finished**, {wall / 3600:.1f} h of wall time in all."
         + (
             ""

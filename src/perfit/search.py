@@ -57,15 +57,25 @@ def prune_step(
     return mask
 
 
+def step_batches(count: int, per_step: int, step: int) -> list[int]:
+    """Indices of the micro-batches scored at pruning step `step` (0-based): the steps take the
+    client's `count` shuffled micro-batches in turn, `per_step` at a time, wrapping around; so T_p
+    steps of one micro-batch see min(T_p, count) different micro-batches for the cost of T_p."""
+    if count < 0 or per_step < 1 or step < 0:
+        raise ValueError(f"step_batches: count {count}, per_step {per_step}, step {step}")
+    return [(step * per_step + i) % count for i in range(min(per_step, count))] if count else []
+
+
 def search_mask(
-    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    score_fn: Callable[[torch.Tensor, int], torch.Tensor],
     groups: list[tuple[int, int, int]],
     total_steps: int,
 ) -> torch.Tensor:
     """Alg. 1: T_p rounds of score -> keep the top survivors on the exponential schedule.
 
     `groups` lists (start, end, budget) slices of the flat adapter, pruned independently;
-    `score_fn(alive)` returns flat importance scores of the adapter with pruned entries zeroed.
+    `score_fn(alive, step)` returns flat importance scores of the adapter with pruned entries zeroed
+    (step 0..T_p-1, so each step may score different data).
     The returned boolean mask holds exactly sum(budget) elements.
     """
     total = max(end for _, end, _ in groups)
@@ -73,5 +83,5 @@ def search_mask(
     spans = [(start, end) for start, end, _ in groups]
     alive = torch.ones(total, dtype=torch.bool)
     for step in range(total_steps):
-        alive = prune_step(score_fn(alive), alive, [schedule[step] for schedule in schedules], spans)
+        alive = prune_step(score_fn(alive, step), alive, [schedule[step] for schedule in schedules], spans)
     return alive

@@ -104,6 +104,7 @@ class Federation:
         summary = {
             "method": config.method,
             "split": config.split,
+            "evaluated_on": "validation" if config.validation else "held_out",
             "personalized_ppl": final["personalized_ppl"],
             "overall_ppl": final["overall_ppl"],
             "per_client_ppl": {str(c): v for c, v in final["per_client_ppl"].items()},

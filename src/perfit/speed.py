@@ -164,7 +164,7 @@ class Bench:
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
             "bf16_ppl_over_fp32_ppl": quality,
             **self._bytes_and_server(dense),
-            **self._search_share(masked_pass, dense, train, pad),
+            **self._search_share(masked_pass, dense, train, held_out, pad),
         }
         result["dtype"] = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
         # the bench process (model copies and timing loops), not a simulation run (see `perfit bench scale`)
@@ -201,9 +201,9 @@ class Bench:
             accumulator, seconds = Accumulator("shared", layout.size), 0.0
             for client in range(clients):
                 m = random_mask(layout.size, budget, seed=client)
-                values = torch.randn(layout.size) * m
+                update = torch.randn(layout.size) * m
                 begin = time.perf_counter()
-                accumulator.add(m, values, 10.0)
+                accumulator.add(m, update, 10.0)
                 seconds += time.perf_counter() - begin
             begin = time.perf_counter()
             accumulator.result(torch.zeros(layout.size))
@@ -216,32 +216,54 @@ class Bench:
             "server_mask_bytes_per_client": {"bool_tensor": layout.size, "bit_packed": mask_bytes},
         }
 
-    def _search_share(self, masked_pass: Any, dense: int, train: list[Example], pad: int) -> dict[str, Any]:
-        """The one-time search's share of a client's compute over a run at the config's proportions."""
-        from perfit.train import importance_scores, micro_batches
+    def _search_share(
+        self, masked_pass: Any, dense: int, train: list[Example], held_out: list[Example], pad: int
+    ) -> dict[str, Any]:
+        """The one-time search's share of a client's compute over a run at the config's proportions,
+        both timed at the precision local training uses; and the search in bf16 against fp32: mask
+        agreement and personalized perplexity after the same masked training from each mask."""
+        from perfit.task import budget_groups, search_adapter_mask
 
         config = self.config
-        peft_model, layout, run_pass = masked_pass(dense, config.rank)
-        batches = list(micro_batches(train, config.micro_batch_size))
-        begin = time.perf_counter()
-        importance_scores(peft_model, initial_adapter(layout, "symmetric", 0), batches, pad, config.metric)
-        per_scoring_batch = (time.perf_counter() - begin) / len(batches)
+        autocast = training_autocast(config.dtype)
+        peft_model, layout, run_pass = masked_pass(dense, config.rank, autocast)
+        theta = initial_adapter(layout, "symmetric", 0)
+        groups = budget_groups(layout, config.scope, config.rank)
+        passes = config.pruning_steps * min(config.search_batches, -(-len(train) // config.micro_batch_size))
+        masks, per_scoring_batch = {}, {}
+        for name in ("fp32", "bf16"):
+            begin = time.perf_counter()
+            masks[name] = search_adapter_mask(peft_model, theta, train, pad, config.replace(dtype=name), groups, 0)
+            per_scoring_batch[name] = (time.perf_counter() - begin) / passes
         begin = time.perf_counter()
         run_pass(train)
-        per_training_batch = (time.perf_counter() - begin) / len(batches)
+        per_training_batch = (time.perf_counter() - begin) / -(-len(train) // config.micro_batch_size)
+        ppl = {}
+        for name, mask in masks.items():
+            flat = train_masked(peft_model, theta * mask, mask, train, pad, epochs=1, batch_size=config.batch_size,
+                                micro_batch_size=config.micro_batch_size, lr=config.lr, seed=0,
+                                autocast_dtype=autocast).flat  # fmt: skip
+            ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, config.micro_batch_size))
+        used = "bf16" if autocast is not None else "fp32"
         train_rows = 15011 * 0.8 / config.num_clients  # dolly's rows over the clients, 80 % train
         participations = config.rounds * config.clients_per_round / config.num_clients
-        search = config.pruning_steps * config.search_batches * per_scoring_batch
+        search = config.pruning_steps * config.search_batches * per_scoring_batch[used]
         training = participations * train_rows / config.micro_batch_size * per_training_batch
         return {
             "search_share": search / (search + training),
             "search_share_inputs": {
+                "dtype": used,
                 "pruning_steps": config.pruning_steps,
                 "search_batches": config.search_batches,
-                "seconds_per_scoring_micro_batch": per_scoring_batch,
+                "seconds_per_scoring_micro_batch": per_scoring_batch[used],
                 "seconds_per_training_micro_batch": per_training_batch,
                 "participations_per_client": participations,
                 "train_rows_per_client": train_rows,
+            },
+            "search_bf16": {
+                "scoring_seconds_fp32_over_bf16": per_scoring_batch["fp32"] / per_scoring_batch["bf16"],
+                "mask_agreement": float((masks["fp32"] & masks["bf16"]).sum() / masks["fp32"].sum()),
+                "ppl_bf16_mask_over_fp32_mask": ppl["bf16"] / ppl["fp32"],
             },
         }
 
@@ -249,7 +271,7 @@ class Bench:
 def report_markdown(result: dict[str, Any], command: str) -> str:
     """docs/performance.md from one bench result."""
     seconds, rate, mfu = result["seconds"], result["tokens_per_s"], result["mfu"]
-    share = result["search_share_inputs"]
+    share, searched = result["search_share_inputs"], result["search_bf16"]
     lines = [
         "# Performance (measured by `perfit bench speed`)",
         "",
@@ -287,10 +309,15 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "<= 1.05 |",
         f"| the same, in a client's first round | {result['upload_bytes_perfit_over_fit_first_round']:.3f} | |",
         "",
-        f"Search share inputs: T_p {share['pruning_steps']} x {share['search_batches']} scoring micro-batches of "
-        f"{share['seconds_per_scoring_micro_batch']:.2f} s, against {share['participations_per_client']:.1f} "
-        f"participations x {share['train_rows_per_client']:.0f} train rows per client in training micro-batches of "
-        f"{share['seconds_per_training_micro_batch']:.2f} s.",
+        f"Search share inputs ({share['dtype']}): T_p {share['pruning_steps']} x {share['search_batches']} scoring "
+        f"micro-batches of {share['seconds_per_scoring_micro_batch']:.2f} s, against "
+        f"{share['participations_per_client']:.1f} participations x {share['train_rows_per_client']:.0f} "
+        f"train rows per client in training micro-batches of {share['seconds_per_training_micro_batch']:.2f} s.",
+        "",
+        "Search under bf16 autocast against fp32, same data and start: scoring "
+        f"{searched['scoring_seconds_fp32_over_bf16']:.2f}x faster; the masks agree on "
+        f"{searched['mask_agreement']:.1%} of the budget; personalized perplexity after the same masked "
+        f"training from each mask, bf16 / fp32: {searched['ppl_bf16_mask_over_fp32_mask']:.4f}.",
         "",
         "## Server",
         "",

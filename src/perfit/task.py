@@ -22,7 +22,7 @@ from perfit.model import (
     resolve_model,
     zero_b,
 )
-from perfit.search import search_mask
+from perfit.search import search_mask, step_batches
 from perfit.train import (
     TrainResult,
     evaluate_nll,
@@ -68,17 +68,21 @@ def search_adapter_mask(
     groups: list[tuple[int, int, int]],
     seed: int,
 ) -> torch.Tensor:
-    """Alg. 1 scored at the dense adapter `theta` on a few seeded micro-batches of `train`."""
+    """Alg. 1 scored at the dense adapter `theta`: step t scores `search_batches` micro-batches of the
+    seeded shuffle of `train`, the steps taking them in turn (`step_batches`), under the training
+    precision (bf16 autocast where local training uses it)."""
     if sum(budget for _, _, budget in groups) == theta.numel():
         return torch.ones(theta.numel(), dtype=torch.bool)
     train = list(train)
     random.Random(seed).shuffle(train)
-    batches = list(micro_batches(train, config.micro_batch_size))[: config.search_batches]
+    batches = list(micro_batches(train, config.micro_batch_size))
+    autocast = training_autocast(config.dtype)
 
-    def score(alive: torch.Tensor) -> torch.Tensor:
+    def score(alive: torch.Tensor, step: int) -> torch.Tensor:
         if not batches:  # a client without train rows (tiny Dirichlet share): magnitude fallback
             return (theta * alive).abs()
-        return importance_scores(peft_model, theta * alive, batches, pad_id, config.metric)
+        chosen = [batches[i] for i in step_batches(len(batches), config.search_batches, step)]
+        return importance_scores(peft_model, theta * alive, chosen, pad_id, config.metric, autocast)
 
     return search_mask(score, groups, config.pruning_steps)
 

@@ -164,9 +164,14 @@ def perplexity(total_nll: float, tokens: int) -> float:
 
 
 def batch_gradients(
-    peft_model: Any, flat: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int
+    peft_model: Any,
+    flat: torch.Tensor,
+    batches: Sequence[Sequence[Example]],
+    pad_id: int,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """Flat LoRA gradient of each micro-batch's mean target-token loss at adapter `flat`."""
+    """Flat LoRA gradient (fp32) of each micro-batch's mean target-token loss at adapter `flat`;
+    the forward/backward under CPU autocast when `autocast_dtype` is given (as in training)."""
     write_flat(peft_model, flat)
     params = lora_parameters(peft_model)
     grads = []
@@ -174,7 +179,8 @@ def batch_gradients(
     for chunk in batches:
         for param in params:
             param.grad = None
-        loss_sum, count = nll_sum(peft_model, collate(chunk, pad_id))
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss_sum, count = nll_sum(peft_model, collate(chunk, pad_id))
         (loss_sum / max(count, 1)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     for param in params:
@@ -183,8 +189,13 @@ def batch_gradients(
 
 
 def importance_scores(
-    peft_model: Any, theta: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int, metric: str
+    peft_model: Any,
+    theta: torch.Tensor,
+    batches: Sequence[Sequence[Example]],
+    pad_id: int,
+    metric: str,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Eq. 2-4 scores of every element of the adapter `theta` from the scoring batches."""
-    grad, fisher = gradient_moments(batch_gradients(peft_model, theta, batches, pad_id))
+    grad, fisher = gradient_moments(batch_gradients(peft_model, theta, batches, pad_id, autocast_dtype))
     return importance(metric, grad, fisher, theta)

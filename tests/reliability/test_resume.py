@@ -86,3 +86,19 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model, small_data, tmp_path
     assert missing.exit_code == 2 and "no run to resume" in missing.output
     extra = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--rounds", "9"])
     assert extra.exit_code == 2 and "give no other settings" in extra.output
+
+
+def test_resume_takes_the_same_file_by_another_path_and_names_a_changed_field(small_data, tmp_path, monkeypatch):
+    from perfit.config import Config
+    from perfit.outputs import RunDirectory
+
+    run = tmp_path / "run"
+    RunDirectory(Config(data=str(small_data), out=str(run)))
+    monkeypatch.chdir(small_data.parent)
+    RunDirectory(Config(data=small_data.name, out=str(run), resume=1))  # relative here, absolute then: same file
+    with pytest.raises(ValueError, match=r"changed: lr\)"):
+        RunDirectory(Config(data=str(small_data), out=str(run), resume=1, lr=1e-3))
+    other = tmp_path / "other.jsonl"
+    other.write_text(small_data.read_text())
+    with pytest.raises(ValueError, match=r"changed: data\)"):
+        RunDirectory(Config(data=str(other), out=str(run), resume=1))

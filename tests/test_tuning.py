@@ -1,0 +1,126 @@
+"""`perfit bench tune`: candidate runs, the choice rule, the tuning.json round trip into the grid,
+and the CLI on a fake runner (the federation itself is tested elsewhere)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from perfit.experiments import grid, select
+from perfit.tuning import choose, collect, tuned, tuning_cells, tuning_markdown
+
+
+def test_choose_lowest_finite_and_ties_to_the_smaller_rate():
+    assert choose({3e-4: 15.2, 1e-3: 14.9, 3e-3: 16.0}) == 1e-3
+    assert choose({3e-3: 14.0, 1e-3: 14.0}) == 1e-3
+    assert choose({3e-4: 15.0, 1e-3: math.nan, 3e-3: math.inf}) == 3e-4  # a diverged run never wins
+    with pytest.raises(ValueError, match="finite"):
+        choose({1e-3: math.nan})
+
+
+def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
+    cells = select(grid(), ["table1/pathological/fit", "baselines/dirichlet/fedsa"])
+    runs = tuning_cells(cells, (3e-4, 1e-3))
+    assert [r.name for r in runs] == [
+        "table1/pathological/fit/lr0.0003",
+        "table1/pathological/fit/lr0.001",
+        "baselines/dirichlet/fedsa/lr0.0003",
+        "baselines/dirichlet/fedsa/lr0.001",
+    ]
+    assert all(r.seeds == (0,) and r.fields["validation"] == 1 for r in runs)
+    config = runs[1].config(0, Path("t"), data="d.jsonl")
+    assert (config.lr, config.validation, config.method, config.split) == (1e-3, 1, "fit", "pathological")
+
+
+def _summary(path, ppl, evaluated_on="validation"):
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({"personalized_ppl": ppl, "evaluated_on": evaluated_on}))
+
+
+def test_collect_chooses_only_when_every_candidate_finished_and_refuses_test_runs(tmp_path):
+    cells = select(grid(), ["table1/pathological/fit", "table1/pathological/perfit-s0.5"])
+    _summary(tmp_path / "table1/pathological/fit/lr0.0003/seed0", 15.0)
+    _summary(tmp_path / "table1/pathological/fit/lr0.001/seed0", 14.2)
+    _summary(tmp_path / "table1/pathological/perfit-s0.5/lr0.0003/seed0", 15.5)
+    table = collect(cells, tmp_path, (3e-4, 1e-3))
+    assert table["table1/pathological/fit"] == {"validation_ppl": {"0.0003": 15.0, "0.001": 14.2}, "chosen_lr": 1e-3}
+    assert "chosen_lr" not in table["table1/pathological/perfit-s0.5"]  # lr 1e-3 not run yet
+    text = tuning_markdown(table, (3e-4, 1e-3), "perfit bench tune")
+    assert "| table1/pathological/fit | 15.000 | **14.200** | 0.001 |" in text
+    assert "| table1/pathological/perfit-s0.5 | 15.500 | – | pending |" in text
+    _summary(tmp_path / "table1/pathological/perfit-s0.5/lr0.001/seed0", 9.0, evaluated_on="held_out")
+    with pytest.raises(ValueError, match="not a validation run"):
+        collect(cells, tmp_path, (3e-4, 1e-3))
+
+
+def test_tuned_applies_the_chosen_rates_and_refuses_missing_cells(tmp_path):
+    cells = select(grid(), ["table1/pathological/fit", "table1/pathological/perfit-s0.5"])
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"cells": {"table1/pathological/fit": {"chosen_lr": 1e-3}}}))
+    with pytest.raises(ValueError, match="perfit-s0.5"):
+        tuned(cells, path)
+    both = {c.name: {"chosen_lr": lr} for c, lr in zip(cells, (1e-3, 3e-3), strict=True)}
+    path.write_text(json.dumps({"cells": both}))
+    assert [c.fields["lr"] for c in tuned(cells, path)] == [1e-3, 3e-3]
+    assert [c.fields.get("lr") for c in cells] == [None, None]  # the grid itself is untouched
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not a tuning.json"):
+        tuned(cells, path)
+
+
+def test_bench_tune_cli_writes_docs_and_feeds_bench_paper(tmp_path, monkeypatch):
+    import perfit.cli as cli
+
+    ran = []
+
+    def fake_run(config):  # validation perplexity falls with the rate for FIT, rises for PerFIT
+        assert config.validation == 1 and config.seed == 0
+        ppl = 20 - 1000 * config.lr if config.method == "fit" else 10 + 1000 * config.lr
+        _summary(Path(config.out), ppl)
+        ran.append((config.method, config.lr))
+        return {"personalized_ppl": ppl, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    runner = CliRunner()
+    head = ["bench", "tune", "--out", str(tmp_path / "tune"), "--docs", str(tmp_path / "docs"), "--lrs"]
+    cells = ["--cells", "table1/pathological/fit", "--cells", "table1/pathological/perfit-s0.5", "--data", "d.jsonl"]
+    args = [*head, "1e-4,1e-3", *cells]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(ran) == [("fit", 1e-4), ("fit", 1e-3), ("perfit", 1e-4), ("perfit", 1e-3)]
+    written = json.loads((tmp_path / "docs/tuning.json").read_text())
+    assert written["cells"]["table1/pathological/fit"]["chosen_lr"] == 1e-3
+    assert written["cells"]["table1/pathological/perfit-s0.5"]["chosen_lr"] == 1e-4
+    assert "--lrs 1e-4,1e-3" in written["command"]
+    assert runner.invoke(cli.app, args).exit_code == 0 and len(ran) == 4  # finished runs are skipped
+    listing = runner.invoke(
+        cli.app,
+        ["bench", "paper", "--tuned", str(tmp_path / "docs/tuning.json"), "--cells", "table1/pathological/fit",
+         "--out", str(tmp_path / "grid"), "--list"],
+    )  # fmt: skip
+    assert listing.exit_code == 0 and "0.001" in listing.output
+    missing = runner.invoke(
+        cli.app, ["bench", "paper", "--tuned", str(tmp_path / "docs/tuning.json"), "--cells", "table2/*", "--list"]
+    )
+    assert missing.exit_code == 2 and "no tuned learning rate" in missing.output
+    bad = runner.invoke(cli.app, [*head, "1e-3,fast", *cells])
+    assert bad.exit_code == 2 and "--lrs" in bad.output
+
+
+def test_bench_tune_names_a_failed_run_exits_1_and_keeps_the_others(tmp_path, monkeypatch):
+    import perfit.cli as cli
+
+    def fake_run(config):
+        if config.lr == 1e-3:
+            raise RuntimeError("client 3 ran out of memory")
+        _summary(Path(config.out), 15.0)
+        return {"personalized_ppl": 15.0, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    args = ["bench", "tune", "--out", str(tmp_path / "tune"), "--docs", str(tmp_path / "docs"), "--lrs", "3e-4,1e-3",
+            "--cells", "table1/pathological/fit", "--data", "d.jsonl"]  # fmt: skip
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 1 and "out of memory" in result.output and "1 run(s) failed" in result.output
+    assert (tmp_path / "tune/table1/pathological/fit/lr0.0003/seed0/summary.json").is_file()
