@@ -140,6 +140,16 @@ def test_headline_ratios_and_seed_spread(tmp_path):
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "7.200 ± 0.283 (-28.7 % *)" in text and "not run yet" in text
     assert (tmp_path / "docs" / "figures" / "loss_curves.png") in written
+    assert "validation slice" not in text  # no tuning.json yet
+    fit_tuning = {"validation_ppl": {"0.0003": 9.5, "0.001": 9.1}, "chosen_lr": 1e-3}
+    tuning = {"command": "perfit bench tune", "lrs": [3e-4, 1e-3], "cells": {"table1/pathological/fit": fit_tuning}}
+    (tmp_path / "docs" / "tuning.json").write_text(json.dumps(tuning))
+    write_report(tmp_path, tmp_path / "docs")
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert (
+        "## Learning rate on a validation slice" in text
+        and "| table1/pathological/fit | 9.500 | **9.100** | 0.001 |" in text
+    )
 
 
 def test_pearson_correlation_by_hand():

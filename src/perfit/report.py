@@ -341,6 +341,26 @@ def metrics_comparison(results: dict[str, CellResult]) -> dict[str, dict[str, tu
     return out
 
 
+def _tuning_section(out: Path) -> list[str]:
+    """The learning rates `perfit bench tune` chose (docs/tuning.json beside the report), if any."""
+    from perfit.tuning import tuning_table
+
+    path = out / "tuning.json"
+    if not path.is_file():
+        return []
+    tuning = json.loads(path.read_text())
+    return [
+        "## Learning rate on a validation slice",
+        "",
+        "Every grid run uses the paper's lr 3e-4. `perfit bench tune` scores candidate rates on a 20 % validation",
+        "slice of each client's train split (the held-out rows are never read; [tuning.md](tuning.md),",
+        f"`{tuning['command']}`):",
+        "",
+        *tuning_table(tuning["cells"], tuple(tuning["lrs"])),
+        "",
+    ]
+
+
 def write_report(runs: Path, out: Path) -> list[Path]:
     from perfit.speed import cpu_description
     from perfit.train import cpu_has_bf16
@@ -407,7 +427,8 @@ def write_report(runs: Path, out: Path) -> list[Path]:
         },
     }
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results, head, machine, drawn, comparison, part, runs))
+    text = markdown(results, head, machine, drawn, comparison, part, runs, _tuning_section(out))
+    (out / "results.md").write_text(text)
     return [out / "results.md", out / "results.json", *written]
 
 
@@ -427,7 +448,7 @@ def quality_bar(head: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def markdown(results, head, machine, drawn, comparison, part, runs: Path) -> str:
+def markdown(results, head, machine, drawn, comparison, part, runs: Path, tuning: list[str] = ()) -> str:
     done = sum(len(r.runs) for r in results.values())
     planned = sum(len(r.cell.seeds) for r in results.values())
     wall = sum(r.wall() for r in results.values())
@@ -596,5 +617,6 @@ def markdown(results, head, machine, drawn, comparison, part, runs: Path) -> str
                     f"{summary.get('search_seconds', 0.0):.0f} s",
                 ]
             )
+    lines += list(tuning)
     lines += ["## Every run", "", _table(rows, ["cell", "seed", "personalized ppl", "wall", "search (clients)"]), ""]
     return "\n".join(lines)

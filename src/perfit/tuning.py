@@ -79,19 +79,9 @@ def tuned(cells: list[Cell], path: Path) -> list[Cell]:
     return [replace(c, fields={**c.fields, "lr": choices[c.name]["chosen_lr"]}) for c in cells]
 
 
-def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], command: str) -> str:
-    """docs/tuning.md: one row per cell, validation perplexity per candidate, the choice in bold."""
-    lines = [
-        "# Learning rates chosen on a validation slice (`perfit bench tune`)",
-        "",
-        f"Command: `{command}`. Each client's train split is split again 80/20; runs train on the 80 % and",
-        "are scored on the 20 % validation slice (personalized perplexity, seed 0). The held-out rows of",
-        "docs/results.md are never read here. The lowest validation perplexity wins, the same rule for",
-        "every method.",
-        "",
-        "| cell | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
-        "|---|" + "---|" * (len(lrs) + 1),
-    ]
+def tuning_table(table: dict[str, dict[str, Any]], lrs: tuple[float, ...]) -> list[str]:
+    """Markdown rows: one per cell, validation perplexity per candidate, the choice in bold."""
+    lines = ["| cell | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
     for name, entry in table.items():
         chosen = entry.get("chosen_lr")
         cells = []
@@ -100,4 +90,19 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
             text = "–" if ppl is None else f"{ppl:.3f}"
             cells.append(f"**{text}**" if chosen == lr else text)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'pending' if chosen is None else f'{chosen:g}'} |")
+    return lines
+
+
+def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], command: str) -> str:
+    """docs/tuning.md."""
+    lines = [
+        "# Learning rates chosen on a validation slice (`perfit bench tune`)",
+        "",
+        f"Command: `{command}`. Each client's train split is split again 80/20; runs train on the 80 % and",
+        "are scored on the 20 % validation slice (personalized perplexity, seed 0). The held-out rows of",
+        "docs/results.md are never read here. The lowest validation perplexity wins, the same rule for",
+        "every method.",
+        "",
+        *tuning_table(table, lrs),
+    ]
     return "\n".join(lines) + "\n"
