@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.experiments import grid, run_grid, schedule, select, state
-from perfit.report import CellResult, exceeds_spread, headline, load_results, write_report
+from perfit.report import CellResult, exceeds_spread, headline, load_results, paired_changes, write_report
 
 
 def test_grid_names_are_unique_and_cover_the_issue():
@@ -132,6 +132,12 @@ def test_headline_ratios_and_seed_spread(tmp_path):
     assert fit.std == pytest.approx(0.1414213, rel=1e-5)
     assert exceeds_spread(fit, best)  # 2.9 apart, spreads 0.14 + 0.28
     assert not exceeds_spread(results["table1/pathological/perfit-s0.33"], results["table1/pathological/perfit-s0.66"])
+    # seeds far apart, the gap between methods steady
+    steady_a = CellResult(fit.cell, {s: {"summary": {"personalized_ppl": p}} for s, p in enumerate((10.0, 14.0))})
+    steady_b = CellResult(fit.cell, {s: {"summary": {"personalized_ppl": p}} for s, p in enumerate((9.8, 13.7))})
+    assert abs(steady_a.mean - steady_b.mean) < steady_a.std + steady_b.std  # unpaired, this is noise
+    assert exceeds_spread(steady_a, steady_b) and not exceeds_spread(steady_b, steady_b)
+    assert paired_changes(steady_a, steady_b) == pytest.approx([10.0 / 9.8 - 1, 14.0 / 13.7 - 1])
     written = write_report(tmp_path, tmp_path / "docs")
     document = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert document["headline"]["perfit_over_fit"]["dirichlet"] == pytest.approx(7.2 / 10.1)

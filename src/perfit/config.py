@@ -64,9 +64,13 @@ class Config:
     """`global`: all LoRA tensors ranked together; `per_module`: each LoRA module at its budget."""
     aggregation: str = "shared"
     """`shared`: per-position mean over holders (Eq. 6); `literal`: weighted sum, zeros where masked."""
-    init: str = "symmetric"
-    """`symmetric` A, B ~ N(0, 1/d) (paper); `symmetric_then_zero_b` (search symmetric, train from
-    B = 0); `peft` (A kaiming, B = 0: shows measurement vanishing)."""
+    init: str = "symmetric_then_zero_b"
+    """PerFIT's start. `symmetric_then_zero_b` (default): the search scores at A, B ~ N(0, 1/d), then
+    training starts from that A and B = 0, i.e. from the pretrained model itself; `symmetric`: training
+    also starts from the symmetric A, B (the paper read literally: a random B·A is added to every
+    projection); `peft` (A kaiming, B = 0: shows measurement vanishing). The default was chosen on
+    the grid: 14.694 vs 15.415 (pathological) and 8.988 vs 9.609 (Dirichlet) personalized
+    perplexity, seed 0, docs/results.md."""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 means 2 x the dense rank."""
     dtype: str = "auto"

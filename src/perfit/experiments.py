@@ -56,6 +56,8 @@ class Cell:
 
 
 def _cell(group: str, split: str, label: str, seeds: tuple[int, ...] = SEEDS, **fields: Any) -> Cell:
+    if fields.get("method") == "perfit":  # the paper's PerFIT unless the cell says otherwise (the
+        fields = {"init": "symmetric", **fields}  # package's default init is symmetric_then_zero_b)
     return Cell(f"{group}/{split}/{label}", group, split, label, fields, seeds)
 
 
