@@ -99,3 +99,28 @@ def test_search_keeps_everything_when_the_budget_is_the_whole_adapter():
     groups = [(0, 6, 6), (6, 10, 4)]  # FIT (or a budget equal to the dense rank): nothing to prune
     mask = search_adapter_mask(None, torch.ones(10), [], 0, config, groups, seed=0)  # never touches a model
     assert mask.dtype == torch.bool and bool(mask.all()) and mask.numel() == 10
+
+
+def test_search_steps_score_different_micro_batches_at_the_training_precision(tiny_model, small_data, monkeypatch):
+    import perfit.task as task_module
+
+    config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=1, rank=4,
+                    sparsity=0.5, prune_iterations=4, search_batches=1, micro_batch_size=4, cutoff_len=256,
+                    dtype="bf16")  # fmt: skip
+    task = ClientTask(config)
+    scored = []
+    real = task_module.importance_scores
+
+    def spy(peft_model, theta, batches, pad_id, metric, autocast=None):
+        scored.append(([tuple(e.input_ids) for chunk in batches for e in chunk], autocast))
+        return real(peft_model, theta, batches, pad_id, metric, autocast)
+
+    monkeypatch.setattr(task_module, "importance_scores", spy)
+    mask = task.search(0)
+    assert int(mask.sum()) == task.layout.budget(4)
+    assert len(scored) == 4 and all(autocast is torch.bfloat16 for _, autocast in scored)
+    rows = [set(ids) for ids, _ in scored]
+    assert all(len(r) == 4 for r in rows) and all(not a & b for i, a in enumerate(rows) for b in rows[i + 1 :])
+    train = task.examples(0, "train")
+    shortest = {tuple(e.input_ids) for e in sorted(train, key=lambda e: len(e.input_ids))[:4]}
+    assert rows[0] != shortest  # the steps take the length groups in a seeded order, not shortest first

@@ -68,14 +68,13 @@ def search_adapter_mask(
     groups: list[tuple[int, int, int]],
     seed: int,
 ) -> torch.Tensor:
-    """Alg. 1 scored at the dense adapter `theta`: step t scores `search_batches` micro-batches of the
-    seeded shuffle of `train`, the steps taking them in turn (`step_batches`), under the training
-    precision (bf16 autocast where local training uses it)."""
+    """Alg. 1 scored at the dense adapter `theta`: step t scores `search_batches` of the client's
+    length-grouped micro-batches, the steps taking them in turn in a seeded order (`step_batches`),
+    under the training precision (bf16 autocast where local training uses it)."""
     if sum(budget for _, _, budget in groups) == theta.numel():
         return torch.ones(theta.numel(), dtype=torch.bool)
-    train = list(train)
-    random.Random(seed).shuffle(train)
-    batches = list(micro_batches(train, config.micro_batch_size))
+    batches = list(micro_batches(train, config.micro_batch_size))  # length-grouped: little padding
+    random.Random(seed).shuffle(batches)  # steps take the groups in a seeded order, not shortest first
     autocast = training_autocast(config.dtype)
 
     def score(alive: torch.Tensor, step: int) -> torch.Tensor:
