@@ -1,5 +1,6 @@
 """The FLOP accounting behind the MFU figure of `perfit bench speed`, worked by hand."""
 
+import json
 from types import SimpleNamespace
 
 import torch
@@ -32,9 +33,9 @@ def test_random_mask_holds_the_budget():
     assert torch.equal(mask, random_mask(100, 37, seed=1)) and not torch.equal(mask, random_mask(100, 37, seed=2))
 
 
-def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data):
+def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path):
     from perfit.config import Config
-    from perfit.speed import Bench, report_markdown
+    from perfit.speed import Bench, report_markdown, with_scale
     from tests.tiny import TINY_RUN
 
     config = Config(**{**TINY_RUN, "model": str(tiny_model), "data": str(small_data), "num_clients": 4,
@@ -51,4 +52,11 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data):
     assert 0.5 < result["bf16_ppl_over_fp32_ppl"] < 2.0
     assert result["upload_bytes_perfit_over_fit"] > 1.0  # the mask, amortized, is on top of the values
     text = report_markdown(result, "perfit bench speed")
-    assert "masks agree on" in text and "search share" in text
+    assert "masks agree on" in text and "search share" in text and "1,000 clients / 100" not in text
+    assert with_scale(result, tmp_path / "scale.json") is result  # no scale bench yet: nothing added
+    scale = {"command": "perfit bench scale", "round_time_1000_over_100": 1.07, "peak_rss_gib": 7.5,
+             "server_rss_1000_minus_100_gib": 0.012, "federations": {}}  # fmt: skip
+    (tmp_path / "scale.json").write_text(json.dumps(scale))
+    merged = with_scale(result, tmp_path / "scale.json")
+    assert merged["round_time_1000_over_100"] == 1.07 and merged["peak_rss_gib"] == 7.5
+    assert "1,000 clients / 100 clients **1.07**" in report_markdown(merged, "perfit bench speed")

@@ -289,12 +289,13 @@ def bench_speed(
     """Time local training (perfit vs a plain peft loop, fp32 vs bf16, PerFIT vs FIT), MFU, bytes, search share."""
     import json
 
-    from perfit.speed import Bench, report_markdown
+    from perfit.speed import Bench, report_markdown, with_scale
 
     config = _config(ctx, None, preset)
     with _errors("data"):
         result = Bench(config, rows=rows).run()
     command = " ".join(["perfit bench speed", *ctx.args, f"--preset {preset} --rows {rows}"])
+    result = with_scale(result, out / "scale.json")
     out.mkdir(parents=True, exist_ok=True)
     (out / "performance.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
     (out / "performance.md").write_text(report_markdown(result, command))

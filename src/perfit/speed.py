@@ -11,6 +11,7 @@ with the base model frozen:
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import resource
@@ -268,6 +269,17 @@ class Bench:
         }
 
 
+def with_scale(result: dict[str, Any], scale_json: Path) -> dict[str, Any]:
+    """The bench's result plus the whole-federation figures of `perfit bench scale` (docs/scale.json,
+    measured by that command in its own run), which this bench does not repeat: round time with
+    1,000 vs 100 clients and the peak resident memory of a simulation."""
+    if not scale_json.is_file():
+        return result
+    scale = json.loads(scale_json.read_text())
+    keys = ("round_time_1000_over_100", "peak_rss_gib", "server_rss_1000_minus_100_gib")
+    return {**result, **{k: scale[k] for k in keys}, "scale_command": scale["command"]}
+
+
 def report_markdown(result: dict[str, Any], command: str) -> str:
     """docs/performance.md from one bench result."""
     seconds, rate, mfu = result["seconds"], result["tokens_per_s"], result["mfu"]
@@ -321,6 +333,17 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "",
         "## Server",
         "",
+        *(
+            [
+                f"From `{result['scale_command']}` (docs/scale.md): round time with 1,000 clients / 100 clients "
+                f"**{result['round_time_1000_over_100']:.2f}** (target <= 1.2); the server process's peak RSS grows by "
+                f"{result['server_rss_1000_minus_100_gib']:.3f} GiB from 100 to 1,000 clients; peak resident memory of "
+                f"the whole simulation {result['peak_rss_gib']:.2f} GiB.",
+                "",
+            ]
+            if "scale_command" in result
+            else []
+        ),
         "Eq. 6 over 10 / 100 / 1,000 masked clients, streamed (one update at a time): "
         + " / ".join(f"{result['server_aggregation_seconds'][k]:.2f} s" for k in ("10", "100", "1000"))
         + f". A mask costs the server {result['server_mask_bytes_per_client']['bit_packed']:,} bytes (bit-packed; "
