@@ -158,6 +158,23 @@ def test_headline_ratios_and_seed_spread(tmp_path):
     )
 
 
+def test_headline_compares_only_the_seeds_both_cells_finished(tmp_path):
+    for name, seeds in {
+        "table1/pathological/fit": (10.0, 14.0),
+        "table1/pathological/perfit-s0.5": (9.0,),  # seed 1 not run yet
+        "table2/pathological/perfit-8-12-16": (11.0,),
+        "baselines/pathological/local": (9.5, 13.0),
+        "baselines/pathological/fedsa": (12.0,),
+    }.items():
+        for seed, ppl in enumerate(seeds):
+            _fake_run(tmp_path / name / f"seed{seed}", ppl)
+    head = headline(load_results(tmp_path))
+    assert head["perfit_over_fit"]["pathological"] == pytest.approx(0.9)  # 9 / 10, not 9 / mean(10, 14)
+    assert head["hetero_over_fit"]["pathological"] == pytest.approx(1.1)
+    assert head["perfit_over_best_baseline"]["pathological"] == pytest.approx(9.0 / 9.5)  # local is the strongest
+    assert math.isnan(head["perfit_over_fit"]["dirichlet"])
+
+
 def test_pearson_correlation_by_hand():
     from perfit.report import pearson
 
