@@ -146,7 +146,7 @@ class Bench:
         quality = self._bf16_quality(masked_pass, train, held_out, pad)
         result = {
             "machine": {
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": cpu_description(),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             },  # fmt: skip
