@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perfit.config import Config, make_config
+from perfit.tuning import LRS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -53,14 +54,14 @@ def _config(ctx: typer.Context, config_file: Path | None, preset: str | None, **
 
 
 @contextmanager
-def _errors(what: str) -> Iterator[None]:
-    """Known input errors become one red line and exit code 2, never a traceback."""
+def _errors(what: str, *more: type[Exception]) -> Iterator[None]:
+    """Known input errors (and `more` kinds) become one red line and exit code 2, never a traceback."""
     from perfit.data import DataError
     from perfit.export import RunError
 
     try:
         yield
-    except (DataError, RunError, FileNotFoundError) as err:
+    except (DataError, RunError, FileNotFoundError, *more) as err:
         console.print(f"[red]{what} error:[/red] {err}")
         raise typer.Exit(2) from err
 
@@ -396,11 +397,8 @@ def bench_paper(
     if tuned is not None:
         from perfit.tuning import tuned as with_tuned_lr
 
-        try:
+        with _errors("tuning", OSError, ValueError):
             chosen = with_tuned_lr(chosen, tuned)
-        except (OSError, ValueError) as err:
-            console.print(f"[red]tuning error:[/red] {err}")
-            raise typer.Exit(2) from err
     if list_cells:
         _list_cells(chosen, out)
         return
@@ -414,7 +412,7 @@ def bench_tune(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/tune"), help="One run directory per cell and candidate rate."),
     cells: list[str] = typer.Option([], "--cells", help="Glob(s) of grid cells to tune, e.g. 'table1/*'."),
-    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in (3e-4, 1e-3, 3e-3)), help="Candidate learning rates."),
+    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in LRS), help="Candidate learning rates."),
     docs: Path = typer.Option(Path("docs"), help="Where tuning.md and tuning.json go."),
     list_cells: bool = typer.Option(False, "--list", help="List the tuning runs and their state; run nothing."),
 ) -> None:
@@ -437,11 +435,8 @@ def bench_tune(
         return
     with _errors("data"):
         _check_failures(run_grid(runs, out, common, _run, console.print))
-    try:
+    with _errors("tuning", ValueError):
         table = collect(chosen, out, candidates)
-    except ValueError as err:
-        console.print(f"[red]tuning error:[/red] {err}")
-        raise typer.Exit(2) from err
     command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "tuning.json").write_text(

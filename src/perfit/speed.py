@@ -230,7 +230,8 @@ class Bench:
         peft_model, layout, run_pass = masked_pass(dense, config.rank, autocast)
         theta = initial_adapter(layout, "symmetric", 0)
         groups = budget_groups(layout, config.scope, config.rank)
-        passes = config.pruning_steps * min(config.search_batches, -(-len(train) // config.micro_batch_size))
+        batches = -(-len(train) // config.micro_batch_size)
+        passes = config.pruning_steps * min(config.search_batches, batches)
         masks, per_scoring_batch = {}, {}
         for name in ("fp32", "bf16"):
             begin = time.perf_counter()
@@ -238,7 +239,7 @@ class Bench:
             per_scoring_batch[name] = (time.perf_counter() - begin) / passes
         begin = time.perf_counter()
         run_pass(train)
-        per_training_batch = (time.perf_counter() - begin) / -(-len(train) // config.micro_batch_size)
+        per_training_batch = (time.perf_counter() - begin) / batches
         ppl = {}
         for name, mask in masks.items():
             flat = train_masked(peft_model, theta * mask, mask, train, pad, epochs=1, batch_size=config.batch_size,

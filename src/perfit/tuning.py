@@ -52,8 +52,8 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
         measured = {}
-        for lr in lrs:
-            summary_path = out / cell.name / lr_label(lr) / "seed0" / "summary.json"
+        for lr, run in zip(lrs, tuning_cells([cell], lrs), strict=True):
+            summary_path = run.run_dir(out, 0) / "summary.json"
             if summary_path.is_file():
                 summary = json.loads(summary_path.read_text())
                 if summary.get("evaluated_on") != "validation":
