@@ -1,9 +1,12 @@
 """`perfit bench scale` on the tiny Llama: two whole federations differing only in size, their round
 times and memory peaks read from the runs, and the report built from them."""
 
+import subprocess
+import sys
+
 import pytest
 
-from perfit.scale import PeakMemory, bench_scale, scale_markdown
+from perfit.scale import PeakMemory, bench_scale, federation, scale_markdown
 
 from .reliability.helpers import tiny_config
 
@@ -17,6 +20,25 @@ def test_peak_memory_sees_this_process():
 
         time.sleep(0.1)
     assert memory.peak_self >= 64 << 20 and memory.peak_total >= memory.peak_self
+
+
+def test_peak_memory_watches_another_process_until_it_exits():
+    """Each federation is measured in its own process; the sampler follows that pid, not ours."""
+    script = "b = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nimport time; time.sleep(0.5)"
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        with PeakMemory(interval=0.01, pid=child.pid) as memory:
+            child.wait(timeout=60)
+    finally:
+        child.kill()
+    assert memory.peak_self >= 96 << 20
+
+
+def test_a_federation_that_fails_in_its_process_raises_with_the_cause(tiny_model, small_data, tmp_path):
+    config = tiny_config(tiny_model, small_data, tmp_path / "unused")
+    broken = config.replace(data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(RuntimeError, match=r"federation of 4 clients failed: .*missing\.jsonl"):
+        federation(broken, 4, tmp_path)
 
 
 def test_bench_scale_runs_both_federations(tiny_model, small_data, tmp_path):

@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from perfit.data import Example
@@ -51,8 +52,18 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert 0.5 < searched["ppl_bf16_mask_over_fp32_mask"] < 2.0
     assert 0.5 < result["bf16_ppl_over_fp32_ppl"] < 2.0
     assert result["upload_bytes_perfit_over_fit"] > 1.0  # the mask, amortized, is on top of the values
+    compiled = result["compiled"]
+    assert abs(compiled["ppl_compiled_over_eager_fp32"] - 1.0) < 1e-3  # compiling changes no result
+    assert compiled["first_call_seconds"]["fp32"] > 0 and result["mfu"]["bf16_compiled"] > 0
+    assert result["mfu"]["fp32_compiled"] == pytest.approx(
+        result["mfu"]["fp32"] * result["seconds"]["perfit_fp32"] / compiled["seconds"]["fp32"]
+    )
+    from perfit.model import load_base
+
+    assert getattr(load_base(str(tiny_model))[0].get_decoder(), "_compiled_call_impl", None) is None  # not shared
     text = report_markdown(result, "perfit bench speed")
-    assert "masks agree on" in text and "search share" in text and "1,000 clients / 100" not in text
+    assert "masks agree on" in text and "search share" in text and "decoder compiled" in text
+    assert "1,000 clients / 100" not in text
     assert with_scale(result, tmp_path / "scale.json") is result  # no scale bench yet: nothing added
     scale = {"command": "perfit bench scale", "round_time_1000_over_100": 1.07, "peak_rss_gib": 7.5,
              "server_rss_1000_minus_100_gib": 0.012, "federations": {}}  # fmt: skip

@@ -124,3 +124,45 @@ def test_search_steps_score_different_micro_batches_at_the_training_precision(ti
     train = task.examples(0, "train")
     shortest = {tuple(e.input_ids) for e in sorted(train, key=lambda e: len(e.input_ids))[:4]}
     assert rows[0] != shortest  # the steps take the length groups in a seeded order, not shortest first
+
+
+def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_data):
+    """`torch_compile=1` must not change what is learned: the same masked training through the
+    compiled decoder gives the eager loss and adapter (fp32, to float tolerance)."""
+    from transformers import AutoModelForCausalLM
+
+    from perfit.data import load_rows
+    from perfit.model import compile_decoder
+
+    _, tokenizer = load_base(str(tiny_model))
+    rows = load_rows(str(small_data))
+    examples = [tokenize(row, tokenizer, 128) for row in rows[:8]]
+    results = []
+    for compiled in (False, True):  # fresh model objects: the process-wide base model stays eager
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).requires_grad_(False)
+        if compiled:
+            compile_decoder(model)
+            compile_decoder(model)  # idempotent: compiles once
+        peft = attach_lora(model, 8, 16.0)
+        layout = lora_layout(peft)
+        mask = torch.rand(layout.size, generator=torch.Generator().manual_seed(3)) < 0.5
+        start = initial_adapter(layout, "symmetric", seed=0) * mask
+        results.append(train_masked(peft, start, mask, examples, tokenizer.pad_token_id, epochs=1, batch_size=4,
+                                    micro_batch_size=2, lr=1e-2, seed=0))  # fmt: skip
+    eager, compiled = results
+    assert getattr(model.get_decoder(), "_compiled_call_impl", None) is not None
+    assert compiled.steps == eager.steps == 2
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
+    assert torch.allclose(compiled.flat, eager.flat, rtol=1e-3, atol=1e-5)
+    assert not torch.equal(compiled.flat, start)  # it trained
+
+
+def test_client_task_compiles_the_decoder_only_when_asked(tiny_model, small_data, monkeypatch):
+    import perfit.task
+
+    calls = []
+    monkeypatch.setattr(perfit.task, "compile_decoder", calls.append)
+    base = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2)
+    assert ClientTask(base).tokenizer is not None and calls == []
+    model = ClientTask(base.replace(torch_compile=1))._base[0]
+    assert calls == [model]

@@ -77,6 +77,11 @@ class Config:
     """Local training and search precision: `bf16` autocast, `fp32`, or `auto` (bf16 where the CPU has
     bf16 units, else fp32). Evaluation stays fp32; parameters, gradients handed to the importance
     scores and optimizer state are always fp32."""
+    torch_compile: int = 0
+    """1: `torch.compile` (inductor, dynamic shapes) the decoder once per process for local training,
+    the search and evaluation. `perfit bench speed` measures it side by side with eager (same rows,
+    same losses): it pays once a process has run enough micro-batches to cover the one-time compile
+    of each graph (with and without gradients), i.e. in long runs, not in the quick preset's."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0
@@ -146,6 +151,7 @@ class Config:
             "holdout_clients": 0 <= self.holdout_clients <= self.num_clients - self.clients_per_round,
             "eval_every": self.eval_every >= 0,
             "validation": self.validation in (0, 1),
+            "torch_compile": self.torch_compile in (0, 1),
             "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,

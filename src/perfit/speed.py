@@ -26,7 +26,15 @@ import torch
 from perfit.aggregate import Accumulator
 from perfit.config import Config
 from perfit.data import Example, load_rows, tokenize
-from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, lora_parameters, resolve_model
+from perfit.model import (
+    attach_lora,
+    compile_decoder,
+    initial_adapter,
+    load_base,
+    lora_layout,
+    lora_parameters,
+    resolve_model,
+)
 from perfit.train import cpu_has_bf16, evaluate_nll, perplexity, train_masked, training_autocast
 
 
@@ -108,16 +116,18 @@ class Bench:
         peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
         all_rows = load_rows(config.data)
         picked = random.Random(0).sample(range(len(all_rows)), self.rows * 2)
-        base, tokenizer = load_base(resolve_model(config))
+        base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
         examples = [tokenize(all_rows[i], tokenizer, config.cutoff_len) for i in picked]
         train, held_out = examples[: self.rows], examples[self.rows :]
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
 
+        last: dict[str, Any] = {}
+
         def timed(fn: Any) -> float:
             fn(train[:8])  # warm-up: the first passes allocate and pick kernels
             begin = time.perf_counter()
-            fn(train)
+            last["result"] = fn(train)
             return time.perf_counter() - begin
 
         def masked_pass(rank: int, budget_rank: int, autocast: torch.dtype | None = None) -> Any:
@@ -137,6 +147,7 @@ class Bench:
         n_linear, n_lora = linear_params(base), fit_layout.size
         flops = useful_flops(base.config, n_linear, n_lora, train)
         seconds = {"perfit_fp32": timed(fit_pass)}
+        eager_fp32_flat = last["result"].flat  # the compiled pass below must learn the same adapter
         seconds["plain_peft_fp32"] = timed(
             lambda subset: plain_peft_pass(fit_model, subset, pad, config.batch_size, config.micro_batch_size)
         )
@@ -167,6 +178,11 @@ class Bench:
             **self._bytes_and_server(dense),
             **self._search_share(masked_pass, dense, train, held_out, pad),
         }
+        # last: compiling the decoder is process-wide, so everything above ran eager
+        result["compiled"] = self._compiled(base, masked_pass, train, held_out, pad, seconds["perfit_fp32"],
+                                            eager_fp32_flat)  # fmt: skip
+        for name in ("fp32", "bf16"):
+            result["mfu"][f"{name}_compiled"] = flops / result["compiled"]["seconds"][name] / (peak[name] * 1e9)
         result["dtype"] = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
         # the bench process (model copies and timing loops), not a simulation run (see `perfit bench scale`)
         result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -181,6 +197,42 @@ class Bench:
             flat = run_pass(train).flat
             ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, self.config.micro_batch_size))
         return ppl["bf16"] / ppl["fp32"]
+
+    def _compiled(
+        self,
+        base: Any,
+        masked_pass: Any,
+        train: list[Example],
+        held_out: list[Example],
+        pad: int,
+        eager_fp32: float,
+        eager_flat: torch.Tensor,
+    ) -> dict[str, Any]:
+        """The same perfit passes with the decoder compiled (`torch_compile=1`): first-call cost
+        (compile + one micro-batch, per dtype), pass seconds, and personalized perplexity after the
+        compiled fp32 pass against the eager one (`eager_flat`: same start, rows and seed; both
+        adapters evaluated the same way, through the compiled decoder)."""
+        compile_decoder(base)
+        first_call, seconds, flats = {}, {}, {}
+        for name, autocast in (("fp32", None), ("bf16", torch.bfloat16)):
+            peft_model, _, run_pass = masked_pass(self.config.rank, self.config.rank, autocast)
+            begin = time.perf_counter()
+            run_pass(train[:8])  # compiles this dtype's training graph
+            first_call[name] = time.perf_counter() - begin
+            run_pass(train[8:16])  # a second shape: dynamic dimensions settle here, not in the timing
+            begin = time.perf_counter()
+            flats[name] = run_pass(train).flat
+            seconds[name] = time.perf_counter() - begin
+        ppl = {}
+        fp32_model = masked_pass(self.config.rank, self.config.rank)[0]
+        for name, flat in (("eager", eager_flat), ("compiled", flats["fp32"])):
+            ppl[name] = perplexity(*evaluate_nll(fp32_model, flat, held_out, pad, self.config.micro_batch_size))
+        return {
+            "first_call_seconds": first_call,
+            "seconds": seconds,
+            "compiled_over_eager_tokens_per_s_fp32": eager_fp32 / seconds["fp32"],
+            "ppl_compiled_over_eager_fp32": ppl["compiled"] / ppl["eager"],
+        }
 
     def _bytes_and_server(self, dense: int) -> dict[str, Any]:
         """Payload bytes as Flower counts them, and Eq. 6 over k masked clients on the server."""
@@ -283,7 +335,7 @@ def with_scale(result: dict[str, Any], scale_json: Path) -> dict[str, Any]:
 
 def report_markdown(result: dict[str, Any], command: str) -> str:
     """docs/performance.md from one bench result."""
-    seconds, rate, mfu = result["seconds"], result["tokens_per_s"], result["mfu"]
+    seconds, rate, mfu, compiled = result["seconds"], result["tokens_per_s"], result["mfu"], result["compiled"]
     share, searched = result["search_share_inputs"], result["search_bf16"]
     lines = [
         "# Performance (measured by `perfit bench speed`)",
@@ -306,6 +358,15 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"{mfu['bf16']:.1%} of {result['peak_gflops']['bf16']:.0f} GFLOP/s |",
         f"| perfit, fp32, PerFIT client (dense rank, masked) | {seconds['perfit_round_dense_rank']:.1f} | "
         f"{rate['perfit_round_dense_rank']:.0f} | |",
+        *(
+            f"| perfit, {name}, decoder compiled (`torch_compile=1`) | {compiled['seconds'][name]:.1f} | "
+            f"{result['tokens_per_pass'] / compiled['seconds'][name]:.0f} | {mfu[name + '_compiled']:.1%} |"
+            for name in ("fp32", "bf16")
+        ),
+        "",
+        f"Compiling costs the first call {compiled['first_call_seconds']['fp32']:.0f} s (fp32) / "
+        f"{compiled['first_call_seconds']['bf16']:.0f} s (bf16), compile and one micro-batch, once per process "
+        "and graph (the on-disk inductor cache shortens later ones).",
         "",
         "| ratio | measured | target |",
         "|---|---|---|",
@@ -316,7 +377,11 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "within 1 % |",
         f"| PerFIT client round / FIT client round (search excluded) | {result['perfit_round_over_fit_round']:.2f} | "
         "<= 1.05 |",
-        f"| MFU, fp32 | {mfu['fp32']:.1%} | >= 60 % |",
+        f"| MFU, fp32 / bf16, eager (default) | {mfu['fp32']:.1%} / {mfu['bf16']:.1%} | >= 60 % |",
+        f"| MFU, fp32 / bf16, decoder compiled | {mfu['fp32_compiled']:.1%} / {mfu['bf16_compiled']:.1%} | >= 60 % |",
+        f"| compiled / eager tokens/s (fp32) | {compiled['compiled_over_eager_tokens_per_s_fp32']:.2f} | |",
+        f"| compiled / eager personalized perplexity after the same training (fp32) | "
+        f"{compiled['ppl_compiled_over_eager_fp32']:.4f} | within 1 % |",
         f"| search share of a client's compute at the config's proportions | {result['search_share']:.1%} | <= 10 % |",
         f"| PerFIT / FIT upload bytes per round (mask amortized) | {result['upload_bytes_perfit_over_fit']:.3f} | "
         "<= 1.05 |",

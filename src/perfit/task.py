@@ -16,6 +16,7 @@ from perfit.data import ClientSplit, Example, load_rows, partition, tokenize
 from perfit.model import (
     Layout,
     attach_lora,
+    compile_decoder,
     initial_adapter,
     load_base,
     lora_layout,
@@ -105,7 +106,10 @@ class ClientTask:
 
     @cached_property
     def _base(self) -> tuple[Any, Any]:
-        return load_base(self.model_path)
+        model, tokenizer = load_base(self.model_path)
+        if self.config.torch_compile:
+            compile_decoder(model)
+        return model, tokenizer
 
     @property
     def tokenizer(self) -> Any:
