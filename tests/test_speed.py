@@ -71,3 +71,15 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     merged = with_scale(result, tmp_path / "scale.json")
     assert merged["round_time_1000_over_100"] == 1.07 and merged["peak_rss_gib"] == 7.5
     assert "1,000 clients / 100 clients **1.07**" in report_markdown(merged, "perfit bench speed")
+
+
+def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
+    from perfit.speed import _break_even
+
+    result = {
+        "compiled": {"seconds": {"fp32": 30.0, "bf16": 15.0}, "first_call_seconds": {"fp32": 200.0, "bf16": 210.0}},
+        "tokens_per_pass": 8000,
+        "seconds": {"perfit_fp32": 40.0, "perfit_bf16": 14.0},
+    }
+    text = _break_even(result)  # fp32 saves 10 s per 8,000 tokens: 200 s back after 160,000 tokens
+    assert "fp32: 160k tokens" in text and "bf16: never" in text

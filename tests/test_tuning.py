@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.experiments import grid, select
-from perfit.tuning import choose, collect, tuned, tuning_cells, tuning_markdown
+from perfit.tuning import choose, collect, edge, tuned, tuning_cells, tuning_markdown
 
 
 def test_choose_lowest_finite_and_ties_to_the_smaller_rate():
@@ -18,6 +18,13 @@ def test_choose_lowest_finite_and_ties_to_the_smaller_rate():
     assert choose({3e-4: 15.0, 1e-3: math.nan, 3e-3: math.inf}) == 3e-4  # a diverged run never wins
     with pytest.raises(ValueError, match="finite"):
         choose({1e-3: math.nan})
+
+
+def test_edge_flags_a_choice_at_either_end_of_the_candidates():
+    assert edge(3e-3, (3e-4, 1e-3, 3e-3)) == "largest"
+    assert edge(3e-4, (3e-4, 1e-3, 3e-3)) == "smallest"
+    assert edge(1e-3, (3e-4, 1e-3, 3e-3)) is None
+    assert edge(1e-3, (1e-3,)) is None
 
 
 def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
@@ -45,11 +52,16 @@ def test_collect_chooses_only_when_every_candidate_finished_and_refuses_test_run
     _summary(tmp_path / "table1/pathological/fit/lr0.001/seed0", 14.2)
     _summary(tmp_path / "table1/pathological/perfit-s0.5/lr0.0003/seed0", 15.5)
     table = collect(cells, tmp_path, (3e-4, 1e-3))
-    assert table["table1/pathological/fit"] == {"validation_ppl": {"0.0003": 15.0, "0.001": 14.2}, "chosen_lr": 1e-3}
+    assert table["table1/pathological/fit"] == {
+        "validation_ppl": {"0.0003": 15.0, "0.001": 14.2},
+        "chosen_lr": 1e-3,
+        "edge": "largest",
+    }
     assert "chosen_lr" not in table["table1/pathological/perfit-s0.5"]  # lr 1e-3 not run yet
     text = tuning_markdown(table, (3e-4, 1e-3), "perfit bench tune")
     assert "| table1/pathological/fit | 15.000 | **14.200** | 0.001 |" in text
     assert "| table1/pathological/perfit-s0.5 | 15.500 | – | pending |" in text
+    assert "may lie beyond it (widen `--lrs`): table1/pathological/fit (largest)." in text
     _summary(tmp_path / "table1/pathological/perfit-s0.5/lr0.001/seed0", 9.0, evaluated_on="held_out")
     with pytest.raises(ValueError, match="not a validation run"):
         collect(cells, tmp_path, (3e-4, 1e-3))

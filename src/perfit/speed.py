@@ -333,6 +333,20 @@ def with_scale(result: dict[str, Any], scale_json: Path) -> dict[str, Any]:
     return {**result, **{k: scale[k] for k in keys}, "scale_command": scale["command"]}
 
 
+def _break_even(result: dict[str, Any]) -> str:
+    """How many useful tokens a process must train before compiling pays back its first call."""
+    compiled, tokens = result["compiled"], result["tokens_per_pass"]
+    eager = {"fp32": result["seconds"]["perfit_fp32"], "bf16": result["seconds"]["perfit_bf16"]}
+    parts = []
+    for name in ("fp32", "bf16"):
+        saved_per_token = (eager[name] - compiled["seconds"][name]) / tokens
+        if saved_per_token <= 0:
+            parts.append(f"{name}: never (compiled is not faster)")
+        else:
+            parts.append(f"{name}: {compiled['first_call_seconds'][name] / saved_per_token / 1e3:,.0f}k tokens")
+    return "It pays back once a process has trained about " + ", ".join(parts) + "."
+
+
 def report_markdown(result: dict[str, Any], command: str) -> str:
     """docs/performance.md from one bench result."""
     seconds, rate, mfu, compiled = result["seconds"], result["tokens_per_s"], result["mfu"], result["compiled"]
@@ -366,7 +380,9 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "",
         f"Compiling costs the first call {compiled['first_call_seconds']['fp32']:.0f} s (fp32) / "
         f"{compiled['first_call_seconds']['bf16']:.0f} s (bf16), compile and one micro-batch, once per process "
-        "and graph (the on-disk inductor cache shortens later ones).",
+        "and graph (the on-disk inductor cache shortens later ones). "
+        + _break_even(result)
+        + " `torch_compile` stays off by default: the quick preset's runs are shorter than that.",
         "",
         "| ratio | measured | target |",
         "|---|---|---|",

@@ -46,6 +46,14 @@ def choose(validation_ppl: dict[float, float]) -> float:
     return min(sorted(finite), key=lambda lr: finite[lr])
 
 
+def edge(chosen: float, lrs: tuple[float, ...]) -> str | None:
+    """`largest` / `smallest` when the choice is at an end of the candidates (the optimum may lie
+    beyond it: widen `--lrs`), else None. One candidate is no search: None."""
+    if len(lrs) < 2:
+        return None
+    return "largest" if chosen == max(lrs) else "smallest" if chosen == min(lrs) else None
+
+
 def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[str, dict[str, Any]]:
     """Per cell: the validation perplexity of each finished candidate and, once all have finished,
     the chosen rate. Reads only the run directories' summaries."""
@@ -62,6 +70,7 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[
         entry: dict[str, Any] = {"validation_ppl": {f"{lr:g}": ppl for lr, ppl in measured.items()}}
         if len(measured) == len(lrs):
             entry["chosen_lr"] = choose(measured)
+            entry["edge"] = edge(entry["chosen_lr"], lrs)
         table[cell.name] = entry
     return table
 
@@ -105,4 +114,12 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
         "",
         *tuning_table(table, lrs),
     ]
+    at_edge = [f"{name} ({entry['edge']})" for name, entry in table.items() if entry.get("edge")]
+    if at_edge:
+        lines += [
+            "",
+            "Chosen at an end of the candidates, so the best rate may lie beyond it (widen `--lrs`): "
+            + ", ".join(at_edge)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
