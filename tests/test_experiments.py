@@ -165,6 +165,7 @@ def test_headline_compares_only_the_seeds_both_cells_finished(tmp_path):
         "table2/pathological/perfit-8-12-16": (11.0,),
         "baselines/pathological/local": (9.5, 13.0),
         "baselines/pathological/fedsa": (12.0,),
+        "table1/pathological/perfit-s0.5-zero-b": (9.4, 12.0),
     }.items():
         for seed, ppl in enumerate(seeds):
             _fake_run(tmp_path / name / f"seed{seed}", ppl)
@@ -172,6 +173,8 @@ def test_headline_compares_only_the_seeds_both_cells_finished(tmp_path):
     assert head["perfit_over_fit"]["pathological"] == pytest.approx(0.9)  # 9 / 10, not 9 / mean(10, 14)
     assert head["hetero_over_fit"]["pathological"] == pytest.approx(1.1)
     assert head["perfit_over_best_baseline"]["pathological"] == pytest.approx(9.0 / 9.5)  # local is the strongest
+    # B = 0 against local over seeds 0 and 1 ((9.4 + 12) / (9.5 + 13)); against fedsa on seed 0 only (9.4 / 12)
+    assert head["perfit_zero_b_over_best_baseline"]["pathological"] == pytest.approx(21.4 / 22.5)
     assert math.isnan(head["perfit_over_fit"]["dirichlet"])
 
 
