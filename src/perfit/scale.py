@@ -64,14 +64,11 @@ class PeakMemory:
 
 
 def _simulate(config: Config, num_cpus: int | None, results: Any) -> None:
-    """Child process: one federation; its round times (or the error) go back through `results`."""
+    """Child process: one federation; its perplexity (or the error) goes back through `results`."""
     from perfit.simulation import run_simulation
 
     try:
-        summary = run_simulation(config, num_cpus=num_cpus)
-        lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
-        seconds = [r["seconds"] for r in map(json.loads, filter(None, lines)) if not r.get("final")]
-        results.put({"round_seconds": seconds, "personalized_ppl": summary["personalized_ppl"]})
+        results.put({"personalized_ppl": run_simulation(config, num_cpus=num_cpus)["personalized_ppl"]})
     except BaseException as err:  # reported by the parent, which raises
         results.put({"error": f"{type(err).__name__}: {err}"})
 
@@ -96,7 +93,7 @@ def federation(config: Config, num_clients: int, out: Path, num_cpus: int | None
     run = config.replace(num_clients=num_clients, out=str(out / f"clients-{num_clients}"))
     spawn = multiprocessing.get_context("spawn")
     results = spawn.Queue()
-    child = spawn.Process(target=_simulate, args=(run, num_cpus, results), daemon=False)
+    child = spawn.Process(target=_simulate, args=(run, num_cpus, results))
     begin = time.perf_counter()
     child.start()
     try:
@@ -110,7 +107,8 @@ def federation(config: Config, num_clients: int, out: Path, num_cpus: int | None
     wall = time.perf_counter() - begin
     if "error" in outcome:
         raise RuntimeError(f"federation of {num_clients} clients failed: {outcome['error']}")
-    seconds = outcome["round_seconds"]
+    rounds = [json.loads(line) for line in (Path(run.out) / "metrics.jsonl").read_text().splitlines() if line]
+    seconds = [r["seconds"] for r in rounds if not r.get("final")]
     return {
         "num_clients": num_clients,
         "round_seconds": seconds,

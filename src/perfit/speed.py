@@ -122,13 +122,12 @@ class Bench:
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
 
-        last: dict[str, Any] = {}
-
-        def timed(fn: Any) -> float:
-            fn(train[:8])  # warm-up: the first passes allocate and pick kernels
+        def timed(fn: Any) -> tuple[float, Any]:
+            """(seconds, result) of `fn(train)` after a warm-up on 8 rows (allocation, kernel choice)."""
+            fn(train[:8])
             begin = time.perf_counter()
-            last["result"] = fn(train)
-            return time.perf_counter() - begin
+            result = fn(train)
+            return time.perf_counter() - begin, result
 
         def masked_pass(rank: int, budget_rank: int, autocast: torch.dtype | None = None) -> Any:
             peft_model = attach_lora(base, rank, 2.0 * rank)
@@ -146,14 +145,14 @@ class Bench:
         fit_model, fit_layout, fit_pass = masked_pass(config.rank, config.rank)
         n_linear, n_lora = linear_params(base), fit_layout.size
         flops = useful_flops(base.config, n_linear, n_lora, train)
-        seconds = {"perfit_fp32": timed(fit_pass)}
-        eager_fp32_flat = last["result"].flat  # the compiled pass below must learn the same adapter
-        seconds["plain_peft_fp32"] = timed(
+        seconds: dict[str, float] = {}
+        seconds["perfit_fp32"], fit_result = timed(fit_pass)  # the compiled pass must learn this adapter
+        seconds["plain_peft_fp32"], _ = timed(
             lambda subset: plain_peft_pass(fit_model, subset, pad, config.batch_size, config.micro_batch_size)
         )
-        seconds["perfit_bf16"] = timed(masked_pass(config.rank, config.rank, torch.bfloat16)[2])
+        seconds["perfit_bf16"], _ = timed(masked_pass(config.rank, config.rank, torch.bfloat16)[2])
         dense = round(config.rank / (1 - config.sparsity))
-        seconds["perfit_round_dense_rank"] = timed(masked_pass(dense, config.rank)[2])
+        seconds["perfit_round_dense_rank"], _ = timed(masked_pass(dense, config.rank)[2])
         quality = self._bf16_quality(masked_pass, train, held_out, pad)
         result = {
             "machine": {
@@ -180,7 +179,7 @@ class Bench:
         }
         # last: compiling the decoder is process-wide, so everything above ran eager
         result["compiled"] = self._compiled(base, masked_pass, train, held_out, pad, seconds["perfit_fp32"],
-                                            eager_fp32_flat)  # fmt: skip
+                                            fit_result.flat)  # fmt: skip
         for name in ("fp32", "bf16"):
             result["mfu"][f"{name}_compiled"] = flops / result["compiled"]["seconds"][name] / (peak[name] * 1e9)
         result["dtype"] = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
@@ -383,7 +382,7 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"{compiled['first_call_seconds']['bf16']:.0f} s (bf16), compile and one micro-batch, once per process "
         "and graph (later processes may reuse inductor's on-disk cache; not timed here). "
         + _break_even(result)
-        + " `torch_compile` stays off by default: the quick preset's runs are shorter than that.",
+        + " `torch_compile` is off by default; `--torch-compile 1` turns it on.",
         "",
         "| ratio | measured | target |",
         "|---|---|---|",
