@@ -34,6 +34,20 @@ def test_random_mask_holds_the_budget():
     assert torch.equal(mask, random_mask(100, 37, seed=1)) and not torch.equal(mask, random_mask(100, 37, seed=2))
 
 
+def test_search_share_and_the_passes_that_fit_a_share():
+    from perfit.speed import passes_within, search_share
+
+    inputs = {"pruning_steps": 10, "search_batches": 1, "seconds_per_scoring_micro_batch": 2.0,
+              "seconds_per_training_micro_batch": 1.0, "participations_per_client": 3.0,
+              "train_rows_per_client": 400.0, "micro_batch_size": 8}  # fmt: skip
+    # search 10 x 2 s = 20 s against 3 x 400 / 8 = 150 micro-batches x 1 s
+    assert search_share(inputs) == pytest.approx(20 / 170)
+    assert search_share(inputs, participations=5.0) == pytest.approx(20 / 270)
+    assert search_share(inputs, passes=150) == pytest.approx(300 / 450)
+    # 2p / (2p + 150) <= 0.1  <=>  p <= 8.33
+    assert passes_within(inputs, 0.10) == 8 and passes_within(inputs, 0.0) == 0
+
+
 def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path):
     from perfit.config import Config
     from perfit.speed import Bench, report_markdown, with_scale

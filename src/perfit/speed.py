@@ -299,27 +299,47 @@ class Bench:
                                 autocast_dtype=autocast).flat  # fmt: skip
             ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, config.micro_batch_size))
         used = "bf16" if autocast is not None else "fp32"
-        train_rows = 15011 * 0.8 / config.num_clients  # dolly's rows over the clients, 80 % train
-        participations = config.rounds * config.clients_per_round / config.num_clients
-        search = config.pruning_steps * config.search_batches * per_scoring_batch[used]
-        training = participations * train_rows / config.micro_batch_size * per_training_batch
+        per_round = config.clients_per_round / config.num_clients * config.local_epochs  # epochs a client trains
+        inputs = {
+            "dtype": used,
+            "pruning_steps": config.pruning_steps,
+            "search_batches": config.search_batches,
+            "seconds_per_scoring_micro_batch": per_scoring_batch[used],
+            "seconds_per_training_micro_batch": per_training_batch,
+            "participations_per_client": config.rounds * per_round,
+            "participations_per_client_at_50_rounds": 50 * per_round,  # Table 2's rounds
+            "train_rows_per_client": 15011 * 0.8 / config.num_clients,  # dolly's rows over the clients, 80 % train
+            "micro_batch_size": config.micro_batch_size,
+        }
         return {
-            "search_share": search / (search + training),
-            "search_share_inputs": {
-                "dtype": used,
-                "pruning_steps": config.pruning_steps,
-                "search_batches": config.search_batches,
-                "seconds_per_scoring_micro_batch": per_scoring_batch[used],
-                "seconds_per_training_micro_batch": per_training_batch,
-                "participations_per_client": participations,
-                "train_rows_per_client": train_rows,
-            },
+            "search_share": search_share(inputs),
+            "search_share_inputs": inputs,
             "search_bf16": {
                 "scoring_seconds_fp32_over_bf16": per_scoring_batch["fp32"] / per_scoring_batch["bf16"],
                 "mask_agreement": float((masks["fp32"] & masks["bf16"]).sum() / masks["fp32"].sum()),
                 "ppl_bf16_mask_over_fp32_mask": ppl["bf16"] / ppl["fp32"],
             },
         }
+
+
+def search_share(inputs: dict[str, Any], participations: float | None = None, passes: float | None = None) -> float:
+    """The search's share of a client's compute, search / (search + training): `passes` scoring
+    micro-batches (default T_p x search_batches) against `participations` local epochs over the
+    client's train rows (default the config's), each side at its measured seconds per micro-batch."""
+    passes = inputs["pruning_steps"] * inputs["search_batches"] if passes is None else passes
+    participations = inputs["participations_per_client"] if participations is None else participations
+    search = passes * inputs["seconds_per_scoring_micro_batch"]
+    training_batches = participations * inputs["train_rows_per_client"] / inputs["micro_batch_size"]
+    training = training_batches * inputs["seconds_per_training_micro_batch"]
+    return search / (search + training)
+
+
+def passes_within(inputs: dict[str, Any], share: float, participations: float | None = None) -> int:
+    """The most scoring micro-batches a search may take and stay within `share` of a client's compute."""
+    passes = 0
+    while search_share(inputs, participations, passes + 1) <= share:
+        passes += 1
+    return passes
 
 
 def with_scale(result: dict[str, Any], scale_json: Path) -> dict[str, Any]:
@@ -351,6 +371,8 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
     """docs/performance.md from one bench result."""
     seconds, rate, mfu, compiled = result["seconds"], result["tokens_per_s"], result["mfu"], result["compiled"]
     share, searched = result["search_share_inputs"], result["search_bf16"]
+    epoch_batches = share["train_rows_per_client"] / share["micro_batch_size"]  # a step over all train rows
+    literal = search_share(share, passes=share["pruning_steps"] * epoch_batches)
     lines = [
         "# Performance (measured by `perfit bench speed`)",
         "",
@@ -406,7 +428,12 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"Search share inputs ({share['dtype']}): T_p {share['pruning_steps']} x {share['search_batches']} scoring "
         f"micro-batches of {share['seconds_per_scoring_micro_batch']:.2f} s, against "
         f"{share['participations_per_client']:.1f} participations x {share['train_rows_per_client']:.0f} "
-        f"train rows per client in training micro-batches of {share['seconds_per_training_micro_batch']:.2f} s.",
+        f"train rows per client in training micro-batches of {share['seconds_per_training_micro_batch']:.2f} s. "
+        f"At Table 2's 50 rounds ({share['participations_per_client_at_50_rounds']:.1f} participations) the share "
+        f"is {search_share(share, share['participations_per_client_at_50_rounds']):.1%}. To stay within 10 % at the "
+        f"config's proportions a search may take {passes_within(share, 0.10)} scoring micro-batches; the paper's "
+        'T_p (10 for dense rank 16, 5 otherwise) at one micro-batch a step takes 10 or 5. Its "pruning epochs" '
+        f"read literally (every step over all of a client's train rows) would make the share {literal:.0%}.",
         "",
         "Search under bf16 autocast against fp32, same data and start: scoring "
         f"{searched['scoring_seconds_fp32_over_bf16']:.2f}x faster; the masks agree on "
