@@ -1,6 +1,7 @@
 """The resumable paper grid and its report: cell selection and order, skip/resume, the headline
 ratios and the seed-spread rule on hand-made summaries, and one real cell end to end on the tiny Llama."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -54,14 +55,21 @@ def test_select_and_schedule_order():
         select(cells, ["table9/*"])
 
 
-def _fake_run(directory: Path, ppl: float, wall: float = 10.0, losses=(3.0, 2.5)) -> None:
+def _fake_run(directory: Path, ppl: float | None, wall=10.0, losses=(3.0, 2.5), lr=3e-4, cell=None, **extra) -> None:
+    """A finished run as the grid leaves it (a diverged run's perplexity is written as null) of `cell`
+    (by default the grid cell its directory names)."""
     directory.mkdir(parents=True, exist_ok=True)
+    cell = cell or next(c for c in grid() if c.name == "/".join(directory.parts[-4:-1]))
+    root = directory.parents[len(cell.name.split("/"))]
+    config = cell.config(int(directory.name.removeprefix("seed")), root, data="d.jsonl")
+    (directory / "config.toml").write_text(config.replace(lr=lr).to_toml())
     summary = {
         "personalized_ppl": ppl,
         "wall_seconds": wall,
         "per_client_ppl": {"0": ppl},
         "trainable_params_per_client": {"0": 100},
         "search_seconds": 4.0,
+        **extra,
     }
     (directory / "summary.json").write_text(json.dumps(summary))
     metrics = [{"round": i + 1, "train_loss": v} for i, v in enumerate(losses)]
@@ -108,6 +116,43 @@ def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path):
     assert any("FAILED (ValueError: cannot resume" in line for line in lines)
 
 
+def test_a_finished_run_of_another_config_is_kept_and_reported_not_counted(tmp_path):
+    cells = select(grid(), ["table1/pathological/fit"])
+    cell = cells[0]
+    _fake_run(cell.run_dir(tmp_path, 0), 10.0, lr=3e-4)
+    _fake_run(cell.run_dir(tmp_path, 1), 11.0, lr=3e-3)
+    tuned = [dataclasses.replace(cell, fields={**cell.fields, "lr": 3e-3})]  # what `--tuned` runs
+    lines = []
+    log = run_grid(tuned, tmp_path, {"data": "d.jsonl"}, lambda config: pytest.fail("nothing to run"), lines.append)
+    assert [what.split(" (")[0] for _, _, what in log] == ["failed: finished with another config", "skipped"]
+    assert "lr: 0.0003 -> 0.003" in log[0][2] and any("use another --out" in line for line in lines)
+    assert (cell.run_dir(tmp_path, 0) / "summary.json").is_file()  # kept
+
+
+def test_a_diverged_run_is_reported_not_a_crash(tmp_path):
+    from perfit.tuning import collect, tuning_cells
+
+    cells = select(grid(), ["table1/pathological/fit"])
+    lines = []
+    log = run_grid(cells, tmp_path, {"data": "d.jsonl"}, lambda c: {"personalized_ppl": math.nan, "wall_seconds": 1.0},
+                   lines.append)  # fmt: skip
+    assert [what for _, _, what in log] == ["ran", "ran"] and "n/a (diverged)" in lines[1]
+    _fake_run(cells[0].run_dir(tmp_path, 0), None)  # NaN written as null, the way write_summary does
+    _fake_run(cells[0].run_dir(tmp_path, 1), 9.0)
+    _fake_run(tmp_path / "table1/pathological/perfit-s0.5/seed0", 8.0)  # one seed: no spread measured
+    result = load_results(tmp_path)["table1/pathological/fit"]
+    assert math.isnan(result.ppl[0]) and math.isnan(result.mean)
+    write_report(tmp_path, tmp_path / "docs")  # tables, figures and results.json all take the NaN
+    document = json.loads((tmp_path / "docs" / "results.json").read_text())["cells"]
+    assert document["table1/pathological/fit"]["mean"] is None
+    assert document["table1/pathological/perfit-s0.5"]["std"] is None
+    assert "nan" in (tmp_path / "docs" / "results.md").read_text()
+    lrs = (3e-4, 1e-2)
+    for lr, run in zip(lrs, tuning_cells(cells, lrs), strict=True):
+        _fake_run(run.run_dir(tmp_path / "tune", 0), None if lr == 1e-2 else 9.0, cell=run, evaluated_on="validation")
+    assert collect(cells, tmp_path / "tune", lrs)["table1/pathological/fit"]["chosen_lr"] == 3e-4
+
+
 def test_headline_ratios_and_seed_spread(tmp_path):
     values = {
         "table1/{s}/fit": (10.0, 10.2),
@@ -145,6 +190,8 @@ def test_headline_ratios_and_seed_spread(tmp_path):
     assert document["cells"]["baselines/dirichlet/fit-ft"]["seeds"] == []
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "7.200 ± 0.283 (-28.7 % *)" in text and "not run yet" in text
+    assert "lr 0.0003," in text and document["cells"]["table1/dirichlet/fit"]["config"]["lr"] == [3e-4]
+    assert document["cells"]["table1/dirichlet/fit"]["std"] == pytest.approx(0.1414213, rel=1e-5)
     assert (tmp_path / "docs" / "figures" / "loss_curves.png") in written
     assert "validation slice" not in text  # no tuning.json yet
     fit_tuning = {"validation_ppl": {"0.0003": 9.5, "0.001": 9.1}, "chosen_lr": 1e-3}

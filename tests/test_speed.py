@@ -26,6 +26,10 @@ def test_linear_params_counts_decoder_linears_only(tiny_model):
     # per layer: q 32x32, k 32x16, v 32x16, o 32x32, gate/up 32x64, down 64x32 (4 heads, 2 KV heads of 8)
     per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
     assert linear_params(model) == 2 * per_layer
+    from perfit.model import attach_lora
+
+    attach_lora(model, 8, 16.0)  # peft's lora_A / lora_B are nn.Linear too: counted as LoRA, not here
+    assert linear_params(model) == 2 * per_layer
 
 
 def test_random_mask_holds_the_budget():

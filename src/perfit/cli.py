@@ -437,10 +437,12 @@ def bench_tune(
         _check_failures(run_grid(runs, out, common, _run, console.print))
     with _errors("tuning", ValueError):
         table = collect(chosen, out, candidates)
+    from perfit.outputs import json_safe
+
     command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "tuning.json").write_text(
-        json.dumps({"command": command, "lrs": list(candidates), "cells": table}, indent=2) + "\n"
+        json.dumps(json_safe({"command": command, "lrs": list(candidates), "cells": table}), indent=2) + "\n"
     )
     (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command))
     console.print(text)

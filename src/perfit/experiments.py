@@ -17,6 +17,7 @@ perplexity, the same seeds for every method.
 from __future__ import annotations
 
 import fnmatch
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -146,13 +147,21 @@ def run_grid(
 ) -> list[tuple[Cell, int, str]]:
     """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
     raises is reported as `failed: ...` and the grid goes on with the next one."""
+    from perfit.outputs import config_changes
+
     done = []
     for cell, seed in schedule(cells):
         status = state(cell, out, seed)
-        if status == "done":
-            done.append((cell, seed, "skipped (finished)"))
-            continue
         config = cell.config(seed, out, **common, resume=int(status == "partial"))
+        if status == "done":
+            changes = config_changes(Path(config.out), config) if (Path(config.out) / "config.toml").is_file() else []
+            if changes:  # e.g. `--tuned` into a directory of default-rate runs: neither rerun nor count them
+                what = f"finished with another config ({'; '.join(changes)}); kept, not rerun: use another --out"
+                report(f"{cell.name} seed {seed}: {what}")
+                done.append((cell, seed, f"failed: {what}"))
+            else:
+                done.append((cell, seed, "skipped (finished)"))
+            continue
         if status == "todo" and Path(config.out).exists():  # a run that died before its first checkpoint
             shutil.rmtree(config.out)
         report(f"{cell.name} seed {seed}: {'resuming' if status == 'partial' else 'running'}")
@@ -162,9 +171,8 @@ def run_grid(
             report(f"{cell.name} seed {seed}: FAILED ({type(err).__name__}: {err})")
             done.append((cell, seed, f"failed: {type(err).__name__}: {err}"))
             continue
-        report(
-            f"{cell.name} seed {seed}: personalized ppl {summary['personalized_ppl']:.3f} "
-            f"in {summary['wall_seconds']:.0f} s"
-        )
+        ppl = summary.get("personalized_ppl")
+        ppl_text = f"{ppl:.3f}" if ppl is not None and math.isfinite(ppl) else "n/a (diverged)"
+        report(f"{cell.name} seed {seed}: personalized ppl {ppl_text} in {summary['wall_seconds']:.0f} s")
         done.append((cell, seed, "ran"))
     return done

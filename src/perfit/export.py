@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from perfit.config import Config, from_toml
+from perfit.outputs import read_summary
 
 
 class RunError(ValueError):
@@ -57,7 +58,7 @@ def open_run(path: str | Path) -> Run:
     for name in ("config.toml", "summary.json"):
         if not (path / name).is_file():
             raise RunError(f"{path}: not a finished perfit run ({name} missing)")
-    return Run(path, from_toml(path / "config.toml"), json.loads((path / "summary.json").read_text()))
+    return Run(path, from_toml(path / "config.toml"), read_summary(path / "summary.json"))
 
 
 def base_model_path(run: Run, model: str | None = None) -> str:

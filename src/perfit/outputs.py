@@ -29,6 +29,37 @@ def _same_value(name: str, recorded: Any, given: Any) -> bool:
     return False
 
 
+RESULT_NEUTRAL = ("resume", "torch_compile")  # fields that change how a run goes, not what it computes
+
+
+def config_changes(run_dir: Path, config: Config) -> list[str]:
+    """`field: recorded -> given` for every field where `config` differs from the run's config.toml
+    (fields in RESULT_NEUTRAL aside; a local file given by another path is the same input)."""
+    from perfit.config import from_toml
+
+    recorded = from_toml(run_dir / "config.toml").to_dict()
+    return [
+        f"{k}: {recorded[k]!r} -> {v!r}"
+        for k, v in sorted(config.to_dict().items())
+        if k not in RESULT_NEUTRAL
+        and not (k == "init" and config.method != "perfit")  # only PerFIT reads its init (task.py)
+        and not _same_value(k, recorded[k], v)
+    ]
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A summary.json as written by `write_summary`, with the perplexities it stored as null (NaN or
+    inf: a diverged run) read back as NaN, so tables, ratios and the learning-rate choice treat them
+    as numbers that compare as missing instead of failing on None."""
+    summary = json.loads(path.read_text())
+    for key, value in summary.items():
+        if key.endswith("_ppl") and value is None:
+            summary[key] = math.nan
+        elif key.endswith("_ppl") and isinstance(value, dict):
+            summary[key] = {k: math.nan if v is None else v for k, v in value.items()}
+    return summary
+
+
 class RunDirectory:
     """Writes a run's outputs under `config.out`; created only once the inputs validated. With
     `config.resume` it continues an existing run directory instead."""
@@ -44,12 +75,9 @@ class RunDirectory:
         self.metrics_path.write_text("")
 
     def _check_resumable(self, config: Config) -> None:
-        from perfit.config import from_toml
-
         if not (self.path / "config.toml").is_file():
             raise FileNotFoundError(f"{self.path}: no run to resume (config.toml missing)")
-        recorded = from_toml(self.path / "config.toml").replace(resume=config.resume).to_dict()
-        changed = sorted(k for k, v in config.to_dict().items() if not _same_value(k, recorded[k], v))
+        changed = config_changes(self.path, config)
         if changed:
             raise ValueError(f"{self.path}: cannot resume with a different config (changed: {', '.join(changed)})")
 

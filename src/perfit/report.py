@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perfit.config import from_toml
 from perfit.experiments import GRID_COMMIT, SCALE_PRESET, SPLITS, Cell, grid
-from perfit.outputs import json_safe
+from perfit.outputs import json_safe, read_summary
 
 SPLIT_TITLES = {"pathological": "pathological (2 of 8 categories)", "dirichlet": "Dirichlet(0.5)"}
 LABELS = {
@@ -48,7 +49,9 @@ class CellResult:
     def std(self) -> float:
         """Sample standard deviation over seeds (0 with one seed: no spread measured)."""
         values = list(self.ppl.values())
-        return statistics.stdev(values) if len(values) > 1 else 0.0
+        if len(values) < 2:
+            return 0.0
+        return statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan  # a diverged seed
 
     @property
     def complete(self) -> bool:
@@ -56,6 +59,16 @@ class CellResult:
 
     def wall(self) -> float:
         return sum(run["summary"]["wall_seconds"] for run in self.runs.values())
+
+    def lrs(self) -> list[float]:
+        """The learning rates its finished runs used (their config.toml)."""
+        return sorted({run["config"].lr for run in self.runs.values()})
+
+
+def lr_text(results: dict[str, CellResult]) -> str:
+    """The learning rate(s) of every finished run, as the report states them."""
+    lrs = sorted({lr for result in results.values() for lr in result.lrs()})
+    return " / ".join(f"{lr:g}" for lr in lrs) if lrs else "none finished"
 
 
 def load_results(runs: Path) -> dict[str, CellResult]:
@@ -68,7 +81,8 @@ def load_results(runs: Path) -> dict[str, CellResult]:
             if (directory / "summary.json").is_file():
                 metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
                 found[seed] = {
-                    "summary": json.loads((directory / "summary.json").read_text()),
+                    "summary": read_summary(directory / "summary.json"),
+                    "config": from_toml(directory / "config.toml"),
                     "metrics": metrics,
                     "dir": directory,
                 }
@@ -247,7 +261,6 @@ def pearson(xs: list[float], ys: list[float]) -> float:
 
 def category_similarity(run_dir: Path, clients: list[int]) -> list[list[float]]:
     """Cosine similarity of the clients' category histograms (their train rows), pairwise."""
-    from perfit.config import from_toml
     from perfit.data import load_rows
 
     rows = load_rows(from_toml(run_dir / "config.toml").data)
@@ -274,9 +287,7 @@ def first_module_similarity(run_dir: Path) -> tuple[list[list[float]], list[int]
     masks_file = run_dir / "masks.safetensors"
     if not masks_file.is_file():
         return None
-    summary = json.loads((run_dir / "summary.json").read_text())
-    from perfit.config import from_toml
-
+    summary = read_summary(run_dir / "summary.json")
     config = from_toml(run_dir / "config.toml")
     layout = layout_for(summary["model"], config.dense_rank, config.alpha_value)
     start, end = layout.tensors[0].start, layout.tensors[1].end
@@ -376,7 +387,7 @@ def metrics_comparison(results: dict[str, CellResult]) -> dict[str, dict[str, tu
     return out
 
 
-def _tuning_section(out: Path) -> list[str]:
+def _tuning_section(out: Path, lr: str) -> list[str]:
     """The learning rates `perfit bench tune` chose (docs/tuning.json beside the report), if any."""
     from perfit.tuning import tuning_table
 
@@ -387,7 +398,7 @@ def _tuning_section(out: Path) -> list[str]:
     return [
         "## Learning rate on a validation slice",
         "",
-        "Every grid run uses the paper's lr 3e-4. `perfit bench tune` scores candidate rates on a 20 % validation",
+        f"The runs above use lr {lr}. `perfit bench tune` scores candidate rates on a 20 % validation",
         "slice of each client's train split (the held-out rows are never read; [tuning.md](tuning.md),",
         f"`{tuning['command']}`):",
         "",
@@ -450,19 +461,24 @@ def write_report(runs: Path, out: Path) -> list[Path]:
         "headline": head,
         "cells": {
             name: {
-                "config": {**result.cell.fields, "split": result.cell.split, "preset": SCALE_PRESET},
+                "config": {
+                    **result.cell.fields,
+                    "split": result.cell.split,
+                    "preset": SCALE_PRESET,
+                    "lr": result.lrs(),
+                },
                 "seeds": sorted(result.runs),
                 "seeds_planned": list(result.cell.seeds),
                 "personalized_ppl": {str(s): v for s, v in result.ppl.items()},
                 "mean": result.mean if result.runs else None,
-                "std": result.std if result.runs else None,
+                "std": result.std if len(result.runs) > 1 else None,  # one seed measures no spread
                 "wall_seconds": {str(s): r["summary"]["wall_seconds"] for s, r in sorted(result.runs.items())},
             }
             for name, result in results.items()
         },
     }
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
-    text = markdown(results, head, machine, drawn, comparison, part, runs, _tuning_section(out))
+    text = markdown(results, head, machine, drawn, comparison, part, runs, _tuning_section(out, lr_text(results)))
     (out / "results.md").write_text(text)
     return [out / "results.md", out / "results.json", *written]
 
@@ -512,7 +528,7 @@ def markdown(results, head, machine, drawn, comparison, part, runs: Path, tuning
             "`perfit bench paper` continues where it stopped."
         ),
         f"- Scale: the `{SCALE_PRESET}` preset for every cell: 8 clients, 4 sampled per round, 3 rounds, 32 rows",
-        "  per client (26 train, 6 held out for personalized perplexity), 256 tokens, batch 8, lr 3e-4,",
+        f"  per client (26 train, 6 held out for personalized perplexity), 256 tokens, batch 8, lr {lr_text(results)},",
         "  T_p 5 scoring steps of 1 micro-batch, SmolLM2-135M-Instruct, LoRA on q/k/v at the budget of rank 8.",
         "  This is what 2 CPU cores afford (5-6 min a run); the paper's setting is the `paper` preset.",
         "- Personalized perplexity: each client's own adapter on its own held-out rows, mean over the 8 clients;",

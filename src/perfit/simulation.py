@@ -6,7 +6,6 @@ pass a Config straight in (Flower's public `run_simulation` takes no run config)
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ def run_simulation(
     from flwr.supercore.telemetry import EventType
 
     from perfit.client_app import app as perfit_client_app
+    from perfit.outputs import read_summary
     from perfit.server_app import app as server_app
 
     run = Run.create_empty(run_id=1)
@@ -72,4 +72,4 @@ def run_simulation(
     finally:
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
-    return json.loads((Path(config.out).expanduser().resolve() / "summary.json").read_text())
+    return read_summary(Path(config.out).expanduser().resolve() / "summary.json")

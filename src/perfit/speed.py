@@ -15,6 +15,7 @@ import json
 import platform
 import random
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from perfit.aggregate import Accumulator
 from perfit.config import Config
-from perfit.data import Example, load_rows, tokenize
+from perfit.data import Example, load_rows, partition, tokenize
 from perfit.model import (
     attach_lora,
     compile_decoder,
@@ -62,7 +63,11 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.
 
 def linear_params(model: Any) -> int:
     """Weights of the frozen linear layers inside the decoder blocks (not embeddings or head)."""
-    return sum(m.weight.numel() for m in model.get_decoder().layers.modules() if isinstance(m, torch.nn.Linear))
+    return sum(
+        m.weight.numel()
+        for name, m in model.get_decoder().layers.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name  # peft's adapters are counted as LoRA
+    )
 
 
 def useful_flops(model_config: Any, n_linear: int, n_lora: int, examples: list[Example]) -> float:
@@ -175,7 +180,7 @@ class Bench:
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
             "bf16_ppl_over_fp32_ppl": quality,
             **self._bytes_and_server(dense),
-            **self._search_share(masked_pass, dense, train, held_out, pad),
+            **self._search_share(masked_pass, dense, train, held_out, pad, all_rows),
         }
         # last: compiling the decoder is process-wide, so everything above ran eager
         result["compiled"] = self._compiled(base, masked_pass, train, held_out, pad, seconds["perfit_fp32"],
@@ -270,7 +275,13 @@ class Bench:
         }
 
     def _search_share(
-        self, masked_pass: Any, dense: int, train: list[Example], held_out: list[Example], pad: int
+        self,
+        masked_pass: Any,
+        dense: int,
+        train: list[Example],
+        held_out: list[Example],
+        pad: int,
+        all_rows: list[dict[str, str]],
     ) -> dict[str, Any]:
         """The one-time search's share of a client's compute over a run at the config's proportions,
         both timed at the precision local training uses; and the search in bf16 against fp32: mask
@@ -286,6 +297,8 @@ class Bench:
         passes = config.pruning_steps * min(config.search_batches, batches)
         masks, per_scoring_batch = {}, {}
         for name in ("fp32", "bf16"):
+            warm = config.replace(dtype=name, prune_iterations=1)  # one untimed pass, as timed() does for training
+            search_adapter_mask(peft_model, theta, train[: config.micro_batch_size], pad, warm, groups, 0)
             begin = time.perf_counter()
             masks[name] = search_adapter_mask(peft_model, theta, train, pad, config.replace(dtype=name), groups, 0)
             per_scoring_batch[name] = (time.perf_counter() - begin) / passes
@@ -300,6 +313,7 @@ class Bench:
             ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, config.micro_batch_size))
         used = "bf16" if autocast is not None else "fp32"
         per_round = config.clients_per_round / config.num_clients * config.local_epochs  # epochs a client trains
+        splits = partition(all_rows, config)  # the config's clients over the bench's data file
         inputs = {
             "dtype": used,
             "pruning_steps": config.pruning_steps,
@@ -308,7 +322,7 @@ class Bench:
             "seconds_per_training_micro_batch": per_training_batch,
             "participations_per_client": config.rounds * per_round,
             "participations_per_client_at_50_rounds": 50 * per_round,  # Table 2's rounds
-            "train_rows_per_client": 15011 * 0.8 / config.num_clients,  # dolly's rows over the clients, 80 % train
+            "train_rows_per_client": statistics.fmean(len(split.train) for split in splits.values()),
             "micro_batch_size": config.micro_batch_size,
         }
         return {

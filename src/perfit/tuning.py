@@ -57,13 +57,15 @@ def edge(chosen: float, lrs: tuple[float, ...]) -> str | None:
 def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[str, dict[str, Any]]:
     """Per cell: the validation perplexity of each finished candidate and, once all have finished,
     the chosen rate. Reads only the run directories' summaries."""
+    from perfit.outputs import read_summary
+
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
         measured = {}
         for lr, run in zip(lrs, tuning_cells([cell], lrs), strict=True):
             summary_path = run.run_dir(out, 0) / "summary.json"
             if summary_path.is_file():
-                summary = json.loads(summary_path.read_text())
+                summary = read_summary(summary_path)
                 if summary.get("evaluated_on") != "validation":
                     raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
                 measured[lr] = float(summary["personalized_ppl"])
