@@ -267,3 +267,14 @@ def test_one_real_cell_and_report_end_to_end(tiny_model, small_data, tmp_path):
     bad = runner.invoke(app, ["bench", "paper", "--out", str(tmp_path / "g2"), "--rounds", "9"])
     assert bad.exit_code == 2 and "rounds" in bad.output
     assert runner.invoke(app, ["report", "--runs", str(tmp_path / "none")]).exit_code == 2
+
+
+def test_the_grid_keeps_its_rate_while_the_quick_preset_uses_the_tuned_one():
+    from perfit.config import make_config
+    from perfit.experiments import GRID_LR
+
+    cell = select(grid(), ["table1/pathological/fit"])[0]
+    assert make_config(None, "quick").lr == 3e-3 and GRID_LR == 3e-4
+    assert cell.config(0, Path("runs"), data="d.jsonl").lr == GRID_LR  # every finished grid run used it
+    assert cell.config(0, Path("runs"), data="d.jsonl", lr=1e-3).lr == 1e-3  # a --lr given to the grid
+    assert dataclasses.replace(cell, fields={**cell.fields, "lr": 1e-2}).config(0, Path("runs"), lr=1e-3).lr == 1e-2

@@ -31,6 +31,9 @@ GRID_COMMIT = "88fffa4"
 """The commit whose code makes every run of the grid in docs/results.md. The grid runs from a worktree
 at this commit (`PYTHONPATH=<worktree>/src perfit bench paper ...`) so that cells run over several
 sittings share one algorithm; change it only when the grid is rerun from scratch."""
+GRID_LR = 3e-4
+"""The grid's learning rate (the one every grid run used, under the quick preset's rate before it was
+tuned); a `--lr` among the common settings or a cell's tuned rate (`--tuned`) replaces it."""
 SEEDS = (0, 1)
 SPLITS = ("pathological", "dirichlet")
 SPARSITIES = (0.33, 0.5, 0.66)
@@ -49,7 +52,8 @@ class Cell:
     seeds: tuple[int, ...] = SEEDS
 
     def config(self, seed: int, out: Path, **common: Any) -> Config:
-        values = {**common, "split": self.split, **self.fields, "seed": seed, "out": str(self.run_dir(out, seed))}
+        values = {"lr": GRID_LR, **common, "split": self.split, **self.fields, "seed": seed,
+                  "out": str(self.run_dir(out, seed))}  # fmt: skip
         return make_config(None, SCALE_PRESET, **values)
 
     def run_dir(self, out: Path, seed: int) -> Path:
