@@ -278,3 +278,25 @@ def test_the_grid_keeps_its_rate_while_the_quick_preset_uses_the_tuned_one():
     assert cell.config(0, Path("runs"), data="d.jsonl").lr == GRID_LR  # every finished grid run used it
     assert cell.config(0, Path("runs"), data="d.jsonl", lr=1e-3).lr == 1e-3  # a --lr given to the grid
     assert dataclasses.replace(cell, fields={**cell.fields, "lr": 1e-2}).config(0, Path("runs"), lr=1e-3).lr == 1e-2
+
+
+def test_the_report_compares_tuned_runs_with_tuned_fit_and_with_the_grid_rate(tmp_path):
+    grid_dir, tuned_dir = tmp_path / "grid", tmp_path / "tuned"
+    for seed, (fit, perfit) in enumerate(((10.0, 9.0), (12.0, 12.0))):
+        _fake_run(grid_dir / "table1/pathological/fit" / f"seed{seed}", fit)
+        _fake_run(grid_dir / "table1/pathological/perfit-s0.5" / f"seed{seed}", perfit)
+    _fake_run(tuned_dir / "table1/pathological/fit/seed0", 8.0, lr=3e-3)
+    _fake_run(tuned_dir / "table1/pathological/fit/seed1", 11.0, lr=3e-3)
+    _fake_run(tuned_dir / "table1/pathological/perfit-s0.5/seed0", 9.0, lr=3e-3)  # seed 1 not run yet
+    write_report(grid_dir, tmp_path / "docs", tuned_dir)
+    tuned = json.loads((tmp_path / "docs" / "results.json").read_text())["tuned"]["cells"]
+    assert tuned["table1/pathological/fit"]["over_grid_rate"] == pytest.approx(19.0 / 22.0)
+    assert tuned["table1/pathological/perfit-s0.5"]["over_fit_tuned"] == pytest.approx(9.0 / 8.0)  # seed 0 only
+    assert tuned["table1/pathological/perfit-s0.5"]["over_grid_rate"] == pytest.approx(1.0)
+    assert tuned["table1/pathological/perfit-s0.5"]["lr"] == [3e-3]
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "| table1/pathological/perfit-s0.5 | 0.003 | 9.000 | n/a | 1.1250x | 1.0000x |" in text
+    from perfit.cli import app
+
+    missing = CliRunner().invoke(app, ["report", "--runs", str(grid_dir), "--tuned-runs", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such directory" in missing.output

@@ -452,12 +452,17 @@ def bench_tune(
 def report(
     runs: Path = typer.Option(Path("runs/paper"), help="The grid directory of `perfit bench paper`."),
     out: Path = typer.Option(Path("docs"), help="Where results.md, results.json and figures/ go."),
+    tuned_runs: Path | None = typer.Option(
+        None, help="The directory of `perfit bench paper --tuned`: a section comparing its cells at their rates."
+    ),
 ) -> None:
     """Tables, figures and headline ratios from the grid's run directories."""
     from perfit.report import write_report
 
     with _errors("report"):
-        written = write_report(runs, out)
+        if tuned_runs is not None and not tuned_runs.is_dir():
+            raise FileNotFoundError(f"--tuned-runs {tuned_runs}: no such directory")
+        written = write_report(runs, out, tuned_runs)
     for path in written:
         console.print(f"wrote {path}")
 

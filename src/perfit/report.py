@@ -407,7 +407,59 @@ def _tuning_section(out: Path, lr: str) -> list[str]:
     ]
 
 
-def write_report(runs: Path, out: Path) -> list[Path]:
+def tuned_comparison(tuned: dict[str, CellResult], results: dict[str, CellResult]) -> dict[str, dict[str, Any]]:
+    """Per cell run at its tuned rate (`perfit bench paper --tuned`): its rate, perplexity per seed,
+    and two paired ratios: over FIT of the same split at FIT's tuned rate, and over the same cell at
+    the grid's rate (both over the seeds the two finished; nan without one)."""
+    table = {}
+    for name, result in tuned.items():
+        if not result.runs:
+            continue
+        fit = tuned.get(f"table1/{result.cell.split}/fit")
+        grid_rate = results.get(name)
+        table[name] = {
+            "lr": result.lrs(),
+            "personalized_ppl": {str(s): v for s, v in result.ppl.items()},
+            "over_fit_tuned": paired_ratio(result, fit) if fit is not None and fit.runs else math.nan,
+            "over_grid_rate": paired_ratio(result, grid_rate) if grid_rate is not None else math.nan,
+        }
+    return table
+
+
+def _tuned_section(table: dict[str, dict[str, Any]], tuned_runs: Path) -> list[str]:
+    if not table:
+        return []
+    seeds = sorted({int(s) for entry in table.values() for s in entry["personalized_ppl"]})
+    rows = [
+        [
+            name,
+            " / ".join(f"{lr:g}" for lr in entry["lr"]),
+            *(_number(entry["personalized_ppl"].get(str(s))) for s in seeds),
+            _number(entry["over_fit_tuned"], "x"),
+            _number(entry["over_grid_rate"], "x"),
+        ]
+        for name, entry in table.items()
+    ]
+    header = ["cell", "lr", *(f"seed {s}" for s in seeds), "over FIT (tuned)", "over itself at the grid's rate"]
+    return [
+        "## At the tuned learning rates (held-out rows)",
+        "",
+        f"`perfit bench paper --tuned docs/tuning.json --out {tuned_runs}` runs cells at their chosen rates and",
+        "scores them on the held-out rows like the grid; ratios are paired over the seeds both cells finished.",
+        "Where those runs were made at another commit than the grid, the last column compares code versions too.",
+        "",
+        _table(rows, header),
+        "",
+    ]
+
+
+def _number(value: float | None, unit: str = "") -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.4f}{unit}" if unit else f"{value:.3f}"
+
+
+def write_report(runs: Path, out: Path, tuned_runs: Path | None = None) -> list[Path]:
     from perfit.speed import cpu_description
     from perfit.train import cpu_has_bf16
 
@@ -477,8 +529,12 @@ def write_report(runs: Path, out: Path) -> list[Path]:
             for name, result in results.items()
         },
     }
+    tuned = tuned_comparison(load_results(tuned_runs), results) if tuned_runs is not None else {}
+    if tuned:
+        document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
-    text = markdown(results, head, machine, drawn, comparison, part, runs, _tuning_section(out, lr_text(results)))
+    sections = _tuning_section(out, lr_text(results)) + _tuned_section(tuned, tuned_runs)
+    text = markdown(results, head, machine, drawn, comparison, part, runs, sections)
     (out / "results.md").write_text(text)
     return [out / "results.md", out / "results.json", *written]
 
