@@ -534,7 +534,7 @@ def write_report(runs: Path, out: Path, tuned_runs: Path | None = None) -> list[
         document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     sections = _tuning_section(out, lr_text(results)) + _tuned_section(tuned, tuned_runs)
-    text = markdown(results, head, machine, drawn, comparison, part, runs, sections)
+    text = markdown(results, head, machine, drawn, comparison, part, runs, sections, tuned_runs if tuned else None)
     (out / "results.md").write_text(text)
     return [out / "results.md", out / "results.json", *written]
 
@@ -555,7 +555,9 @@ def quality_bar(head: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def markdown(results, head, machine, drawn, comparison, part, runs: Path, tuning: list[str] = ()) -> str:
+def markdown(
+    results, head, machine, drawn, comparison, part, runs: Path, tuning: list[str] = (), tuned_runs: Path | None = None
+) -> str:
     done = sum(len(r.runs) for r in results.values())
     planned = sum(len(r.cell.seeds) for r in results.values())
     wall = sum(r.wall() for r in results.values())
@@ -567,7 +569,7 @@ def markdown(results, head, machine, drawn, comparison, part, runs: Path, tuning
         "",
         "```",
         "perfit bench paper --out runs/paper --data ../shared/data/databricks-dolly-15k.jsonl   # or: make bench",
-        f"perfit report --runs {runs} --out docs",
+        f"perfit report --runs {runs} --out docs" + (f" --tuned-runs {tuned_runs}" if tuned_runs else ""),
         "```",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; local training in {machine['training dtype']};"
