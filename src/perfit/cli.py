@@ -421,6 +421,7 @@ def bench_tune(
     import json
 
     from perfit.experiments import run_grid
+    from perfit.outputs import json_safe
     from perfit.tuning import collect, tuning_cells, tuning_markdown
 
     chosen, common = _grid_selection(ctx, cells)
@@ -437,8 +438,6 @@ def bench_tune(
         _check_failures(run_grid(runs, out, common, _run, console.print))
     with _errors("tuning", ValueError):
         table = collect(chosen, out, candidates)
-    from perfit.outputs import json_safe
-
     command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "tuning.json").write_text(

@@ -420,7 +420,7 @@ def tuned_comparison(tuned: dict[str, CellResult], results: dict[str, CellResult
         table[name] = {
             "lr": result.lrs(),
             "personalized_ppl": {str(s): v for s, v in result.ppl.items()},
-            "over_fit_tuned": paired_ratio(result, fit) if fit is not None and fit.runs else math.nan,
+            "over_fit_tuned": paired_ratio(result, fit) if fit is not None else math.nan,
             "over_grid_rate": paired_ratio(result, grid_rate) if grid_rate is not None else math.nan,
         }
     return table
