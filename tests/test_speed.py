@@ -32,6 +32,31 @@ def test_linear_params_counts_decoder_linears_only(tiny_model):
     assert linear_params(model) == 2 * per_layer
 
 
+def test_decoder_gemms_and_their_flops_by_hand(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from perfit.speed import decoder_gemms, gemm_flops, gemm_rate_gflops
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    shapes = decoder_gemms(model)  # 2 layers: q, o 32->32; k, v 32->16; gate, up 32->64; down 64->32
+    assert shapes == {(32, 32): 4, (32, 16): 4, (32, 64): 4, (64, 32): 2}
+    # forward and activation gradient, 2 * T * in * out each: the 4 * N_lin * T of useful_flops
+    by_hand = 4 * 10 * (4 * 1024 + 4 * 512 + 4 * 2048 + 2 * 2048)
+    assert gemm_flops(shapes, 10) == by_hand == 4 * 10 * linear_params(model)
+    assert gemm_flops({(3, 5): 2}, 7) == 4 * 7 * 3 * 5 * 2 == 840
+    rate = gemm_rate_gflops(shapes, 16, torch.float32, seconds=0.05)
+    assert 0 < rate < 1e6
+
+
+def test_padded_tokens_per_micro_batch_counts_the_length_sorted_padding():
+    from perfit.speed import padded_tokens_per_micro_batch
+
+    examples = [Example(input_ids=[0] * n, labels=[0] * n) for n in (5, 1, 4, 2, 3)]
+    # sorted 1, 2, 3 | 4, 5 in micro-batches of 3: 3 x 3 = 9 and 2 x 5 = 10 tokens, mean 9.5 -> 10
+    assert padded_tokens_per_micro_batch(examples, 3) == 10
+    assert padded_tokens_per_micro_batch(examples, 1) == 3  # no padding: mean length
+
+
 def test_random_mask_holds_the_budget():
     mask = random_mask(100, 37, seed=1)
     assert mask.dtype == torch.bool and int(mask.sum()) == 37
@@ -79,7 +104,13 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     from perfit.model import load_base
 
     assert getattr(load_base(str(tiny_model))[0].get_decoder(), "_compiled_call_impl", None) is None  # not shared
+    gemm = result["gemm_at_model_shapes"]
+    assert gemm["tokens_per_micro_batch"] > 0 and gemm["gflops"]["fp32"] > 0
+    assert gemm["step_rate_of_gemm_rate"]["bf16"] == pytest.approx(
+        result["mfu"]["bf16"] * result["peak_gflops"]["bf16"] / gemm["gflops"]["bf16"]
+    )
     text = report_markdown(result, "perfit bench speed")
+    assert "own GEMMs at a micro-batch's shapes" in text
     assert "masks agree on" in text and "search share" in text and "decoder compiled" in text
     assert "1,000 clients / 100" not in text
     assert with_scale(result, tmp_path / "scale.json") is result  # no scale bench yet: nothing added

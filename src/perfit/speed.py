@@ -12,6 +12,7 @@ with the base model frozen:
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import resource
@@ -36,7 +37,14 @@ from perfit.model import (
     lora_parameters,
     resolve_model,
 )
-from perfit.train import cpu_has_bf16, evaluate_nll, perplexity, train_masked, training_autocast
+from perfit.train import (
+    cpu_has_bf16,
+    evaluate_nll,
+    micro_batches,
+    perplexity,
+    train_masked,
+    training_autocast,
+)
 
 
 def cpu_description() -> str:
@@ -52,13 +60,7 @@ def cpu_description() -> str:
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
     """Best sustained square-matmul rate of this process's threads, in GFLOP/s."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return best
+    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), seconds) / 1e9
 
 
 def linear_params(model: Any) -> int:
@@ -68,6 +70,57 @@ def linear_params(model: Any) -> int:
         for name, m in model.get_decoder().layers.named_modules()
         if isinstance(m, torch.nn.Linear) and "lora_" not in name  # peft's adapters are counted as LoRA
     )
+
+
+def decoder_gemms(model: Any) -> dict[tuple[int, int], int]:
+    """(in_features, out_features) -> how many frozen linear layers of the decoder blocks have that
+    shape (q, k, v, o, gate, up, down; LoRA's own layers excluded, as in `linear_params`)."""
+    shapes: dict[tuple[int, int], int] = {}
+    for name, m in model.get_decoder().layers.named_modules():
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name:
+            key = (m.in_features, m.out_features)
+            shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
+def gemm_flops(shapes: dict[tuple[int, int], int], tokens: int) -> float:
+    """FLOPs of the frozen linears over `tokens` rows: forward X W^T and activation gradient dY W,
+    2 * tokens * in * out each (the `4 * N_lin * T` term of the module docstring)."""
+    return 4.0 * tokens * sum(i * o * n for (i, o), n in shapes.items())
+
+
+def gemm_rate_gflops(
+    shapes: dict[tuple[int, int], int], tokens: int, dtype: torch.dtype, seconds: float = 2.0
+) -> float:
+    """The rate, in GFLOP/s, at which this process's threads run the frozen decoder's own GEMMs at
+    one micro-batch of `tokens` rows: each shape's forward and activation-gradient matmul at its best
+    time over repeats (inputs already in `dtype`, no casts), weighted by how often the model runs it.
+    The ceiling the linear layers of a training step can reach at these shapes, below the square
+    peak when the shapes are small."""
+    total = 0.0
+    for (fan_in, fan_out), count in shapes.items():
+        x, dy = torch.randn(tokens, fan_in, dtype=dtype), torch.randn(tokens, fan_out, dtype=dtype)
+        w = torch.randn(fan_out, fan_in, dtype=dtype)
+        total += count * _best_seconds(lambda x=x, w=w, dy=dy: (torch.nn.functional.linear(x, w), dy @ w),
+                                       seconds / len(shapes))  # fmt: skip
+    return gemm_flops(shapes, tokens) / total / 1e9
+
+
+def _best_seconds(fn: Any, seconds: float) -> float:
+    """The shortest of repeated calls of `fn` within `seconds` (after one untimed call)."""
+    fn()
+    best, deadline = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == math.inf:
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def padded_tokens_per_micro_batch(examples: list[Example], micro: int) -> int:
+    """Mean rows x width of the length-sorted micro-batches local training runs (padding included)."""
+    sizes = [len(chunk) * max(len(e.input_ids) for e in chunk) for chunk in micro_batches(examples, micro)]
+    return round(statistics.fmean(sizes))
 
 
 def useful_flops(model_config: Any, n_linear: int, n_lora: int, examples: list[Example]) -> float:
@@ -126,6 +179,9 @@ class Bench:
         train, held_out = examples[: self.rows], examples[self.rows :]
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
+        shapes, micro_tokens = decoder_gemms(base), padded_tokens_per_micro_batch(train, config.micro_batch_size)
+        gemm = {name: gemm_rate_gflops(shapes, micro_tokens, dtype)
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
 
         def timed(fn: Any) -> tuple[float, Any]:
             """(seconds, result) of `fn(train)` after a warm-up on 8 rows (allocation, kernel choice)."""
@@ -166,6 +222,11 @@ class Bench:
                 "torch": torch.__version__,
             },  # fmt: skip
             "peak_gflops": peak,
+            "gemm_at_model_shapes": {
+                "tokens_per_micro_batch": micro_tokens,
+                "gflops": gemm,
+                "of_peak": {name: gemm[name] / peak[name] for name in gemm},
+            },
             "tokens_per_pass": tokens,
             "useful_gflop_per_pass": flops / 1e9,
             "seconds": seconds,
@@ -187,6 +248,11 @@ class Bench:
                                             fit_result.flat)  # fmt: skip
         for name in ("fp32", "bf16"):
             result["mfu"][f"{name}_compiled"] = flops / result["compiled"]["seconds"][name] / (peak[name] * 1e9)
+        # the step's useful FLOP rate against what the model's GEMMs alone reach at its shapes
+        result["gemm_at_model_shapes"]["step_rate_of_gemm_rate"] = {
+            key: result["mfu"][key] * peak[key[:4]] / gemm[key[:4]]
+            for key in ("fp32", "bf16", "fp32_compiled", "bf16_compiled")
+        }
         result["dtype"] = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
         # the bench process (model copies and timing loops), not a simulation run (see `perfit bench scale`)
         result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -381,6 +447,21 @@ def _break_even(result: dict[str, Any]) -> str:
     return "It pays back once a process has trained about " + ", ".join(parts) + "."
 
 
+def _gemm_paragraph(result: dict[str, Any]) -> str:
+    """What the model's own GEMMs reach at a micro-batch's shapes, against the square peak and the step."""
+    gemm = result["gemm_at_model_shapes"]
+    rate, of_peak, step = gemm["gflops"], gemm["of_peak"], gemm["step_rate_of_gemm_rate"]
+    return (
+        f"The frozen decoder's own GEMMs at a micro-batch's shapes ({gemm['tokens_per_micro_batch']:,} padded "
+        "tokens; forward and activation gradient of q, k, v, o, gate, up and down; inputs already in the dtype, "
+        f"no casts) run at {rate['fp32']:.0f} GFLOP/s in fp32 ({of_peak['fp32']:.0%} of the square-matmul peak) "
+        f"and {rate['bf16']:.0f} GFLOP/s in bf16 ({of_peak['bf16']:.0%}): the most the linear layers of a step "
+        "can reach on this machine at these shapes. The training step's useful FLOP rate is "
+        f"{step['fp32']:.0%} (fp32) / {step['bf16']:.0%} (bf16) of that rate eager, "
+        f"{step['fp32_compiled']:.0%} / {step['bf16_compiled']:.0%} compiled."
+    )
+
+
 def report_markdown(result: dict[str, Any], command: str) -> str:
     """docs/performance.md from one bench result."""
     seconds, rate, mfu, compiled = result["seconds"], result["tokens_per_s"], result["mfu"], result["compiled"]
@@ -413,6 +494,8 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
             f"{result['tokens_per_pass'] / compiled['seconds'][name]:.0f} | {mfu[name + '_compiled']:.1%} |"
             for name in ("fp32", "bf16")
         ),
+        "",
+        _gemm_paragraph(result),
         "",
         f"Compiling costs the first call {compiled['first_call_seconds']['fp32']:.0f} s (fp32) / "
         f"{compiled['first_call_seconds']['bf16']:.0f} s (bf16), compile and one micro-batch, once per process "
