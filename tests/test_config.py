@@ -36,6 +36,8 @@ def test_presets_and_overrides(tmp_path):
         ({"sparsity": 1.0}, "'sparsity'"),
         ({"aggregation": "median"}, "'aggregation'"),
         ({"budgets": "8,x"}, "'budgets'"),
+        ({"device": "gpu"}, "'device'"),
+        ({"device": "cuda:x"}, "'device'"),
     ],
 )
 def test_bad_config_names_the_field(values, needle):

@@ -72,3 +72,33 @@ def test_config_dense_rank_and_budgets():
     assert Config(sparsity=0.5).pruning_steps == 10 and Config(sparsity=0.33).pruning_steps == 5
     with pytest.raises(ValueError, match="method"):
         Config(method="fedprox")
+
+
+def test_device_field_resolves_and_refuses_a_missing_gpu(monkeypatch):
+    from perfit.model import resolve_device
+    from perfit.simulation import client_gpus
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'device': 'cuda' asked for"):
+        resolve_device("cuda")
+    assert client_gpus(Config(device="auto"), actors=4) == 0.0  # no GPU: Ray reserves none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="sees 2 GPU"):
+        resolve_device("cuda:2")
+    # two GPUs over 8 client processes: a quarter each; more GPUs than processes: one each at most
+    assert client_gpus(Config(device="auto"), actors=8) == 0.25 and client_gpus(Config(device="cuda"), 1) == 1.0
+    assert client_gpus(Config(device="cpu"), actors=8) == 0.0 and client_gpus(Config(device="cuda:1"), 8) == 0.0
+
+
+def test_client_task_loads_the_model_on_the_config_device(tiny_model, small_data):
+    from perfit.model import device_of, load_base, read_flat
+    from perfit.task import ClientTask
+
+    task = ClientTask(Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2,
+                             device="cpu"))  # fmt: skip
+    assert task._base[0] is load_base(str(tiny_model), device="cpu")[0]  # one model per process and device
+    assert device_of(task.peft_model) == torch.device("cpu") and read_flat(task.peft_model).device.type == "cpu"

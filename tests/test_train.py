@@ -87,9 +87,13 @@ def test_client_search_hits_budget_exactly(tiny_model, small_data, scope):
     assert not torch.equal(mask, task.search(1))  # depends on the client's data
 
 
-def test_training_precision_choice():
+def test_training_precision_choice(monkeypatch):
     assert training_autocast("fp32") is None and training_autocast("bf16") is torch.bfloat16
     assert training_autocast("auto") is (torch.bfloat16 if cpu_has_bf16() else None)
+    for supported in (True, False):  # on a GPU, auto follows the GPU's bf16 support, not the CPU's
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert training_autocast("auto", "cuda") is (torch.bfloat16 if supported else None)
+        assert training_autocast("fp32", "cuda") is None and training_autocast("bf16", "cuda") is torch.bfloat16
 
 
 def test_search_keeps_everything_when_the_budget_is_the_whole_adapter():

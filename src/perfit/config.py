@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -77,6 +78,10 @@ class Config:
     """Local training and search precision: `bf16` autocast, `fp32`, or `auto` (bf16 where the CPU has
     bf16 units, else fp32). Evaluation stays fp32; parameters, gradients handed to the importance
     scores and optimizer state are always fp32."""
+    device: str = "auto"
+    """Where clients train, search and evaluate: `cpu`, `cuda` (or `cuda:N`), or `auto` (cuda where
+    torch sees a GPU, else cpu). On a GPU, `dtype=auto` means bf16 autocast where the GPU supports it.
+    The server never loads the model; adapters, masks and aggregation stay on the CPU."""
     torch_compile: int = 0
     """1: `torch.compile` (inductor, dynamic shapes) the decoder once per process for local training,
     the search and evaluation. `perfit bench speed` measures it side by side with eager (same rows,
@@ -152,6 +157,7 @@ class Config:
             "eval_every": self.eval_every >= 0,
             "validation": self.validation in (0, 1),
             "torch_compile": self.torch_compile in (0, 1),
+            "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,

@@ -90,26 +90,48 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-_PROCESS_MODELS: dict[str, tuple[Any, Any]] = {}
+_PROCESS_MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
-def load_base(path: str, shared: bool = True) -> tuple[Any, Any]:
-    """(model, tokenizer), loaded once per process and reused by every client and round;
-    `shared=False` loads a private copy (the speed bench compiles its own)."""
-    if not shared or path not in _PROCESS_MODELS:
+def resolve_device(name: str) -> torch.device:
+    """The torch device of the config field `device`: `auto` is cuda where torch sees a GPU, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"config field 'device': {name!r} asked for, but torch {torch.__version__} sees no GPU "
+            "(a CPU build, or no driver); use device=cpu or auto"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"config field 'device': {name!r}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def device_of(model: Any) -> torch.device:
+    """Where a model's parameters are."""
+    return next(model.parameters()).device
+
+
+def load_base(path: str, shared: bool = True, device: torch.device | str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) on `device`, loaded once per process and device and reused by every
+    client and round; `shared=False` loads a private copy (the speed bench compiles its own)."""
+    key = (path, str(torch.device(device)))
+    if not shared or key not in _PROCESS_MODELS:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.requires_grad_(False)
+        model.to(device)
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: tokenizer has no EOS token")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if not shared:
             return model, tokenizer
-        _PROCESS_MODELS[path] = (model, tokenizer)
-    return _PROCESS_MODELS[path]
+        _PROCESS_MODELS[key] = (model, tokenizer)
+    return _PROCESS_MODELS[key]
 
 
 def compile_decoder(model: Any) -> None:
@@ -227,7 +249,8 @@ def lora_parameters(peft_model: Any) -> list[torch.nn.Parameter]:
 
 
 def read_flat(peft_model: Any) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in lora_parameters(peft_model)])
+    """The adapter as one flat fp32 CPU tensor (what masks, aggregation and messages use)."""
+    return torch.cat([p.detach().flatten() for p in lora_parameters(peft_model)]).cpu()
 
 
 def write_flat(peft_model: Any, flat: torch.Tensor) -> None:

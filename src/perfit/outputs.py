@@ -29,7 +29,7 @@ def _same_value(name: str, recorded: Any, given: Any) -> bool:
     return False
 
 
-RESULT_NEUTRAL = ("resume", "torch_compile")  # fields that change how a run goes, not what it computes
+RESULT_NEUTRAL = ("resume", "torch_compile", "device")  # how a run goes, not what it computes (up to float order)
 
 
 def config_changes(run_dir: Path, config: Config) -> list[str]:

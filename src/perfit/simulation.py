@@ -15,6 +15,23 @@ from typing import Any
 from perfit.config import Config
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def client_gpus(config: Config, actors: int) -> float:
+    """The GPU share Ray gives each client process: the visible GPUs split over the `actors` that run
+    at once when clients train on `cuda` (auto or cuda without an index), else 0. With an explicit
+    `cuda:N` Ray assigns nothing and every process sees all GPUs (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO)."""
+    from perfit.model import resolve_device
+
+    if config.device not in ("auto", "cuda") or resolve_device(config.device).type != "cuda":
+        return 0.0
+    return min(1.0, _visible_gpus() / max(actors, 1))
+
+
 def run_simulation(
     config: Config, num_cpus: int | None = None, cpus_per_client: int = 2, client_app: Any = None
 ) -> dict[str, Any]:
@@ -48,10 +65,12 @@ def run_simulation(
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
     ray_dir = tempfile.mkdtemp(prefix="perfit-ray-")  # Ray's session files stay out of ~ and of the repo
     cpus = num_cpus or os.cpu_count() or 1
+    gpus = client_gpus(config, cpus // min(cpus_per_client, cpus))
     backend = {
-        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": gpus},
         "init_args": {
             "num_cpus": cpus,
+            "num_gpus": _visible_gpus(),
             "logging_level": "ERROR",
             "log_to_driver": False,  # client failures reach the server as error replies
             "include_dashboard": False,

@@ -17,9 +17,11 @@ from perfit.model import (
     Layout,
     attach_lora,
     compile_decoder,
+    device_of,
     initial_adapter,
     load_base,
     lora_layout,
+    resolve_device,
     resolve_model,
     zero_b,
 )
@@ -76,7 +78,7 @@ def search_adapter_mask(
         return torch.ones(theta.numel(), dtype=torch.bool)
     batches = list(micro_batches(train, config.micro_batch_size))  # length-grouped: little padding
     random.Random(seed).shuffle(batches)  # steps take the groups in a seeded order, not shortest first
-    autocast = training_autocast(config.dtype)
+    autocast = training_autocast(config.dtype, device_of(peft_model).type)
 
     def score(alive: torch.Tensor, step: int) -> torch.Tensor:
         if not batches:  # a client without train rows (tiny Dirichlet share): magnitude fallback
@@ -106,7 +108,7 @@ class ClientTask:
 
     @cached_property
     def _base(self) -> tuple[Any, Any]:
-        model, tokenizer = load_base(self.model_path)
+        model, tokenizer = load_base(self.model_path, device=resolve_device(self.config.device))
         if self.config.torch_compile:
             compile_decoder(model)
         return model, tokenizer
@@ -180,7 +182,7 @@ class ClientTask:
             micro_batch_size=config.micro_batch_size,
             lr=config.lr,
             seed=config.seed * 1_000_003 + round_number * 1009 + client,
-            autocast_dtype=training_autocast(config.dtype),
+            autocast_dtype=training_autocast(config.dtype, device_of(self.peft_model).type),
         )
 
     def evaluate(self, client: int, flat: torch.Tensor) -> tuple[float, int]:

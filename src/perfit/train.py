@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance
-from perfit.model import lora_parameters, read_flat, write_flat
+from perfit.model import device_of, lora_parameters, read_flat, write_flat
 
 
 @functools.cache
@@ -29,12 +29,19 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def training_autocast(dtype: str) -> torch.dtype | None:
-    """The autocast dtype for local training (None: fp32). `auto` picks bf16 on CPUs with bf16 units:
-    measured 1.6x the tokens/s of fp32 with the same perplexity (docs/performance.md)."""
-    if dtype == "bf16" or (dtype == "auto" and cpu_has_bf16()):
-        return torch.bfloat16
-    return None
+def training_autocast(dtype: str, device_type: str = "cpu") -> torch.dtype | None:
+    """The autocast dtype for local training (None: fp32). `auto` picks bf16 on CPUs with bf16 units
+    (measured 1.6x the tokens/s of fp32 with the same perplexity, docs/performance.md) and on GPUs
+    that support it."""
+    if dtype == "auto":
+        has_bf16 = torch.cuda.is_bf16_supported() if device_type == "cuda" else cpu_has_bf16()
+        return torch.bfloat16 if has_bf16 else None
+    return torch.bfloat16 if dtype == "bf16" else None
+
+
+def autocast(model: Any, dtype: torch.dtype | None) -> Any:
+    """Autocast to `dtype` on the model's device type; a no-op context for fp32 (None)."""
+    return torch.autocast(device_of(model).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -58,6 +65,7 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     positions carry no loss, and the 49k-wide head would otherwise dominate the cost.
     """
     causal_lm = peft_model.get_base_model()
+    batch = {key: value.to(device_of(causal_lm)) for key, value in batch.items()}
     hidden = causal_lm.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
@@ -98,7 +106,7 @@ def train_masked(
 ) -> TrainResult:
     """AdamW on the LoRA entries inside `mask` only; every other entry stays exactly zero.
 
-    `autocast_dtype` (e.g. torch.bfloat16) runs the forward/backward under CPU autocast; parameters,
+    `autocast_dtype` (e.g. torch.bfloat16) runs the forward/backward under autocast; parameters,
     gradients and optimizer state stay fp32.
 
     Gradients are masked before the step (so AdamW moments never see outside entries) and the
@@ -109,7 +117,7 @@ def train_masked(
     params = lora_parameters(peft_model)
     masks, offset = [], 0
     for param in params:
-        masks.append(mask[offset : offset + param.numel()].view_as(param).to(param.dtype))
+        masks.append(mask[offset : offset + param.numel()].view_as(param).to(param.device, param.dtype))
         offset += param.numel()
     optimizer = torch.optim.AdamW(params, lr=lr)
     rng = random.Random(seed)
@@ -125,7 +133,7 @@ def train_masked(
                 continue
             optimizer.zero_grad(set_to_none=True)
             for chunk in micro_batches(batch, micro_batch_size):
-                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                with autocast(peft_model, autocast_dtype):
                     loss_sum, _ = nll_sum(peft_model, collate(chunk, pad_id))
                 (loss_sum / batch_tokens).backward()
                 total_nll += loss_sum.item()
@@ -171,7 +179,7 @@ def batch_gradients(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Flat LoRA gradient (fp32) of each micro-batch's mean target-token loss at adapter `flat`;
-    the forward/backward under CPU autocast when `autocast_dtype` is given (as in training)."""
+    the forward/backward under autocast when `autocast_dtype` is given (as in training)."""
     write_flat(peft_model, flat)
     params = lora_parameters(peft_model)
     grads = []
@@ -179,10 +187,10 @@ def batch_gradients(
     for chunk in batches:
         for param in params:
             param.grad = None
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with autocast(peft_model, autocast_dtype):
             loss_sum, count = nll_sum(peft_model, collate(chunk, pad_id))
         (loss_sum / max(count, 1)).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in params]))
+        grads.append(torch.cat([p.grad.flatten() for p in params]).cpu())
     for param in params:
         param.grad = None
     return grads
