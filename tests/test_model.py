@@ -89,16 +89,27 @@ def test_device_field_resolves_and_refuses_a_missing_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="sees 2 GPU"):
         resolve_device("cuda:2")
-    # two GPUs over 8 client processes: a quarter each; more GPUs than processes: one each at most
+    # two GPUs over 8 client processes: 4 to a GPU, a quarter each; more GPUs than processes: one each
     assert client_gpus(Config(device="auto"), actors=8) == 0.25 and client_gpus(Config(device="cuda"), 1) == 1.0
     assert client_gpus(Config(device="cpu"), actors=8) == 0.0 and client_gpus(Config(device="cuda:1"), 8) == 0.0
+    # Ray puts a fractional share on one GPU: 7 processes on 2 GPUs are 4 + 3, so a share must fit 4
+    # times on one GPU (0.25, not 2 / 7); 6 on one GPU get 0.1666, which fits 6 times, not 0.1667
+    assert client_gpus(Config(), actors=7) == 0.25
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert client_gpus(Config(), actors=6) == 0.1666 and 6 * client_gpus(Config(), actors=6) <= 1.0
 
 
-def test_client_task_loads_the_model_on_the_config_device(tiny_model, small_data):
+def test_client_task_loads_the_model_on_the_config_device(tiny_model, small_data, monkeypatch):
+    import perfit.task
     from perfit.model import device_of, load_base, read_flat
     from perfit.task import ClientTask
 
-    task = ClientTask(Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2,
-                             device="cpu"))  # fmt: skip
+    config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, device="cpu")
+    task = ClientTask(config)
     assert task._base[0] is load_base(str(tiny_model), device="cpu")[0]  # one model per process and device
     assert device_of(task.peft_model) == torch.device("cpu") and read_flat(task.peft_model).device.type == "cpu"
+    asked, loaded = [], []  # the task loads the model where the config field resolves to
+    monkeypatch.setattr(perfit.task, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    monkeypatch.setattr(perfit.task, "load_base", lambda path, device: loaded.append(device) or load_base(path))
+    assert ClientTask(config.replace(device="cuda:3")).tokenizer is not None
+    assert asked == ["cuda:3"] and loaded == [torch.device("cpu")]

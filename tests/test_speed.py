@@ -1,6 +1,7 @@
 """The FLOP accounting behind the MFU figure of `perfit bench speed`, worked by hand."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -52,9 +53,18 @@ def test_padded_tokens_per_micro_batch_counts_the_length_sorted_padding():
     from perfit.speed import padded_tokens_per_micro_batch
 
     examples = [Example(input_ids=[0] * n, labels=[0] * n) for n in (5, 1, 4, 2, 3)]
-    # sorted 1, 2, 3 | 4, 5 in micro-batches of 3: 3 x 3 = 9 and 2 x 5 = 10 tokens, mean 9.5 -> 10
-    assert padded_tokens_per_micro_batch(examples, 3) == 10
-    assert padded_tokens_per_micro_batch(examples, 1) == 3  # no padding: mean length
+    # one batch of all 5 rows, sorted 1, 2, 3 | 4, 5 in micro-batches of 3: 3 x 3 = 9 and 2 x 5 = 10
+    # tokens, mean 9.5 -> 10
+    assert padded_tokens_per_micro_batch(examples, 8, 3) == 10
+    assert padded_tokens_per_micro_batch(examples, 8, 1) == 3  # no padding: mean length
+    # batches of 2 in train_masked's seeded shuffle, each one micro-batch padded to its longest row
+    import random
+
+    order = list(examples)
+    random.Random(0).shuffle(order)
+    widths = [max(len(e.input_ids) for e in order[i : i + 2]) for i in range(0, 5, 2)]
+    expected = (2 * widths[0] + 2 * widths[1] + 1 * widths[2]) / 3
+    assert padded_tokens_per_micro_batch(examples, 2, 2) == round(expected) != 10
 
 
 def test_random_mask_holds_the_budget():
@@ -106,6 +116,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert getattr(load_base(str(tiny_model))[0].get_decoder(), "_compiled_call_impl", None) is None  # not shared
     gemm = result["gemm_at_model_shapes"]
     assert gemm["tokens_per_micro_batch"] > 0 and gemm["gflops"]["fp32"] > 0
+    assert all(0 < value < math.inf for value in gemm["step_rate_of_gemm_rate"].values())
     assert gemm["step_rate_of_gemm_rate"]["bf16"] == pytest.approx(
         result["mfu"]["bf16"] * result["peak_gflops"]["bf16"] / gemm["gflops"]["bf16"]
     )

@@ -90,10 +90,12 @@ def test_client_search_hits_budget_exactly(tiny_model, small_data, scope):
 def test_training_precision_choice(monkeypatch):
     assert training_autocast("fp32") is None and training_autocast("bf16") is torch.bfloat16
     assert training_autocast("auto") is (torch.bfloat16 if cpu_has_bf16() else None)
-    for supported in (True, False):  # on a GPU, auto follows the GPU's bf16 support, not the CPU's
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
-        assert training_autocast("auto", "cuda") is (torch.bfloat16 if supported else None)
+    asked = []
+    for capability in ((8, 0), (7, 5)):  # on a GPU, auto wants native bf16 (Ampere or later), not the CPU's
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: asked.append(d) or c)
+        assert training_autocast("auto", "cuda:1") is (torch.bfloat16 if capability >= (8, 0) else None)
         assert training_autocast("fp32", "cuda") is None and training_autocast("bf16", "cuda") is torch.bfloat16
+    assert asked == [torch.device("cuda", 1)] * 2  # the model's own GPU
 
 
 def test_search_keeps_everything_when_the_budget_is_the_whole_adapter():

@@ -343,14 +343,14 @@ def bench_scale(
 
 
 def _grid_selection(ctx: typer.Context, patterns: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """The grid cells matching `--cells` and the extra field flags (only data, model, cache_dir, dtype)."""
-    from perfit.experiments import grid, select
+    """The grid cells matching `--cells` and the extra field flags (only GRID_FREE_FIELDS)."""
+    from perfit.experiments import GRID_FREE_FIELDS, grid, select
 
     common = _field_flags(ctx.args)
-    unknown = sorted(set(common) - {"data", "model", "cache_dir", "dtype"})
+    unknown = sorted(set(common) - set(GRID_FREE_FIELDS))
     if unknown:
         console.print(
-            f"[red]config error:[/red] the grid fixes every field but data, model, cache_dir, dtype: {unknown}"
+            f"[red]config error:[/red] the grid fixes every field but {', '.join(GRID_FREE_FIELDS)}: {unknown}"
         )
         raise typer.Exit(2)
     try:

@@ -38,6 +38,8 @@ SEEDS = (0, 1)
 SPLITS = ("pathological", "dirichlet")
 SPARSITIES = (0.33, 0.5, 0.66)
 HETERO_BUDGETS = "8,12,16"
+GRID_FREE_FIELDS = ("data", "model", "cache_dir", "dtype", "device", "torch_compile")
+"""The only fields a grid command may set for every cell; the cells fix the rest."""
 
 
 @dataclass(frozen=True)

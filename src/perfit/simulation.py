@@ -6,6 +6,7 @@ pass a Config straight in (Flower's public `run_simulation` takes no run config)
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -22,14 +23,17 @@ def _visible_gpus() -> int:
 
 
 def client_gpus(config: Config, actors: int) -> float:
-    """The GPU share Ray gives each client process: the visible GPUs split over the `actors` that run
-    at once when clients train on `cuda` (auto or cuda without an index), else 0. With an explicit
-    `cuda:N` Ray assigns nothing and every process sees all GPUs (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO)."""
+    """The GPU share Ray gives each client process when clients train on `cuda` (auto or cuda without
+    an index), else 0: Ray places a fractional share on one GPU, so the `actors` that run at once are
+    packed ceil(actors / GPUs) to a GPU, each share rounded down to Ray's 1e-4 resource unit so that
+    they fit. With an explicit `cuda:N` Ray assigns nothing and every process sees all GPUs
+    (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0)."""
     from perfit.model import resolve_device
 
     if config.device not in ("auto", "cuda") or resolve_device(config.device).type != "cuda":
         return 0.0
-    return min(1.0, _visible_gpus() / max(actors, 1))
+    per_gpu = math.ceil(max(actors, 1) / _visible_gpus())
+    return math.floor(10_000 / per_gpu) / 10_000
 
 
 def run_simulation(

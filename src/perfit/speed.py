@@ -117,9 +117,17 @@ def _best_seconds(fn: Any, seconds: float) -> float:
     return best
 
 
-def padded_tokens_per_micro_batch(examples: list[Example], micro: int) -> int:
-    """Mean rows x width of the length-sorted micro-batches local training runs (padding included)."""
-    sizes = [len(chunk) * max(len(e.input_ids) for e in chunk) for chunk in micro_batches(examples, micro)]
+def padded_tokens_per_micro_batch(examples: list[Example], batch_size: int, micro: int, seed: int = 0) -> int:
+    """Mean rows x width (padding included) of the micro-batches one epoch of `train_masked` runs:
+    the rows shuffled with `seed`, cut into batches of `batch_size`, each sorted by length into
+    micro-batches of `micro`."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    sizes = [
+        len(chunk) * max(len(e.input_ids) for e in chunk)
+        for start in range(0, len(order), batch_size)
+        for chunk in micro_batches(order[start : start + batch_size], micro)
+    ]
     return round(statistics.fmean(sizes))
 
 
@@ -179,7 +187,10 @@ class Bench:
         train, held_out = examples[: self.rows], examples[self.rows :]
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
-        shapes, micro_tokens = decoder_gemms(base), padded_tokens_per_micro_batch(train, config.micro_batch_size)
+        shapes, micro_tokens = (
+            decoder_gemms(base),
+            padded_tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size),
+        )
         gemm = {name: gemm_rate_gflops(shapes, micro_tokens, dtype)
                 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
 

@@ -78,7 +78,7 @@ def search_adapter_mask(
         return torch.ones(theta.numel(), dtype=torch.bool)
     batches = list(micro_batches(train, config.micro_batch_size))  # length-grouped: little padding
     random.Random(seed).shuffle(batches)  # steps take the groups in a seeded order, not shortest first
-    autocast = training_autocast(config.dtype, device_of(peft_model).type)
+    autocast = training_autocast(config.dtype, device_of(peft_model))
 
     def score(alive: torch.Tensor, step: int) -> torch.Tensor:
         if not batches:  # a client without train rows (tiny Dirichlet share): magnitude fallback
@@ -182,7 +182,7 @@ class ClientTask:
             micro_batch_size=config.micro_batch_size,
             lr=config.lr,
             seed=config.seed * 1_000_003 + round_number * 1009 + client,
-            autocast_dtype=training_autocast(config.dtype, device_of(self.peft_model).type),
+            autocast_dtype=training_autocast(config.dtype, device_of(self.peft_model)),
         )
 
     def evaluate(self, client: int, flat: torch.Tensor) -> tuple[float, int]:

@@ -29,12 +29,13 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def training_autocast(dtype: str, device_type: str = "cpu") -> torch.dtype | None:
-    """The autocast dtype for local training (None: fp32). `auto` picks bf16 on CPUs with bf16 units
-    (measured 1.6x the tokens/s of fp32 with the same perplexity, docs/performance.md) and on GPUs
-    that support it."""
+def training_autocast(dtype: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The autocast dtype for local training on `device` (None: fp32). `auto` picks bf16 on CPUs with
+    bf16 units (measured 1.6x the tokens/s of fp32 with the same perplexity, docs/performance.md) and
+    on GPUs with native bf16 (compute capability 8.0 or later; older ones only emulate it)."""
     if dtype == "auto":
-        has_bf16 = torch.cuda.is_bf16_supported() if device_type == "cuda" else cpu_has_bf16()
+        device = torch.device(device)
+        has_bf16 = torch.cuda.get_device_capability(device) >= (8, 0) if device.type == "cuda" else cpu_has_bf16()
         return torch.bfloat16 if has_bf16 else None
     return torch.bfloat16 if dtype == "bf16" else None
 
