@@ -31,6 +31,11 @@ GRID_COMMIT = "88fffa4"
 """The commit whose code makes every run of the grid in docs/results.md. The grid runs from a worktree
 at this commit (`PYTHONPATH=<worktree>/src perfit bench paper ...`) so that cells run over several
 sittings share one algorithm; change it only when the grid is rerun from scratch."""
+METRIC_COMMIT = "2ca82b1"
+"""The commit of the `metric/*` cells (Fig. 7): GRID_COMMIT plus the per-example Fisher diagonal
+(`importance.scoring_units`) cherry-picked. At GRID_COMMIT the Fisher came from one micro-batch's
+gradient, F = g^2, so the second-order cell reproduced the first-order one exactly; first-order
+scoring is the same at both commits, so table1's perfit-s0.5 stays the metric cells' reference."""
 GRID_LR = 3e-4
 """The grid's learning rate (the one every grid run used, under the quick preset's rate before it was
 tuned); a `--lr` among the common settings or a cell's tuned rate (`--tuned`) replaces it."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from perfit.config import from_toml
-from perfit.experiments import GRID_COMMIT, SCALE_PRESET, SPLITS, Cell, grid
+from perfit.experiments import GRID_COMMIT, METRIC_COMMIT, SCALE_PRESET, SPLITS, Cell, grid
 from perfit.outputs import json_safe, read_summary
 
 SPLIT_TITLES = {"pathological": "pathological (2 of 8 categories)", "dirichlet": "Dirichlet(0.5)"}
@@ -577,7 +577,9 @@ def markdown(
         f"- Code: every grid run is made at commit {GRID_COMMIT} (kept in a worktree while the grid runs, so that"
         " all cells share one algorithm). Its search scores each of the T_p steps on the same micro-batch, in fp32;",
         "  the current search takes the client's micro-batches in turn under the training precision (measured",
-        "  against it in docs/performance.md).",
+        f"  against it in docs/performance.md). The importance-metric cells run at {METRIC_COMMIT}: the same code",
+        "  plus the Fisher diagonal from per-example gradients (at the grid's commit it came from one",
+        "  micro-batch's gradient, F = g^2, and the second-order cell reproduced the first-order one exactly).",
         f"- Progress: **{done} of {planned} runs finished**, {wall / 3600:.1f} h of wall time in all."
         + (
             ""
