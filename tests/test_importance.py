@@ -29,6 +29,26 @@ def test_mixed_subtracts_half_second_order_before_abs():
         importance("third", grad, fisher, theta)
 
 
+def test_fisher_metrics_score_per_example_first_order_per_micro_batch():
+    from perfit.importance import scoring_units
+
+    batches = [["a", "b"], ["c"]]
+    assert scoring_units(batches, "first") == batches
+    assert scoring_units(batches, "second") == scoring_units(batches, "mixed") == [["a"], ["b"], ["c"]]
+    # why: from one gradient, F = g^2 and Eq. 3 = theta^2 g^2 / 2 ranks exactly as Eq. 2 = |g theta|
+    theta = torch.tensor([1.0, 2.0, 3.0])
+    one = torch.tensor([3.0, 1.0, 0.5])  # |g theta| = 3, 2, 1.5: position 0 first
+    grad, fisher = gradient_moments([one])
+    assert torch.equal(second_order(fisher, theta).argsort(), first_order(grad, theta).argsort())
+    # per-example gradients that agree on position 0 and disagree on 2: same mean, other ranking
+    g1, g2 = torch.tensor([3.0, 1.0, 4.5]), torch.tensor([3.0, 1.0, -3.5])
+    grad, fisher = gradient_moments([g1, g2])
+    assert torch.equal(grad, one)
+    # F = 9, 1, 16.25: theta^2 F = 9, 4, 146.25 -> position 2 is now the most important
+    assert torch.equal(second_order(fisher, theta), torch.tensor([9.0, 4.0, 146.25]))
+    assert int(second_order(fisher, theta).argmax()) == 2 and int(first_order(grad, theta).argmax()) == 0
+
+
 def test_gradient_moments_mean_and_fisher():
     g1 = torch.tensor([1.0, -2.0])
     g2 = torch.tensor([3.0, 2.0])

@@ -62,6 +62,26 @@ def test_peft_init_vanishes_a_scores_symmetric_does_not(setup):
         assert (symmetric[~a_positions] > 0).float().mean() > 0.99
 
 
+def test_second_order_scores_rank_otherwise_than_first_from_one_micro_batch(setup, monkeypatch):
+    import perfit.train
+
+    peft, tokenizer, examples = setup
+    theta = initial_adapter(lora_layout(peft), "symmetric", 0)
+    seen = []
+    real = perfit.train.batch_gradients
+
+    def spy(model, flat, units, *rest):
+        seen.append(units)
+        return real(model, flat, units, *rest)
+
+    monkeypatch.setattr(perfit.train, "batch_gradients", spy)
+    scores = {m: importance_scores(peft, theta, [examples[:4]], tokenizer.pad_token_id, m) for m in ("first", "second")}
+    assert [len(u) for u in seen[0]] == [4] and [len(u) for u in seen[1]] == [1, 1, 1, 1]  # per example
+    k = theta.numel() // 2  # the top half kept by each: per-example Fisher keeps other entries
+    top = {m: set(s.topk(k).indices.tolist()) for m, s in scores.items()}
+    assert len(top["first"] & top["second"]) < 0.95 * k
+
+
 @pytest.mark.parametrize("scope", ["global", "per_module"])
 def test_client_search_hits_budget_exactly(tiny_model, small_data, scope):
     config = Config(

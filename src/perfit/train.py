@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from perfit.data import Example
-from perfit.importance import gradient_moments, importance
+from perfit.importance import gradient_moments, importance, scoring_units
 from perfit.model import lora_parameters, read_flat, write_flat
 
 
@@ -185,6 +185,9 @@ def batch_gradients(
 def importance_scores(
     peft_model: Any, theta: torch.Tensor, batches: Sequence[Sequence[Example]], pad_id: int, metric: str
 ) -> torch.Tensor:
-    """Eq. 2-4 scores of every element of the adapter `theta` from the scoring batches."""
-    grad, fisher = gradient_moments(batch_gradients(peft_model, theta, batches, pad_id))
+    """Eq. 2-4 scores of every element of the adapter `theta` from the scoring batches: one gradient
+    per micro-batch for `first`, one per example for the metrics that read the Fisher diagonal
+    (`importance.scoring_units`; the same forward/backward FLOPs in smaller matmuls)."""
+    units = scoring_units([list(batch) for batch in batches], metric)
+    grad, fisher = gradient_moments(batch_gradients(peft_model, theta, units, pad_id))
     return importance(metric, grad, fisher, theta)
