@@ -337,7 +337,7 @@ def figure_mask_similarity(results: dict[str, CellResult], path: Path) -> dict[s
 def _bar_figure(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> bool:
     """Grouped bars: groups[x label][series] = value."""
     plt = _plt()
-    series = sorted({s for values in groups.values() for s in values})
+    series = list(dict.fromkeys(s for values in groups.values() for s in values))  # in the order given
     if not any(len(values) >= 2 for values in groups.values()):  # nothing to compare yet
         path.unlink(missing_ok=True)
         return False
@@ -385,6 +385,11 @@ def metrics_comparison(results: dict[str, CellResult]) -> dict[str, dict[str, tu
                 per_client = summary.get("search_seconds", math.nan) / max(len(summary["per_client_ppl"]), 1)
                 out.setdefault(split, {})[metric] = (summary["personalized_ppl"], per_client)
     return out
+
+
+def _search_seconds(result: CellResult, seed: int = 0) -> str:
+    run = result.runs.get(seed)
+    return f"{run['summary'].get('search_seconds', 0.0):.0f} s" if run else ""
 
 
 def _tuning_section(out: Path, lr: str) -> list[str]:
@@ -706,15 +711,18 @@ def markdown(
         ]
     ablations = [r for n, r in results.items() if n.startswith("ablation/")]
     reference = results["table1/pathological/perfit-s0.5"]
+    at_seed_0 = f"{reference.ppl[0]:.3f}" if 0 in reference.runs else "not run yet"
     lines += [
         "## Ablations (pathological, seed 0)",
         "",
         "Reference: PerFIT s=0.5 as in Table 1 (symmetric init, shared aggregation, global scope, T_p 5,",
-        "1 scoring batch, alpha 32); each row changes one setting.",
+        "1 scoring batch, alpha 32) at seed 0, the ablations' seed; each row changes one setting. Search:",
+        "the clients' search seconds summed.",
         "",
         _table(
-            [["reference", _fmt(reference)]] + [[r.cell.label, _fmt(r, reference)] for r in ablations],
-            ["setting", "personalized ppl (change vs reference)"],
+            [["reference", at_seed_0, _search_seconds(reference)]]
+            + [[r.cell.label, _fmt(r, reference), _search_seconds(r)] for r in ablations],
+            ["setting", "personalized ppl (change vs reference)", "search"],
         ),
         "",
     ]
