@@ -1,0 +1,48 @@
+"""What the frozen decoder's own GEMMs reach at a training micro-batch's shapes, against the
+square-matmul peak, both measured in this process (about 1 min). The same measurement is part of
+`perfit bench speed`; this script runs it alone, as a side check of where the MFU gap is.
+
+    python benchmarks/gemm_ceiling.py --data ../shared/data/databricks-dolly-15k.jsonl
+
+The micro-batch is the mean padded size (rows x width) of one epoch of `train_masked` over 48
+seeded dolly rows at the `paper` preset (batch 64, micro-batch 8, cutoff 512), as in the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from perfit.config import make_config
+from perfit.data import load_rows, tokenize
+from perfit.model import load_base, resolve_model
+from perfit.speed import decoder_gemms, gemm_rate_gflops, matmul_peak_gflops, padded_tokens_per_micro_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--seconds", type=float, default=6.0, help="Timing budget per dtype.")
+    args = parser.parse_args()
+    config = make_config(None, "paper", data=args.data)
+    peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    base, tokenizer = load_base(resolve_model(config))
+    rows = load_rows(config.data)
+    picked = random.Random(0).sample(range(len(rows)), args.rows * 2)[: args.rows]  # the bench's train rows
+    train = [tokenize(rows[i], tokenizer, config.cutoff_len) for i in picked]
+    tokens = padded_tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size)
+    shapes = decoder_gemms(base)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate = gemm_rate_gflops(shapes, tokens, dtype, seconds=args.seconds)
+        print(
+            f"{name}: square-matmul peak {peak[name]:.0f} GFLOP/s; the model's GEMMs at {tokens:,} tokens "
+            f"{rate:.0f} GFLOP/s = {rate / peak[name]:.1%} of it",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
