@@ -11,14 +11,13 @@ seeded dolly rows at the `paper` preset (batch 64, micro-batch 8, cutoff 512), a
 from __future__ import annotations
 
 import argparse
-import random
 
 import torch
 
 from perfit.config import make_config
-from perfit.data import load_rows, tokenize
+from perfit.data import load_rows
 from perfit.model import load_base, resolve_model
-from perfit.speed import decoder_gemms, gemm_rate_gflops, matmul_peak_gflops, padded_tokens_per_micro_batch
+from perfit.speed import gemm_ceiling, matmul_peak_gflops, sample_examples
 
 
 def main() -> None:
@@ -30,13 +29,10 @@ def main() -> None:
     config = make_config(None, "paper", data=args.data)
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     base, tokenizer = load_base(resolve_model(config))
-    rows = load_rows(config.data)
-    picked = random.Random(0).sample(range(len(rows)), args.rows * 2)[: args.rows]  # the bench's train rows
-    train = [tokenize(rows[i], tokenizer, config.cutoff_len) for i in picked]
-    tokens = padded_tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size)
-    shapes = decoder_gemms(base)
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        rate = gemm_rate_gflops(shapes, tokens, dtype, seconds=args.seconds)
+    train, _ = sample_examples(load_rows(config.data), tokenizer, args.rows, config.cutoff_len)  # the bench's
+    ceiling = gemm_ceiling(base, train, config, seconds=args.seconds)
+    tokens = ceiling["tokens_per_micro_batch"]
+    for name, rate in ceiling["gflops"].items():
         print(
             f"{name}: square-matmul peak {peak[name]:.0f} GFLOP/s; the model's GEMMs at {tokens:,} tokens "
             f"{rate:.0f} GFLOP/s = {rate / peak[name]:.1%} of it",

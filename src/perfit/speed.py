@@ -63,24 +63,21 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.
     return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), seconds) / 1e9
 
 
-def linear_params(model: Any) -> int:
-    """Weights of the frozen linear layers inside the decoder blocks (not embeddings or head)."""
-    return sum(
-        m.weight.numel()
-        for name, m in model.get_decoder().layers.named_modules()
-        if isinstance(m, torch.nn.Linear) and "lora_" not in name  # peft's adapters are counted as LoRA
-    )
-
-
 def decoder_gemms(model: Any) -> dict[tuple[int, int], int]:
     """(in_features, out_features) -> how many frozen linear layers of the decoder blocks have that
-    shape (q, k, v, o, gate, up, down; LoRA's own layers excluded, as in `linear_params`)."""
+    shape (q, k, v, o, gate, up, down; not embeddings or head; peft's lora_A / lora_B, also
+    nn.Linear, are counted as LoRA elsewhere, not here)."""
     shapes: dict[tuple[int, int], int] = {}
     for name, m in model.get_decoder().layers.named_modules():
         if isinstance(m, torch.nn.Linear) and "lora_" not in name:
             key = (m.in_features, m.out_features)
             shapes[key] = shapes.get(key, 0) + 1
     return shapes
+
+
+def linear_params(model: Any) -> int:
+    """Weights of the frozen linear layers inside the decoder blocks (`decoder_gemms`)."""
+    return sum(fan_in * fan_out * count for (fan_in, fan_out), count in decoder_gemms(model).items())
 
 
 def gemm_flops(shapes: dict[tuple[int, int], int], tokens: int) -> float:
@@ -115,6 +112,25 @@ def _best_seconds(fn: Any, seconds: float) -> float:
         fn()
         best = min(best, time.perf_counter() - started)
     return best
+
+
+def sample_examples(
+    all_rows: list[dict[str, str]], tokenizer: Any, rows: int, cutoff_len: int
+) -> tuple[list[Example], list[Example]]:
+    """The bench's seeded (train, held-out) rows of the data file, `rows` each, tokenised."""
+    picked = random.Random(0).sample(range(len(all_rows)), rows * 2)
+    examples = [tokenize(all_rows[i], tokenizer, cutoff_len) for i in picked]
+    return examples[:rows], examples[rows:]
+
+
+def gemm_ceiling(model: Any, train: list[Example], config: Config, seconds: float = 2.0) -> dict[str, Any]:
+    """The frozen decoder's GEMM rate (fp32 and bf16) at the mean padded micro-batch that local
+    training runs over `train` under `config` (`gemm_rate_gflops`, `padded_tokens_per_micro_batch`)."""
+    tokens = padded_tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size)
+    shapes = decoder_gemms(model)
+    gflops = {name: gemm_rate_gflops(shapes, tokens, dtype, seconds)
+              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    return {"tokens_per_micro_batch": tokens, "gflops": gflops}
 
 
 def padded_tokens_per_micro_batch(examples: list[Example], batch_size: int, micro: int, seed: int = 0) -> int:
@@ -181,18 +197,12 @@ class Bench:
         started = time.perf_counter()
         peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
         all_rows = load_rows(config.data)
-        picked = random.Random(0).sample(range(len(all_rows)), self.rows * 2)
         base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
-        examples = [tokenize(all_rows[i], tokenizer, config.cutoff_len) for i in picked]
-        train, held_out = examples[: self.rows], examples[self.rows :]
+        train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len)
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
-        shapes, micro_tokens = (
-            decoder_gemms(base),
-            padded_tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size),
-        )
-        gemm = {name: gemm_rate_gflops(shapes, micro_tokens, dtype)
-                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+        ceiling = gemm_ceiling(base, train, config)
+        gemm = ceiling["gflops"]
 
         def timed(fn: Any) -> tuple[float, Any]:
             """(seconds, result) of `fn(train)` after a warm-up on 8 rows (allocation, kernel choice)."""
@@ -233,11 +243,7 @@ class Bench:
                 "torch": torch.__version__,
             },  # fmt: skip
             "peak_gflops": peak,
-            "gemm_at_model_shapes": {
-                "tokens_per_micro_batch": micro_tokens,
-                "gflops": gemm,
-                "of_peak": {name: gemm[name] / peak[name] for name in gemm},
-            },
+            "gemm_at_model_shapes": {**ceiling, "of_peak": {name: gemm[name] / peak[name] for name in gemm}},
             "tokens_per_pass": tokens,
             "useful_gflop_per_pass": flops / 1e9,
             "seconds": seconds,
