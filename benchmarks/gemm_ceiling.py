@@ -4,7 +4,7 @@ square-matmul peak, both measured in this process (about 1 min). The same measur
 
     python benchmarks/gemm_ceiling.py --data ../shared/data/databricks-dolly-15k.jsonl
 
-The micro-batch is the mean padded size (rows x width) of one epoch of `train_masked` over 48
+The micro-batch is the mean packed size (its rows' tokens, no padding) of one epoch of `train_masked` over 48
 seeded dolly rows at the `paper` preset (batch 64, micro-batch 8, cutoff 512), as in the bench.
 """
 

@@ -49,8 +49,11 @@ def test_decoder_gemms_and_their_flops_by_hand(tiny_model):
     assert 0 < rate < 1e6
 
 
-def test_padded_tokens_per_micro_batch_counts_the_length_sorted_padding():
-    from perfit.speed import padded_tokens_per_micro_batch
+def test_tokens_per_micro_batch_counts_the_length_sorted_padding_or_none_packed():
+    from perfit.speed import tokens_per_micro_batch
+
+    def padded_tokens_per_micro_batch(examples, batch_size, micro):
+        return tokens_per_micro_batch(examples, batch_size, micro, packed=False)
 
     examples = [Example(input_ids=[0] * n, labels=[0] * n) for n in (5, 1, 4, 2, 3)]
     # one batch of all 5 rows, sorted 1, 2, 3 | 4, 5 in micro-batches of 3: 3 x 3 = 9 and 2 x 5 = 10
@@ -65,6 +68,9 @@ def test_padded_tokens_per_micro_batch_counts_the_length_sorted_padding():
     widths = [max(len(e.input_ids) for e in order[i : i + 2]) for i in range(0, 5, 2)]
     expected = (2 * widths[0] + 2 * widths[1] + 1 * widths[2]) / 3
     assert padded_tokens_per_micro_batch(examples, 2, 2) == round(expected) != 10
+    # packed: a micro-batch holds its rows' tokens only, 1 + 2 + 3 = 6 and 4 + 5 = 9
+    assert tokens_per_micro_batch(examples, 8, 3, packed=True) == round(7.5)
+    assert tokens_per_micro_batch(examples, 2, 2, packed=True) == round(15 / 3)
 
 
 def test_random_mask_holds_the_budget():
@@ -104,6 +110,11 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert 0.0 <= searched["mask_agreement"] <= 1.0 and searched["scoring_seconds_fp32_over_bf16"] > 0
     assert 0.5 < searched["ppl_bf16_mask_over_fp32_mask"] < 2.0
     assert 0.5 < result["bf16_ppl_over_fp32_ppl"] < 2.0
+    # packing changes no result beyond bf16 rounding (its attention runs in fp32, the padded one in bf16)
+    assert abs(result["packed_ppl_over_padded_ppl_bf16"] - 1.0) < 1e-2
+    assert result["mfu"]["bf16_padded"] == pytest.approx(
+        result["mfu"]["bf16"] / result["packed_over_padded_tokens_per_s_bf16"]
+    )
     assert result["upload_bytes_perfit_over_fit"] > 1.0  # the mask, amortized, is on top of the values
     compiled = result["compiled"]
     assert abs(compiled["ppl_compiled_over_eager_fp32"] - 1.0) < 1e-3  # compiling changes no result
@@ -121,7 +132,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
         result["mfu"]["bf16"] * result["peak_gflops"]["bf16"] / gemm["gflops"]["bf16"]
     )
     text = report_markdown(result, "perfit bench speed")
-    assert "own GEMMs at a micro-batch's shapes" in text
+    assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
     assert "masks agree on" in text and "search share" in text and "decoder compiled" in text
     assert "1,000 clients / 100" not in text
     assert with_scale(result, tmp_path / "scale.json") is result  # no scale bench yet: nothing added

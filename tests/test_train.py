@@ -3,10 +3,20 @@ import torch
 import torch.nn.functional as F
 
 from perfit.config import Config
-from perfit.data import tokenize
-from perfit.model import attach_lora, initial_adapter, load_base, lora_layout
+from perfit.data import Example, tokenize
+from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, lora_parameters, write_flat
 from perfit.task import ClientTask
-from perfit.train import collate, cpu_has_bf16, importance_scores, nll_sum, train_masked, training_autocast
+from perfit.train import (
+    batch_for,
+    collate,
+    cpu_has_bf16,
+    importance_scores,
+    nll_sum,
+    pack,
+    packs,
+    train_masked,
+    training_autocast,
+)
 
 
 @pytest.fixture
@@ -20,15 +30,68 @@ def setup(tiny_model, small_data):
     return peft, tokenizer, examples
 
 
+def test_pack_restarts_positions_and_shifts_targets_within_each_example():
+    examples = [Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9]), Example([4], [4])]
+    batch = pack(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    # position i predicts its own example's token i + 1; an example's last position predicts nothing
+    assert batch["targets"].tolist() == [[6, 7, -100, 9, -100, -100]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 6]
+
+
+def test_collate_targets_are_next_token_labels():
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["targets"].tolist() == [[6, 7, -100], [9, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
 def test_nll_on_target_positions_matches_full_logits(setup):
     peft, tokenizer, examples = setup
-    batch = collate(examples[:4], tokenizer.pad_token_id)
-    total, count = nll_sum(peft, batch)
-    logits = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
-    reference = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    assert count == int((shift_labels != -100).sum()) > 0
-    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    write_flat(peft, initial_adapter(lora_layout(peft), "symmetric", 0))  # B.A != 0: LoRA in the path
+    padded = collate(examples[:4], tokenizer.pad_token_id)
+    logits = peft(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    reference = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), padded["targets"].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    alone = sum(nll_sum(peft, pack([e]))[0].item() for e in examples[:4])  # each example on its own
+    for batch in (padded, pack(examples[:4])):
+        total, count = nll_sum(peft, batch)
+        assert count == int((padded["targets"] != -100).sum()) > 0
+        assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert alone == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_packed_attention_keeps_examples_apart_and_gives_padded_gradients(setup):
+    peft, tokenizer, examples = setup
+    write_flat(peft, initial_adapter(lora_layout(peft), "symmetric", 0))
+    params = lora_parameters(peft)
+    grads = {}
+    for name, batch in (("padded", collate(examples[:4], tokenizer.pad_token_id)), ("packed", pack(examples[:4]))):
+        for param in params:
+            param.grad = None
+        nll_sum(peft, batch)[0].backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in params])
+    assert torch.allclose(grads["packed"], grads["padded"], rtol=1e-4, atol=1e-6)
+    # a leak across the packed boundary would change the second example's loss with the first's tokens
+    first, second = examples[0], examples[1]
+    other = Example([(t + 1) % 50 + 3 for t in first.input_ids], first.labels)
+    with torch.no_grad():
+        together = nll_sum(peft, pack([first, second]))[0] - nll_sum(peft, pack([first]))[0]
+        swapped = nll_sum(peft, pack([other, second]))[0] - nll_sum(peft, pack([other]))[0]
+    assert together.item() == pytest.approx(swapped.item(), rel=1e-5)
+    assert peft.get_base_model().config._attn_implementation != "perfit_packed"  # restored after the call
+
+
+def test_batches_are_packed_on_cpu_eager_only(setup):
+    peft, tokenizer, examples = setup
+    assert packs(peft) and "cu_seq_lens" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
+    peft.get_base_model().get_decoder()._perfit_compiled = True  # what compile_decoder marks
+    try:
+        assert not packs(peft) and "attention_mask" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
+    finally:
+        del peft.get_base_model().get_decoder()._perfit_compiled
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])

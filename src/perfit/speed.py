@@ -124,23 +124,23 @@ def sample_examples(
 
 
 def gemm_ceiling(model: Any, train: list[Example], config: Config, seconds: float = 2.0) -> dict[str, Any]:
-    """The frozen decoder's GEMM rate (fp32 and bf16) at the mean padded micro-batch that local
-    training runs over `train` under `config` (`gemm_rate_gflops`, `padded_tokens_per_micro_batch`)."""
-    tokens = padded_tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size)
+    """The frozen decoder's GEMM rate (fp32 and bf16) at the mean packed micro-batch that local
+    training runs over `train` under `config` (`gemm_rate_gflops`, `tokens_per_micro_batch`)."""
+    tokens = tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size, packed=True)
     shapes = decoder_gemms(model)
     gflops = {name: gemm_rate_gflops(shapes, tokens, dtype, seconds)
               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
     return {"tokens_per_micro_batch": tokens, "gflops": gflops}
 
 
-def padded_tokens_per_micro_batch(examples: list[Example], batch_size: int, micro: int, seed: int = 0) -> int:
-    """Mean rows x width (padding included) of the micro-batches one epoch of `train_masked` runs:
-    the rows shuffled with `seed`, cut into batches of `batch_size`, each sorted by length into
-    micro-batches of `micro`."""
+def tokens_per_micro_batch(examples: list[Example], batch_size: int, micro: int, *, packed: bool, seed: int = 0) -> int:
+    """Mean tokens of the micro-batches one epoch of `train_masked` runs: the rows shuffled with
+    `seed`, cut into batches of `batch_size`, each sorted by length into micro-batches of `micro`;
+    packed, a micro-batch is its rows' tokens, padded, rows x the longest row's width."""
     order = list(examples)
     random.Random(seed).shuffle(order)
     sizes = [
-        len(chunk) * max(len(e.input_ids) for e in chunk)
+        sum(len(e.input_ids) for e in chunk) if packed else len(chunk) * max(len(e.input_ids) for e in chunk)
         for start in range(0, len(order), batch_size)
         for chunk in micro_batches(order[start : start + batch_size], micro)
     ]
@@ -211,7 +211,9 @@ class Bench:
             result = fn(train)
             return time.perf_counter() - begin, result
 
-        def masked_pass(rank: int, budget_rank: int, autocast: torch.dtype | None = None) -> Any:
+        def masked_pass(
+            rank: int, budget_rank: int, autocast: torch.dtype | None = None, packed: bool | None = None
+        ) -> Any:
             peft_model = attach_lora(base, rank, 2.0 * rank)
             layout = lora_layout(peft_model)
             mask = random_mask(layout.size, layout.budget(budget_rank), seed=0)
@@ -220,7 +222,7 @@ class Bench:
 
             def run_pass(subset: list[Example]) -> Any:
                 return train_masked(peft_model, start, mask, subset, pad, lr=config.lr, seed=0,
-                                    autocast_dtype=autocast, **settings)  # fmt: skip
+                                    autocast_dtype=autocast, packed=packed, **settings)  # fmt: skip
 
             return peft_model, layout, run_pass
 
@@ -232,7 +234,12 @@ class Bench:
         seconds["plain_peft_fp32"], _ = timed(
             lambda subset: plain_peft_pass(fit_model, subset, pad, config.batch_size, config.micro_batch_size)
         )
-        seconds["perfit_bf16"], _ = timed(masked_pass(config.rank, config.rank, torch.bfloat16)[2])
+        bf16_model, _, bf16_pass = masked_pass(config.rank, config.rank, torch.bfloat16)
+        seconds["perfit_bf16"], bf16_packed = timed(bf16_pass)
+        seconds["perfit_bf16_padded"], bf16_padded = timed(masked_pass(config.rank, config.rank, torch.bfloat16,
+                                                                       packed=False)[2])  # fmt: skip
+        packing_ppl = [perplexity(*evaluate_nll(bf16_model, r.flat, held_out, pad, config.micro_batch_size))
+                       for r in (bf16_packed, bf16_padded)]  # fmt: skip
         dense = round(config.rank / (1 - config.sparsity))
         seconds["perfit_round_dense_rank"], _ = timed(masked_pass(dense, config.rank)[2])
         quality = self._bf16_quality(masked_pass, train, held_out, pad)
@@ -252,7 +259,10 @@ class Bench:
                 "fp32": flops / seconds["perfit_fp32"] / (peak["fp32"] * 1e9),
                 "bf16": flops / seconds["perfit_bf16"] / (peak["bf16"] * 1e9),
                 "plain_peft_fp32": flops / seconds["plain_peft_fp32"] / (peak["fp32"] * 1e9),
+                "bf16_padded": flops / seconds["perfit_bf16_padded"] / (peak["bf16"] * 1e9),
             },
+            "packed_over_padded_tokens_per_s_bf16": seconds["perfit_bf16_padded"] / seconds["perfit_bf16"],
+            "packed_ppl_over_padded_ppl_bf16": packing_ppl[0] / packing_ppl[1],
             "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
             "bf16_over_fp32_tokens_per_s": seconds["perfit_fp32"] / seconds["perfit_bf16"],
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
@@ -469,7 +479,7 @@ def _gemm_paragraph(result: dict[str, Any]) -> str:
     gemm = result["gemm_at_model_shapes"]
     rate, of_peak, step = gemm["gflops"], gemm["of_peak"], gemm["step_rate_of_gemm_rate"]
     return (
-        f"The frozen decoder's own GEMMs at a micro-batch's shapes ({gemm['tokens_per_micro_batch']:,} padded "
+        f"The frozen decoder's own GEMMs at a micro-batch's shapes ({gemm['tokens_per_micro_batch']:,} packed "
         "tokens; forward and activation gradient of q, k, v, o, gate, up and down; inputs already in the dtype, "
         f"no casts) run at {rate['fp32']:.0f} GFLOP/s in fp32 ({of_peak['fp32']:.0%} of the square-matmul peak) "
         f"and {rate['bf16']:.0f} GFLOP/s in bf16 ({of_peak['bf16']:.0%}): the most the linear layers of a step "
@@ -504,6 +514,8 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"{mfu['fp32']:.1%} of {result['peak_gflops']['fp32']:.0f} GFLOP/s |",
         f"| perfit, bf16 autocast (FIT adapter) | {seconds['perfit_bf16']:.1f} | {rate['perfit_bf16']:.0f} | "
         f"{mfu['bf16']:.1%} of {result['peak_gflops']['bf16']:.0f} GFLOP/s |",
+        f"| perfit, bf16, padded micro-batches (before packing) | {seconds['perfit_bf16_padded']:.1f} | "
+        f"{rate['perfit_bf16_padded']:.0f} | {mfu['bf16_padded']:.1%} |",
         f"| perfit, fp32, PerFIT client (dense rank, masked) | {seconds['perfit_round_dense_rank']:.1f} | "
         f"{rate['perfit_round_dense_rank']:.0f} | |",
         *(
@@ -525,6 +537,9 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"| perfit / plain peft useful tokens/s (fp32) | {result['perfit_over_peft_tokens_per_s']:.2f} | "
         ">= 2 with bf16 units, never < 1 |",
         f"| bf16 / fp32 tokens/s (perfit loop) | {result['bf16_over_fp32_tokens_per_s']:.2f} | |",
+        f"| packed / padded micro-batches tokens/s (bf16) | {result['packed_over_padded_tokens_per_s_bf16']:.2f} | |",
+        f"| packed / padded personalized perplexity after the same training (bf16) | "
+        f"{result['packed_ppl_over_padded_ppl_bf16']:.4f} | within 1 % |",
         f"| bf16 / fp32 personalized perplexity after the same training | {result['bf16_ppl_over_fp32_ppl']:.4f} | "
         "within 1 % |",
         f"| PerFIT client round / FIT client round (search excluded) | {result['perfit_round_over_fit_round']:.2f} | "
