@@ -10,6 +10,7 @@ from perfit.train import (
     batch_for,
     collate,
     cpu_has_bf16,
+    head_nll,
     importance_scores,
     nll_sum,
     pack,
@@ -45,6 +46,22 @@ def test_collate_targets_are_next_token_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
     assert batch["targets"].tolist() == [[6, 7, -100], [9, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_head_nll_matches_cross_entropy_and_its_gradient_in_chunks():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 7, bias=False).requires_grad_(False)
+    hidden = torch.randn(5, 4, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    reference = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (expected,) = torch.autograd.grad(reference, hidden)
+    for chunk in (1, 2, 5, 64):  # the last chunk short, or one chunk for all rows
+        fused = head_nll(head, hidden, targets, chunk=chunk)
+        (grad,) = torch.autograd.grad(3.0 * fused, hidden)  # the upstream gradient scales it
+        assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+        assert torch.allclose(grad, 3.0 * expected, atol=1e-6)
+    with torch.no_grad():  # evaluation: plain logits, same value
+        assert head_nll(head, hidden, targets).item() == pytest.approx(reference.item(), rel=1e-6)
 
 
 def test_nll_on_target_positions_matches_full_logits(setup):

@@ -84,9 +84,9 @@ class Config:
     The server never loads the model; adapters, masks and aggregation stay on the CPU."""
     torch_compile: int = 0
     """1: `torch.compile` (inductor, dynamic shapes) the decoder once per process for local training,
-    the search and evaluation. `perfit bench speed` measures it side by side with eager (same rows,
-    same losses): it pays once a process has run enough micro-batches to cover the one-time compile
-    of each graph (with and without gradients), i.e. in long runs, not in the quick preset's."""
+    the search and evaluation. A compiled decoder runs padded micro-batches (eager CPU runs packed
+    ones, `train.packs`); `perfit bench speed` measures it side by side with eager (same rows, same
+    losses). Since packing, eager is the faster of the two on the CPU (docs/performance.md)."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0

@@ -148,6 +148,45 @@ def attention_implementation(model: Any, name: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
+class _HeadNLL(torch.autograd.Function):
+    """Summed NLL of a frozen, bias-free vocabulary head over `hidden` rows, `chunk` rows at a time;
+    the gradient for `hidden`, (softmax - onehot) @ W, is formed in the same pass, so no
+    rows x vocabulary logits, log-probabilities or their gradients outlive a chunk."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = (hidden[rows] @ weight.t()).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            picked = targets[rows]
+            total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(log_norm[:, None]).exp_()
+            probs[torch.arange(len(picked)), picked] -= 1.0
+            grad[rows] = probs.to(hidden.dtype) @ weight.to(hidden.dtype)  # under autocast: its dtype
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None, None
+
+
+def head_nll(head: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Summed next-token NLL of `hidden` rows (one per target) through the vocabulary `head`. With
+    gradients on and a frozen bias-free linear head (the Llama family's) it runs `_HeadNLL`; else
+    the plain logits + cross-entropy."""
+    frozen = isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+    if frozen and torch.is_grad_enabled() and hidden.requires_grad:
+        return _HeadNLL.apply(hidden, head.weight, targets, chunk)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
 def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over target tokens, and their count, of a `pack`ed or `collate`d batch.
 
@@ -168,8 +207,8 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     else:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     selected = batch["targets"] != -100
-    logits = causal_lm.get_output_embeddings()(hidden[selected])
-    return F.cross_entropy(logits.float(), batch["targets"][selected], reduction="sum"), int(selected.sum())
+    total = head_nll(causal_lm.get_output_embeddings(), hidden[selected], batch["targets"][selected])
+    return total, int(selected.sum())
 
 
 def micro_batches(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
