@@ -142,9 +142,14 @@ def compile_decoder(model: Any) -> None:
     module, so adapters of any rank and mask train through it; a new rank or grad mode compiles a
     new graph once. Measured side by side with eager by `perfit bench speed`."""
     decoder = model.get_decoder()
-    if not getattr(decoder, "_perfit_compiled", False):
+    if not decoder_compiled(model):
         decoder.compile(dynamic=True)
         decoder._perfit_compiled = True
+
+
+def decoder_compiled(model: Any) -> bool:
+    """Whether `compile_decoder` has compiled this model's decoder."""
+    return getattr(model.get_decoder(), "_perfit_compiled", False)
 
 
 def lora_config(rank: int, alpha: float, base_path: str | None = None) -> Any:

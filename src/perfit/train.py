@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance, scoring_units
-from perfit.model import device_of, lora_parameters, read_flat, write_flat
+from perfit.model import decoder_compiled, device_of, lora_parameters, read_flat, write_flat
 
 
 @functools.cache
@@ -123,8 +123,7 @@ def packs(peft_model: Any) -> bool:
     CPU in eager mode. A compiled decoder keeps padded batches (packing's per-sequence attention
     would break its graph), and so do GPUs (not measured there)."""
     causal_lm = peft_model.get_base_model()
-    compiled = getattr(causal_lm.get_decoder(), "_perfit_compiled", False)
-    return device_of(causal_lm).type == "cpu" and not compiled
+    return device_of(causal_lm).type == "cpu" and not decoder_compiled(causal_lm)
 
 
 def batch_for(
@@ -132,7 +131,9 @@ def batch_for(
 ) -> dict[str, torch.Tensor]:
     """The micro-batch packed or padded: as `packed` says, or (None) in the layout the model runs
     (`packs`)."""
-    return pack(examples) if (packs(peft_model) if packed is None else packed) else collate(examples, pad_id)
+    if packed is None:
+        packed = packs(peft_model)
+    return pack(examples) if packed else collate(examples, pad_id)
 
 
 @contextlib.contextmanager
@@ -166,7 +167,7 @@ class _HeadNLL(torch.autograd.Function):
             picked = targets[rows]
             total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
             probs = logits.sub_(log_norm[:, None]).exp_()
-            probs[torch.arange(len(picked)), picked] -= 1.0
+            probs[torch.arange(len(picked), device=probs.device), picked] -= 1.0
             grad[rows] = probs.to(hidden.dtype) @ weight.to(hidden.dtype)  # under autocast: its dtype
         ctx.save_for_backward(grad)
         return total
