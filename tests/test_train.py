@@ -64,6 +64,23 @@ def test_head_nll_matches_cross_entropy_and_its_gradient_in_chunks():
         assert head_nll(head, hidden, targets).item() == pytest.approx(reference.item(), rel=1e-6)
 
 
+def test_head_nll_under_bf16_autocast_matches_autocast_cross_entropy():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 11, bias=False).requires_grad_(False)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 11, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head's matmuls in bf16, as in training
+        reference = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        fused = head_nll(head, hidden, targets, chunk=4)
+    (expected,) = torch.autograd.grad(reference, hidden)
+    (grad,) = torch.autograd.grad(fused, hidden)
+    assert grad.dtype == torch.float32  # the gradient keeps the input's dtype
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-3)
+    assert torch.allclose(grad, expected, atol=2e-2)
+    fp32 = F.cross_entropy(head(hidden), targets, reduction="sum")
+    assert abs(fused.item() - fp32.item()) > 1e-4 * fp32.item()  # bf16 matmuls ran: rounded logits
+
+
 def test_nll_on_target_positions_matches_full_logits(setup):
     peft, tokenizer, examples = setup
     write_flat(peft, initial_adapter(lora_layout(peft), "symmetric", 0))  # B.A != 0: LoRA in the path
@@ -101,14 +118,13 @@ def test_packed_attention_keeps_examples_apart_and_gives_padded_gradients(setup)
     assert peft.get_base_model().config._attn_implementation != "perfit_packed"  # restored after the call
 
 
-def test_batches_are_packed_on_cpu_eager_only(setup):
+def test_batches_are_packed_on_cpu_and_padded_elsewhere(setup, monkeypatch):
+    import perfit.train
+
     peft, tokenizer, examples = setup
     assert packs(peft) and "cu_seq_lens" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
-    peft.get_base_model().get_decoder()._perfit_compiled = True  # what compile_decoder marks
-    try:
-        assert not packs(peft) and "attention_mask" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
-    finally:
-        del peft.get_base_model().get_decoder()._perfit_compiled
+    monkeypatch.setattr(perfit.train, "device_of", lambda model: torch.device("cuda"))
+    assert not packs(peft) and "attention_mask" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
@@ -234,7 +250,8 @@ def test_search_steps_score_different_micro_batches_at_the_training_precision(ti
 
 def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_data):
     """`torch_compile=1` must not change what is learned: the same masked training through the
-    compiled decoder gives the eager loss and adapter (fp32, to float tolerance)."""
+    compiled decoder layers (packed attention eager between them) gives the eager loss and adapter
+    (fp32, to float tolerance)."""
     from transformers import AutoModelForCausalLM
 
     from perfit.data import load_rows
@@ -256,7 +273,8 @@ def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_dat
         results.append(train_masked(peft, start, mask, examples, tokenizer.pad_token_id, epochs=1, batch_size=4,
                                     micro_batch_size=2, lr=1e-2, seed=0))  # fmt: skip
     eager, compiled = results
-    assert getattr(model.get_decoder(), "_compiled_call_impl", None) is not None
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.get_decoder().layers)
+    assert packs(peft)  # the compiled run trained on packed micro-batches
     assert compiled.steps == eager.steps == 2
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
     assert torch.allclose(compiled.flat, eager.flat, rtol=1e-3, atol=1e-5)

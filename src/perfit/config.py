@@ -83,10 +83,11 @@ class Config:
     torch sees a GPU, else cpu). On a GPU, `dtype=auto` means bf16 autocast where the GPU supports it.
     The server never loads the model; adapters, masks and aggregation stay on the CPU."""
     torch_compile: int = 0
-    """1: `torch.compile` (inductor, dynamic shapes) the decoder once per process for local training,
-    the search and evaluation. A compiled decoder runs padded micro-batches (eager CPU runs packed
-    ones, `train.packs`); `perfit bench speed` measures it side by side with eager (same rows, same
-    losses). Since packing, eager is the faster of the two on the CPU (docs/performance.md)."""
+    """1: `torch.compile` (inductor, dynamic shapes) the decoder layers once per process for local
+    training, the search and evaluation (`model.compile_decoder`; packed attention stays eager
+    between them). `perfit bench speed` measures it side by side with eager (same rows, same
+    losses): faster per token, at a one-time compile cost per process that short runs do not earn
+    back (its break-even is in docs/performance.md), hence off by default."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance, scoring_units
-from perfit.model import decoder_compiled, device_of, lora_parameters, read_flat, write_flat
+from perfit.model import device_of, lora_parameters, read_flat, write_flat
 
 
 @functools.cache
@@ -50,6 +50,7 @@ def autocast(model: Any, dtype: torch.dtype | None) -> Any:
 PACKED_ATTENTION = "perfit_packed"
 
 
+@torch.compiler.disable  # per-sequence calls at data-dependent bounds: eager between compiled parts
 def packed_attention(
     module: Any,
     query: torch.Tensor,
@@ -120,10 +121,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
 
 def packs(peft_model: Any) -> bool:
     """Whether micro-batches go to the model packed (`pack`) rather than padded (`collate`): on the
-    CPU in eager mode. A compiled decoder keeps padded batches (packing's per-sequence attention
-    would break its graph), and so do GPUs (not measured there)."""
-    causal_lm = peft_model.get_base_model()
-    return device_of(causal_lm).type == "cpu" and not decoder_compiled(causal_lm)
+    CPU, eager or compiled (`model.compile_decoder` leaves the packed attention eager). GPUs keep
+    padded batches (not measured there)."""
+    return device_of(peft_model.get_base_model()).type == "cpu"
 
 
 def batch_for(
@@ -158,17 +158,21 @@ class _HeadNLL(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
     ) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits = (hidden[rows] @ weight.t()).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            picked = targets[rows]
-            total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(log_norm[:, None]).exp_()
-            probs[torch.arange(len(picked), device=probs.device), picked] -= 1.0
-            grad[rows] = probs.to(hidden.dtype) @ weight.to(hidden.dtype)  # under autocast: its dtype
+        with torch.autocast(device, enabled=False):  # the head cast once per call, not per chunk
+            weight = weight.to(dtype)
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                logits = (hidden[rows].to(dtype) @ weight.t()).float()
+                log_norm = torch.logsumexp(logits, dim=-1)
+                picked = targets[rows]
+                total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(log_norm[:, None]).exp_()
+                probs[torch.arange(len(picked), device=probs.device), picked] -= 1.0
+                grad[rows] = probs.to(dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 
@@ -203,10 +207,12 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         with attention_implementation(causal_lm, PACKED_ATTENTION):
             hidden = decoder(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seq_lens_q=bounds,
-                cu_seq_lens_k=bounds,
+                cu_seq_lens_k=bounds, use_cache=False,
             ).last_hidden_state  # fmt: skip
     else:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
     selected = batch["targets"] != -100
     total = head_nll(causal_lm.get_output_embeddings(), hidden[selected], batch["targets"][selected])
     return total, int(selected.sum())
