@@ -18,6 +18,7 @@ def test_presets_and_overrides(tmp_path):
     quick = from_mapping({}, preset="quick")
     assert quick.num_clients == PRESETS["quick"]["num_clients"] and quick.rank == 8
     assert from_mapping({"num_clients": "6", "lr": "0.001"}, preset="quick").num_clients == 6
+    assert from_mapping({"torch_compile": 1}).torch_compile == "1"  # configs from before `auto` still read
     path = tmp_path / "run.toml"
     path.write_text('method = "fit"\nrounds = 2\n')
     config = from_toml(path, preset="quick", rounds=4)
@@ -38,6 +39,8 @@ def test_presets_and_overrides(tmp_path):
         ({"budgets": "8,x"}, "'budgets'"),
         ({"device": "gpu"}, "'device'"),
         ({"device": "cuda:x"}, "'device'"),
+        ({"torch_compile": "yes"}, "'torch_compile'"),
+        ({"torch_compile": 2}, "'torch_compile'"),
     ],
 )
 def test_bad_config_names_the_field(values, needle):

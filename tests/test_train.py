@@ -281,12 +281,31 @@ def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_dat
     assert not torch.equal(compiled.flat, start)  # it trained
 
 
-def test_client_task_compiles_the_decoder_only_when_asked(tiny_model, small_data, monkeypatch):
+def test_compile_wanted_forces_or_weighs_the_planned_examples():
+    from perfit.model import AUTO_COMPILE_EXAMPLES, compile_wanted
+
+    many, few = AUTO_COMPILE_EXAMPLES, AUTO_COMPILE_EXAMPLES - 1
+    assert compile_wanted("1", 0, "cuda", False) and not compile_wanted("0", 10 * many, "cpu", True)
+    assert compile_wanted("auto", many, "cpu", True)
+    assert not compile_wanted("auto", few, "cpu", True)  # a short run does not earn the compile back
+    assert not compile_wanted("auto", many, "cpu", False)  # no C++ compiler for inductor
+    assert not compile_wanted("auto", many, "cuda", True)  # GPUs: not measured, eager
+
+
+def test_client_task_compiles_the_decoder_when_asked_or_when_the_run_is_long(tiny_model, small_data, monkeypatch):
     import perfit.task
 
     calls = []
     monkeypatch.setattr(perfit.task, "compile_decoder", calls.append)
-    base = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2)
-    assert ClientTask(base).tokenizer is not None and calls == []
-    model = ClientTask(base.replace(torch_compile=1))._base[0]
+    monkeypatch.setattr(perfit.task, "cpp_compiler_found", lambda: True)
+    base = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=3)
+    assert base.torch_compile == "auto"
+    short = ClientTask(base)
+    mean_rows = sum(len(split.train) for split in short.splits.values()) / 2
+    assert short.planned_examples == pytest.approx(3 * 2 * mean_rows) and mean_rows > 0
+    assert short.tokenizer is not None and calls == []  # auto, a short run: eager
+    assert ClientTask(base.replace(torch_compile="0", rounds=10**5)).tokenizer is not None and calls == []
+    model = ClientTask(base.replace(torch_compile=1))._base[0]  # an old config's int still reads
     assert calls == [model]
+    long = ClientTask(base.replace(rounds=10**5))  # auto, a long run: compiled
+    assert long.planned_examples >= 10_000 and long._base[0] is model and calls == [model, model]

@@ -24,6 +24,7 @@ CHOICES = {
     "aggregation": ("shared", "literal"),
     "init": ("symmetric", "symmetric_then_zero_b", "peft"),
     "dtype": ("auto", "fp32", "bf16"),
+    "torch_compile": ("auto", "0", "1"),
 }
 
 
@@ -82,12 +83,14 @@ class Config:
     """Where clients train, search and evaluate: `cpu`, `cuda` (or `cuda:N`), or `auto` (cuda where
     torch sees a GPU, else cpu). On a GPU, `dtype=auto` means bf16 autocast where the GPU supports it.
     The server never loads the model; adapters, masks and aggregation stay on the CPU."""
-    torch_compile: int = 0
-    """1: `torch.compile` (inductor, dynamic shapes) the decoder layers once per process for local
+    torch_compile: str = "auto"
+    """`1`: `torch.compile` (inductor, dynamic shapes) the decoder layers once per process for local
     training, the search and evaluation (`model.compile_decoder`; packed attention stays eager
-    between them). `perfit bench speed` measures it side by side with eager (same rows, same
-    losses): faster per token, at a one-time compile cost per process that short runs do not earn
-    back (its break-even is in docs/performance.md), hence off by default."""
+    between them); `0`: eager. `auto` compiles on the CPU when the run plans at least
+    `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor:
+    compiled layers are faster per token (`perfit bench speed`: 1.13-1.15x, same losses), but the
+    first call of each process pays the compile, which short runs such as `--preset quick` do not
+    earn back (break-even in docs/performance.md)."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0
@@ -157,7 +160,6 @@ class Config:
             "holdout_clients": 0 <= self.holdout_clients <= self.num_clients - self.clients_per_round,
             "eval_every": self.eval_every >= 0,
             "validation": self.validation in (0, 1),
-            "torch_compile": self.torch_compile in (0, 1),
             "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,

@@ -134,6 +134,35 @@ def load_base(path: str, shared: bool = True, device: torch.device | str = "cpu"
     return _PROCESS_MODELS[key]
 
 
+AUTO_COMPILE_EXAMPLES = 10_000
+"""`torch_compile=auto` compiles from this many planned local training examples per run (rounds x
+clients per round x local epochs x a client's mean train rows). At ~170 tokens an example that is
+1.7M tokens, which leaves even 8 processes about 200k each: several times the measured break-even of
+31k-53k useful tokens per process (warm inductor cache; a cold bf16 compile costs 42 s, about 100k).
+The paper's setting plans 36k examples; `--preset quick` plans about 300."""
+
+
+def compile_wanted(setting: str, planned_examples: float, device_type: str, compiler_found: bool) -> bool:
+    """Whether to compile the decoder for a run: `setting` is the config's `torch_compile`; `auto`
+    compiles on the CPU for runs of at least `AUTO_COMPILE_EXAMPLES` planned training examples, when
+    inductor has a C++ compiler (`compiler_found`). GPUs stay eager under `auto` (not measured)."""
+    if setting != "auto":
+        return setting == "1"
+    return device_type == "cpu" and compiler_found and planned_examples >= AUTO_COMPILE_EXAMPLES
+
+
+def cpp_compiler_found() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with (without it, compiling
+    fails at the first call, so `auto` stays eager)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # any failure to find or run one: no compiler, stay eager
+        return False
+    return True
+
+
 def compile_decoder(model: Any) -> None:
     """`torch.compile` the decoder in place (inductor, dynamic sequence lengths), once: each decoder
     layer and the final norm on its own (regional compilation; the layers share one graph, so it

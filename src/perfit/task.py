@@ -3,6 +3,7 @@ training and personalized evaluation. The Flower ClientApp is thin glue over `Cl
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,8 @@ from perfit.model import (
     Layout,
     attach_lora,
     compile_decoder,
+    compile_wanted,
+    cpp_compiler_found,
     device_of,
     initial_adapter,
     load_base,
@@ -107,9 +110,24 @@ class ClientTask:
         return partition(self.rows, self.config)
 
     @cached_property
+    def planned_examples(self) -> float:
+        """Local training examples the run plans: rounds x clients per round x local epochs x the
+        clients' mean train rows (what `torch_compile=auto` weighs against the compile cost)."""
+        config = self.config
+        mean_rows = sum(len(split.train) for split in self.splits.values()) / max(len(self.splits), 1)
+        return config.rounds * config.clients_per_round * config.local_epochs * mean_rows
+
+    @cached_property
     def _base(self) -> tuple[Any, Any]:
-        model, tokenizer = load_base(self.model_path, device=resolve_device(self.config.device))
-        if self.config.torch_compile:
+        device = resolve_device(self.config.device)
+        model, tokenizer = load_base(self.model_path, device=device)
+        setting = self.config.torch_compile
+        found = setting == "auto" and cpp_compiler_found()  # only `auto` asks for the compiler
+        if compile_wanted(setting, self.planned_examples, device.type, found):
+            logging.getLogger("perfit").info(
+                "torch_compile=%s: compiling the decoder layers (%.0f planned training examples)",
+                setting, self.planned_examples,
+            )  # fmt: skip
             compile_decoder(model)
         return model, tokenizer
 
