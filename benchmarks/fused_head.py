@@ -22,9 +22,7 @@ from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, r
 from perfit.speed import sample_examples
 
 
-def plain_head_nll(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256
-) -> torch.Tensor:
+def plain_head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The head before `head_nll`: all target rows' logits at once, autograd through them."""
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 

@@ -64,6 +64,16 @@ def test_head_nll_matches_cross_entropy_and_its_gradient_in_chunks():
         assert head_nll(head, hidden, targets).item() == pytest.approx(reference.item(), rel=1e-6)
 
 
+def test_compute_dtype_is_autocasts_inside_it_and_the_fallback_outside():
+    from perfit.train import compute_dtype
+
+    assert compute_dtype("cpu", torch.float32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype("cpu", torch.float32) == torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            assert compute_dtype("cpu", torch.float16) == torch.float16
+
+
 def test_head_nll_under_bf16_autocast_matches_autocast_cross_entropy():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 11, bias=False).requires_grad_(False)
