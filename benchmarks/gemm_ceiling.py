@@ -1,6 +1,7 @@
 """What the frozen decoder's own GEMMs reach at a training micro-batch's shapes, against the
-square-matmul peak, both measured in this process (about 1 min). The same measurement is part of
-`perfit bench speed`; this script runs it alone, as a side check of where the MFU gap is.
+square-matmul peak, both measured in this process (about 1 min): fp32, and bf16 on CPUs with bf16
+units. The same measurement is part of `perfit bench speed`; this script runs it alone, as a side
+check of where the MFU gap is.
 
     python benchmarks/gemm_ceiling.py --data ../shared/data/databricks-dolly-15k.jsonl
 
@@ -12,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from perfit.config import make_config
 from perfit.data import load_rows
 from perfit.model import load_base, resolve_model
-from perfit.speed import gemm_ceiling, matmul_peak_gflops, sample_examples
+from perfit.speed import DTYPES, PRECISIONS, gemm_ceiling, matmul_peak_gflops, sample_examples
+from perfit.train import cpu_has_bf16
 
 
 def main() -> None:
@@ -27,10 +27,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="Timing budget per dtype.")
     args = parser.parse_args()
     config = make_config(None, "paper", data=args.data)
-    peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    precisions = PRECISIONS if cpu_has_bf16() else ("fp32",)  # emulated bf16 would take minutes a matmul
+    peak = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
     base, tokenizer = load_base(resolve_model(config))
     train, _ = sample_examples(load_rows(config.data), tokenizer, args.rows, config.cutoff_len)  # the bench's
-    ceiling = gemm_ceiling(base, train, config, seconds=args.seconds)
+    ceiling = gemm_ceiling(base, train, config, seconds=args.seconds, precisions=precisions)
     tokens = ceiling["tokens_per_micro_batch"]
     for name, rate in ceiling["gflops"].items():
         print(

@@ -113,3 +113,17 @@ def test_client_task_loads_the_model_on_the_config_device(tiny_model, small_data
     monkeypatch.setattr(perfit.task, "load_base", lambda path, device: loaded.append(device) or load_base(path))
     assert ClientTask(config.replace(device="cuda:3")).tokenizer is not None
     assert asked == ["cuda:3"] and loaded == [torch.device("cpu")]
+
+
+def test_client_task_warns_when_bf16_is_forced_on_a_cpu_without_bf16_units(tiny_model, small_data, monkeypatch, caplog):
+    import perfit.task
+    from perfit.task import ClientTask
+
+    config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, device="cpu")
+    for dtype, units, warned in (("bf16", False, True), ("bf16", True, False), ("auto", False, False)):
+        monkeypatch.setattr(perfit.task, "cpu_has_bf16", lambda units=units: units)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="perfit"):
+            assert ClientTask(config.replace(dtype=dtype)).tokenizer is not None
+        said = [r.getMessage() for r in caplog.records if "emulates bf16 matmuls" in r.getMessage()]
+        assert bool(said) == warned, (dtype, units)

@@ -93,14 +93,32 @@ def test_search_share_and_the_passes_that_fit_a_share():
     assert passes_within(inputs, 0.10) == 8 and passes_within(inputs, 0.0) == 0
 
 
-def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path):
+@pytest.fixture
+def quick_peaks(monkeypatch):
+    """Square-matmul probes at 256 for 0.2 s: the bench's 2048 x 2048 bf16 probe alone takes minutes
+    on a CPU that emulates bf16, and no assertion on the tiny model reads the peak's size."""
+    import perfit.speed
+
+    measure = perfit.speed.matmul_peak_gflops
+    monkeypatch.setattr(perfit.speed, "matmul_peak_gflops", lambda dtype, size=256, seconds=0.2: measure(
+        dtype, min(size, 256), min(seconds, 0.2)))  # fmt: skip
+
+
+def _tiny_bench_config(tiny_model, small_data, **overrides):
     from perfit.config import Config
-    from perfit.speed import Bench, report_markdown, with_scale
     from tests.tiny import TINY_RUN
 
-    config = Config(**{**TINY_RUN, "model": str(tiny_model), "data": str(small_data), "num_clients": 4,
-                       "clients_per_round": 2, "rounds": 2})  # fmt: skip
-    result = Bench(config, rows=8).run()
+    return Config(**{**TINY_RUN, "model": str(tiny_model), "data": str(small_data), "num_clients": 4,
+                     "clients_per_round": 2, "rounds": 2, **overrides})  # fmt: skip
+
+
+def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path, quick_peaks):
+    from perfit.speed import Bench, with_scale
+    from perfit.speed_report import report_markdown
+
+    config = _tiny_bench_config(tiny_model, small_data)
+    result = Bench(config, rows=8, bf16=True).run()
+    assert result["precisions"] == ["fp32", "bf16"] and "bf16_not_timed" not in result
     share = result["search_share_inputs"]
     search = share["pruning_steps"] * share["search_batches"] * share["seconds_per_scoring_micro_batch"]
     training = (share["participations_per_client"] * share["train_rows_per_client"] / config.micro_batch_size
@@ -110,17 +128,26 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert 0.0 <= searched["mask_agreement"] <= 1.0 and searched["scoring_seconds_fp32_over_bf16"] > 0
     assert 0.5 < searched["ppl_bf16_mask_over_fp32_mask"] < 2.0
     assert 0.5 < result["bf16_ppl_over_fp32_ppl"] < 2.0
+    used = result["dtype"]
+    assert result["packing_dtype"] == used
     # packing changes no result beyond bf16 rounding (its attention runs in fp32, the padded one in bf16)
-    assert abs(result["packed_ppl_over_padded_ppl_bf16"] - 1.0) < 1e-2
-    assert result["mfu"]["bf16_padded"] == pytest.approx(
-        result["mfu"]["bf16"] / result["packed_over_padded_tokens_per_s_bf16"]
+    assert abs(result["packed_ppl_over_padded_ppl"] - 1.0) < 1e-2
+    assert result["mfu"][f"{used}_padded"] == pytest.approx(
+        result["mfu"][used] / result["packed_over_padded_tokens_per_s"]
+    )
+    seconds = result["seconds"]
+    assert result["perfit_over_peft_tokens_per_s_bf16"] == pytest.approx(
+        seconds["plain_peft_bf16"] / seconds["perfit_bf16"]
+    )
+    assert result["mfu"]["plain_peft_bf16"] == pytest.approx(
+        result["mfu"]["bf16"] * seconds["perfit_bf16"] / seconds["plain_peft_bf16"]
     )
     assert result["upload_bytes_perfit_over_fit"] > 1.0  # the mask, amortized, is on top of the values
     compiled = result["compiled"]
     assert abs(compiled["ppl_compiled_over_eager_fp32"] - 1.0) < 1e-3  # compiling changes no result
     assert compiled["first_call_seconds"]["fp32"] > 0 and result["mfu"]["bf16_compiled"] > 0
     assert result["mfu"]["fp32_compiled"] == pytest.approx(
-        result["mfu"]["fp32"] * result["seconds"]["perfit_fp32"] / compiled["seconds"]["fp32"]
+        result["mfu"]["fp32"] * seconds["perfit_fp32"] / compiled["seconds"]["fp32"]
     )
     from perfit.model import load_base
 
@@ -128,6 +155,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert getattr(shared, "_compiled_call_impl", None) is None  # the process-wide model was not compiled
     gemm = result["gemm_at_model_shapes"]
     assert gemm["tokens_per_micro_batch"] > 0 and gemm["gflops"]["fp32"] > 0
+    assert set(gemm["step_rate_of_gemm_rate"]) == {"fp32", "fp32_compiled", "bf16", "bf16_compiled"}
     assert all(0 < value < math.inf for value in gemm["step_rate_of_gemm_rate"].values())
     assert gemm["step_rate_of_gemm_rate"]["bf16"] == pytest.approx(
         result["mfu"]["bf16"] * result["peak_gflops"]["bf16"] / gemm["gflops"]["bf16"]
@@ -135,6 +163,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     text = report_markdown(result, "perfit bench speed")
     assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
     assert "masks agree on" in text and "search share" in text and "decoder compiled" in text
+    assert "plain peft + torch, bf16 autocast" in text and "bf16 is not timed" not in text
     assert "1,000 clients / 100" not in text
     assert with_scale(result, tmp_path / "scale.json") is result  # no scale bench yet: nothing added
     scale = {"command": "perfit bench scale", "round_time_1000_over_100": 1.07, "peak_rss_gib": 7.5,
@@ -145,8 +174,30 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert "1,000 clients / 100 clients **1.07**" in report_markdown(merged, "perfit bench speed")
 
 
+def test_bench_speed_without_bf16_times_fp32_only_and_says_why(tiny_model, small_data, quick_peaks):
+    """A CPU without bf16 units emulates bf16 matmuls: the bench times fp32 alone (packing compared
+    in fp32, what local training uses there) and reports the probe that shows why."""
+    from perfit.speed import Bench
+    from perfit.speed_report import report_markdown
+
+    result = Bench(_tiny_bench_config(tiny_model, small_data, dtype="fp32"), rows=8, bf16=False).run()
+    assert result["precisions"] == ["fp32"] and result["dtype"] == result["packing_dtype"] == "fp32"
+    assert not any("bf16" in key for key in (*result["seconds"], *result["mfu"], *result["compiled"]["seconds"]))
+    assert "search_bf16" not in result and "bf16_over_fp32_tokens_per_s" not in result
+    assert set(result["peak_gflops"]) == set(result["gemm_at_model_shapes"]["gflops"]) == {"fp32"}
+    probe = result["bf16_not_timed"]
+    assert probe["size"] == 512 and probe["fp32"] > 0 and probe["bf16"] > 0
+    assert abs(result["packed_ppl_over_padded_ppl"] - 1.0) < 1e-4  # both fp32: the same sums, reordered
+    assert result["mfu"]["fp32_padded"] == pytest.approx(
+        result["mfu"]["fp32"] / result["packed_over_padded_tokens_per_s"]
+    )
+    text = report_markdown(result, "perfit bench speed")
+    assert "bf16 is not timed: this CPU has no bf16 units" in text and "bf16 autocast" not in text
+    assert "| MFU, fp32, eager (short runs) |" in text and "padded micro-batches (before packing) |" in text
+
+
 def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
-    from perfit.speed import _break_even
+    from perfit.speed_report import _break_even
 
     result = {
         "compiled": {"seconds": {"fp32": 30.0, "bf16": 15.0}, "first_call_seconds": {"fp32": 200.0, "bf16": 210.0}},

@@ -286,16 +286,21 @@ def bench_speed(
     preset: str = typer.Option("paper", help="Proportions for the search share and bytes (paper: 100 clients)."),
     rows: int = typer.Option(48, help="Dolly rows in each timed training pass."),
     out: Path = typer.Option(Path("docs"), help="Directory for performance.md and performance.json."),
+    bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="Time bf16 autocast beside fp32 (default: where the CPU has bf16 units)."
+    ),
 ) -> None:
     """Time local training (perfit vs a plain peft loop, fp32 vs bf16, PerFIT vs FIT), MFU, bytes, search share."""
     import json
 
-    from perfit.speed import Bench, report_markdown, with_scale
+    from perfit.speed import Bench, with_scale
+    from perfit.speed_report import report_markdown
 
     config = _config(ctx, None, preset)
     with _errors("data"):
-        result = Bench(config, rows=rows).run()
-    command = " ".join(["perfit bench speed", *ctx.args, f"--preset {preset} --rows {rows}"])
+        result = Bench(config, rows=rows, bf16=bf16).run()
+    flags = [f"--preset {preset} --rows {rows}", *([] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"])]
+    command = " ".join(["perfit bench speed", *ctx.args, *flags])
     result = with_scale(result, out / "scale.json")
     out.mkdir(parents=True, exist_ok=True)
     (out / "performance.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")

@@ -29,7 +29,6 @@ from perfit.aggregate import Accumulator
 from perfit.config import Config
 from perfit.data import Example, load_rows, partition, tokenize
 from perfit.model import (
-    AUTO_COMPILE_EXAMPLES,
     attach_lora,
     compile_decoder,
     initial_adapter,
@@ -39,6 +38,7 @@ from perfit.model import (
     resolve_model,
 )
 from perfit.train import (
+    autocast,
     cpu_has_bf16,
     evaluate_nll,
     micro_batches,
@@ -62,6 +62,21 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.
     """Best sustained square-matmul rate of this process's threads, in GFLOP/s."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), seconds) / 1e9
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = tuple(DTYPES)
+
+
+def autocast_for(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a timed precision (`train_masked`'s `autocast_dtype`; None: fp32)."""
+    return None if precision == "fp32" else DTYPES[precision]
+
+
+def emulated_bf16_probe(size: int = 512, seconds: float = 1.0) -> dict[str, float]:
+    """Square-matmul rates in bf16 and fp32 at a small `size`: on a CPU without bf16 units torch
+    emulates bf16 matmuls, and a probe at the peak's size (2048) would itself take minutes."""
+    return {name: matmul_peak_gflops(DTYPES[name], size, seconds) for name in PRECISIONS} | {"size": size}
 
 
 def decoder_gemms(model: Any) -> dict[tuple[int, int], int]:
@@ -124,13 +139,14 @@ def sample_examples(
     return examples[:rows], examples[rows:]
 
 
-def gemm_ceiling(model: Any, train: list[Example], config: Config, seconds: float = 2.0) -> dict[str, Any]:
-    """The frozen decoder's GEMM rate (fp32 and bf16) at the mean packed micro-batch that local
-    training runs over `train` under `config` (`gemm_rate_gflops`, `tokens_per_micro_batch`)."""
+def gemm_ceiling(
+    model: Any, train: list[Example], config: Config, seconds: float = 2.0, precisions: tuple[str, ...] = PRECISIONS
+) -> dict[str, Any]:
+    """The frozen decoder's GEMM rate in each of `precisions` at the mean packed micro-batch that
+    local training runs over `train` under `config` (`gemm_rate_gflops`, `tokens_per_micro_batch`)."""
     tokens = tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size, packed=True)
     shapes = decoder_gemms(model)
-    gflops = {name: gemm_rate_gflops(shapes, tokens, dtype, seconds)
-              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    gflops = {name: gemm_rate_gflops(shapes, tokens, DTYPES[name], seconds) for name in precisions}
     return {"tokens_per_micro_batch": tokens, "gflops": gflops}
 
 
@@ -166,9 +182,17 @@ def random_mask(size: int, budget: int, seed: int) -> torch.Tensor:
     return mask
 
 
-def plain_peft_pass(peft_model: Any, examples: list[Example], pad_id: int, batch_size: int, micro: int) -> None:
+def plain_peft_pass(
+    peft_model: Any,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    micro: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> None:
     """The loop a user writes with peft + torch: padded micro-batches in data order, the full head
-    and HF's loss on every position, AdamW on all LoRA parameters."""
+    and HF's loss on every position, AdamW on all LoRA parameters; the forward/backward under
+    autocast when `autocast_dtype` is given."""
     params = lora_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=3e-4)
     peft_model.train()
@@ -181,7 +205,9 @@ def plain_peft_pass(peft_model: Any, examples: list[Example], pad_id: int, batch
             ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in chunk])
             labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk])
             attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
-            peft_model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+            with autocast(peft_model, autocast_dtype):
+                loss = peft_model(input_ids=ids, attention_mask=attention, labels=labels).loss
+            loss.backward()
         optimizer.step()
     peft_model.eval()
 
@@ -191,18 +217,25 @@ class Bench:
     config: Config
     rows: int = 48
     """Dolly rows timed in each training pass (seeded sample of the whole file)."""
+    bf16: bool | None = None
+    """Time the bf16 autocast passes beside fp32. None: where the CPU has bf16 units (`cpu_has_bf16`)
+    or the config trains in bf16. Without the units torch emulates bf16 matmuls, far slower than
+    fp32 (`emulated_bf16_probe`), so the passes would take hours and `dtype=auto` never uses them."""
 
     def run(self) -> dict[str, Any]:
         torch.manual_seed(0)
         config = self.config
         started = time.perf_counter()
-        peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+        used = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
+        with_bf16 = used == "bf16" or (cpu_has_bf16() if self.bf16 is None else self.bf16)
+        precisions = PRECISIONS if with_bf16 else ("fp32",)
+        peak = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
         all_rows = load_rows(config.data)
         base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
         train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len)
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
-        ceiling = gemm_ceiling(base, train, config)
+        ceiling = gemm_ceiling(base, train, config, precisions=precisions)
         gemm = ceiling["gflops"]
 
         def timed(fn: Any) -> tuple[float, Any]:
@@ -227,94 +260,93 @@ class Bench:
 
             return peft_model, layout, run_pass
 
-        fit_model, fit_layout, fit_pass = masked_pass(config.rank, config.rank)
+        fit_model, fit_layout, _ = masked_pass(config.rank, config.rank)
         n_linear, n_lora = linear_params(base), fit_layout.size
         flops = useful_flops(base.config, n_linear, n_lora, train)
+
+        evaluator = attach_lora(load_base(resolve_model(config))[0], config.rank, 2.0 * config.rank)  # never compiled
+
+        def held_out_ppl(flat: torch.Tensor) -> float:
+            """Personalized perplexity of a rank-r adapter on the held-out rows, fp32 and eager."""
+            return perplexity(*evaluate_nll(evaluator, flat, held_out, pad, config.micro_batch_size))
+
         seconds: dict[str, float] = {}
-        seconds["perfit_fp32"], fit_result = timed(fit_pass)  # the compiled pass must learn this adapter
-        seconds["plain_peft_fp32"], _ = timed(
-            lambda subset: plain_peft_pass(fit_model, subset, pad, config.batch_size, config.micro_batch_size)
-        )
-        bf16_model, _, bf16_pass = masked_pass(config.rank, config.rank, torch.bfloat16)
-        seconds["perfit_bf16"], bf16_packed = timed(bf16_pass)
-        seconds["perfit_bf16_padded"], bf16_padded = timed(masked_pass(config.rank, config.rank, torch.bfloat16,
-                                                                       packed=False)[2])  # fmt: skip
-        packing_ppl = [perplexity(*evaluate_nll(bf16_model, r.flat, held_out, pad, config.micro_batch_size))
-                       for r in (bf16_packed, bf16_padded)]  # fmt: skip
+        trained: dict[str, Any] = {}  # each precision's perfit pass: the same start, rows and seed
+        for name in precisions:
+            autocast = autocast_for(name)
+            seconds[f"perfit_{name}"], trained[name] = timed(masked_pass(config.rank, config.rank, autocast)[2])
+            seconds[f"plain_peft_{name}"], _ = timed(
+                lambda subset, autocast=autocast: plain_peft_pass(
+                    fit_model, subset, pad, config.batch_size, config.micro_batch_size, autocast
+                )
+            )
+        seconds[f"perfit_{used}_padded"], padded = timed(masked_pass(config.rank, config.rank, autocast_for(used),
+                                                                     packed=False)[2])  # fmt: skip
         dense = round(config.rank / (1 - config.sparsity))
         seconds["perfit_round_dense_rank"], _ = timed(masked_pass(dense, config.rank)[2])
-        quality = self._bf16_quality(masked_pass, train, held_out, pad)
+        mfu = {name: flops / seconds[f"perfit_{name}"] / (peak[name] * 1e9) for name in precisions}
+        mfu |= {f"plain_peft_{name}": flops / seconds[f"plain_peft_{name}"] / (peak[name] * 1e9) for name in precisions}
+        mfu[f"{used}_padded"] = flops / seconds[f"perfit_{used}_padded"] / (peak[used] * 1e9)
         result = {
-            "machine": {
-                "cpu": cpu_description(),
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-            },  # fmt: skip
+            "machine": {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+            "dtype": used,
+            "precisions": list(precisions),
             "peak_gflops": peak,
             "gemm_at_model_shapes": {**ceiling, "of_peak": {name: gemm[name] / peak[name] for name in gemm}},
             "tokens_per_pass": tokens,
             "useful_gflop_per_pass": flops / 1e9,
             "seconds": seconds,
             "tokens_per_s": {k: tokens / v for k, v in seconds.items()},
-            "mfu": {
-                "fp32": flops / seconds["perfit_fp32"] / (peak["fp32"] * 1e9),
-                "bf16": flops / seconds["perfit_bf16"] / (peak["bf16"] * 1e9),
-                "plain_peft_fp32": flops / seconds["plain_peft_fp32"] / (peak["fp32"] * 1e9),
-                "bf16_padded": flops / seconds["perfit_bf16_padded"] / (peak["bf16"] * 1e9),
-            },
-            "packed_over_padded_tokens_per_s_bf16": seconds["perfit_bf16_padded"] / seconds["perfit_bf16"],
-            "packed_ppl_over_padded_ppl_bf16": packing_ppl[0] / packing_ppl[1],
+            "mfu": mfu,
+            "packing_dtype": used,
+            "packed_over_padded_tokens_per_s": seconds[f"perfit_{used}_padded"] / seconds[f"perfit_{used}"],
+            "packed_ppl_over_padded_ppl": held_out_ppl(trained[used].flat) / held_out_ppl(padded.flat),
             "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
-            "bf16_over_fp32_tokens_per_s": seconds["perfit_fp32"] / seconds["perfit_bf16"],
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
-            "bf16_ppl_over_fp32_ppl": quality,
             **self._bytes_and_server(dense),
-            **self._search_share(masked_pass, dense, train, held_out, pad, all_rows),
+            **self._search_share(masked_pass, dense, train, held_out, pad, all_rows, precisions),
         }
+        if with_bf16:
+            result["perfit_over_peft_tokens_per_s_bf16"] = seconds["plain_peft_bf16"] / seconds["perfit_bf16"]
+            result["bf16_over_fp32_tokens_per_s"] = seconds["perfit_fp32"] / seconds["perfit_bf16"]
+            result["bf16_ppl_over_fp32_ppl"] = held_out_ppl(trained["bf16"].flat) / held_out_ppl(trained["fp32"].flat)
+        else:
+            result["bf16_not_timed"] = emulated_bf16_probe()
         # last: compiling the decoder is process-wide, so everything above ran eager
-        eager = {"fp32": seconds["perfit_fp32"], "bf16": seconds["perfit_bf16"]}
-        result["compiled"] = self._compiled(base, masked_pass, train, held_out, pad, eager, fit_result.flat)
-        for name in ("fp32", "bf16"):
+        eager = {name: seconds[f"perfit_{name}"] for name in precisions}
+        result["compiled"] = self._compiled(base, masked_pass, train, eager, trained["fp32"].flat, held_out_ppl)
+        for name in precisions:
             result["mfu"][f"{name}_compiled"] = flops / result["compiled"]["seconds"][name] / (peak[name] * 1e9)
         # the step's useful FLOP rate against what the model's GEMMs alone reach at its shapes
         result["gemm_at_model_shapes"]["step_rate_of_gemm_rate"] = {
-            key: result["mfu"][key] * peak[key[:4]] / gemm[key[:4]]
-            for key in ("fp32", "bf16", "fp32_compiled", "bf16_compiled")
+            key: result["mfu"][key] * peak[name] / gemm[name]
+            for name in precisions
+            for key in (name, f"{name}_compiled")
         }
-        result["dtype"] = "bf16" if training_autocast(config.dtype) else "fp32"  # what local training uses here
         # the bench process (model copies and timing loops), not a simulation run (see `perfit bench scale`)
         result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         result["bench_seconds"] = time.perf_counter() - started
         return result
-
-    def _bf16_quality(self, masked_pass: Any, train: list[Example], held_out: list[Example], pad: int) -> float:
-        """Personalized perplexity (evaluated in fp32) after the same training in bf16 vs fp32."""
-        ppl = {}
-        for name, autocast in (("fp32", None), ("bf16", torch.bfloat16)):
-            peft_model, _, run_pass = masked_pass(self.config.rank, self.config.rank, autocast)
-            flat = run_pass(train).flat
-            ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, self.config.micro_batch_size))
-        return ppl["bf16"] / ppl["fp32"]
 
     def _compiled(
         self,
         base: Any,
         masked_pass: Any,
         train: list[Example],
-        held_out: list[Example],
-        pad: int,
         eager_seconds: dict[str, float],
         eager_flat: torch.Tensor,
+        held_out_ppl: Any,
     ) -> dict[str, Any]:
-        """The same perfit passes with the decoder compiled (`torch_compile=1`): first-call cost
-        (compile + one micro-batch, per dtype), pass seconds, and personalized perplexity after the
-        compiled fp32 pass against the eager one (`eager_flat`: same start, rows and seed). Both
-        adapters are evaluated the same way, on an eager copy of the model: compiling the no-grad
-        graph as well would cost the bench minutes and measure nothing about training."""
+        """The same perfit passes with the decoder compiled (`torch_compile=1`), in each precision of
+        `eager_seconds`: first-call cost (compile + one micro-batch), pass seconds, and personalized
+        perplexity after the compiled fp32 pass against the eager one (`eager_flat`: same start,
+        rows and seed). Both adapters are evaluated the same way, on the eager copy of the model
+        (`held_out_ppl`): compiling the no-grad graph as well would cost the bench minutes and
+        measure nothing about training."""
         compile_decoder(base)
         first_call, seconds, flats = {}, {}, {}
-        for name, autocast in (("fp32", None), ("bf16", torch.bfloat16)):
-            peft_model, _, run_pass = masked_pass(self.config.rank, self.config.rank, autocast)
+        for name in eager_seconds:
+            _, _, run_pass = masked_pass(self.config.rank, self.config.rank, autocast_for(name))
             begin = time.perf_counter()
             run_pass(train[:8])  # compiles this dtype's training graph
             first_call[name] = time.perf_counter() - begin
@@ -322,16 +354,11 @@ class Bench:
             begin = time.perf_counter()
             flats[name] = run_pass(train).flat
             seconds[name] = time.perf_counter() - begin
-        ppl = {}
-        eager_model = attach_lora(load_base(resolve_model(self.config))[0], self.config.rank, 2.0 * self.config.rank)
-        for name, flat in (("eager", eager_flat), ("compiled", flats["fp32"])):
-            ppl[name] = perplexity(*evaluate_nll(eager_model, flat, held_out, pad, self.config.micro_batch_size))
         return {
             "first_call_seconds": first_call,
             "seconds": seconds,
-            "compiled_over_eager_tokens_per_s_fp32": eager_seconds["fp32"] / seconds["fp32"],
-            "compiled_over_eager_tokens_per_s_bf16": eager_seconds["bf16"] / seconds["bf16"],
-            "ppl_compiled_over_eager_fp32": ppl["compiled"] / ppl["eager"],
+            **{f"compiled_over_eager_tokens_per_s_{name}": eager_seconds[name] / seconds[name] for name in seconds},
+            "ppl_compiled_over_eager_fp32": held_out_ppl(flats["fp32"]) / held_out_ppl(eager_flat),
         }
 
     def _bytes_and_server(self, dense: int) -> dict[str, Any]:
@@ -377,10 +404,12 @@ class Bench:
         held_out: list[Example],
         pad: int,
         all_rows: list[dict[str, str]],
+        precisions: tuple[str, ...],
     ) -> dict[str, Any]:
         """The one-time search's share of a client's compute over a run at the config's proportions,
-        both timed at the precision local training uses; and the search in bf16 against fp32: mask
-        agreement and personalized perplexity after the same masked training from each mask."""
+        both timed at the precision local training uses; and, where bf16 is timed, the search in
+        bf16 against fp32: mask agreement and personalized perplexity after the same masked training
+        from each mask."""
         from perfit.task import budget_groups, search_adapter_mask
 
         config = self.config
@@ -391,7 +420,7 @@ class Bench:
         batches = -(-len(train) // config.micro_batch_size)
         passes = config.pruning_steps * min(config.search_batches, batches)
         masks, per_scoring_batch = {}, {}
-        for name in ("fp32", "bf16"):
+        for name in precisions:
             warm = config.replace(dtype=name, prune_iterations=1)  # one untimed pass, as timed() does for training
             search_adapter_mask(peft_model, theta, train[: config.micro_batch_size], pad, warm, groups, 0)
             begin = time.perf_counter()
@@ -420,15 +449,14 @@ class Bench:
             "train_rows_per_client": statistics.fmean(len(split.train) for split in splits.values()),
             "micro_batch_size": config.micro_batch_size,
         }
-        return {
-            "search_share": search_share(inputs),
-            "search_share_inputs": inputs,
-            "search_bf16": {
+        result: dict[str, Any] = {"search_share": search_share(inputs), "search_share_inputs": inputs}
+        if "bf16" in masks:
+            result["search_bf16"] = {
                 "scoring_seconds_fp32_over_bf16": per_scoring_batch["fp32"] / per_scoring_batch["bf16"],
                 "mask_agreement": float((masks["fp32"] & masks["bf16"]).sum() / masks["fp32"].sum()),
                 "ppl_bf16_mask_over_fp32_mask": ppl["bf16"] / ppl["fp32"],
-            },
-        }
+            }
+        return result
 
 
 def search_share(inputs: dict[str, Any], participations: float | None = None, passes: float | None = None) -> float:
@@ -460,139 +488,3 @@ def with_scale(result: dict[str, Any], scale_json: Path) -> dict[str, Any]:
     scale = json.loads(scale_json.read_text())
     keys = ("round_time_1000_over_100", "peak_rss_gib", "server_rss_1000_minus_100_gib")
     return {**result, **{k: scale[k] for k in keys}, "scale_command": scale["command"]}
-
-
-def _break_even(result: dict[str, Any]) -> str:
-    """How many useful tokens a process must train before compiling pays back its first call."""
-    compiled, tokens = result["compiled"], result["tokens_per_pass"]
-    eager = {"fp32": result["seconds"]["perfit_fp32"], "bf16": result["seconds"]["perfit_bf16"]}
-    parts = []
-    for name in ("fp32", "bf16"):
-        saved_per_token = (eager[name] - compiled["seconds"][name]) / tokens
-        if saved_per_token <= 0:
-            parts.append(f"{name}: never (compiled is not faster)")
-        else:
-            parts.append(f"{name}: {compiled['first_call_seconds'][name] / saved_per_token / 1e3:,.0f}k tokens")
-    return "It pays back once a process has trained about " + ", ".join(parts) + "."
-
-
-def _gemm_paragraph(result: dict[str, Any]) -> str:
-    """What the model's own GEMMs reach at a micro-batch's shapes, against the square peak and the step."""
-    gemm = result["gemm_at_model_shapes"]
-    rate, of_peak, step = gemm["gflops"], gemm["of_peak"], gemm["step_rate_of_gemm_rate"]
-    return (
-        f"The frozen decoder's own GEMMs at a micro-batch's shapes ({gemm['tokens_per_micro_batch']:,} packed "
-        "tokens; forward and activation gradient of q, k, v, o, gate, up and down; inputs already in the dtype, "
-        f"no casts) run at {rate['fp32']:.0f} GFLOP/s in fp32 ({of_peak['fp32']:.0%} of the square-matmul peak) "
-        f"and {rate['bf16']:.0f} GFLOP/s in bf16 ({of_peak['bf16']:.0%}): the most the linear layers of a step "
-        "can reach on this machine at these shapes. The training step's useful FLOP rate is "
-        f"{step['fp32']:.0%} (fp32) / {step['bf16']:.0%} (bf16) of that rate eager, "
-        f"{step['fp32_compiled']:.0%} / {step['bf16_compiled']:.0%} compiled."
-    )
-
-
-def report_markdown(result: dict[str, Any], command: str) -> str:
-    """docs/performance.md from one bench result."""
-    seconds, rate, mfu, compiled = result["seconds"], result["tokens_per_s"], result["mfu"], result["compiled"]
-    share, searched = result["search_share_inputs"], result["search_bf16"]
-    epoch_batches = share["train_rows_per_client"] / share["micro_batch_size"]  # a step over all train rows
-    literal = search_share(share, passes=share["pruning_steps"] * epoch_batches)
-    lines = [
-        "# Performance (measured by `perfit bench speed`)",
-        "",
-        f"Command: `{command}`; machine: {result['machine']['cpu']}, {result['machine']['threads']} threads, "
-        f"torch {result['machine']['torch']}; bench wall time {result['bench_seconds']:.0f} s. Every figure below"
-        " comes from this one run (`docs/performance.json`).",
-        "",
-        "## Local training",
-        "",
-        f"One pass over {result['tokens_per_pass']:,} useful tokens (prompt + response, no padding) of dolly rows.",
-        "",
-        "| loop | seconds | useful tokens/s | MFU (of this CPU's measured peak) |",
-        "|---|---|---|---|",
-        f"| plain peft + torch, fp32 (padded, full head) | {seconds['plain_peft_fp32']:.1f} | "
-        f"{rate['plain_peft_fp32']:.0f} | {mfu['plain_peft_fp32']:.1%} |",
-        f"| perfit, fp32 (FIT adapter) | {seconds['perfit_fp32']:.1f} | {rate['perfit_fp32']:.0f} | "
-        f"{mfu['fp32']:.1%} of {result['peak_gflops']['fp32']:.0f} GFLOP/s |",
-        f"| perfit, bf16 autocast (FIT adapter) | {seconds['perfit_bf16']:.1f} | {rate['perfit_bf16']:.0f} | "
-        f"{mfu['bf16']:.1%} of {result['peak_gflops']['bf16']:.0f} GFLOP/s |",
-        f"| perfit, bf16, padded micro-batches (before packing) | {seconds['perfit_bf16_padded']:.1f} | "
-        f"{rate['perfit_bf16_padded']:.0f} | {mfu['bf16_padded']:.1%} |",
-        f"| perfit, fp32, PerFIT client (dense rank, masked) | {seconds['perfit_round_dense_rank']:.1f} | "
-        f"{rate['perfit_round_dense_rank']:.0f} | |",
-        *(
-            f"| perfit, {name}, decoder compiled (`torch_compile=1`) | {compiled['seconds'][name]:.1f} | "
-            f"{result['tokens_per_pass'] / compiled['seconds'][name]:.0f} | {mfu[name + '_compiled']:.1%} |"
-            for name in ("fp32", "bf16")
-        ),
-        "",
-        _gemm_paragraph(result),
-        "",
-        f"Compiling costs the first call {compiled['first_call_seconds']['fp32']:.0f} s (fp32) / "
-        f"{compiled['first_call_seconds']['bf16']:.0f} s (bf16), compile and one micro-batch, once per process "
-        "and graph (later processes may reuse inductor's on-disk cache; not timed here). "
-        + _break_even(result)
-        + f" `torch_compile=auto` (the default) compiles on the CPU for runs that plan at least "
-        f"{AUTO_COMPILE_EXAMPLES:,} local training examples; `--torch-compile 1` or `0` forces it.",
-        "",
-        "| ratio | measured | target |",
-        "|---|---|---|",
-        f"| perfit / plain peft useful tokens/s (fp32) | {result['perfit_over_peft_tokens_per_s']:.2f} | "
-        ">= 2 with bf16 units, never < 1 |",
-        f"| bf16 / fp32 tokens/s (perfit loop) | {result['bf16_over_fp32_tokens_per_s']:.2f} | |",
-        f"| packed / padded micro-batches tokens/s (bf16) | {result['packed_over_padded_tokens_per_s_bf16']:.2f} | |",
-        f"| packed / padded personalized perplexity after the same training (bf16) | "
-        f"{result['packed_ppl_over_padded_ppl_bf16']:.4f} | within 1 % |",
-        f"| bf16 / fp32 personalized perplexity after the same training | {result['bf16_ppl_over_fp32_ppl']:.4f} | "
-        "within 1 % |",
-        f"| PerFIT client round / FIT client round (search excluded) | {result['perfit_round_over_fit_round']:.2f} | "
-        "<= 1.05 |",
-        f"| MFU, fp32 / bf16, eager (short runs) | {mfu['fp32']:.1%} / {mfu['bf16']:.1%} | >= 60 % |",
-        f"| MFU, fp32 / bf16, decoder compiled (long runs) | {mfu['fp32_compiled']:.1%} / "
-        f"{mfu['bf16_compiled']:.1%} | >= 60 % |",
-        f"| compiled / eager tokens/s, fp32 / bf16 | {compiled['compiled_over_eager_tokens_per_s_fp32']:.2f} / "
-        f"{compiled['compiled_over_eager_tokens_per_s_bf16']:.2f} | |",
-        f"| compiled / eager personalized perplexity after the same training (fp32) | "
-        f"{compiled['ppl_compiled_over_eager_fp32']:.4f} | within 1 % |",
-        f"| search share of a client's compute at the config's proportions | {result['search_share']:.1%} | <= 10 % |",
-        f"| PerFIT / FIT upload bytes per round (mask amortized) | {result['upload_bytes_perfit_over_fit']:.3f} | "
-        "<= 1.05 |",
-        f"| the same, in a client's first round | {result['upload_bytes_perfit_over_fit_first_round']:.3f} | |",
-        "",
-        f"Search share inputs ({share['dtype']}): T_p {share['pruning_steps']} x {share['search_batches']} scoring "
-        f"micro-batches of {share['seconds_per_scoring_micro_batch']:.2f} s, against "
-        f"{share['participations_per_client']:.1f} participations x {share['train_rows_per_client']:.0f} "
-        f"train rows per client in training micro-batches of {share['seconds_per_training_micro_batch']:.2f} s. "
-        f"At Table 2's 50 rounds ({share['participations_per_client_at_50_rounds']:.1f} participations) the share "
-        f"is {search_share(share, share['participations_per_client_at_50_rounds']):.1%}. To stay within 10 % at the "
-        f"config's proportions a search may take {passes_within(share, 0.10)} scoring micro-batches; the paper's "
-        'T_p (10 for dense rank 16, 5 otherwise) at one micro-batch a step takes 10 or 5. Its "pruning epochs" '
-        f"read literally (every step over all of a client's train rows) would make the share {literal:.0%}.",
-        "",
-        "Search under bf16 autocast against fp32, same data and start: scoring "
-        f"{searched['scoring_seconds_fp32_over_bf16']:.2f}x faster; the masks agree on "
-        f"{searched['mask_agreement']:.1%} of the budget; personalized perplexity after the same masked "
-        f"training from each mask, bf16 / fp32: {searched['ppl_bf16_mask_over_fp32_mask']:.4f}.",
-        "",
-        "## Server",
-        "",
-        *(
-            [
-                f"From `{result['scale_command']}` (docs/scale.md): round time with 1,000 clients / 100 clients "
-                f"**{result['round_time_1000_over_100']:.2f}** (target <= 1.2); the server process's peak RSS grows by "
-                f"{result['server_rss_1000_minus_100_gib']:.3f} GiB from 100 to 1,000 clients; peak resident memory of "
-                f"the whole simulation {result['peak_rss_gib']:.2f} GiB.",
-                "",
-            ]
-            if "scale_command" in result
-            else []
-        ),
-        "Eq. 6 over 10 / 100 / 1,000 masked clients, streamed (one update at a time): "
-        + " / ".join(f"{result['server_aggregation_seconds'][k]:.2f} s" for k in ("10", "100", "1000"))
-        + f". A mask costs the server {result['server_mask_bytes_per_client']['bit_packed']:,} bytes (bit-packed; "
-        f"{result['server_mask_bytes_per_client']['bool_tensor']:,} as a bool tensor). Peak resident memory of the "
-        f"bench process: {result['bench_peak_rss_gib']:.2f} GiB. Round time and memory of whole simulated "
-        "federations of 100 and 1,000 clients: `perfit bench scale`, docs/scale.md.",
-        "",
-    ]
-    return "\n".join(lines)

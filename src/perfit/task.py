@@ -31,6 +31,7 @@ from perfit.model import (
 from perfit.search import search_mask, step_batches
 from perfit.train import (
     TrainResult,
+    cpu_has_bf16,
     evaluate_nll,
     importance_scores,
     micro_batches,
@@ -121,6 +122,11 @@ class ClientTask:
     def _base(self) -> tuple[Any, Any]:
         device = resolve_device(self.config.device)
         model, tokenizer = load_base(self.model_path, device=device)
+        if self.config.dtype == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+            logging.getLogger("perfit").warning(
+                "dtype=bf16 on a CPU without bf16 units (AVX-512 BF16 or AMX): torch emulates bf16 matmuls, "
+                "tens of times slower than fp32 here (`perfit bench speed` measures it); dtype=auto trains in fp32"
+            )
         setting = self.config.torch_compile
         found = setting == "auto" and cpp_compiler_found()  # only `auto` asks for the compiler
         if compile_wanted(setting, self.planned_examples, device.type, found):

@@ -1,0 +1,205 @@
+"""docs/performance.md from one `perfit bench speed` result (speed.Bench.run): tables and sentences
+only, every figure read from the result. The bf16 rows appear where the bench timed bf16."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perfit.model import AUTO_COMPILE_EXAMPLES
+from perfit.speed import passes_within, search_share
+
+
+def _precisions(result: dict[str, Any]) -> list[str]:
+    return result["precisions"]
+
+
+def _break_even(result: dict[str, Any]) -> str:
+    """How many useful tokens a process must train before compiling pays back its first call."""
+    compiled, tokens = result["compiled"], result["tokens_per_pass"]
+    parts = []
+    for name in compiled["seconds"]:
+        saved_per_token = (result["seconds"][f"perfit_{name}"] - compiled["seconds"][name]) / tokens
+        if saved_per_token <= 0:
+            parts.append(f"{name}: never (compiled is not faster)")
+        else:
+            parts.append(f"{name}: {compiled['first_call_seconds'][name] / saved_per_token / 1e3:,.0f}k tokens")
+    return "It pays back once a process has trained about " + ", ".join(parts) + "."
+
+
+def _gemm_paragraph(result: dict[str, Any]) -> str:
+    """What the model's own GEMMs reach at a micro-batch's shapes, against the square peak and the step."""
+    gemm = result["gemm_at_model_shapes"]
+    rate, of_peak, step = gemm["gflops"], gemm["of_peak"], gemm["step_rate_of_gemm_rate"]
+    names = _precisions(result)
+    rates = " and ".join(f"{rate[n]:.0f} GFLOP/s in {n} ({of_peak[n]:.0%} of its square-matmul peak)" for n in names)
+    eager = " / ".join(f"{step[n]:.0%}" for n in names)
+    compiled = " / ".join(f"{step[n + '_compiled']:.0%}" for n in names)
+    return (
+        f"The frozen decoder's own GEMMs at a micro-batch's shapes ({gemm['tokens_per_micro_batch']:,} packed "
+        "tokens; forward and activation gradient of q, k, v, o, gate, up and down; inputs already in the dtype, "
+        f"no casts) run at {rates}: the most the linear layers of a step can reach on this machine at these "
+        f"shapes. The training step's useful FLOP rate is {eager} ({' / '.join(names)}) of that rate eager, "
+        f"{compiled} compiled."
+    )
+
+
+def _bf16_sentence(result: dict[str, Any]) -> str:
+    """Why bf16 was not timed (a CPU without bf16 units), with the probe's rates; '' where it was."""
+    probe = result.get("bf16_not_timed")
+    if probe is None:
+        return ""
+    return (
+        f"bf16 is not timed: this CPU has no bf16 units, and torch emulates bf16 matmuls at "
+        f"{probe['bf16']:.1f} GFLOP/s against {probe['fp32']:.0f} GFLOP/s in fp32 (square {probe['size']} "
+        f"matmuls, {probe['fp32'] / probe['bf16']:.0f}x slower), so `dtype=auto` trains in fp32 here. "
+        "`perfit bench speed --bf16` times it anyway."
+    )
+
+
+def _training_rows(result: dict[str, Any]) -> list[str]:
+    seconds, rate, mfu, compiled = result["seconds"], result["tokens_per_s"], result["mfu"], result["compiled"]
+    peak, used = result["peak_gflops"], result["packing_dtype"]
+
+    def row(label: str, key: str, mfu_text: str = "") -> str:
+        return f"| {label} | {seconds[key]:.1f} | {rate[key]:.0f} | {mfu_text} |"
+
+    rows = []
+    for name in _precisions(result):
+        how = "" if name == "fp32" else " autocast"
+        rows.append(row(f"plain peft + torch, {name}{how} (padded, full head)", f"plain_peft_{name}",
+                        f"{mfu[f'plain_peft_{name}']:.1%}"))  # fmt: skip
+        rows.append(row(f"perfit, {name}{how} (FIT adapter)", f"perfit_{name}",
+                        f"{mfu[name]:.1%} of {peak[name]:.0f} GFLOP/s"))  # fmt: skip
+    rows.append(row(f"perfit, {used}, padded micro-batches (before packing)", f"perfit_{used}_padded",
+                    f"{mfu[f'{used}_padded']:.1%}"))  # fmt: skip
+    rows.append(row("perfit, fp32, PerFIT client (dense rank, masked)", "perfit_round_dense_rank"))
+    for name in compiled["seconds"]:
+        rows.append(
+            f"| perfit, {name}, decoder compiled (`torch_compile=1`) | {compiled['seconds'][name]:.1f} | "
+            f"{result['tokens_per_pass'] / compiled['seconds'][name]:.0f} | {mfu[name + '_compiled']:.1%} |"
+        )
+    return rows
+
+
+def _ratio_rows(result: dict[str, Any]) -> list[str]:
+    mfu, compiled, names = result["mfu"], result["compiled"], _precisions(result)
+    used = result["packing_dtype"]
+    rows = [
+        f"| perfit / plain peft useful tokens/s (fp32) | {result['perfit_over_peft_tokens_per_s']:.2f} | "
+        ">= 2 with bf16 units, never < 1 |",
+    ]
+    if "bf16" in names:
+        rows += [
+            f"| perfit / plain peft useful tokens/s (bf16 autocast, both) | "
+            f"{result['perfit_over_peft_tokens_per_s_bf16']:.2f} | >= 2 with bf16 units |",
+            f"| bf16 / fp32 tokens/s (perfit loop) | {result['bf16_over_fp32_tokens_per_s']:.2f} | |",
+            f"| bf16 / fp32 personalized perplexity after the same training | "
+            f"{result['bf16_ppl_over_fp32_ppl']:.4f} | within 1 % |",
+        ]
+    slash = " / ".join(names)
+    eager_mfu = " / ".join(f"{mfu[n]:.1%}" for n in names)
+    compiled_mfu = " / ".join(f"{mfu[n + '_compiled']:.1%}" for n in names)
+    speedup = " / ".join(f"{compiled['compiled_over_eager_tokens_per_s_' + n]:.2f}" for n in names)
+    rows += [
+        f"| packed / padded micro-batches tokens/s ({used}) | {result['packed_over_padded_tokens_per_s']:.2f} | |",
+        f"| packed / padded personalized perplexity after the same training ({used}) | "
+        f"{result['packed_ppl_over_padded_ppl']:.4f} | within 1 % |",
+        f"| PerFIT client round / FIT client round (search excluded) | {result['perfit_round_over_fit_round']:.2f} | "
+        "<= 1.05 |",
+        f"| MFU, {slash}, eager (short runs) | {eager_mfu} | >= 60 % |",
+        f"| MFU, {slash}, decoder compiled (long runs) | {compiled_mfu} | >= 60 % |",
+        f"| compiled / eager tokens/s, {slash} | {speedup} | |",
+        f"| compiled / eager personalized perplexity after the same training (fp32) | "
+        f"{compiled['ppl_compiled_over_eager_fp32']:.4f} | within 1 % |",
+        f"| search share of a client's compute at the config's proportions | {result['search_share']:.1%} | <= 10 % |",
+        f"| PerFIT / FIT upload bytes per round (mask amortized) | {result['upload_bytes_perfit_over_fit']:.3f} | "
+        "<= 1.05 |",
+        f"| the same, in a client's first round | {result['upload_bytes_perfit_over_fit_first_round']:.3f} | |",
+    ]
+    return rows
+
+
+def _search_paragraphs(result: dict[str, Any]) -> list[str]:
+    share = result["search_share_inputs"]
+    epoch_batches = share["train_rows_per_client"] / share["micro_batch_size"]  # a step over all train rows
+    literal = search_share(share, passes=share["pruning_steps"] * epoch_batches)
+    paragraphs = [
+        f"Search share inputs ({share['dtype']}): T_p {share['pruning_steps']} x {share['search_batches']} scoring "
+        f"micro-batches of {share['seconds_per_scoring_micro_batch']:.2f} s, against "
+        f"{share['participations_per_client']:.1f} participations x {share['train_rows_per_client']:.0f} "
+        f"train rows per client in training micro-batches of {share['seconds_per_training_micro_batch']:.2f} s. "
+        f"At Table 2's 50 rounds ({share['participations_per_client_at_50_rounds']:.1f} participations) the share "
+        f"is {search_share(share, share['participations_per_client_at_50_rounds']):.1%}. To stay within 10 % at the "
+        f"config's proportions a search may take {passes_within(share, 0.10)} scoring micro-batches; the paper's "
+        'T_p (10 for dense rank 16, 5 otherwise) at one micro-batch a step takes 10 or 5. Its "pruning epochs" '
+        f"read literally (every step over all of a client's train rows) would make the share {literal:.0%}."
+    ]
+    searched = result.get("search_bf16")
+    if searched is not None:
+        paragraphs.append(
+            "Search under bf16 autocast against fp32, same data and start: scoring "
+            f"{searched['scoring_seconds_fp32_over_bf16']:.2f}x faster; the masks agree on "
+            f"{searched['mask_agreement']:.1%} of the budget; personalized perplexity after the same masked "
+            f"training from each mask, bf16 / fp32: {searched['ppl_bf16_mask_over_fp32_mask']:.4f}."
+        )
+    return paragraphs
+
+
+def _server_paragraphs(result: dict[str, Any]) -> list[str]:
+    paragraphs = []
+    if "scale_command" in result:
+        paragraphs.append(
+            f"From `{result['scale_command']}` (docs/scale.md): round time with 1,000 clients / 100 clients "
+            f"**{result['round_time_1000_over_100']:.2f}** (target <= 1.2); the server process's peak RSS grows by "
+            f"{result['server_rss_1000_minus_100_gib']:.3f} GiB from 100 to 1,000 clients; peak resident memory of "
+            f"the whole simulation {result['peak_rss_gib']:.2f} GiB."
+        )
+    paragraphs.append(
+        "Eq. 6 over 10 / 100 / 1,000 masked clients, streamed (one update at a time): "
+        + " / ".join(f"{result['server_aggregation_seconds'][k]:.2f} s" for k in ("10", "100", "1000"))
+        + f". A mask costs the server {result['server_mask_bytes_per_client']['bit_packed']:,} bytes (bit-packed; "
+        f"{result['server_mask_bytes_per_client']['bool_tensor']:,} as a bool tensor). Peak resident memory of the "
+        f"bench process: {result['bench_peak_rss_gib']:.2f} GiB. Round time and memory of whole simulated "
+        "federations of 100 and 1,000 clients: `perfit bench scale`, docs/scale.md."
+    )
+    return paragraphs
+
+
+def report_markdown(result: dict[str, Any], command: str) -> str:
+    """docs/performance.md from one bench result."""
+    compiled, machine = result["compiled"], result["machine"]
+    first_call = " / ".join(f"{s:.0f} s ({n})" for n, s in compiled["first_call_seconds"].items())
+    lines = [
+        "# Performance (measured by `perfit bench speed`)",
+        "",
+        f"Command: `{command}`; machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; "
+        f"bench wall time {result['bench_seconds']:.0f} s; local training runs in {result['dtype']} here "
+        "(`dtype=auto`). Every figure below comes from this one run (`docs/performance.json`).",
+        "",
+        "## Local training",
+        "",
+        f"One pass over {result['tokens_per_pass']:,} useful tokens (prompt + response, no padding) of dolly rows.",
+        "",
+        "| loop | seconds | useful tokens/s | MFU (of this CPU's measured peak) |",
+        "|---|---|---|---|",
+        *_training_rows(result),
+        "",
+        _gemm_paragraph(result),
+        "",
+        *([_bf16_sentence(result), ""] if "bf16_not_timed" in result else []),
+        f"Compiling costs the first call {first_call}, compile and one micro-batch, once per process and graph "
+        "(later processes may reuse inductor's on-disk cache; not timed here). "
+        + _break_even(result)
+        + f" `torch_compile=auto` (the default) compiles on the CPU for runs that plan at least "
+        f"{AUTO_COMPILE_EXAMPLES:,} local training examples; `--torch-compile 1` or `0` forces it.",
+        "",
+        "| ratio | measured | target |",
+        "|---|---|---|",
+        *_ratio_rows(result),
+        "",
+        *(paragraph for text in _search_paragraphs(result) for paragraph in (text, "")),
+        "## Server",
+        "",
+        *(paragraph for text in _server_paragraphs(result) for paragraph in (text, "")),
+    ]
+    return "\n".join(lines)
