@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from perfit.allocator import keep_freed_memory
 from perfit.config import DEFAULT_MODEL, Config
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
@@ -115,7 +116,10 @@ def device_of(model: Any) -> torch.device:
 
 def load_base(path: str, shared: bool = True, device: torch.device | str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) on `device`, loaded once per process and device and reused by every
-    client and round; `shared=False` loads a private copy (the speed bench compiles its own)."""
+    client and round; `shared=False` loads a private copy (the speed bench compiles its own). A
+    process that loads the model trains with it, so it keeps freed memory for reuse
+    (`allocator.keep_freed_memory`)."""
+    keep_freed_memory()
     key = (path, str(torch.device(device)))
     if not shared or key not in _PROCESS_MODELS:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -273,11 +273,11 @@ class Bench:
         seconds: dict[str, float] = {}
         trained: dict[str, Any] = {}  # each precision's perfit pass: the same start, rows and seed
         for name in precisions:
-            autocast = autocast_for(name)
-            seconds[f"perfit_{name}"], trained[name] = timed(masked_pass(config.rank, config.rank, autocast)[2])
+            dtype = autocast_for(name)
+            seconds[f"perfit_{name}"], trained[name] = timed(masked_pass(config.rank, config.rank, dtype)[2])
             seconds[f"plain_peft_{name}"], _ = timed(
-                lambda subset, autocast=autocast: plain_peft_pass(
-                    fit_model, subset, pad, config.batch_size, config.micro_batch_size, autocast
+                lambda subset, dtype=dtype: plain_peft_pass(
+                    fit_model, subset, pad, config.batch_size, config.micro_batch_size, dtype
                 )
             )
         seconds[f"perfit_{used}_padded"], padded = timed(masked_pass(config.rank, config.rank, autocast_for(used),
