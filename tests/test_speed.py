@@ -153,6 +153,11 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
 
     shared = load_base(str(tiny_model))[0].get_decoder().layers[0]
     assert getattr(shared, "_compiled_call_impl", None) is None  # the process-wide model was not compiled
+    for name, readings in result["peak_gflops_at_start_and_end"].items():  # MFU against the higher reading
+        assert len(readings) == 2 and result["peak_gflops"][name] == max(readings)
+    assert result["mfu"]["fp32"] == pytest.approx(
+        result["useful_gflop_per_pass"] / seconds["perfit_fp32"] / result["peak_gflops"]["fp32"]
+    )
     gemm = result["gemm_at_model_shapes"]
     assert gemm["tokens_per_micro_batch"] > 0 and gemm["gflops"]["fp32"] > 0
     assert set(gemm["step_rate_of_gemm_rate"]) == {"fp32", "fp32_compiled", "bf16", "bf16_compiled"}
@@ -162,6 +167,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     )
     text = report_markdown(result, "perfit bench speed")
     assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
+    assert "read at the start and at the end of the run" in text
     assert "masks agree on" in text and "search share" in text and "decoder compiled" in text
     assert "plain peft + torch, bf16 autocast" in text and "bf16 is not timed" not in text
     assert "1,000 clients / 100" not in text

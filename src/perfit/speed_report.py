@@ -34,7 +34,12 @@ def _gemm_paragraph(result: dict[str, Any]) -> str:
     rates = " and ".join(f"{rate[n]:.0f} GFLOP/s in {n} ({of_peak[n]:.0%} of its square-matmul peak)" for n in names)
     eager = " / ".join(f"{step[n]:.0%}" for n in names)
     compiled = " / ".join(f"{step[n + '_compiled']:.0%}" for n in names)
+    readings = "; ".join(
+        f"{n} {start:.0f} / {end:.0f} GFLOP/s" for n, (start, end) in result["peak_gflops_at_start_and_end"].items()
+    )
     return (
+        f"The square-matmul peak read at the start and at the end of the run: {readings}; MFU is taken against "
+        "the higher reading (these machines are shared, and their speed moves within a run). "
         f"The frozen decoder's own GEMMs at a micro-batch's shapes ({gemm['tokens_per_micro_batch']:,} packed "
         "tokens; forward and activation gradient of q, k, v, o, gate, up and down; inputs already in the dtype, "
         f"no casts) run at {rates}: the most the linear layers of a step can reach on this machine at these "
