@@ -167,7 +167,11 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     )
     text = report_markdown(result, "perfit bench speed")
     assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
-    assert "read at the start and at the end of the run" in text
+    assert "read at the start and at the end of the run" in text and "timed FIT, PerFIT, PerFIT, FIT" in text
+    passes = result["round_passes_seconds"]  # the round ratio from passes timed FIT, PerFIT, PerFIT, FIT
+    assert len(passes["fit"]) == len(passes["perfit"]) == 2
+    assert result["perfit_round_over_fit_round"] == pytest.approx(sum(passes["perfit"]) / sum(passes["fit"]))
+    assert seconds["perfit_fp32"] == pytest.approx(sum(passes["fit"]) / 2)
     assert "masks agree on" in text and "search share" in text and "decoder compiled" in text
     assert "plain peft + torch, bf16 autocast" in text and "bf16 is not timed" not in text
     assert "1,000 clients / 100" not in text

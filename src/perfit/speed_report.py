@@ -48,6 +48,16 @@ def _gemm_paragraph(result: dict[str, Any]) -> str:
     )
 
 
+def _round_sentence(result: dict[str, Any]) -> str:
+    """How the FIT and PerFIT fp32 rows were timed (their passes, in order)."""
+    passes = result["round_passes_seconds"]
+    fit, perfit = (" / ".join(f"{s:.1f}" for s in passes[k]) for k in ("fit", "perfit"))
+    return (
+        "The fp32 FIT and PerFIT rows are means of two passes each, timed FIT, PerFIT, PerFIT, FIT so that a "
+        f"drift of the machine's speed cancels in their ratio: FIT {fit} s, PerFIT {perfit} s."
+    )
+
+
 def _bf16_sentence(result: dict[str, Any]) -> str:
     """Why bf16 was not timed (a CPU without bf16 units), with the probe's rates; '' where it was."""
     probe = result.get("bf16_not_timed")
@@ -188,6 +198,8 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "| loop | seconds | useful tokens/s | MFU (of this CPU's measured peak) |",
         "|---|---|---|---|",
         *_training_rows(result),
+        "",
+        _round_sentence(result),
         "",
         _gemm_paragraph(result),
         "",
