@@ -34,6 +34,12 @@ def dolly_rows(per_category: int) -> list[dict]:
     return rows
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow (real-model) tests first: under `make test`'s two workers their file, the longest,
+    starts at once instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """A .jsonl with 24 dolly rows per category (192 rows)."""

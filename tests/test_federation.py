@@ -17,8 +17,7 @@ CASES = [
     ("fit", "pathological", ""),
     ("perfit", "pathological", ""),
     ("fit", "dirichlet", ""),
-    ("perfit", "dirichlet", ""),
-    ("perfit", "dirichlet", "2,4"),
+    ("perfit", "dirichlet", "2,4"),  # heterogeneous budgets (PerFIT with one budget: pathological)
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,18 @@ def client_gpus(config: Config, actors: int) -> float:
         return 0.0
     per_gpu = math.ceil(max(actors, 1) / _visible_gpus())
     return math.floor(10_000 / per_gpu) / 10_000
+
+
+def _init_ray(init_args: dict[str, Any]) -> None:
+    """Start Ray before Flower does, with the app's import path in the environment that Ray's worker
+    processes inherit instead of in a runtime env, as Flower's RayBackend passes it (it starts Ray
+    only when none is running). With a runtime env, no worker Ray starts ahead can host a client:
+    each client process starts anew through the runtime-env agent once the run asks for it."""
+    import ray
+
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = path
+    ray.init(**init_args)
 
 
 def run_simulation(
@@ -82,6 +95,7 @@ def run_simulation(
         },
     }
     try:
+        _init_ray(backend["init_args"])
         _run_simulation(
             num_supernodes=config.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
