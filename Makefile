@@ -31,11 +31,13 @@ bench: install
 report: install
 	$(BIN)/perfit report --runs runs/paper --out docs
 
-# Two pytest processes, one test file each at a time (module fixtures run once): the suite waits on
-# process and Ray start-ups much of the time, so two workers took 952 s where one took 1,188 s here.
+# Two pytest processes, one test file each at a time (module fixtures run once), in collection order
+# (slow tests first): the suite waits on process and Ray start-ups much of the time (in one process
+# tests/test_federation.py kept the 2 cores 59 % busy). `.ci/run` from a fresh clone, 2 workers:
+# 1,028 s with the install (tests 847 s); one process had taken 1,188 s for the tests alone.
 TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests

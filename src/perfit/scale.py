@@ -43,10 +43,11 @@ class PeakMemory:
         while not self._stop.is_set():
             try:
                 own = self._process.memory_info().rss
-            except psutil.Error:  # the watched process has exited
+                children = self._process.children(recursive=True)
+            except psutil.Error:  # the watched process has exited (also between these two reads)
                 return
             total = own
-            for child in self._process.children(recursive=True):
+            for child in children:
                 try:
                     total += child.memory_info().rss
                 except psutil.Error:  # exited between listing and reading
