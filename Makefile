@@ -34,7 +34,8 @@ report: install
 # Two pytest processes, one test file each at a time (module fixtures run once), in collection order
 # (slow tests first): the suite waits on process and Ray start-ups much of the time (in one process
 # tests/test_federation.py kept the 2 cores 59 % busy). `.ci/run` from a fresh clone, 2 workers:
-# 1,028 s with the install (tests 847 s); one process had taken 1,188 s for the tests alone.
+# 1,028 and 1,114 s in two runs with the install (tests 847 and 895 s); one process had taken 1,188 s
+# for the tests alone.
 TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

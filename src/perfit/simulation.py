@@ -44,6 +44,8 @@ def _init_ray(init_args: dict[str, Any]) -> None:
     each client process starts anew through the runtime-env agent once the run asks for it."""
     import ray
 
+    if ray.is_initialized():  # the caller's own Ray: Flower uses it as it is
+        return
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = path
     ray.init(**init_args)
