@@ -34,6 +34,26 @@ def test_peak_memory_watches_another_process_until_it_exits():
     assert memory.peak_self >= 96 << 20
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a raise in the thread fails
+def test_peak_memory_stops_when_the_process_exits_while_its_children_are_listed():
+    """The watched process can exit between reading its memory and listing its children: the
+    sampler stops there, keeping the peaks it read, instead of raising in its thread."""
+    import psutil
+
+    class ExitsWhileListed:
+        def memory_info(self):
+            return psutil.Process().memory_info()
+
+        def children(self, recursive=False):
+            raise psutil.NoSuchProcess(pid=1)
+
+    memory = PeakMemory(interval=0.01)
+    memory._process = ExitsWhileListed()
+    with memory:
+        memory._thread.join(timeout=5)
+    assert not memory._thread.is_alive() and memory.peak_self == 0  # stopped before a partial reading
+
+
 def test_a_federation_that_fails_in_its_process_raises_with_the_cause(tiny_model, small_data, tmp_path):
     config = tiny_config(tiny_model, small_data, tmp_path / "unused")
     broken = config.replace(data=str(tmp_path / "missing.jsonl"))

@@ -264,7 +264,7 @@ class Bench:
 
             return peft_model, layout, run_pass
 
-        n_linear, n_lora = linear_params(base), masked_pass(config.rank, config.rank)[1].size
+        n_linear, n_lora = linear_params(base), lora_layout(attach_lora(base, config.rank, 2.0 * config.rank)).size
         flops = useful_flops(base.config, n_linear, n_lora, train)
 
         evaluator = attach_lora(load_base(resolve_model(config))[0], config.rank, 2.0 * config.rank)  # never compiled
