@@ -167,8 +167,14 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     )
     text = report_markdown(result, "perfit bench speed")
     assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
-    assert "read at the start and at the end of the run" in text and "timed FIT, PerFIT, PerFIT, FIT" in text
-    passes = result["round_passes_seconds"]  # the round ratio from passes timed FIT, PerFIT, PerFIT, FIT
+    assert "read at the start and at the end of the run" in text and "timed FIT, PerFIT, BLAS, PerFIT, FIT" in text
+    measured = result["onednn"]  # the tiny model's frozen GEMMs through oneDNN, and one pass on torch's BLAS
+    assert measured["used"] and measured["onednn_over_blas_tokens_per_s_fp32"] == pytest.approx(
+        measured["seconds_blas_fp32"] / seconds["perfit_fp32"]
+    )
+    assert abs(measured["ppl_onednn_over_blas_fp32"] - 1.0) < 1e-3  # the same training, other summation orders
+    assert "oneDNN / torch BLAS frozen GEMMs tokens/s" in text and "default BLAS (`onednn=0`)" in text
+    passes = result["round_passes_seconds"]  # the round ratio from passes timed FIT, PerFIT, BLAS, PerFIT, FIT
     assert len(passes["fit"]) == len(passes["perfit"]) == 2
     assert result["perfit_round_over_fit_round"] == pytest.approx(sum(passes["perfit"]) / sum(passes["fit"]))
     assert seconds["perfit_fp32"] == pytest.approx(sum(passes["fit"]) / 2)
@@ -190,8 +196,10 @@ def test_bench_speed_without_bf16_times_fp32_only_and_says_why(tiny_model, small
     from perfit.speed import Bench
     from perfit.speed_report import report_markdown
 
-    result = Bench(_tiny_bench_config(tiny_model, small_data, dtype="fp32"), rows=8, bf16=False).run()
+    config = _tiny_bench_config(tiny_model, small_data, dtype="fp32", onednn="0")
+    result = Bench(config, rows=8, bf16=False).run()
     assert result["precisions"] == ["fp32"] and result["dtype"] == result["packing_dtype"] == "fp32"
+    assert result["onednn"] == {"used": False}  # torch's BLAS throughout: no pass to compare with
     assert not any("bf16" in key for key in (*result["seconds"], *result["mfu"], *result["compiled"]["seconds"]))
     assert "search_bf16" not in result and "bf16_over_fp32_tokens_per_s" not in result
     assert set(result["peak_gflops"]) == set(result["gemm_at_model_shapes"]["gflops"]) == {"fp32"}
@@ -204,6 +212,7 @@ def test_bench_speed_without_bf16_times_fp32_only_and_says_why(tiny_model, small
     text = report_markdown(result, "perfit bench speed")
     assert "bf16 is not timed: this CPU has no bf16 units" in text and "bf16 autocast" not in text
     assert "| MFU, fp32, eager (short runs) |" in text and "padded micro-batches (before packing) |" in text
+    assert "timed FIT, PerFIT, PerFIT, FIT" in text and "oneDNN" not in text
 
 
 def test_compile_break_even_is_first_call_over_seconds_saved_per_token():

@@ -25,6 +25,7 @@ CHOICES = {
     "init": ("symmetric", "symmetric_then_zero_b", "peft"),
     "dtype": ("auto", "fp32", "bf16"),
     "torch_compile": ("auto", "0", "1"),
+    "onednn": ("auto", "0", "1"),
 }
 
 
@@ -91,6 +92,12 @@ class Config:
     compiled layers are faster per token (`perfit bench speed`: 1.13-1.15x, same losses), but the
     first call of each process pays the compile, which short runs such as `--preset quick` do not
     earn back (break-even in docs/performance.md)."""
+    onednn: str = "auto"
+    """`1`: local training and the search run the frozen fp32 linear layers' GEMMs (and the vocabulary
+    head's logits) through oneDNN, with the weights reordered for it once per block
+    (`perfit.onednn`), not through torch's default BLAS; `0`: torch's matmuls. `auto`: on the CPU
+    where this torch build has the oneDNN ops. Measured side by side by `perfit bench speed`. Off
+    under bf16 autocast (whose matmuls use oneDNN already) and inside a compiled decoder."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0

@@ -43,7 +43,7 @@ SEEDS = (0, 1)
 SPLITS = ("pathological", "dirichlet")
 SPARSITIES = (0.33, 0.5, 0.66)
 HETERO_BUDGETS = "8,12,16"
-GRID_FREE_FIELDS = ("data", "model", "cache_dir", "dtype", "device", "torch_compile")
+GRID_FREE_FIELDS = ("data", "model", "cache_dir", "dtype", "device", "torch_compile", "onednn")
 """The only fields a grid command may set for every cell; the cells fix the rest."""
 
 

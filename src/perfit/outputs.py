@@ -32,7 +32,7 @@ def _same_value(name: str, recorded: Any, given: Any) -> bool:
 # How a run goes, not what it computes (up to float order). `dtype=auto` resolves per machine (bf16
 # where the CPU or GPU has the units), so a run resumed on another machine may continue at another
 # precision whatever its device; `--dtype fp32` or `bf16` pins it.
-RESULT_NEUTRAL = ("resume", "torch_compile", "device")
+RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device")
 
 
 def config_changes(run_dir: Path, config: Config) -> list[str]:

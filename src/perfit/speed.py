@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from perfit import onednn
 from perfit.aggregate import Accumulator
 from perfit.config import Config
 from perfit.data import Example, load_rows, partition, tokenize
@@ -232,6 +233,8 @@ class Bench:
         peak_at_start = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
         all_rows = load_rows(config.data)
         base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
+        with_onednn = onednn.wanted(config.onednn, "cpu") and onednn.available()
+        onednn.use(base, with_onednn)  # local training's GEMMs as the config runs them (`perfit.onednn`)
         train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len)
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
@@ -240,11 +243,14 @@ class Bench:
 
         longest = sorted(train, key=lambda e: len(e.input_ids))[-config.micro_batch_size :]
 
-        def timed(fn: Any) -> tuple[float, Any]:
+        def timed(fn: Any, warm: bool = True) -> tuple[float, Any]:
             """(seconds, result) of `fn(train)` after a warm-up on the longest micro-batch: kernel choice,
             and the heap grown to its high-water mark (`allocator.keep_freed_memory` keeps it), as it
-            is after a run's first steps; otherwise whichever pass comes first pays the page faults."""
-            fn(longest)
+            is after a run's first steps; otherwise whichever pass comes first pays the page faults.
+            `warm=False` where the pass just before trained the same rows in the same layout (it has
+            run the longest micro-batch already)."""
+            if warm:
+                fn(longest)
             begin = time.perf_counter()
             result = fn(train)
             return time.perf_counter() - begin, result
@@ -276,12 +282,16 @@ class Bench:
         dense = round(config.rank / (1 - config.sparsity))
         seconds: dict[str, float] = {}
         trained: dict[str, Any] = {}  # each precision's perfit pass: the same start, rows and seed
-        # a PerFIT client (dense rank, masked to the budget) against FIT, timed FIT, PerFIT, PerFIT, FIT
-        # so that a drift of this shared machine's speed over the four passes cancels in the ratio
+        # a PerFIT client (dense rank, masked to the budget) against FIT, and FIT with torch's own BLAS
+        # for the frozen GEMMs against oneDNN, timed FIT, PerFIT, BLAS, PerFIT, FIT so that a drift of
+        # this shared machine's speed over the five passes cancels in both ratios
         fit_first, trained["fp32"] = timed(masked_pass(config.rank, config.rank)[2])
-        dense_pass = masked_pass(dense, config.rank)[2]
-        round_passes = {"perfit": [timed(dense_pass)[0] for _ in range(2)]}
-        round_passes["fit"] = [fit_first, timed(masked_pass(config.rank, config.rank)[2])[0]]
+        round_passes = {"perfit": [timed(masked_pass(dense, config.rank)[2], warm=False)[0]]}
+        blas = self._blas_pass(base, masked_pass(config.rank, config.rank)[2], timed, with_onednn)
+        round_passes["perfit"].append(
+            timed(masked_pass(dense, config.rank)[2], warm=False)[0]
+        )  # a wrap replaces the last
+        round_passes["fit"] = [fit_first, timed(masked_pass(config.rank, config.rank)[2], warm=False)[0]]
         seconds["perfit_fp32"] = statistics.fmean(round_passes["fit"])
         seconds["perfit_round_dense_rank"] = statistics.fmean(round_passes["perfit"])
         for name in precisions:
@@ -311,9 +321,26 @@ class Bench:
             "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
             "round_passes_seconds": round_passes,
+            "onednn": {"used": with_onednn},
             **self._bytes_and_server(dense),
-            **self._search_share(masked_pass, dense, train, held_out, pad, all_rows, precisions),
+            # the search share's training side: the PerFIT passes above where they ran at the training precision
+            **self._search_share(
+                masked_pass,
+                dense,
+                train,
+                held_out,
+                pad,
+                all_rows,
+                precisions,
+                seconds["perfit_round_dense_rank"] if used == "fp32" else None,
+            ),  # fmt: skip
         }
+        if blas is not None:
+            result["onednn"] |= {
+                "seconds_blas_fp32": blas[0],
+                "onednn_over_blas_tokens_per_s_fp32": blas[0] / seconds["perfit_fp32"],
+                "ppl_onednn_over_blas_fp32": held_out_ppl(trained["fp32"].flat) / held_out_ppl(blas[1].flat),
+            }
         if with_bf16:
             result["perfit_over_peft_tokens_per_s_bf16"] = seconds["plain_peft_bf16"] / seconds["perfit_bf16"]
             result["bf16_over_fp32_tokens_per_s"] = seconds["perfit_fp32"] / seconds["perfit_bf16"]
@@ -348,6 +375,18 @@ class Bench:
         result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         result["bench_seconds"] = time.perf_counter() - started
         return result
+
+    @staticmethod
+    def _blas_pass(base: Any, run_pass: Any, timed: Any, with_onednn: bool) -> tuple[float, Any] | None:
+        """(seconds, result) of an fp32 FIT pass with the frozen GEMMs on torch's default BLAS
+        (`onednn=0`), where the bench runs them through oneDNN; None where it does not."""
+        if not with_onednn:
+            return None
+        onednn.use(base, False)
+        try:
+            return timed(run_pass, warm=False)
+        finally:
+            onednn.use(base, True)
 
     def _compiled(
         self,
@@ -426,11 +465,14 @@ class Bench:
         pad: int,
         all_rows: list[dict[str, str]],
         precisions: tuple[str, ...],
+        dense_pass_seconds: float | None,
     ) -> dict[str, Any]:
         """The one-time search's share of a client's compute over a run at the config's proportions,
-        both timed at the precision local training uses; and, where bf16 is timed, the search in
-        bf16 against fp32: mask agreement and personalized perplexity after the same masked training
-        from each mask."""
+        both at the precision local training uses: the search timed here, training from the PerFIT
+        client's (dense rank, masked) fp32 passes (`dense_pass_seconds`, the same rows; None: timed
+        here, at the training precision); and,
+        where bf16 is timed, the search in bf16 against fp32: mask agreement and personalized
+        perplexity after the same masked training from each mask."""
         from perfit.task import budget_groups, search_adapter_mask
 
         config = self.config
@@ -447,11 +489,13 @@ class Bench:
             begin = time.perf_counter()
             masks[name] = search_adapter_mask(peft_model, theta, train, pad, config.replace(dtype=name), groups, 0)
             per_scoring_batch[name] = (time.perf_counter() - begin) / passes
-        begin = time.perf_counter()
-        run_pass(train)
-        per_training_batch = (time.perf_counter() - begin) / batches
+        if dense_pass_seconds is None:
+            begin = time.perf_counter()
+            run_pass(train)
+            dense_pass_seconds = time.perf_counter() - begin
+        per_training_batch = dense_pass_seconds / batches
         ppl = {}
-        for name, mask in masks.items():
+        for name, mask in masks.items() if len(masks) > 1 else ():  # only bf16 against fp32 reads them
             flat = train_masked(peft_model, theta * mask, mask, train, pad, epochs=1, batch_size=config.batch_size,
                                 micro_batch_size=config.micro_batch_size, lr=config.lr, seed=0,
                                 autocast_dtype=autocast).flat  # fmt: skip

@@ -52,9 +52,15 @@ def _round_sentence(result: dict[str, Any]) -> str:
     """How the FIT and PerFIT fp32 rows were timed (their passes, in order)."""
     passes = result["round_passes_seconds"]
     fit, perfit = (" / ".join(f"{s:.1f}" for s in passes[k]) for k in ("fit", "perfit"))
+    if "seconds_blas_fp32" not in result.get("onednn", {}):
+        return (
+            "The fp32 FIT and PerFIT rows are means of two passes each, timed FIT, PerFIT, PerFIT, FIT so that "
+            f"a drift of the machine's speed cancels in their ratio: FIT {fit} s, PerFIT {perfit} s."
+        )
     return (
-        "The fp32 FIT and PerFIT rows are means of two passes each, timed FIT, PerFIT, PerFIT, FIT so that a "
-        f"drift of the machine's speed cancels in their ratio: FIT {fit} s, PerFIT {perfit} s."
+        "The fp32 FIT and PerFIT rows are means of two passes each, and the BLAS row one pass, timed FIT, "
+        "PerFIT, BLAS, PerFIT, FIT so that a drift of the machine's speed cancels in their ratios: "
+        f"FIT {fit} s, PerFIT {perfit} s."
     )
 
 
@@ -88,6 +94,11 @@ def _training_rows(result: dict[str, Any]) -> list[str]:
     rows.append(row(f"perfit, {used}, padded micro-batches (before packing)", f"perfit_{used}_padded",
                     f"{mfu[f'{used}_padded']:.1%}"))  # fmt: skip
     rows.append(row("perfit, fp32, PerFIT client (dense rank, masked)", "perfit_round_dense_rank"))
+    blas = result.get("onednn", {}).get("seconds_blas_fp32")
+    if blas is not None:
+        blas_mfu = mfu["fp32"] * seconds["perfit_fp32"] / blas  # the same FLOPs in the BLAS pass's time
+        rows.append(f"| perfit, fp32, frozen GEMMs on torch's default BLAS (`onednn=0`) | {blas:.1f} | "
+                    f"{result['tokens_per_pass'] / blas:.0f} | {blas_mfu:.1%} |")  # fmt: skip
     for name in compiled["seconds"]:
         rows.append(
             f"| perfit, {name}, decoder compiled (`torch_compile=1`) | {compiled['seconds'][name]:.1f} | "
@@ -116,6 +127,7 @@ def _ratio_rows(result: dict[str, Any]) -> list[str]:
     compiled_mfu = " / ".join(f"{mfu[n + '_compiled']:.1%}" for n in names)
     speedup = " / ".join(f"{compiled['compiled_over_eager_tokens_per_s_' + n]:.2f}" for n in names)
     rows += [
+        *_onednn_rows(result),
         f"| packed / padded micro-batches tokens/s ({used}) | {result['packed_over_padded_tokens_per_s']:.2f} | |",
         f"| packed / padded personalized perplexity after the same training ({used}) | "
         f"{result['packed_ppl_over_padded_ppl']:.4f} | within 1 % |",
@@ -132,6 +144,19 @@ def _ratio_rows(result: dict[str, Any]) -> list[str]:
         f"| the same, in a client's first round | {result['upload_bytes_perfit_over_fit_first_round']:.3f} | |",
     ]
     return rows
+
+
+def _onednn_rows(result: dict[str, Any]) -> list[str]:
+    """oneDNN against torch's default BLAS for the frozen GEMMs (fp32), where the bench timed both."""
+    measured = result.get("onednn", {})
+    if "onednn_over_blas_tokens_per_s_fp32" not in measured:
+        return []
+    return [
+        f"| oneDNN / torch BLAS frozen GEMMs tokens/s (fp32; `onednn=auto`) | "
+        f"{measured['onednn_over_blas_tokens_per_s_fp32']:.2f} | |",
+        f"| oneDNN / torch BLAS personalized perplexity after the same training (fp32) | "
+        f"{measured['ppl_onednn_over_blas_fp32']:.4f} | within 1 % |",
+    ]
 
 
 def _search_paragraphs(result: dict[str, Any]) -> list[str]:

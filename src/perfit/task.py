@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from perfit import onednn
 from perfit.baselines import FixedMasks, combine, shared_positions
 from perfit.config import Config
 from perfit.data import ClientSplit, Example, load_rows, partition, tokenize
@@ -90,7 +91,8 @@ def search_adapter_mask(
         chosen = [batches[i] for i in step_batches(len(batches), config.search_batches, step)]
         return importance_scores(peft_model, theta * alive, chosen, pad_id, config.metric, autocast)
 
-    return search_mask(score, groups, config.pruning_steps)
+    with onednn.frozen_linears(peft_model, enabled=autocast is None):  # one reorder for all T_p steps
+        return search_mask(score, groups, config.pruning_steps)
 
 
 class ClientTask:
@@ -129,7 +131,12 @@ class ClientTask:
             )
         setting = self.config.torch_compile
         found = setting == "auto" and cpp_compiler_found()  # only `auto` asks for the compiler
-        if compile_wanted(setting, self.planned_examples, device.type, found):
+        onednn_fp32 = (
+            onednn.wanted(self.config.onednn, device.type)
+            and onednn.available()
+            and training_autocast(self.config.dtype, device) is None
+        )
+        if compile_wanted(setting, self.planned_examples, device.type, found, onednn_fp32):
             logging.getLogger("perfit").info(
                 "torch_compile=%s: compiling the decoder layers (%.0f planned training examples)",
                 setting, self.planned_examples,
@@ -143,7 +150,11 @@ class ClientTask:
 
     @property
     def peft_model(self) -> Any:
-        return attach_lora(self._base[0], self.config.dense_rank, self.config.alpha_value)
+        """The process's model with this run's LoRA, its frozen linears marked for oneDNN as the config
+        says (set at every use: tasks of other configs may share the process's model)."""
+        model = self._base[0]
+        onednn.use(model, onednn.wanted(self.config.onednn, device_of(model).type))
+        return attach_lora(model, self.config.dense_rank, self.config.alpha_value)
 
     @cached_property
     def layout(self) -> Layout:

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from perfit import onednn
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance, scoring_units
 from perfit.model import device_of, lora_parameters, read_flat, write_flat
+from perfit.onednn import head_matmul_t
 
 
 @functools.cache
@@ -160,7 +162,7 @@ class _HeadNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, via_onednn: bool
     ) -> torch.Tensor:
         device = hidden.device.type
         dtype = compute_dtype(device, hidden.dtype)
@@ -170,7 +172,7 @@ class _HeadNLL(torch.autograd.Function):
             weight = weight.to(dtype)
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = (hidden[rows].to(dtype) @ weight.t()).float()
+                logits = head_matmul_t(hidden[rows].to(dtype), weight, via_onednn).float()
                 log_norm = torch.logsumexp(logits, dim=-1)
                 picked = targets[rows]
                 total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
@@ -181,18 +183,22 @@ class _HeadNLL(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None, None
+        return grad * upstream.to(grad.dtype), None, None, None, None
 
 
-def head_nll(head: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def head_nll(
+    head: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256, via_onednn: bool = False
+) -> torch.Tensor:
     """Summed next-token NLL of `hidden` rows (one per target) through the vocabulary `head`. With
     gradients on and a frozen bias-free linear head (the Llama family's) it runs `_HeadNLL`; else
-    the plain logits + cross-entropy."""
+    the plain logits + cross-entropy. `via_onednn`: the logits' matmul through oneDNN (fp32 CPU)."""
     frozen = isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
     if frozen and torch.is_grad_enabled() and hidden.requires_grad:
-        return _HeadNLL.apply(hidden, head.weight, targets, chunk)
+        return _HeadNLL.apply(hidden, head.weight, targets, chunk, via_onednn)
+    if frozen and via_onednn:
+        return F.cross_entropy(head_matmul_t(hidden, head.weight, True).float(), targets, reduction="sum")
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
@@ -218,7 +224,8 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
     selected = batch["targets"] != -100
-    total = head_nll(causal_lm.get_output_embeddings(), hidden[selected], batch["targets"][selected])
+    head = causal_lm.get_output_embeddings()
+    total = head_nll(head, hidden[selected], batch["targets"][selected], via_onednn=onednn.active(causal_lm))
     return total, int(selected.sum())
 
 
@@ -272,28 +279,29 @@ def train_masked(
     rng = random.Random(seed)
     total_nll, total_tokens, steps = 0.0, 0, 0
     peft_model.train()
-    for _ in range(epochs):
-        order = list(examples)
-        rng.shuffle(order)
-        for start_index in range(0, len(order), batch_size):
-            batch = order[start_index : start_index + batch_size]
-            batch_tokens = sum(e.target_tokens for e in batch)
-            if batch_tokens == 0:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            for chunk in micro_batches(batch, micro_batch_size):
-                with autocast(peft_model, autocast_dtype):
-                    loss_sum, _ = nll_sum(peft_model, batch_for(peft_model, chunk, pad_id, packed))
-                (loss_sum / batch_tokens).backward()
-                total_nll += loss_sum.item()
-            total_tokens += batch_tokens
-            with torch.no_grad():
-                for param, param_mask in zip(params, masks, strict=True):
-                    param.grad.mul_(param_mask)
-                optimizer.step()
-                for param, param_mask in zip(params, masks, strict=True):
-                    param.mul_(param_mask)
-            steps += 1
+    with onednn.frozen_linears(peft_model, enabled=autocast_dtype is None):
+        for _ in range(epochs):
+            order = list(examples)
+            rng.shuffle(order)
+            for start_index in range(0, len(order), batch_size):
+                batch = order[start_index : start_index + batch_size]
+                batch_tokens = sum(e.target_tokens for e in batch)
+                if batch_tokens == 0:
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                for chunk in micro_batches(batch, micro_batch_size):
+                    with autocast(peft_model, autocast_dtype):
+                        loss_sum, _ = nll_sum(peft_model, batch_for(peft_model, chunk, pad_id, packed))
+                    (loss_sum / batch_tokens).backward()
+                    total_nll += loss_sum.item()
+                total_tokens += batch_tokens
+                with torch.no_grad():
+                    for param, param_mask in zip(params, masks, strict=True):
+                        param.grad.mul_(param_mask)
+                    optimizer.step()
+                    for param, param_mask in zip(params, masks, strict=True):
+                        param.mul_(param_mask)
+                steps += 1
     peft_model.eval()
     loss = total_nll / total_tokens if total_tokens else float("nan")
     used = sum(1 for e in examples if e.target_tokens)  # rows cut to prompt only carry no loss
@@ -308,10 +316,11 @@ def evaluate_nll(
     write_flat(peft_model, flat)
     peft_model.eval()
     total, tokens = 0.0, 0
-    for chunk in micro_batches(examples, micro_batch_size):
-        loss_sum, count = nll_sum(peft_model, batch_for(peft_model, chunk, pad_id))
-        total += loss_sum.item()
-        tokens += count
+    with onednn.frozen_linears(peft_model):  # the head's logits; the layers keep torch's matmuls
+        for chunk in micro_batches(examples, micro_batch_size):
+            loss_sum, count = nll_sum(peft_model, batch_for(peft_model, chunk, pad_id))
+            total += loss_sum.item()
+            tokens += count
     return total, tokens
 
 
@@ -333,13 +342,14 @@ def batch_gradients(
     params = lora_parameters(peft_model)
     grads = []
     peft_model.eval()
-    for chunk in batches:
-        for param in params:
-            param.grad = None
-        with autocast(peft_model, autocast_dtype):
-            loss_sum, count = nll_sum(peft_model, batch_for(peft_model, chunk, pad_id))
-        (loss_sum / max(count, 1)).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in params]).cpu())
+    with onednn.frozen_linears(peft_model, enabled=autocast_dtype is None):
+        for chunk in batches:
+            for param in params:
+                param.grad = None
+            with autocast(peft_model, autocast_dtype):
+                loss_sum, count = nll_sum(peft_model, batch_for(peft_model, chunk, pad_id))
+            (loss_sum / max(count, 1)).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in params]).cpu())
     for param in params:
         param.grad = None
     return grads

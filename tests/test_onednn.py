@@ -1,0 +1,135 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perfit import onednn
+from perfit.config import Config
+from perfit.data import load_rows, tokenize
+from perfit.model import attach_lora, compile_decoder, initial_adapter, load_base, lora_layout, write_flat
+from perfit.task import ClientTask
+from perfit.train import head_nll, nll_sum, pack, train_masked
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear ops")
+
+
+def test_matmul_t_is_x_times_w_transposed_plain_or_reordered():
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, -1.0], [1.0, 1.0]])  # (out 4, in 2)
+    expected = torch.tensor([[1.0, 4.0, -2.0, 3.0], [3.0, 5.0, 1.0, 2.0], [0.5, 1.0, 0.0, 0.5]])  # by hand
+    assert torch.equal(onednn.matmul_t(x, w), expected)
+    reordered = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+    assert torch.equal(onednn.matmul_t(x, reordered), expected)
+
+
+def test_frozen_linear_matches_f_linear_and_its_input_gradient():
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(24, 16, generator=generator), torch.randn(24, generator=generator)
+    x = torch.randn(2, 5, 16, generator=generator, requires_grad=True)
+    upstream = torch.randn(2, 5, 24, generator=generator)
+    reference = F.linear(x, weight, bias)
+    (grad_reference,) = torch.autograd.grad(reference, x, upstream)
+    for b in (bias, None):
+        got = onednn.frozen_linear(x, onednn._Reordered(weight, 10), b)
+        expected = F.linear(x, weight, b)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad(got, x, upstream)
+        torch.testing.assert_close(grad, grad_reference, rtol=1e-5, atol=1e-5)  # the bias has no say in dx
+        assert not torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_head_nll_through_onednn_matches_torch_and_its_gradient():
+    generator = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(7, 8, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    reference = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (grad_reference,) = torch.autograd.grad(reference, hidden)
+    got = head_nll(head, hidden, targets, chunk=3, via_onednn=True)
+    (grad,) = torch.autograd.grad(got, hidden)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(head_nll(head, hidden, targets, via_onednn=True), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def lora(tiny_model, small_data):
+    model, tokenizer = load_base(str(tiny_model), shared=False)
+    peft = attach_lora(model, 8, 16.0)
+    write_flat(peft, initial_adapter(lora_layout(peft), "symmetric", 0))
+    examples = [tokenize(row, tokenizer, 128) for row in load_rows(str(small_data))[:6]]
+    return peft, model, tokenizer, examples
+
+
+def loss_and_grads(peft, batch):
+    total, count = nll_sum(peft, batch)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    return total.item(), torch.autograd.grad(total / count, params)
+
+
+def test_frozen_linears_route_the_decoder_and_leave_it_as_it_was(lora):
+    peft, model, _, examples = lora
+    batch = pack(examples[:4])
+    reference_loss, reference_grads = loss_and_grads(peft, batch)
+    layers = onednn._frozen_layers(model)
+    assert len(layers) == 7 * model.config.num_hidden_layers  # q, k, v (peft's base layers), o, gate, up, down
+    with onednn.frozen_linears(peft) as routed:
+        assert not routed  # not marked by `use`
+    onednn.use(model, True)
+    with onednn.frozen_linears(peft) as routed:
+        assert routed and onednn.active(model)
+        assert all("forward" in layer.__dict__ for layer in layers)
+        with onednn.frozen_linears(peft) as nested:
+            assert not nested and onednn.active(model)  # the outer block's copies serve
+        loss, grads = loss_and_grads(peft, batch)
+        transposed = [layer for layer in layers if "transposed" in layer.forward.reordered.__dict__]
+        assert len(transposed) == len(layers) - 3  # every backward but layer 0's q, k, v (no input grad)
+    assert not onednn.active(model) and not any("forward" in layer.__dict__ for layer in layers)
+    assert loss == pytest.approx(reference_loss, rel=1e-5)
+    for got, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+    with onednn.frozen_linears(peft, enabled=False) as routed:  # an autocast block
+        assert not routed
+    with torch.no_grad(), onednn.frozen_linears(peft):
+        assert nll_sum(peft, batch)[0].item() == pytest.approx(reference_loss, rel=1e-5)
+        assert not any("forward" in layer.forward.reordered.__dict__ for layer in layers)  # torch's matmuls
+    onednn.use(model, False)
+
+
+def test_compiled_decoder_keeps_its_layers(lora):
+    peft, model, _, _ = lora
+    onednn.use(model, True)
+    compile_decoder(model)
+    with onednn.frozen_linears(peft) as routed:
+        assert not routed and onednn.active(model)  # the head, run eager, still goes through oneDNN
+        assert not any("forward" in layer.__dict__ for layer in onednn._frozen_layers(model))
+
+
+def test_training_through_onednn_trains_the_same_adapter(lora):
+    peft, model, tokenizer, examples = lora
+    layout = lora_layout(peft)
+    start = initial_adapter(layout, "symmetric", 0)
+    mask = torch.rand(layout.size, generator=torch.Generator().manual_seed(2)) < 0.5
+    settings = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": 0}
+    flats = {}
+    for wanted in (False, True):
+        onednn.use(model, wanted)
+        flats[wanted] = train_masked(peft, start, mask, examples, tokenizer.pad_token_id, **settings)
+    assert flats[True].steps == flats[False].steps > 0
+    assert flats[True].loss == pytest.approx(flats[False].loss, rel=1e-4)
+    torch.testing.assert_close(flats[True].flat, flats[False].flat, rtol=1e-3, atol=1e-5)
+    assert torch.all(flats[True].flat[~mask] == 0)
+
+
+def test_wanted_follows_the_setting_and_the_device():
+    assert onednn.wanted("auto", "cpu") and onednn.wanted("1", "cpu") and onednn.wanted("1", "cuda")
+    assert not onednn.wanted("auto", "cuda") and not onednn.wanted("0", "cpu")
+
+
+def test_client_task_marks_the_model_as_its_config_says(tiny_model, small_data):
+    config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=1)
+    assert config.onednn == "auto"
+    model = ClientTask(config).peft_model.get_base_model()
+    assert onednn.used(model)
+    assert not onednn.used(ClientTask(config.replace(onednn="0")).peft_model.get_base_model())
+    assert onednn.used(ClientTask(config.replace(onednn="1")).peft_model.get_base_model())
