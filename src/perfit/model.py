@@ -146,18 +146,13 @@ clients per round x local epochs x a client's mean train rows). At ~170 tokens a
 The paper's setting plans 36k examples; `--preset quick` plans about 300."""
 
 
-def compile_wanted(
-    setting: str, planned_examples: float, device_type: str, compiler_found: bool, onednn_fp32: bool = False
-) -> bool:
+def compile_wanted(setting: str, planned_examples: float, device_type: str, compiler_found: bool) -> bool:
     """Whether to compile the decoder for a run: `setting` is the config's `torch_compile`; `auto`
     compiles on the CPU for runs of at least `AUTO_COMPILE_EXAMPLES` planned training examples, when
-    inductor has a C++ compiler (`compiler_found`). GPUs stay eager under `auto` (not measured), and
-    so do runs that train in fp32 with the frozen GEMMs through oneDNN (`onednn_fp32`): a compiled
-    decoder keeps torch's BLAS for them, and was slower than that eager loop (`perfit bench speed`:
-    0.89x)."""
+    inductor has a C++ compiler (`compiler_found`). GPUs stay eager under `auto` (not measured)."""
     if setting != "auto":
         return setting == "1"
-    return device_type == "cpu" and compiler_found and not onednn_fp32 and planned_examples >= AUTO_COMPILE_EXAMPLES
+    return device_type == "cpu" and compiler_found and planned_examples >= AUTO_COMPILE_EXAMPLES
 
 
 def cpp_compiler_found() -> bool:

@@ -131,12 +131,7 @@ class ClientTask:
             )
         setting = self.config.torch_compile
         found = setting == "auto" and cpp_compiler_found()  # only `auto` asks for the compiler
-        onednn_fp32 = (
-            onednn.wanted(self.config.onednn, device.type)
-            and onednn.available()
-            and training_autocast(self.config.dtype, device) is None
-        )
-        if compile_wanted(setting, self.planned_examples, device.type, found, onednn_fp32):
+        if compile_wanted(setting, self.planned_examples, device.type, found):
             logging.getLogger("perfit").info(
                 "torch_compile=%s: compiling the decoder layers (%.0f planned training examples)",
                 setting, self.planned_examples,
