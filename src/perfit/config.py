@@ -96,8 +96,9 @@ class Config:
     """`1`: local training and the search run the frozen fp32 linear layers' GEMMs (and the vocabulary
     head's logits) through oneDNN, with the weights reordered for it once per block
     (`perfit.onednn`), not through torch's default BLAS; `0`: torch's matmuls. `auto`: on the CPU
-    where this torch build has the oneDNN ops. Measured side by side by `perfit bench speed`. Off
-    under bf16 autocast (whose matmuls use oneDNN already) and inside a compiled decoder."""
+    where this torch build has the oneDNN ops. Measured side by side by `perfit bench speed` and
+    `benchmarks/gemm_paths.py` (1.04-1.22x a fp32 FIT pass on an AVX2 EPYC, same losses). Off under
+    bf16 autocast (whose matmuls use oneDNN already) and inside a compiled decoder."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0

@@ -63,7 +63,7 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, reordered: _Reordered, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.reordered = reordered
-        y = matmul_t(x.reshape(-1, x.shape[-1]), reordered.forward)
+        y = matmul_t(x.reshape(-1, x.shape[-1]).contiguous(), reordered.forward)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y + bias if bias is not None else y
 
