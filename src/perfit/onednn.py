@@ -97,7 +97,8 @@ def used(model: Any) -> bool:
 
 
 def active(model: Any) -> bool:
-    """Whether this (base) model is inside a `frozen_linears` block that routes its layers."""
+    """Whether this (base) model is inside a `frozen_linears` block: its head's logits go through
+    oneDNN, and its layers too unless the decoder is compiled."""
     return getattr(model, "_perfit_onednn_active", False)
 
 

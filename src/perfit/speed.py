@@ -233,8 +233,8 @@ class Bench:
         peak_at_start = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
         all_rows = load_rows(config.data)
         base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
-        with_onednn = onednn.wanted(config.onednn, "cpu") and onednn.available()
-        onednn.use(base, with_onednn)  # local training's GEMMs as the config runs them (`perfit.onednn`)
+        onednn.use(base, onednn.wanted(config.onednn, "cpu"))  # the GEMMs as local training runs them
+        with_onednn = onednn.used(base)  # where this torch build has the ops
         train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len)
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)

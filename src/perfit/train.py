@@ -20,7 +20,6 @@ from perfit import onednn
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance, scoring_units
 from perfit.model import device_of, lora_parameters, read_flat, write_flat
-from perfit.onednn import head_matmul_t
 
 
 @functools.cache
@@ -172,7 +171,7 @@ class _HeadNLL(torch.autograd.Function):
             weight = weight.to(dtype)
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = head_matmul_t(hidden[rows].to(dtype), weight, via_onednn).float()
+                logits = onednn.head_matmul_t(hidden[rows].to(dtype), weight, via_onednn).float()
                 log_norm = torch.logsumexp(logits, dim=-1)
                 picked = targets[rows]
                 total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
@@ -197,9 +196,8 @@ def head_nll(
     frozen = isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
     if frozen and torch.is_grad_enabled() and hidden.requires_grad:
         return _HeadNLL.apply(hidden, head.weight, targets, chunk, via_onednn)
-    if frozen and via_onednn:
-        return F.cross_entropy(head_matmul_t(hidden, head.weight, True).float(), targets, reduction="sum")
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    logits = onednn.head_matmul_t(hidden, head.weight, True) if frozen and via_onednn else head(hidden)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
