@@ -74,12 +74,15 @@ def packed_attention(
     Under bf16 autocast the kernel still runs in fp32 and its output is cast back: the CPU flash
     kernel's bf16 backward is slower than its fp32 one at these lengths (128 tokens: 2.1 ms vs 0.9 ms,
     9 heads of 64), and fp32 attention is the more precise."""
-    bounds = kwargs["cu_seq_lens_q"].tolist()
+    lengths = [b - a for a, b in itertools.pairwise(kwargs["cu_seq_lens_q"].tolist())]
     dtype = compute_dtype(query.device.type, value.dtype)
     outputs = []
     with torch.autocast(query.device.type, enabled=False):
-        for a, b in itertools.pairwise(bounds):
-            q, k, v = (x[:, :, a:b].float() for x in (query, key, value))
+        # split, not one slice per sequence: a slice's backward zero-fills a full-length gradient for
+        # every sequence and adds them up; split's backward concatenates the pieces once
+        # (benchmarks/packed_attention.py: 1.13-1.37x faster per layer forward and backward in three runs, same gradients)
+        pieces = zip(*(x.float().split(lengths, dim=2) for x in (query, key, value)), strict=True)
+        for q, k, v in pieces:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
             outputs.append(attended.to(dtype))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
