@@ -80,7 +80,8 @@ def packed_attention(
     with torch.autocast(query.device.type, enabled=False):
         # split, not one slice per sequence: a slice's backward zero-fills a full-length gradient for
         # every sequence and adds them up; split's backward concatenates the pieces once
-        # (benchmarks/packed_attention.py: 1.13-1.37x faster per layer forward and backward in three runs, same gradients)
+        # (benchmarks/packed_attention.py: 1.13-1.37x per layer, forward and backward, in three runs;
+        # the same gradients)
         pieces = zip(*(x.float().split(lengths, dim=2) for x in (query, key, value)), strict=True)
         for q, k, v in pieces:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
