@@ -43,8 +43,9 @@ report: install
 # 1,028 and 1,114 s in two runs with the install (tests 847 and 895 s); one process had taken 1,188 s
 # for the tests alone. One torch thread per process (OMP_NUM_THREADS=1, inherited by the Ray actors
 # and Flower processes the tests start): two workers at torch's default of a thread per core ask for
-# twice the cores there are; the suite here took 811 s instead of 925 s, with a cold compile cache
-# instead of a warm one (4 workers at the default: 1,119 s).
+# twice the cores there are; the suite here took 811 s instead of 925 s (its torch.compile tests read
+# slower, the bench's end-to-end test 173 vs 50 s; the federation tests faster), and `.ci/run` from a
+# fresh clone 838 s with the install (tests 690 s). 4 workers at the default took 1,119 s.
 TEST_WORKERS ?= 2
 test: install lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
