@@ -88,11 +88,67 @@ def test_frozen_linears_route_the_decoder_and_leave_it_as_it_was(lora):
     assert loss == pytest.approx(reference_loss, rel=1e-5)
     for got, expected in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
-    with onednn.frozen_linears(peft, enabled=False) as routed:  # an autocast block
+    with onednn.frozen_linears(peft, torch.float16) as routed:  # an autocast dtype without copies
         assert not routed
     with torch.no_grad(), onednn.frozen_linears(peft):
         assert nll_sum(peft, batch)[0].item() == pytest.approx(reference_loss, rel=1e-5)
         assert not any("forward" in layer.forward.reordered.__dict__ for layer in layers)  # torch's matmuls
+    onednn.use(model, False)
+
+
+@pytest.mark.skipif(not onednn.bf16_supported(), reason="oneDNN emulates bf16 on this CPU")
+def test_frozen_linear_in_bf16_matches_autocast_linear_and_its_input_gradient():
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(24, 16, generator=generator), torch.randn(24, generator=generator)
+    x = torch.randn(2, 5, 16, generator=generator, requires_grad=True)
+    upstream = torch.randn(2, 5, 24, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = F.linear(x, weight, bias)
+    (grad_reference,) = torch.autograd.grad(reference, x, upstream)
+    copies = onednn._Reordered(weight, 10, torch.bfloat16)
+    got = onednn.frozen_linear(x.to(torch.bfloat16), copies, bias)
+    (grad,) = torch.autograd.grad(got, x, upstream)
+    assert got.dtype == torch.bfloat16 and grad.dtype == torch.float32
+    torch.testing.assert_close(got, reference, rtol=1e-2, atol=1e-2)  # the same bf16 products
+    torch.testing.assert_close(grad, grad_reference, rtol=1e-2, atol=1e-2)
+    fp32 = F.linear(x, weight, bias)
+    assert not torch.allclose(got.float(), fp32, rtol=1e-4, atol=1e-4)  # bf16 ran, not fp32
+
+
+@pytest.mark.skipif(not onednn.bf16_supported(), reason="oneDNN emulates bf16 on this CPU")
+def test_bf16_block_routes_the_layers_and_keeps_autocasts_loss_and_gradients(lora):
+    peft, model, _, examples = lora
+    batch = pack(examples[:4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_loss, reference_grads = loss_and_grads(peft, batch)
+    layers = onednn._frozen_layers(model)
+    onednn.use(model, True)
+    with onednn.frozen_linears(peft, torch.bfloat16) as routed:
+        assert routed
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = loss_and_grads(peft, batch)
+        assert all(layer.forward.reordered.forward.dtype == torch.bfloat16 for layer in layers)
+        fp32_loss, _ = loss_and_grads(peft, batch)  # outside autocast: the layers' own fp32 forward
+        assert all("transposed" not in layer.forward.reordered.__dict__ for layer in layers[:3])
+    onednn.use(model, False)
+    assert loss == pytest.approx(reference_loss, rel=1e-3)
+    assert fp32_loss != pytest.approx(loss, rel=1e-6)
+    for got, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-3)
+
+
+def test_head_weight_is_one_copy_per_block_and_none_after(lora):
+    peft, model, _, _ = lora
+    head = model.get_output_embeddings().weight
+    assert onednn.head_weight(model, torch.float32) is head
+    outside = onednn.head_weight(model, torch.bfloat16)
+    assert outside.dtype == torch.bfloat16 and outside is not onednn.head_weight(model, torch.bfloat16)
+    onednn.use(model, True)
+    with onednn.frozen_linears(peft, torch.bfloat16):
+        copy = onednn.head_weight(model, torch.bfloat16)
+        assert copy is onednn.head_weight(model, torch.bfloat16)  # made once for the block
+        assert torch.equal(copy, head.to(torch.bfloat16)) and not copy.requires_grad
+    assert not hasattr(model, "_perfit_head_copies")
     onednn.use(model, False)
 
 

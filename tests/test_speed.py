@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from perfit import onednn
 from perfit.data import Example
 from perfit.speed import linear_params, random_mask, useful_flops
 
@@ -176,6 +177,15 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert "oneDNN / torch BLAS frozen GEMMs tokens/s" in text and "default BLAS (`onednn=0`)" in text
     passes = result["round_passes_seconds"]  # the round ratio from passes timed FIT, PerFIT, BLAS, PerFIT, FIT
     assert len(passes["fit"]) == len(passes["perfit"]) == 2
+    if onednn.bf16_supported():  # bf16 copies against autocast's matmuls, timed oneDNN, autocast's, oneDNN
+        assert measured["onednn_over_blas_tokens_per_s_bf16"] == pytest.approx(
+            measured["seconds_blas_bf16"] / seconds["perfit_bf16"]
+        )
+        assert seconds["perfit_bf16"] == pytest.approx(sum(passes["bf16_onednn"]) / 2)
+        assert abs(measured["ppl_onednn_over_blas_bf16"] - 1.0) < 1e-2  # the same bf16 products, other sums
+        assert "autocast's own matmuls (`onednn=0`)" in text and "either side of its `onednn=0` pass" in text
+    else:  # oneDNN would emulate bf16: autocast's matmuls throughout, nothing to compare
+        assert "seconds_blas_bf16" not in measured and "bf16_onednn" not in passes
     assert result["perfit_round_over_fit_round"] == pytest.approx(sum(passes["perfit"]) / sum(passes["fit"]))
     assert seconds["perfit_fp32"] == pytest.approx(sum(passes["fit"]) / 2)
     assert "masks agree on" in text and "search share" in text and "decoder compiled" in text

@@ -64,6 +64,15 @@ def test_head_nll_matches_cross_entropy_and_its_gradient_in_chunks():
         assert head_nll(head, hidden, targets).item() == pytest.approx(reference.item(), rel=1e-6)
 
 
+def test_head_chunk_keeps_fp32_logits_within_the_heap_threshold():
+    from perfit.train import head_chunk
+
+    assert head_chunk(49_152) == 160  # 160 x 49,152 x 4 = 31.5 MB; 192 rows would be 37.7 MB
+    assert head_chunk(49_152, limit=160 * 49_152 * 4) == 160 and head_chunk(49_152, limit=160 * 49_152 * 4 - 1) == 128
+    assert head_chunk(10**7) == 32  # a floor, however large the vocabulary
+    assert head_chunk(100) % 32 == 0 and head_chunk(100) * 100 * 4 <= 32 * 2**20
+
+
 def test_compute_dtype_is_autocasts_inside_it_and_the_fallback_outside():
     from perfit.train import compute_dtype
 

@@ -1,15 +1,20 @@
-"""The frozen linear layers' fp32 GEMMs through oneDNN on the CPU, not torch's default BLAS (issue 5).
+"""The frozen linear layers' GEMMs through oneDNN copies of their weights on the CPU (issue 5).
 
 torch runs fp32 matmuls on the CPU through MKL's sgemm. At a training micro-batch's shapes (about a
 thousand packed tokens by 576 and 1,536) oneDNN runs them faster once the weight is reordered into its
 blocked layout, and its plain-layout matmul runs the vocabulary head's `hidden @ W^T` faster too;
-measured side by side by `perfit bench speed` (docs/performance.md). bf16 matmuls go to oneDNN already.
+measured side by side by `perfit bench speed` (docs/performance.md). Under bf16 autocast torch's
+matmuls go to oneDNN already, but with the weight in its plain layout, cast to bf16 again at every call
+(autocast caches casts of trained weights only). With a block's bf16 copies in oneDNN's layout, a
+step of a packed micro-batch ran 1.10x faster on an AVX-512 BF16 EPYC (median of 12 paired rounds,
+the same loss: `python benchmarks/bf16_paths.py`).
 
 Inside a `frozen_linears` block (a client's local training, its whole search), the frozen fp32 linear
 layers of the decoder run forward and activation gradient through copies of their weights in
-oneDNN's layout, reordered at their first use in the block and dropped after it: the weights cannot
-change inside, and no copy outlives it (the two copies cost the fp32 decoder's linear weights twice
-over, 0.85 GB for SmolLM2-135M, for the block's length). Evaluation (no gradients) keeps torch's
+oneDNN's layout, in fp32 or in the block's autocast dtype, reordered at their first use in the block
+and dropped after it: the weights cannot change inside, and no copy outlives it (the two copies cost
+the decoder's linear weights twice over, 0.85 GB in fp32 and 0.42 GB in bf16 for SmolLM2-135M, for
+the block's length). Evaluation (no gradients) keeps torch's
 matmuls for the layers; the vocabulary head's logits go through oneDNN's plain-layout matmul in
 every block.
 """
@@ -35,37 +40,44 @@ def available() -> bool:
     )
 
 
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively here (AVX-512 BF16 or AMX; else torch emulates them)."""
+    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T for a 2-D fp32 `x` and an (out, in) `weight`, plain or reordered
-    (`_reorder_linear_weight`), through oneDNN."""
+    """x @ weight^T for a 2-D `x` and an (out, in) `weight` of its dtype (fp32 or bf16), plain or
+    reordered (`_reorder_linear_weight`), through oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 class _Reordered:
     """A frozen weight in oneDNN's layout for x @ W^T and for the activation gradient dy @ W, each
-    reordered at its first use (evaluation, without gradients, uses neither)."""
+    reordered at its first use, in `dtype` (evaluation, without gradients, uses neither)."""
 
-    def __init__(self, weight: torch.Tensor, rows: int) -> None:
-        self.weight, self.rows = weight, rows
+    def __init__(self, weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> None:
+        self.weight, self.rows, self.dtype = weight, rows, dtype
 
     @functools.cached_property
     def forward(self) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(self.weight, self.rows)
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight.to(self.dtype), self.rows)
 
     @functools.cached_property
     def transposed(self) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), self.rows)
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight.t().to(self.dtype).contiguous(), self.rows)
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """y = x W^T + b for a frozen W (no weight or bias gradient), both matmuls through oneDNN."""
+    """y = x W^T + b for a frozen W (no weight or bias gradient), both matmuls through oneDNN, in the
+    dtype of x and of W's copies."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, reordered: _Reordered, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.reordered = reordered
         y = matmul_t(x.reshape(-1, x.shape[-1]).contiguous(), reordered.forward)
         y = y.view(*x.shape[:-1], y.shape[-1])
-        return y + bias if bias is not None else y
+        return y + bias.to(y.dtype) if bias is not None else y
 
     @staticmethod
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -75,7 +87,7 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def frozen_linear(x: torch.Tensor, reordered: _Reordered, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, W, bias)` of a frozen W through its oneDNN copies, with x's gradient."""
+    """`F.linear(x, W, bias)` of a frozen W through its oneDNN copies (of x's dtype), with x's gradient."""
     return _FrozenLinear.apply(x, reordered, bias)
 
 
@@ -118,38 +130,62 @@ def _frozen_layers(model: Any) -> list[torch.nn.Linear]:
 
 
 @contextlib.contextmanager
-def frozen_linears(peft_model: Any, enabled: bool = True, rows: int = 1024) -> Iterator[bool]:
+def frozen_linears(peft_model: Any, autocast_dtype: torch.dtype | None = None, rows: int = 1024) -> Iterator[bool]:
     """Inside the block, the frozen fp32 linear layers of a model marked by `use` run through oneDNN
-    copies of their weights (reordered for `rows`-row inputs), for fp32 inputs with gradients, and
-    the head's logits through oneDNN (`active`); yields whether the layers do. `enabled=False` (an
-    autocast block: its bf16 matmuls go to oneDNN anyway), an unmarked model or a nested block change
-    nothing; a compiled decoder keeps its layers (its graphs were traced with them as they are)."""
+    copies of their weights (reordered for `rows`-row inputs) where gradients flow, and the head's
+    fp32 logits through oneDNN (`active`); yields whether the layers do. The copies are fp32, or
+    `autocast_dtype` for a block whose passes run under that autocast (bf16, where oneDNN has the
+    units: `bf16_supported`; else the layers stay as they are). An unmarked model or a nested block
+    change nothing; a compiled decoder keeps its layers (its graphs were traced with them as they are)."""
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    if not (enabled and used(base)) or active(base):
+    if not used(base) or active(base):
         yield False
         return
-    layers = [] if decoder_compiled(base) else _frozen_layers(base)  # the head, run eager, still does
+    dtype = autocast_dtype or torch.float32
+    routable = dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_supported())
+    layers = [] if decoder_compiled(base) or not routable else _frozen_layers(base)  # the head still is
     for layer in layers:
-        layer.forward = _Routed(layer, _Reordered(layer.weight, rows))
-    base._perfit_onednn_active = True
+        layer.forward = _Routed(layer, _Reordered(layer.weight, rows, dtype))
+    base._perfit_onednn_active, base._perfit_head_copies = True, {}
     try:
         yield bool(layers)
     finally:
         base._perfit_onednn_active = False
+        del base._perfit_head_copies
         for layer in layers:
             del layer.forward  # back to the class's forward; the copies go with it
 
 
+def head_weight(model: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The (base) model's vocabulary-head weight in `dtype`, for its training passes: inside a
+    `frozen_linears` block one copy serves the whole block (a cast of SmolLM2's tied 49k x 576 head to
+    bf16 is a 57 MB allocation that took about 0.1 s a micro-batch, page faults included); outside
+    it, a cast now. The head is frozen, so a copy cannot go stale inside the block."""
+    weight = model.get_output_embeddings().weight
+    copies = getattr(model, "_perfit_head_copies", None)
+    if weight.dtype == dtype or copies is None:
+        return weight.to(dtype)
+    if dtype not in copies:
+        copies[dtype] = weight.detach().to(dtype)
+    return copies[dtype]
+
+
 class _Routed:
     """A layer's forward inside a `frozen_linears` block: through its oneDNN copies where gradients
-    flow in fp32, else the layer's own forward."""
+    flow at the copies' precision (fp32 without autocast, else the autocast dtype, to which x is cast
+    as autocast would), else the layer's own forward."""
 
     def __init__(self, layer: torch.nn.Linear, reordered: _Reordered) -> None:
         self.layer, self.reordered = layer, reordered
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if not torch.is_grad_enabled() or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        layer, dtype = self.layer, self.reordered.dtype
+        cast = torch.is_autocast_enabled("cpu")
+        if cast and torch.get_autocast_dtype("cpu") == dtype and x.dtype in (torch.float32, dtype):
+            x = x.to(dtype)
+        elif cast or dtype != torch.float32 or x.dtype != torch.float32:
+            return type(layer).forward(layer, x)  # a precision the copies are not in
+        if not torch.is_grad_enabled():
             return type(layer).forward(layer, x)  # evaluation: a forward alone does not repay the reorder
         return frozen_linear(x, self.reordered, layer.bias)
 

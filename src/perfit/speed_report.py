@@ -49,8 +49,18 @@ def _gemm_paragraph(result: dict[str, Any]) -> str:
 
 
 def _round_sentence(result: dict[str, Any]) -> str:
-    """How the FIT and PerFIT fp32 rows were timed (their passes, in order)."""
+    """How the FIT and PerFIT fp32 rows (and the bf16 row, beside its `onednn=0` pass) were timed."""
     passes = result["round_passes_seconds"]
+    bf16 = passes.get("bf16_onednn")
+    around = (
+        " The bf16 autocast row is the mean of two passes timed either side of its `onednn=0` pass: "
+        + " / ".join(f"{s:.1f}" for s in bf16) + " s."
+        if bf16 else ""
+    )  # fmt: skip
+    return _fp32_round_sentence(passes, result) + around
+
+
+def _fp32_round_sentence(passes: dict[str, list[float]], result: dict[str, Any]) -> str:
     fit, perfit = (" / ".join(f"{s:.1f}" for s in passes[k]) for k in ("fit", "perfit"))
     if "seconds_blas_fp32" not in result.get("onednn", {}):
         return (
@@ -99,6 +109,11 @@ def _training_rows(result: dict[str, Any]) -> list[str]:
         blas_mfu = mfu["fp32"] * seconds["perfit_fp32"] / blas  # the same FLOPs in the BLAS pass's time
         rows.append(f"| perfit, fp32, frozen GEMMs on torch's default BLAS (`onednn=0`) | {blas:.1f} | "
                     f"{result['tokens_per_pass'] / blas:.0f} | {blas_mfu:.1%} |")  # fmt: skip
+    blas_bf16 = result.get("onednn", {}).get("seconds_blas_bf16")
+    if blas_bf16 is not None:
+        blas_mfu = mfu["bf16"] * seconds["perfit_bf16"] / blas_bf16
+        rows.append(f"| perfit, bf16 autocast, frozen GEMMs on autocast's own matmuls (`onednn=0`) | "
+                    f"{blas_bf16:.1f} | {result['tokens_per_pass'] / blas_bf16:.0f} | {blas_mfu:.1%} |")  # fmt: skip
     for name in compiled["seconds"]:
         rows.append(
             f"| perfit, {name}, decoder compiled (`torch_compile=1`) | {compiled['seconds'][name]:.1f} | "
@@ -147,16 +162,25 @@ def _ratio_rows(result: dict[str, Any]) -> list[str]:
 
 
 def _onednn_rows(result: dict[str, Any]) -> list[str]:
-    """oneDNN against torch's default BLAS for the frozen GEMMs (fp32), where the bench timed both."""
+    """oneDNN's copies against torch's own matmuls for the frozen GEMMs (fp32, bf16), where the bench
+    timed both."""
     measured = result.get("onednn", {})
-    if "onednn_over_blas_tokens_per_s_fp32" not in measured:
-        return []
-    return [
-        f"| oneDNN / torch BLAS frozen GEMMs tokens/s (fp32; `onednn=auto`) | "
-        f"{measured['onednn_over_blas_tokens_per_s_fp32']:.2f} | |",
-        f"| oneDNN / torch BLAS personalized perplexity after the same training (fp32) | "
-        f"{measured['ppl_onednn_over_blas_fp32']:.4f} | within 1 % |",
-    ]
+    rows = []
+    if "onednn_over_blas_tokens_per_s_fp32" in measured:
+        rows += [
+            f"| oneDNN / torch BLAS frozen GEMMs tokens/s (fp32; `onednn=auto`) | "
+            f"{measured['onednn_over_blas_tokens_per_s_fp32']:.2f} | |",
+            f"| oneDNN / torch BLAS personalized perplexity after the same training (fp32) | "
+            f"{measured['ppl_onednn_over_blas_fp32']:.4f} | within 1 % |",
+        ]
+    if "onednn_over_blas_tokens_per_s_bf16" in measured:
+        rows += [
+            f"| oneDNN bf16 copies / autocast's matmuls, frozen GEMMs tokens/s (bf16) | "
+            f"{measured['onednn_over_blas_tokens_per_s_bf16']:.2f} | |",
+            f"| the same, personalized perplexity after the same training (bf16) | "
+            f"{measured['ppl_onednn_over_blas_bf16']:.4f} | within 1 % |",
+        ]
+    return rows
 
 
 def _search_paragraphs(result: dict[str, Any]) -> list[str]:

@@ -91,7 +91,7 @@ def search_adapter_mask(
         chosen = [batches[i] for i in step_batches(len(batches), config.search_batches, step)]
         return importance_scores(peft_model, theta * alive, chosen, pad_id, config.metric, autocast)
 
-    with onednn.frozen_linears(peft_model, enabled=autocast is None):  # one reorder for all T_p steps
+    with onednn.frozen_linears(peft_model, autocast):  # one reorder for all T_p steps
         return search_mask(score, groups, config.pruning_steps)
 
 

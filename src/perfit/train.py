@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from perfit import onednn
+from perfit.allocator import LARGEST_MMAP_THRESHOLD_BYTES
 from perfit.data import Example
 from perfit.importance import gradient_moments, importance, scoring_units
 from perfit.model import device_of, lora_parameters, read_flat, write_flat
@@ -158,6 +159,16 @@ def attention_implementation(model: Any, name: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
+def head_chunk(vocab: int, limit: int = LARGEST_MMAP_THRESHOLD_BYTES) -> int:
+    """Rows of the head's logits per chunk: the most, in steps of 32 (at least 32), whose fp32 logits
+    fit in `limit` bytes. glibc serves larger blocks with fresh mmaps that every chunk faults in again
+    (`allocator`): at SmolLM2's 49,152 tokens 256 rows are 50 MB and 160 rows 31.5 MB. A bf16 head
+    over 600 rows ran 321 ms a call in 256-row chunks (28k page faults a call) and 300 ms in 160-row
+    ones (2.3k), 280 ms with the head's bf16 copy made once (`onednn.head_weight`; no faults),
+    medians of 6 (`python benchmarks/bf16_paths.py`); fp32 ran the same in 256- and 128-row chunks."""
+    return max(32, limit // (4 * vocab) // 32 * 32)
+
+
 class _HeadNLL(torch.autograd.Function):
     """Summed NLL of a frozen, bias-free vocabulary head over `hidden` rows, `chunk` rows at a time;
     the gradient for `hidden`, (softmax - onehot) @ W, is formed in the same pass, so no
@@ -192,14 +203,23 @@ class _HeadNLL(torch.autograd.Function):
 
 
 def head_nll(
-    head: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256, via_onednn: bool = False
+    head: Any,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int | None = None,
+    via_onednn: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed next-token NLL of `hidden` rows (one per target) through the vocabulary `head`. With
-    gradients on and a frozen bias-free linear head (the Llama family's) it runs `_HeadNLL`; else
-    the plain logits + cross-entropy. `via_onednn`: the logits' matmul through oneDNN (fp32 CPU)."""
+    gradients on and a frozen bias-free linear head (the Llama family's) it runs `_HeadNLL`, `chunk`
+    rows at a time (None: `head_chunk`), with `weight` for the head's (a copy of it already in the
+    compute dtype: `onednn.head_weight`); else the plain logits + cross-entropy. `via_onednn`: the
+    logits' matmul through oneDNN (fp32 CPU)."""
     frozen = isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
     if frozen and torch.is_grad_enabled() and hidden.requires_grad:
-        return _HeadNLL.apply(hidden, head.weight, targets, chunk, via_onednn)
+        weight = head.weight if weight is None else weight
+        rows = head_chunk(weight.shape[0]) if chunk is None else chunk
+        return _HeadNLL.apply(hidden, weight, targets, rows, via_onednn)
     logits = onednn.head_matmul_t(hidden, head.weight, True) if frozen and via_onednn else head(hidden)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
@@ -227,7 +247,10 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         ).last_hidden_state
     selected = batch["targets"] != -100
     head = causal_lm.get_output_embeddings()
-    total = head_nll(head, hidden[selected], batch["targets"][selected], via_onednn=onednn.active(causal_lm))
+    weight = onednn.head_weight(causal_lm, compute_dtype(hidden.device.type, hidden.dtype))
+    total = head_nll(
+        head, hidden[selected], batch["targets"][selected], via_onednn=onednn.active(causal_lm), weight=weight
+    )
     return total, int(selected.sum())
 
 
@@ -281,7 +304,7 @@ def train_masked(
     rng = random.Random(seed)
     total_nll, total_tokens, steps = 0.0, 0, 0
     peft_model.train()
-    with onednn.frozen_linears(peft_model, enabled=autocast_dtype is None):
+    with onednn.frozen_linears(peft_model, autocast_dtype):
         for _ in range(epochs):
             order = list(examples)
             rng.shuffle(order)
@@ -344,7 +367,7 @@ def batch_gradients(
     params = lora_parameters(peft_model)
     grads = []
     peft_model.eval()
-    with onednn.frozen_linears(peft_model, enabled=autocast_dtype is None):
+    with onednn.frozen_linears(peft_model, autocast_dtype):
         for chunk in batches:
             for param in params:
                 param.grad = None
