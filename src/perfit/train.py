@@ -163,9 +163,10 @@ def head_chunk(vocab: int, limit: int = LARGEST_MMAP_THRESHOLD_BYTES) -> int:
     """Rows of the head's logits per chunk: the most, in steps of 32 (at least 32), whose fp32 logits
     fit in `limit` bytes. glibc serves larger blocks with fresh mmaps that every chunk faults in again
     (`allocator`): at SmolLM2's 49,152 tokens 256 rows are 50 MB and 160 rows 31.5 MB. A bf16 head
-    over 600 rows ran 321 ms a call in 256-row chunks (28k page faults a call) and 300 ms in 160-row
-    ones (2.3k), 280 ms with the head's bf16 copy made once (`onednn.head_weight`; no faults),
-    medians of 6 (`python benchmarks/bf16_paths.py`); fp32 ran the same in 256- and 128-row chunks."""
+    over 600 rows ran 357 ms a call in 256-row chunks (31k page faults a call) and 351 ms in 160-row
+    ones (3.5k), 326 ms with the head's bf16 copy made once (`onednn.head_weight`; no faults),
+    medians of 6 (`python benchmarks/bf16_paths.py`); fp32 ran 459 vs 461 ms in 256- and 128-row
+    chunks (best of 5, a script not kept)."""
     return max(32, limit // (4 * vocab) // 32 * 32)
 
 
