@@ -351,9 +351,11 @@ class Bench:
             result["bf16_ppl_over_fp32_ppl"] = held_out_ppl(trained["bf16"].flat) / held_out_ppl(trained["fp32"].flat)
         else:
             result["bf16_not_timed"] = emulated_bf16_probe()
-        # last: compiling the decoder is process-wide, so everything above ran eager
-        eager = {name: seconds[f"perfit_{name}"] for name in precisions}
-        result["compiled"] = self._compiled(base, masked_pass, train, eager, trained["fp32"].flat, held_out_ppl)
+        # last: compiling the decoder is process-wide, so everything above ran eager. Only at the training
+        # precision (`torch_compile=auto` compiles that path alone): on a bf16 CPU an fp32 compile and
+        # pass cost the bench about 90 s and measure a path `dtype=auto` does not take there
+        eager = {used: seconds[f"perfit_{used}"]}
+        result["compiled"] = self._compiled(base, masked_pass, train, eager, trained[used].flat, held_out_ppl)
         # the peak again: these machines are shared, and MFU is taken against the higher reading
         peak_at_end = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
         peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in precisions}
@@ -373,6 +375,7 @@ class Bench:
                 key: result["mfu"][key] * peak[name] / gemm[name]
                 for name in precisions
                 for key in (name, f"{name}_compiled")
+                if key in result["mfu"]
             },
         }
         # the bench process (model copies and timing loops), not a simulation run (see `perfit bench scale`)
@@ -403,12 +406,12 @@ class Bench:
         eager_flat: torch.Tensor,
         held_out_ppl: Any,
     ) -> dict[str, Any]:
-        """The same perfit passes with the decoder compiled (`torch_compile=1`), in each precision of
-        `eager_seconds`: first-call cost (compile + one micro-batch), pass seconds, and personalized
-        perplexity after the compiled fp32 pass against the eager one (`eager_flat`: same start,
-        rows and seed). Both adapters are evaluated the same way, on the eager copy of the model
-        (`held_out_ppl`): compiling the no-grad graph as well would cost the bench minutes and
-        measure nothing about training."""
+        """The same perfit pass with the decoder compiled (`torch_compile=1`), in the precision of
+        `eager_seconds` (the training precision): first-call cost (compile + one micro-batch), pass
+        seconds, and personalized perplexity after the compiled pass against the eager one
+        (`eager_flat`: same start, rows, seed and precision). Both adapters are evaluated the same
+        way, on the eager copy of the model (`held_out_ppl`): compiling the no-grad graph as well
+        would cost the bench minutes and measure nothing about training."""
         compile_decoder(base)
         first_call, seconds, flats = {}, {}, {}
         for name in eager_seconds:
@@ -424,7 +427,10 @@ class Bench:
             "first_call_seconds": first_call,
             "seconds": seconds,
             **{f"compiled_over_eager_tokens_per_s_{name}": eager_seconds[name] / seconds[name] for name in seconds},
-            "ppl_compiled_over_eager_fp32": held_out_ppl(flats["fp32"]) / held_out_ppl(eager_flat),
+            **{
+                f"ppl_compiled_over_eager_{name}": held_out_ppl(flats[name]) / held_out_ppl(eager_flat)
+                for name in flats
+            },
         }
 
     def _bytes_and_server(self, dense: int) -> dict[str, Any]:
