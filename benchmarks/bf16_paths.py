@@ -24,6 +24,7 @@ import time
 import torch
 
 from perfit import onednn
+from perfit.allocator import keep_freed_memory
 from perfit.config import make_config
 from perfit.data import load_rows
 from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, resolve_model, write_flat
@@ -104,8 +105,6 @@ def main() -> None:
     args = parser.parse_args()
     if not onednn.bf16_supported():
         raise SystemExit("this CPU has no bf16 units: oneDNN and torch would emulate bf16 (see docs/performance.md)")
-    from perfit.allocator import keep_freed_memory
-
     keep_freed_memory()  # as a training process runs (`load_base` sets it too)
     head(args.repeats)
     steps(args.data, args.rounds)

@@ -14,9 +14,8 @@ layers of the decoder run forward and activation gradient through copies of thei
 oneDNN's layout, in fp32 or in the block's autocast dtype, reordered at their first use in the block
 and dropped after it: the weights cannot change inside, and no copy outlives it (the two copies cost
 the decoder's linear weights twice over, 0.85 GB in fp32 and 0.42 GB in bf16 for SmolLM2-135M, for
-the block's length). Evaluation (no gradients) keeps torch's
-matmuls for the layers; the vocabulary head's logits go through oneDNN's plain-layout matmul in
-every block.
+the block's length). Evaluation (no gradients) keeps torch's matmuls for the layers; the vocabulary
+head's logits go through oneDNN's plain-layout matmul in every block.
 """
 
 from __future__ import annotations
@@ -180,14 +179,11 @@ class _Routed:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer, dtype = self.layer, self.reordered.dtype
-        cast = torch.is_autocast_enabled("cpu")
-        if cast and torch.get_autocast_dtype("cpu") == dtype and x.dtype in (torch.float32, dtype):
-            x = x.to(dtype)
-        elif cast or dtype != torch.float32 or x.dtype != torch.float32:
-            return type(layer).forward(layer, x)  # a precision the copies are not in
-        if not torch.is_grad_enabled():
-            return type(layer).forward(layer, x)  # evaluation: a forward alone does not repay the reorder
-        return frozen_linear(x, self.reordered, layer.bias)
+        wanted = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        if not torch.is_grad_enabled() or wanted != dtype or x.dtype not in (torch.float32, dtype):
+            return type(layer).forward(layer, x)  # evaluation (a forward alone does not repay the reorder),
+            # or a precision the copies are not in
+        return frozen_linear(x.to(dtype), self.reordered, layer.bias)
 
 
 def head_matmul_t(hidden: torch.Tensor, weight: torch.Tensor, on: bool) -> torch.Tensor:
