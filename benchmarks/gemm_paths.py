@@ -1,12 +1,14 @@
 """Eager training with the frozen GEMMs through oneDNN (`onednn=1`), eager on torch's default BLAS
 (`onednn=0`) and the compiled decoder (`torch_compile=1`, torch's BLAS inside its graphs), side by
-side: fp32 FIT passes over the bench's dolly rows (the `paper` preset's batch, micro-batch and cutoff;
+side: FIT passes over the bench's dolly rows (the `paper` preset's batch, micro-batch and cutoff;
 packed micro-batches), timed in the order A B C C B A `--repeats` times in one process so that a
 drift of the machine's speed cancels, with each pass's seconds and loss (about 15 min on 2 cores).
 `perfit bench speed` times each path once; this script is the repeated check behind
-`torch_compile=auto`'s choice on fp32 CPUs.
+`torch_compile=auto`'s choice. `--dtype bf16` (a CPU with bf16 units) runs the passes under bf16
+autocast: oneDNN's bf16 copies of the frozen weights, autocast's own matmuls (`onednn=0`), and the
+compiled decoder (autocast's matmuls inside its graphs).
 
-    python benchmarks/gemm_paths.py --data ../shared/data/databricks-dolly-15k.jsonl
+    python benchmarks/gemm_paths.py --data ../shared/data/databricks-dolly-15k.jsonl [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    if autocast_dtype is not None and not onednn.bf16_supported():
+        raise SystemExit("this CPU has no bf16 units: torch would emulate bf16 matmuls (see docs/performance.md)")
     config = make_config(None, "paper", data=args.data)
     path = resolve_model(config)
     eager, tokenizer = load_base(path, shared=False)
@@ -48,7 +54,8 @@ def main() -> None:
         start = initial_adapter(layout, "peft", 0)
         return train_masked(peft_model, start, torch.ones(layout.size, dtype=torch.bool), examples,
                             tokenizer.pad_token_id, epochs=1, batch_size=config.batch_size,
-                            micro_batch_size=config.micro_batch_size, lr=config.lr, seed=0)  # fmt: skip
+                            micro_batch_size=config.micro_batch_size, lr=config.lr, seed=0,
+                            autocast_dtype=autocast_dtype)  # fmt: skip
 
     for name in models:  # compiles, and brings each path's heap and kernels to their steady state
         one_pass(name, rows[:8])
@@ -61,10 +68,11 @@ def main() -> None:
         seconds[name].append(time.perf_counter() - begin)
         print(f"{name}: {seconds[name][-1]:.1f} s, loss {result.loss:.6f}", flush=True)
     mean = {name: statistics.fmean(values) for name, values in seconds.items()}
-    ratios = {"oneDNN / BLAS": ("blas", "onednn"), "compiled / oneDNN": ("onednn", "compiled"),
-              "compiled / BLAS": ("blas", "compiled")}  # fmt: skip
+    plain = "BLAS" if autocast_dtype is None else "autocast's matmuls"  # the `onednn=0` path
+    ratios = {f"oneDNN / {plain}": ("blas", "onednn"), "compiled / oneDNN": ("onednn", "compiled"),
+              f"compiled / {plain}": ("blas", "compiled")}  # fmt: skip
     text = ", ".join(f"{label} {mean[slow] / mean[fast]:.3f}" for label, (slow, fast) in ratios.items())
-    print(f"tokens/s over {len(order)} passes (A B C C B A): {text}")
+    print(f"{args.dtype} tokens/s over {len(order)} passes (A B C C B A): {text}")
 
 
 if __name__ == "__main__":
