@@ -182,10 +182,37 @@ def test_wanted_follows_the_setting_and_the_device():
     assert not onednn.wanted("auto", "cuda") and not onednn.wanted("0", "cpu")
 
 
+def test_fp32_routing_follows_the_setting_and_the_cpu_vendor():
+    assert onednn.fp32_wanted("auto", "AuthenticAMD") and onednn.fp32_wanted("auto", "")
+    assert not onednn.fp32_wanted("auto", "GenuineIntel")  # MKL's sgemm was the faster there
+    assert onednn.fp32_wanted("1", "GenuineIntel") and not onednn.fp32_wanted("0", "AuthenticAMD")
+    assert onednn.fp32_wanted("auto") == (onednn.cpu_vendor() != "GenuineIntel")
+
+
+def test_a_model_not_routed_in_fp32_keeps_its_layers_and_head_on_torch(lora):
+    peft, model, _, examples = lora
+    batch = pack(examples[:4])
+    reference_loss, _ = loss_and_grads(peft, batch)
+    onednn.use(model, True, fp32=False)
+    assert onednn.used(model) and not onednn.fp32_routed(model)
+    with onednn.frozen_linears(peft) as routed:
+        assert not routed and onednn.active(model) and not onednn.head_routed(model)
+        assert not any("forward" in layer.__dict__ for layer in onednn._frozen_layers(model))
+        assert loss_and_grads(peft, batch)[0] == reference_loss  # torch's own matmuls: the same sums
+    if onednn.bf16_supported():
+        with onednn.frozen_linears(peft, torch.bfloat16) as routed:
+            assert routed  # bf16 copies either way
+    onednn.use(model, True)
+    with onednn.frozen_linears(peft):
+        assert onednn.head_routed(model)
+    onednn.use(model, False)
+
+
 def test_client_task_marks_the_model_as_its_config_says(tiny_model, small_data):
     config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=1)
     assert config.onednn == "auto"
     model = ClientTask(config).peft_model.get_base_model()
-    assert onednn.used(model)
+    assert onednn.used(model) and onednn.fp32_routed(model) == onednn.fp32_wanted("auto")
     assert not onednn.used(ClientTask(config.replace(onednn="0")).peft_model.get_base_model())
-    assert onednn.used(ClientTask(config.replace(onednn="1")).peft_model.get_base_model())
+    forced = ClientTask(config.replace(onednn="1")).peft_model.get_base_model()
+    assert onednn.used(forced) and onednn.fp32_routed(forced)

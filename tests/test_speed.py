@@ -113,9 +113,12 @@ def _tiny_bench_config(tiny_model, small_data, **overrides):
                      "clients_per_round": 2, "rounds": 2, **overrides})  # fmt: skip
 
 
-def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path, quick_peaks):
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])  # fp32 through oneDNN, or left to MKL
+def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path, quick_peaks, monkeypatch, vendor):
     from perfit.speed import Bench, with_scale
     from perfit.speed_report import report_markdown
+
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
 
     config = _tiny_bench_config(tiny_model, small_data)
     result = Bench(config, rows=8, bf16=True).run()
@@ -169,14 +172,25 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     )
     text = report_markdown(result, "perfit bench speed")
     assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
-    assert "read at the start and at the end of the run" in text and "timed FIT, PerFIT, BLAS, PerFIT, FIT" in text
-    measured = result["onednn"]  # the tiny model's frozen GEMMs through oneDNN, and one pass on torch's BLAS
-    assert measured["used"] and measured["onednn_over_blas_tokens_per_s_fp32"] == pytest.approx(
-        measured["seconds_blas_fp32"] / seconds["perfit_fp32"]
+    assert "read at the start and at the end of the run" in text
+    # the FIT rows' frozen GEMMs on `onednn=auto`'s fp32 path here, one pass on the other: torch's BLAS
+    # where auto routes fp32 through oneDNN, oneDNN's fp32 copies on an Intel CPU
+    measured = result["onednn"]
+    fp32_onednn = vendor != "GenuineIntel"
+    assert onednn.fp32_wanted("auto") == fp32_onednn
+    assert measured["used"] and measured["fp32_default"] == ("onednn" if fp32_onednn else "blas")
+    default, other = ("seconds_onednn_fp32", "seconds_blas_fp32")[:: 1 if fp32_onednn else -1]
+    assert measured[default] == seconds["perfit_fp32"] != measured[other]
+    assert measured["onednn_over_blas_tokens_per_s_fp32"] == pytest.approx(
+        measured["seconds_blas_fp32"] / measured["seconds_onednn_fp32"]
     )
     assert abs(measured["ppl_onednn_over_blas_fp32"] - 1.0) < 1e-3  # the same training, other summation orders
-    assert "oneDNN / torch BLAS frozen GEMMs tokens/s" in text and "default BLAS (`onednn=0`)" in text
-    passes = result["round_passes_seconds"]  # the round ratio from passes timed FIT, PerFIT, BLAS, PerFIT, FIT
+    assert "oneDNN / torch BLAS frozen GEMMs tokens/s" in text
+    if fp32_onednn:
+        assert "default BLAS (`onednn=0`)" in text and "timed FIT, PerFIT, BLAS, PerFIT, FIT" in text
+    else:
+        assert "oneDNN's fp32 copies (`onednn=1`)" in text and "timed FIT, PerFIT, oneDNN, PerFIT, FIT" in text
+    passes = result["round_passes_seconds"]  # the round ratio from passes timed FIT, PerFIT, other, PerFIT, FIT
     assert len(passes["fit"]) == len(passes["perfit"]) == 2
     if onednn.bf16_supported():  # bf16 copies against autocast's matmuls, timed oneDNN, autocast's, oneDNN
         assert measured["onednn_over_blas_tokens_per_s_bf16"] == pytest.approx(
@@ -210,7 +224,7 @@ def test_bench_speed_without_bf16_times_fp32_only_and_says_why(tiny_model, small
     config = _tiny_bench_config(tiny_model, small_data, dtype="fp32", onednn="0")
     result = Bench(config, rows=8, bf16=False).run()
     assert result["precisions"] == ["fp32"] and result["dtype"] == result["packing_dtype"] == "fp32"
-    assert result["onednn"] == {"used": False}  # torch's BLAS throughout: no pass to compare with
+    assert result["onednn"] == {"used": False, "fp32_default": "blas"}  # torch's BLAS throughout: nothing to compare
     assert not any("bf16" in key for key in (*result["seconds"], *result["mfu"], *result["compiled"]["seconds"]))
     assert "search_bf16" not in result and "bf16_over_fp32_tokens_per_s" not in result
     assert set(result["peak_gflops"]) == set(result["gemm_at_model_shapes"]["gflops"]) == {"fp32"}

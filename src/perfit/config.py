@@ -93,12 +93,13 @@ class Config:
     first call of each process pays the compile, which short runs such as `--preset quick` do not
     earn back (break-even in docs/performance.md)."""
     onednn: str = "auto"
-    """`1`: local training and the search run the frozen fp32 linear layers' GEMMs (and the vocabulary
-    head's logits) through oneDNN, with the weights reordered for it once per block
-    (`perfit.onednn`), not through torch's default BLAS; `0`: torch's matmuls. `auto`: on the CPU
-    where this torch build has the oneDNN ops. Measured side by side by `perfit bench speed` and
-    `benchmarks/gemm_paths.py` (1.04-1.22x a fp32 FIT pass on an AVX2 EPYC, same losses). Off under
-    bf16 autocast (whose matmuls use oneDNN already) and inside a compiled decoder."""
+    """`1`: local training and the search run the frozen linear layers' GEMMs through oneDNN copies
+    of their weights, reordered once per block (`perfit.onednn`): fp32 copies (and the vocabulary
+    head's fp32 logits through oneDNN) and, under bf16 autocast on a CPU with bf16 units, bf16
+    copies; `0`: torch's matmuls. `auto`: on the CPU where this torch build has the oneDNN ops, bf16
+    always and fp32 on all but Intel CPUs (`onednn.fp32_wanted`: a fp32 FIT pass through oneDNN ran
+    1.04-1.22x the MKL one on AMD EPYCs and 0.89-0.91x on a Xeon with AMX, same losses; measured by
+    `perfit bench speed` and `benchmarks/gemm_paths.py`). A compiled decoder keeps torch's matmuls."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0

@@ -1,13 +1,16 @@
 """The frozen linear layers' GEMMs through oneDNN copies of their weights on the CPU (issue 5).
 
 torch runs fp32 matmuls on the CPU through MKL's sgemm. At a training micro-batch's shapes (about a
-thousand packed tokens by 576 and 1,536) oneDNN runs them faster once the weight is reordered into its
-blocked layout, and its plain-layout matmul runs the vocabulary head's `hidden @ W^T` faster too;
-measured side by side by `perfit bench speed` (docs/performance.md). Under bf16 autocast torch's
-matmuls go to oneDNN already, but with the weight in its plain layout, cast to bf16 again at every call
-(autocast caches casts of trained weights only). With a block's bf16 copies in oneDNN's layout, a
-step of a packed micro-batch ran 1.10x faster on an AVX-512 BF16 EPYC (median of 12 paired rounds,
-the same loss: `python benchmarks/bf16_paths.py`).
+thousand packed tokens by 576 and 1,536) on the AMD EPYCs here oneDNN ran them faster once the
+weight is reordered into its blocked layout, and its plain-layout matmul ran the vocabulary head's
+`hidden @ W^T` faster too; measured side by side by `perfit bench speed` (docs/performance.md).
+Under bf16 autocast torch's matmuls go to oneDNN already, but with the weight in its plain layout,
+cast to bf16 again at every call (autocast caches casts of trained weights only). With a block's
+bf16 copies in oneDNN's layout, a step of a packed micro-batch ran 1.10x faster on an AVX-512 BF16
+EPYC (median of 12 paired rounds, the same loss: `python benchmarks/bf16_paths.py`).
+
+On a Xeon with AMX, MKL's sgemm ran the fp32 pass faster than oneDNN (0.89-0.91x), so `auto` routes
+fp32 on all but Intel CPUs (`fp32_wanted`) and bf16 everywhere.
 
 Inside a `frozen_linears` block (a client's local training, its whole search), the frozen fp32 linear
 layers of the decoder run forward and activation gradient through copies of their weights in
@@ -15,7 +18,7 @@ oneDNN's layout, in fp32 or in the block's autocast dtype, reordered at their fi
 and dropped after it: the weights cannot change inside, and no copy outlives it (the two copies cost
 the decoder's linear weights twice over, 0.85 GB in fp32 and 0.42 GB in bf16 for SmolLM2-135M, for
 the block's length). Evaluation (no gradients) keeps torch's matmuls for the layers; the vocabulary
-head's logits go through oneDNN's plain-layout matmul in every block.
+head's fp32 logits go through oneDNN's plain-layout matmul in every block that routes fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,10 +100,30 @@ def wanted(setting: str, device_type: str) -> bool:
     return setting == "1" or (setting == "auto" and device_type == "cpu")
 
 
-def use(model: Any, wanted: bool) -> None:
-    """Mark `model` to run its frozen fp32 linear layers through oneDNN inside `frozen_linears`
-    (when this build has the ops)."""
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo (`GenuineIntel`, `AuthenticAMD`, ...; '' where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
+
+
+def fp32_wanted(setting: str, vendor: str | None = None) -> bool:
+    """Whether the setting routes the fp32 GEMMs too (`1` does; `auto` everywhere but on Intel CPUs).
+    torch's fp32 matmuls are MKL's sgemm, which on the AMD EPYCs here ran the decoder's shapes slower
+    than oneDNN (a FIT pass through oneDNN 1.06-1.22x the sgemm one) and on a Xeon with AMX faster
+    (oneDNN 0.89x in `perfit bench speed`, 0.91x over six A B C C B A passes of
+    `benchmarks/gemm_paths.py`, the same loss). bf16 copies are routed either way (`frozen_linears`)."""
+    return setting == "1" or (setting == "auto" and (cpu_vendor() if vendor is None else vendor) != "GenuineIntel")
+
+
+def use(model: Any, wanted: bool, fp32: bool = True) -> None:
+    """Mark `model` to run its frozen linear layers through oneDNN copies inside `frozen_linears`
+    (when this build has the ops): under bf16 autocast, and in fp32 too where `fp32`."""
     model._perfit_onednn = wanted and available()
+    model._perfit_onednn_fp32 = fp32
 
 
 def used(model: Any) -> bool:
@@ -107,10 +131,21 @@ def used(model: Any) -> bool:
     return getattr(model, "_perfit_onednn", False)
 
 
+def fp32_routed(model: Any) -> bool:
+    """Whether `use` marked this (base) model for oneDNN in fp32 too (its layers' copies and the head)."""
+    return used(model) and getattr(model, "_perfit_onednn_fp32", True)
+
+
 def active(model: Any) -> bool:
-    """Whether this (base) model is inside a `frozen_linears` block: its head's logits go through
-    oneDNN, and its layers too unless the decoder is compiled."""
+    """Whether this (base) model is inside a `frozen_linears` block: its layers go through oneDNN
+    copies unless the decoder is compiled (or the block's precision is not routed), and its head's
+    fp32 logits where `fp32_routed`."""
     return getattr(model, "_perfit_onednn_active", False)
+
+
+def head_routed(model: Any) -> bool:
+    """Whether the (base) model's fp32 head logits go through oneDNN now: inside a block, fp32 routed."""
+    return active(model) and fp32_routed(model)
 
 
 def _frozen_layers(model: Any) -> list[torch.nn.Linear]:
@@ -141,7 +176,7 @@ def frozen_linears(peft_model: Any, autocast_dtype: torch.dtype | None = None, r
         yield False
         return
     dtype = autocast_dtype or torch.float32
-    routable = dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_supported())
+    routable = (dtype == torch.float32 and fp32_routed(base)) or (dtype == torch.bfloat16 and bf16_supported())
     layers = [] if decoder_compiled(base) or not routable else _frozen_layers(base)  # the head still is
     for layer in layers:
         layer.forward = _Routed(layer, _Reordered(layer.weight, rows, dtype))

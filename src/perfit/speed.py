@@ -233,8 +233,9 @@ class Bench:
         peak_at_start = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
         all_rows = load_rows(config.data)
         base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
-        onednn.use(base, onednn.wanted(config.onednn, "cpu"))  # the GEMMs as local training runs them
-        with_onednn = onednn.used(base)  # where this torch build has the ops
+        # the GEMMs as local training runs them: fp32 through oneDNN on all but Intel CPUs (`fp32_wanted`)
+        onednn.use(base, onednn.wanted(config.onednn, "cpu"), fp32=onednn.fp32_wanted(config.onednn))
+        with_onednn, fp32_onednn = onednn.used(base), onednn.fp32_routed(base)  # where this torch build has the ops
         train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len)
         pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
@@ -282,13 +283,13 @@ class Bench:
         dense = round(config.rank / (1 - config.sparsity))
         seconds: dict[str, float] = {}
         trained: dict[str, Any] = {}  # each precision's perfit pass: the same start, rows and seed
-        # a PerFIT client (dense rank, masked to the budget) against FIT, and FIT with torch's own BLAS
-        # for the frozen GEMMs against oneDNN, timed FIT, PerFIT, BLAS, PerFIT, FIT so that a drift of
-        # this shared machine's speed over the five passes cancels in both ratios
+        # a PerFIT client (dense rank, masked to the budget) against FIT, and FIT on the other path for the
+        # frozen GEMMs (torch's BLAS where they go through oneDNN, else oneDNN), timed FIT, PerFIT,
+        # other, PerFIT, FIT so that a drift of this shared machine's speed over the five passes cancels
         fit_first, trained["fp32"] = timed(masked_pass(config.rank, config.rank)[2])
         round_passes = {"perfit": [timed(masked_pass(dense, config.rank)[2], warm=False)[0]]}
-        blas = self._blas_pass(base, masked_pass(config.rank, config.rank)[2], timed, with_onednn)
-        dense_again = masked_pass(dense, config.rank)[2]  # anew: the BLAS pass's wrap replaced the first
+        other = self._other_path_pass(base, masked_pass(config.rank, config.rank)[2], timed, "fp32", with_onednn)
+        dense_again = masked_pass(dense, config.rank)[2]  # anew: the other pass's wrap replaced the first
         round_passes["perfit"].append(timed(dense_again, warm=False)[0])
         round_passes["fit"] = [fit_first, timed(masked_pass(config.rank, config.rank)[2], warm=False)[0]]
         seconds["perfit_fp32"] = statistics.fmean(round_passes["fit"])
@@ -300,7 +301,8 @@ class Bench:
                 first, trained[name] = timed(masked_pass(config.rank, config.rank, dtype)[2])
                 passes = [first]
                 if name == "bf16" and with_onednn and onednn.bf16_supported():  # oneDNN, autocast's, oneDNN
-                    blas_bf16 = self._blas_pass(base, masked_pass(config.rank, config.rank, dtype)[2], timed, True)
+                    blas_bf16 = self._other_path_pass(base, masked_pass(config.rank, config.rank, dtype)[2], timed,
+                                                      name, True)  # fmt: skip
                     passes.append(timed(masked_pass(config.rank, config.rank, dtype)[2], warm=False)[0])
                     round_passes["bf16_onednn"] = passes
                 seconds[f"perfit_{name}"] = statistics.fmean(passes)
@@ -329,15 +331,18 @@ class Bench:
             "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
             "round_passes_seconds": round_passes,
-            "onednn": {"used": with_onednn},
+            "onednn": {"used": with_onednn, "fp32_default": "onednn" if fp32_onednn else "blas"},
             **self._bytes_and_server(dense),
             **self._search_share(masked_pass, dense, train, held_out, pad, all_rows, precisions, dense_seconds),
         }
-        if blas is not None:
+        if other is not None:  # oneDNN's pass and BLAS's, whichever of them the FIT rows are
+            default = (seconds["perfit_fp32"], trained["fp32"])
+            (onednn_s, onednn_r), (blas_s, blas_r) = (default, other) if fp32_onednn else (other, default)
             result["onednn"] |= {
-                "seconds_blas_fp32": blas[0],
-                "onednn_over_blas_tokens_per_s_fp32": blas[0] / seconds["perfit_fp32"],
-                "ppl_onednn_over_blas_fp32": held_out_ppl(trained["fp32"].flat) / held_out_ppl(blas[1].flat),
+                "seconds_onednn_fp32": onednn_s,
+                "seconds_blas_fp32": blas_s,
+                "onednn_over_blas_tokens_per_s_fp32": blas_s / onednn_s,
+                "ppl_onednn_over_blas_fp32": held_out_ppl(onednn_r.flat) / held_out_ppl(blas_r.flat),
             }
         if blas_bf16 is not None:
             result["onednn"] |= {
@@ -384,18 +389,22 @@ class Bench:
         return result
 
     @staticmethod
-    def _blas_pass(base: Any, run_pass: Any, timed: Any, with_onednn: bool) -> tuple[float, Any] | None:
-        """(seconds, result) of a FIT pass (`run_pass`, fp32 or under bf16 autocast) with the frozen
-        GEMMs on torch's own matmuls (`onednn=0`: its default BLAS in fp32, autocast's casts and
-        plain-layout oneDNN calls in bf16), where the bench runs them through oneDNN's copies; None
-        where it does not."""
+    def _other_path_pass(
+        base: Any, run_pass: Any, timed: Any, precision: str, with_onednn: bool
+    ) -> tuple[float, Any] | None:
+        """(seconds, result) of a FIT pass (`run_pass`, fp32 or under bf16 autocast) on the frozen-GEMM
+        path the bench's other passes of `precision` do not take: torch's own matmuls where those run
+        through oneDNN's copies (`onednn=0`: its default BLAS in fp32, autocast's casts and plain-layout
+        oneDNN calls in bf16), oneDNN's fp32 copies where fp32 is left to torch's BLAS (`onednn=1` on
+        an Intel CPU); None where the bench uses no oneDNN (`onednn=0`, or a build without the ops)."""
         if not with_onednn:
             return None
-        onednn.use(base, False)
+        fp32 = onednn.fp32_routed(base)
+        onednn.use(base, precision == "fp32" and not fp32, fp32=True)
         try:
             return timed(run_pass, warm=False)
         finally:
-            onednn.use(base, True)
+            onednn.use(base, True, fp32=fp32)
 
     def _compiled(
         self,

@@ -67,10 +67,21 @@ def _fp32_round_sentence(passes: dict[str, list[float]], result: dict[str, Any])
             "The fp32 FIT and PerFIT rows are means of two passes each, timed FIT, PerFIT, PerFIT, FIT so that "
             f"a drift of the machine's speed cancels in their ratio: FIT {fit} s, PerFIT {perfit} s."
         )
+    other = "BLAS" if result["onednn"].get("fp32_default", "onednn") == "onednn" else "oneDNN"
     return (
-        "The fp32 FIT and PerFIT rows are means of two passes each, and the BLAS row one pass, timed FIT, "
-        "PerFIT, BLAS, PerFIT, FIT so that a drift of the machine's speed cancels in their ratios: "
-        f"FIT {fit} s, PerFIT {perfit} s."
+        f"The fp32 FIT and PerFIT rows are means of two passes each, and the {other} row one pass, timed FIT, "
+        f"PerFIT, {other}, PerFIT, FIT so that a drift of the machine's speed cancels in their ratios: "
+        f"FIT {fit} s, PerFIT {perfit} s. {_fp32_path_sentence(result)}"
+    )
+
+
+def _fp32_path_sentence(result: dict[str, Any]) -> str:
+    """Which path the fp32 FIT and PerFIT rows' frozen GEMMs took (`onednn=auto`'s choice here)."""
+    if result["onednn"].get("fp32_default", "onednn") == "onednn":
+        return "Their frozen GEMMs go through oneDNN's fp32 copies (`onednn=auto` here)."
+    return (
+        "Their frozen GEMMs run on torch's default BLAS (MKL): `onednn=auto` leaves fp32 to it on Intel CPUs "
+        "(`onednn.fp32_wanted`)."
     )
 
 
@@ -104,11 +115,16 @@ def _training_rows(result: dict[str, Any]) -> list[str]:
     rows.append(row(f"perfit, {used}, padded micro-batches (before packing)", f"perfit_{used}_padded",
                     f"{mfu[f'{used}_padded']:.1%}"))  # fmt: skip
     rows.append(row("perfit, fp32, PerFIT client (dense rank, masked)", "perfit_round_dense_rank"))
-    blas = result.get("onednn", {}).get("seconds_blas_fp32")
-    if blas is not None:
-        blas_mfu = mfu["fp32"] * seconds["perfit_fp32"] / blas  # the same FLOPs in the BLAS pass's time
-        rows.append(f"| perfit, fp32, frozen GEMMs on torch's default BLAS (`onednn=0`) | {blas:.1f} | "
-                    f"{result['tokens_per_pass'] / blas:.0f} | {blas_mfu:.1%} |")  # fmt: skip
+    measured = result.get("onednn", {})
+    if "seconds_blas_fp32" in measured:  # the pass on the path the FIT rows did not take
+        label, other = (
+            ("frozen GEMMs on torch's default BLAS (`onednn=0`)", measured["seconds_blas_fp32"])
+            if measured.get("fp32_default", "onednn") == "onednn"
+            else ("frozen GEMMs through oneDNN's fp32 copies (`onednn=1`)", measured["seconds_onednn_fp32"])
+        )
+        other_mfu = mfu["fp32"] * seconds["perfit_fp32"] / other  # the same FLOPs in that pass's time
+        rows.append(f"| perfit, fp32, {label} | {other:.1f} | {result['tokens_per_pass'] / other:.0f} | "
+                    f"{other_mfu:.1%} |")  # fmt: skip
     blas_bf16 = result.get("onednn", {}).get("seconds_blas_bf16")
     if blas_bf16 is not None:
         blas_mfu = mfu["bf16"] * seconds["perfit_bf16"] / blas_bf16
@@ -172,7 +188,8 @@ def _onednn_rows(result: dict[str, Any]) -> list[str]:
     rows = []
     if "onednn_over_blas_tokens_per_s_fp32" in measured:
         rows += [
-            f"| oneDNN / torch BLAS frozen GEMMs tokens/s (fp32; `onednn=auto`) | "
+            f"| oneDNN / torch BLAS frozen GEMMs tokens/s (fp32; `onednn=auto` takes "
+            f"{'oneDNN' if measured.get('fp32_default', 'onednn') == 'onednn' else 'BLAS'} here) | "
             f"{measured['onednn_over_blas_tokens_per_s_fp32']:.2f} | |",
             f"| oneDNN / torch BLAS personalized perplexity after the same training (fp32) | "
             f"{measured['ppl_onednn_over_blas_fp32']:.4f} | within 1 % |",

@@ -256,7 +256,7 @@ def nll_sum(peft_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     head = causal_lm.get_output_embeddings()
     weight = onednn.head_weight(causal_lm, compute_dtype(hidden.device.type, hidden.dtype))
     total = head_nll(
-        head, hidden[selected], batch["targets"][selected], via_onednn=onednn.active(causal_lm), weight=weight
+        head, hidden[selected], batch["targets"][selected], via_onednn=onednn.head_routed(causal_lm), weight=weight
     )
     return total, int(selected.sum())
 
