@@ -1,0 +1,84 @@
+"""Causal attention kernels for one layer of SmolLM2-135M (9 query heads, 3 key/value heads of 64),
+forward and backward at single-sequence `--lengths`, side by side in one process: torch's CPU flash
+kernel in fp32 (what `perfit.train.packed_attention` runs, also under bf16 autocast), the same kernel
+in bf16, and a materialised bf16 attention (bf16 matmuls, fp32 softmax), eager and compiled (inductor,
+dynamic lengths). Best of `--repeats`, the kernels in a rotating order; useful GFLOP/s count causal
+attention as `perfit bench speed` does (6 x width x n(n+1) a layer, forward and backward).
+
+    python benchmarks/attention_kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
+
+def materialised(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v with the scores in fp32."""
+    length, groups = query.shape[2], HEADS // KV_HEADS
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)).float() * HEAD_DIM**-0.5
+    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    return scores.masked_fill(causal, float("-inf")).softmax(-1).to(query.dtype) @ value
+
+
+def seconds(kernel: Attention, length: int, dtype: torch.dtype, generator: torch.Generator) -> Callable[[], float]:
+    """A timer of one forward and backward of `kernel` at `length` tokens in `dtype`."""
+    shapes = ((1, HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM))
+    leaves = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in shapes]
+    upstream = torch.randn(1, HEADS, length, HEAD_DIM, generator=generator).to(dtype)
+
+    def run() -> float:
+        begin = time.perf_counter()
+        kernel(*leaves).backward(upstream)
+        return time.perf_counter() - begin
+
+    run()  # kernel choice, and a compile for a new length
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="54,135,238,324,512")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    compiled = torch.compile(materialised, dynamic=True)
+    kernels = {
+        "flash fp32": (flash, torch.float32),
+        "flash bf16": (flash, torch.bfloat16),
+        "materialised bf16": (materialised, torch.bfloat16),
+        "compiled materialised bf16": (compiled, torch.bfloat16),
+    }
+    generator = torch.Generator().manual_seed(0)
+    print(f"{torch.get_num_threads()} threads; ms a layer, forward + backward (best of {args.repeats}), "
+          "useful GFLOP/s, and flash fp32's time over each kernel's")  # fmt: skip
+    for length in (int(n) for n in args.lengths.split(",")):
+        timers = {name: seconds(kernel, length, dtype, generator) for name, (kernel, dtype) in kernels.items()}
+        best = dict.fromkeys(timers, float("inf"))
+        names = list(timers)
+        for repeat in range(args.repeats):
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                best[name] = min(best[name], timers[name]())
+        flops = 6 * HEADS * HEAD_DIM * length * (length + 1)
+        cells = ", ".join(
+            f"{name} {best[name] * 1e3:.2f} ms {flops / best[name] / 1e9:.0f} GFLOP/s "
+            f"({best['flash fp32'] / best[name]:.2f}x)"
+            for name in names
+        )
+        print(f"{length} tokens: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
