@@ -55,7 +55,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     config = make_config(None, "paper", data=args.data)
     base, tokenizer = load_base(resolve_model(config), shared=False)
-    onednn.use(base, onednn.wanted(config.onednn, "cpu"), fp32=onednn.fp32_wanted(config.onednn))  # as a run
+    onednn.mark(base, config.onednn)  # as a run marks it
     if args.compiled:
         compile_decoder(base)
     rows, _ = sample_examples(load_rows(config.data), tokenizer, 48, config.cutoff_len)  # the bench's rows

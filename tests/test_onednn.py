@@ -205,7 +205,10 @@ def test_a_model_not_routed_in_fp32_keeps_its_layers_and_head_on_torch(lora):
     onednn.use(model, True)
     with onednn.frozen_linears(peft):
         assert onednn.head_routed(model)
-    onednn.use(model, False)
+    onednn.mark(model, "auto")  # the tiny model is on the CPU
+    assert onednn.used(model) and onednn.fp32_routed(model) == onednn.fp32_wanted("auto")
+    onednn.mark(model, "0")
+    assert not onednn.used(model) and not onednn.fp32_routed(model)
 
 
 def test_client_task_marks_the_model_as_its_config_says(tiny_model, small_data):

@@ -98,7 +98,7 @@ class Config:
     head's fp32 logits through oneDNN) and, under bf16 autocast on a CPU with bf16 units, bf16
     copies; `0`: torch's matmuls. `auto`: on the CPU where this torch build has the oneDNN ops, bf16
     always and fp32 on all but Intel CPUs (`onednn.fp32_wanted`: a fp32 FIT pass through oneDNN ran
-    1.04-1.22x the MKL one on AMD EPYCs and 0.89-0.91x on a Xeon with AMX, same losses; measured by
+    1.04-1.22x the MKL one on AMD EPYCs and 0.88-0.91x on a Xeon with AMX, same losses; measured by
     `perfit bench speed` and `benchmarks/gemm_paths.py`). A compiled decoder keeps torch's matmuls."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""

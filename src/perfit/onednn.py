@@ -9,7 +9,7 @@ cast to bf16 again at every call (autocast caches casts of trained weights only)
 bf16 copies in oneDNN's layout, a step of a packed micro-batch ran 1.10x faster on an AVX-512 BF16
 EPYC (median of 12 paired rounds, the same loss: `python benchmarks/bf16_paths.py`).
 
-On a Xeon with AMX, MKL's sgemm ran the fp32 pass faster than oneDNN (0.89-0.91x), so `auto` routes
+On a Xeon with AMX, MKL's sgemm ran the fp32 pass faster than oneDNN (0.88-0.91x), so `auto` routes
 fp32 on all but Intel CPUs (`fp32_wanted`) and bf16 everywhere.
 
 Inside a `frozen_linears` block (a client's local training, its whole search), the frozen fp32 linear
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from perfit.model import decoder_compiled
+from perfit.model import decoder_compiled, device_of
 
 
 @functools.cache
@@ -114,9 +114,14 @@ def fp32_wanted(setting: str, vendor: str | None = None) -> bool:
     """Whether the setting routes the fp32 GEMMs too (`1` does; `auto` everywhere but on Intel CPUs).
     torch's fp32 matmuls are MKL's sgemm, which on the AMD EPYCs here ran the decoder's shapes slower
     than oneDNN (a FIT pass through oneDNN 1.06-1.22x the sgemm one) and on a Xeon with AMX faster
-    (oneDNN 0.89x in `perfit bench speed`, 0.91x over six A B C C B A passes of
+    (oneDNN 0.88-0.89x in `perfit bench speed`, 0.91x over six A B C C B A passes of
     `benchmarks/gemm_paths.py`, the same loss). bf16 copies are routed either way (`frozen_linears`)."""
     return setting == "1" or (setting == "auto" and (cpu_vendor() if vendor is None else vendor) != "GenuineIntel")
+
+
+def mark(model: Any, setting: str) -> None:
+    """Mark `model` as the config field `onednn` (`auto`, `0`, `1`) says for its device (`use`)."""
+    use(model, wanted(setting, device_of(model).type), fp32=fp32_wanted(setting))
 
 
 def use(model: Any, wanted: bool, fp32: bool = True) -> None:

@@ -234,7 +234,7 @@ class Bench:
         all_rows = load_rows(config.data)
         base, tokenizer = load_base(resolve_model(config), shared=False)  # compiled at the end
         # the GEMMs as local training runs them: fp32 through oneDNN on all but Intel CPUs (`fp32_wanted`)
-        onednn.use(base, onednn.wanted(config.onednn, "cpu"), fp32=onednn.fp32_wanted(config.onednn))
+        onednn.mark(base, config.onednn)
         with_onednn, fp32_onednn = onednn.used(base), onednn.fp32_routed(base)  # where this torch build has the ops
         train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len)
         pad = tokenizer.pad_token_id

@@ -67,7 +67,7 @@ def _fp32_round_sentence(passes: dict[str, list[float]], result: dict[str, Any])
             "The fp32 FIT and PerFIT rows are means of two passes each, timed FIT, PerFIT, PerFIT, FIT so that "
             f"a drift of the machine's speed cancels in their ratio: FIT {fit} s, PerFIT {perfit} s."
         )
-    other = "BLAS" if result["onednn"].get("fp32_default", "onednn") == "onednn" else "oneDNN"
+    other = "BLAS" if _fp32_through_onednn(result) else "oneDNN"
     return (
         f"The fp32 FIT and PerFIT rows are means of two passes each, and the {other} row one pass, timed FIT, "
         f"PerFIT, {other}, PerFIT, FIT so that a drift of the machine's speed cancels in their ratios: "
@@ -75,9 +75,15 @@ def _fp32_round_sentence(passes: dict[str, list[float]], result: dict[str, Any])
     )
 
 
+def _fp32_through_onednn(result: dict[str, Any]) -> bool:
+    """Whether the bench's fp32 FIT and PerFIT passes ran the frozen GEMMs through oneDNN (reports
+    written before `fp32_default` existed always did)."""
+    return result.get("onednn", {}).get("fp32_default", "onednn") == "onednn"
+
+
 def _fp32_path_sentence(result: dict[str, Any]) -> str:
     """Which path the fp32 FIT and PerFIT rows' frozen GEMMs took (`onednn=auto`'s choice here)."""
-    if result["onednn"].get("fp32_default", "onednn") == "onednn":
+    if _fp32_through_onednn(result):
         return "Their frozen GEMMs go through oneDNN's fp32 copies (`onednn=auto` here)."
     return (
         "Their frozen GEMMs run on torch's default BLAS (MKL): `onednn=auto` leaves fp32 to it on Intel CPUs "
@@ -119,7 +125,7 @@ def _training_rows(result: dict[str, Any]) -> list[str]:
     if "seconds_blas_fp32" in measured:  # the pass on the path the FIT rows did not take
         label, other = (
             ("frozen GEMMs on torch's default BLAS (`onednn=0`)", measured["seconds_blas_fp32"])
-            if measured.get("fp32_default", "onednn") == "onednn"
+            if _fp32_through_onednn(result)
             else ("frozen GEMMs through oneDNN's fp32 copies (`onednn=1`)", measured["seconds_onednn_fp32"])
         )
         other_mfu = mfu["fp32"] * seconds["perfit_fp32"] / other  # the same FLOPs in that pass's time
@@ -189,7 +195,7 @@ def _onednn_rows(result: dict[str, Any]) -> list[str]:
     if "onednn_over_blas_tokens_per_s_fp32" in measured:
         rows += [
             f"| oneDNN / torch BLAS frozen GEMMs tokens/s (fp32; `onednn=auto` takes "
-            f"{'oneDNN' if measured.get('fp32_default', 'onednn') == 'onednn' else 'BLAS'} here) | "
+            f"{'oneDNN' if _fp32_through_onednn(result) else 'BLAS'} here) | "
             f"{measured['onednn_over_blas_tokens_per_s_fp32']:.2f} | |",
             f"| oneDNN / torch BLAS personalized perplexity after the same training (fp32) | "
             f"{measured['ppl_onednn_over_blas_fp32']:.4f} | within 1 % |",

@@ -148,8 +148,7 @@ class ClientTask:
         """The process's model with this run's LoRA, its frozen linears marked for oneDNN as the config
         says (set at every use: tasks of other configs may share the process's model)."""
         model = self._base[0]
-        setting = self.config.onednn
-        onednn.use(model, onednn.wanted(setting, device_of(model).type), fp32=onednn.fp32_wanted(setting))
+        onednn.mark(model, self.config.onednn)
         return attach_lora(model, self.config.dense_rank, self.config.alpha_value)
 
     @cached_property
