@@ -249,4 +249,4 @@ def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
         "seconds": {"perfit_fp32": 40.0, "perfit_bf16": 14.0},
     }
     text = _break_even(result)  # fp32 saves 10 s per 8,000 tokens: 200 s back after 160,000 tokens
-    assert "fp32: 160k tokens" in text and "bf16: never" in text
+    assert "160k tokens in fp32" in text and "never in bf16" in text

@@ -328,3 +328,30 @@ def test_client_task_compiles_the_decoder_when_asked_or_when_the_run_is_long(tin
     assert calls == [model]
     long = ClientTask(base.replace(rounds=10**5))  # auto, a long run: compiled
     assert long.planned_examples >= 10_000 and long._base[0] is model and calls == [model, model]
+    rounds = int(15_000 / (2 * mean_rows)) + 1  # the run plans ~15k examples: one node's client ~7.5k
+    node = ClientTask(base.replace(rounds=rounds), whole_run=False)  # a SuperNode's process: eager
+    assert ClientTask(base.replace(rounds=rounds)).planned_examples >= 10_000
+    assert node.planned_examples == pytest.approx(rounds * 2 * mean_rows / 2) and node.planned_examples < 10_000
+    assert node.tokenizer is not None and calls == [model, model]
+
+
+def test_only_a_simulation_worker_plans_for_the_whole_run(monkeypatch):
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    from perfit.simulation import _init_ray
+    from perfit.task import serves_whole_run
+
+    assert not ray.is_initialized() and not serves_whole_run()  # this process: a SuperNode's would read so
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # _init_ray extends it: undone after
+    temp = tempfile.mkdtemp(prefix="perfit-ray-")  # short: Ray's socket paths have a length limit
+    _init_ray({"num_cpus": 1, "include_dashboard": False, "logging_level": "ERROR", "_temp_dir": temp})
+    try:
+        assert ray.get(ray.remote(serves_whole_run).remote()) is True  # a Ray worker, as Flower's clients run
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not serves_whole_run()

@@ -139,11 +139,14 @@ def load_base(path: str, shared: bool = True, device: torch.device | str = "cpu"
 
 
 AUTO_COMPILE_EXAMPLES = 10_000
-"""`torch_compile=auto` compiles from this many planned local training examples per run (rounds x
-clients per round x local epochs x a client's mean train rows). At ~170 tokens an example that is
-1.7M tokens, which leaves even 8 processes about 200k each: several times the measured break-even of
-31k-53k useful tokens per process (warm inductor cache; a cold bf16 compile costs 42 s, about 100k).
-The paper's setting plans 36k examples; `--preset quick` plans about 300."""
+"""`torch_compile=auto` compiles from this many local training examples planned in one process
+(`ClientTask.planned_examples`: in a simulation the run's rounds x clients per round x local epochs x a
+client's mean train rows; on a Deployment Engine SuperNode its own client's share of that). At ~170
+tokens an example that is 1.7M tokens, which leaves even 8 processes about 200k each: several times
+the measured break-even of 31k-53k useful tokens per process with a warm inductor cache (a cold bf16
+compile costs 42 s, about 100k; a cold fp32 one on the AVX2 EPYC 71 s, 361k tokens at its 1.04x).
+The paper's setting plans 36k examples in a simulation and about 360 on a SuperNode; `--preset quick`
+plans about 300."""
 
 
 def compile_wanted(setting: str, planned_examples: float, device_type: str, compiler_found: bool) -> bool:

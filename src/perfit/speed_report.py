@@ -20,10 +20,10 @@ def _break_even(result: dict[str, Any]) -> str:
     for name in compiled["seconds"]:
         saved_per_token = (result["seconds"][f"perfit_{name}"] - compiled["seconds"][name]) / tokens
         if saved_per_token <= 0:
-            parts.append(f"{name}: never (compiled is not faster)")
+            parts.append(f"never in {name} (compiled is not faster)")
         else:
-            parts.append(f"{name}: {compiled['first_call_seconds'][name] / saved_per_token / 1e3:,.0f}k tokens")
-    return "It pays back once a process has trained about " + ", ".join(parts) + "."
+            parts.append(f"{compiled['first_call_seconds'][name] / saved_per_token / 1e3:,.0f}k tokens in {name}")
+    return "It pays back once a process has trained about " + " and ".join(parts) + "."
 
 
 def _gemm_paragraph(result: dict[str, Any]) -> str:
@@ -283,8 +283,9 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"Compiling costs the first call {first_call}, compile and one micro-batch, once per process and graph "
         "(later processes may reuse inductor's on-disk cache; not timed here). "
         + _break_even(result)
-        + f" `torch_compile=auto` (the default) compiles on the CPU for runs that plan at least "
-        f"{AUTO_COMPILE_EXAMPLES:,} local training examples; `--torch-compile 1` or `0` forces it.",
+        + f" `torch_compile=auto` (the default) compiles on the CPU where a process plans at least "
+        f"{AUTO_COMPILE_EXAMPLES:,} local training examples (a simulation's worker: the whole run; a Deployment "
+        "Engine SuperNode: its own client's share); `--torch-compile 1` or `0` forces it.",
         "",
         "| ratio | measured | target |",
         "|---|---|---|",

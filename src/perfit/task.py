@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -98,8 +99,9 @@ def search_adapter_mask(
 class ClientTask:
     """Data, model and local algorithms of every client of one run, loaded once per process."""
 
-    def __init__(self, config: Config, rows: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, config: Config, rows: list[dict[str, str]] | None = None, whole_run: bool = True) -> None:
         self.config = config
+        self.whole_run = whole_run  # this process trains every client of the run (a simulation's)
         self.model_path = resolve_model(config)
         self._rows = rows
         self._examples: dict[tuple[int, str], list[Example]] = {}
@@ -114,11 +116,14 @@ class ClientTask:
 
     @cached_property
     def planned_examples(self) -> float:
-        """Local training examples the run plans: rounds x clients per round x local epochs x the
-        clients' mean train rows (what `torch_compile=auto` weighs against the compile cost)."""
+        """Local training examples this process plans (what `torch_compile=auto` weighs against the
+        compile cost): the run's rounds x clients per round x local epochs x the clients' mean train
+        rows where the process serves the whole run, one client's share of that (1 / num_clients)
+        where it serves one node's client (`whole_run=False`: a Deployment Engine SuperNode)."""
         config = self.config
         mean_rows = sum(len(split.train) for split in self.splits.values()) / max(len(self.splits), 1)
-        return config.rounds * config.clients_per_round * config.local_epochs * mean_rows
+        run = config.rounds * config.clients_per_round * config.local_epochs * mean_rows
+        return run if self.whole_run else run / max(config.num_clients, 1)
 
     @cached_property
     def _base(self) -> tuple[Any, Any]:
@@ -235,9 +240,18 @@ class _Cache:
 _PROCESS_TASK = _Cache()
 
 
+def serves_whole_run() -> bool:
+    """Whether this ClientApp process trains for the whole run: a worker of a Ray simulation (`perfit
+    run`, `flwr run` on a simulation federation) lives through the run and trains whichever clients
+    are sent to it; elsewhere (a Deployment Engine SuperNode, which starts a fresh ClientApp process
+    for every message) a process trains one node's client at most."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def client_task(config: Config) -> ClientTask:
     """The process's ClientTask for this config (Flower calls the ClientApp per message)."""
     key = config.to_toml()
     if _PROCESS_TASK.key != key or _PROCESS_TASK.task is None:
-        _PROCESS_TASK.key, _PROCESS_TASK.task = key, ClientTask(config)
+        _PROCESS_TASK.key, _PROCESS_TASK.task = key, ClientTask(config, whole_run=serves_whole_run())
     return _PROCESS_TASK.task
