@@ -74,11 +74,16 @@ def folded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch
     return FoldedAttention.apply(query, key, value)
 
 
+def inputs(length: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Random query, key and value leaves of one sequence of `length` tokens, and an upstream gradient."""
+    shapes = ((1, HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM))
+    leaves = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in shapes]
+    return leaves, torch.randn(1, HEADS, length, HEAD_DIM, generator=generator).to(dtype)
+
+
 def check_folded(length: int, generator: torch.Generator) -> float:
     """The largest difference of the folded kernel's output and gradients from flash's."""
-    shapes = ((1, HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM))
-    leaves = [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
-    upstream = torch.randn(1, HEADS, length, HEAD_DIM, generator=generator)
+    leaves, upstream = inputs(length, torch.float32, generator)
     results = []
     for kernel in (flash, folded):
         out = kernel(*leaves)
@@ -88,9 +93,7 @@ def check_folded(length: int, generator: torch.Generator) -> float:
 
 def seconds(kernel: Attention, length: int, dtype: torch.dtype, generator: torch.Generator) -> Callable[[], float]:
     """A timer of one forward and backward of `kernel` at `length` tokens in `dtype`."""
-    shapes = ((1, HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM))
-    leaves = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in shapes]
-    upstream = torch.randn(1, HEADS, length, HEAD_DIM, generator=generator).to(dtype)
+    leaves, upstream = inputs(length, dtype, generator)
 
     def run() -> float:
         begin = time.perf_counter()
