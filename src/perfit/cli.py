@@ -284,28 +284,48 @@ app.add_typer(bench, name="bench")
 def bench_speed(
     ctx: typer.Context,
     preset: str = typer.Option("paper", help="Proportions for the search share and bytes (paper: 100 clients)."),
-    rows: int = typer.Option(48, help="Dolly rows in each timed training pass."),
+    rows: int | None = typer.Option(None, help="Dolly rows in each timed training pass [default: 48; 512 on a GPU]."),
     out: Path = typer.Option(Path("docs"), help="Directory for performance.md and performance.json."),
     bf16: bool | None = typer.Option(
         None, "--bf16/--no-bf16", help="Time bf16 autocast beside fp32 (default: where the CPU has bf16 units)."
     ),
 ) -> None:
-    """Time local training (perfit vs a plain peft loop, fp32 vs bf16, PerFIT vs FIT), MFU, bytes, search share."""
+    """Time local training (perfit vs a plain peft loop, fp32 vs bf16, PerFIT vs FIT), MFU, bytes, search share.
+
+    Where the config's device is a GPU (`--device cuda`, or `auto` where torch sees one), local training
+    is timed there instead (tokens/s and MFU against the GPU's peak) into performance-cuda.md and .json."""
     import json
 
-    from perfit.speed import Bench, with_scale
-    from perfit.speed_report import report_markdown
+    from perfit.model import resolve_device
 
     config = _config(ctx, None, preset)
-    with _errors("data"):
-        result = Bench(config, rows=rows, bf16=bf16).run()
-    flags = [f"--preset {preset} --rows {rows}", *([] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"])]
-    command = " ".join(["perfit bench speed", *ctx.args, *flags])
-    result = with_scale(result, out / "scale.json")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from err
+    flags = [f"--preset {preset}", *([] if rows is None else [f"--rows {rows}"])]
+    if device.type != "cpu":
+        from perfit.speed_device import DeviceBench, device_report_markdown
+
+        with _errors("data"):
+            result = DeviceBench(config, **({} if rows is None else {"rows": rows})).run()
+        command = " ".join(["perfit bench speed", *ctx.args, *flags])
+        text, name = device_report_markdown(result, command), f"performance-{device.type}"
+    else:
+        from perfit.speed import Bench, with_scale
+        from perfit.speed_report import report_markdown
+
+        with _errors("data"):
+            result = Bench(config, rows=rows or 48, bf16=bf16).run()
+        flags += [] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"]
+        command = " ".join(["perfit bench speed", *ctx.args, *flags])
+        result = with_scale(result, out / "scale.json")
+        text, name = report_markdown(result, command), "performance"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "performance.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
-    (out / "performance.md").write_text(report_markdown(result, command))
-    console.print(report_markdown(result, command))
+    (out / f"{name}.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    console.print(text)
 
 
 SCALE_DEFAULTS = {

@@ -59,10 +59,24 @@ def cpu_description() -> str:
     return f"{name or platform.machine()} ({'bf16 units' if cpu_has_bf16() else 'no bf16 units'})"
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """Best sustained square-matmul rate of this process's threads, in GFLOP/s."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), seconds) / 1e9
+def matmul_peak_gflops(
+    dtype: torch.dtype, size: int = 2048, seconds: float = 3.0, device: torch.device | str = "cpu"
+) -> float:
+    """Best sustained square-matmul rate on `device` (on the CPU: of this process's threads), in
+    GFLOP/s; on a GPU each timed product ends when the device has finished it."""
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+
+    def product() -> None:
+        torch.mm(a, b)
+        synchronize(a.device)
+
+    return 2 * size**3 / _best_seconds(product, seconds) / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs asynchronously; the CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -196,6 +210,7 @@ def plain_peft_pass(
     autocast when `autocast_dtype` is given."""
     params = lora_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=3e-4)
+    device = params[0].device
     peft_model.train()
     for start in range(0, len(examples), batch_size):
         optimizer.zero_grad(set_to_none=True)
@@ -207,10 +222,44 @@ def plain_peft_pass(
             labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk])
             attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
             with autocast(peft_model, autocast_dtype):
-                loss = peft_model(input_ids=ids, attention_mask=attention, labels=labels).loss
+                loss = peft_model(
+                    input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)
+                ).loss
             loss.backward()
         optimizer.step()
     peft_model.eval()
+
+
+def local_pass(
+    base: Any,
+    config: Config,
+    pad_id: int,
+    rank: int,
+    budget_rank: int,
+    autocast: torch.dtype | None = None,
+    packed: bool | None = None,
+    micro_batch_size: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """(peft model, layout, run) for timing one client's local training: a fresh rank-`rank` adapter
+    on `base` with a seeded random mask of the rank-`budget_rank` budget (FIT: both r; PerFIT: the
+    dense rank r/(1-s) masked to r's budget), and `run(rows)`, one epoch of `train_masked` over the
+    rows from the same start and seed, at the config's batch and `micro_batch_size` (default the
+    config's)."""
+    peft_model = attach_lora(base, rank, 2.0 * rank)
+    layout = lora_layout(peft_model)
+    mask = random_mask(layout.size, layout.budget(budget_rank), seed=0)
+    start = initial_adapter(layout, "peft", 0) * mask
+    settings = {
+        "epochs": 1,
+        "batch_size": config.batch_size,
+        "micro_batch_size": micro_batch_size or config.micro_batch_size,
+    }
+
+    def run(subset: list[Example]) -> Any:
+        return train_masked(peft_model, start, mask, subset, pad_id, lr=config.lr, seed=0,
+                            autocast_dtype=autocast, packed=packed, **settings)  # fmt: skip
+
+    return peft_model, layout, run
 
 
 @dataclass
@@ -259,17 +308,7 @@ class Bench:
         def masked_pass(
             rank: int, budget_rank: int, autocast: torch.dtype | None = None, packed: bool | None = None
         ) -> Any:
-            peft_model = attach_lora(base, rank, 2.0 * rank)
-            layout = lora_layout(peft_model)
-            mask = random_mask(layout.size, layout.budget(budget_rank), seed=0)
-            start = initial_adapter(layout, "peft", 0) * mask
-            settings = {"epochs": 1, "batch_size": config.batch_size, "micro_batch_size": config.micro_batch_size}
-
-            def run_pass(subset: list[Example]) -> Any:
-                return train_masked(peft_model, start, mask, subset, pad, lr=config.lr, seed=0,
-                                    autocast_dtype=autocast, packed=packed, **settings)  # fmt: skip
-
-            return peft_model, layout, run_pass
+            return local_pass(base, config, pad, rank, budget_rank, autocast, packed)
 
         n_linear, n_lora = linear_params(base), lora_layout(attach_lora(base, config.rank, 2.0 * config.rank)).size
         flops = useful_flops(base.config, n_linear, n_lora, train)
