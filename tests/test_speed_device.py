@@ -61,7 +61,7 @@ def test_device_bench_times_every_pass_and_derives_its_ratios(kit):
     from perfit.speed_device import DeviceBench, device_report_markdown, rate
 
     config = _config(kit)
-    result = DeviceBench(config, rows=8, peak_size=64).run()
+    result = DeviceBench(config, rows=8, peak_size=64, peak_seconds=0.05).run()
     micros = [config.micro_batch_size, config.batch_size]  # 4 and 8: the config's, and a whole batch
     assert result["micro_batches"] == micros and result["device"]["type"] == "cpu"
     assert result["default_layout"] == "packed"  # the CPU packs (`train.packs`)
@@ -111,7 +111,7 @@ import perfit.cli  # noqa: F401 (the command's module)
 from perfit.config import Config
 from perfit.speed_device import DeviceBench
 config = Config(**{TINY_RUN!r}, model={str(kit / "model")!r}, data={str(kit / "data.jsonl")!r}, device="cpu")
-result = DeviceBench(config, rows=4, peak_size=32).run()
+result = DeviceBench(config, rows=4, peak_size=32, peak_seconds=0.05).run()
 print(sorted(result["seconds"]))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)

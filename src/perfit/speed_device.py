@@ -78,6 +78,8 @@ class DeviceBench:
     """Dolly rows in each timed pass (seeded sample of the file): 64 micro-batches of 8."""
     peak_size: int | None = None
     """Side of the square matmuls timed for the peak (default: 8192 on a GPU, 1024 elsewhere)."""
+    peak_seconds: float = 2.0
+    """Timing budget of each peak reading (one per precision at the start and at the end)."""
 
     def run(self) -> dict[str, Any]:
         torch.manual_seed(0)
@@ -85,7 +87,7 @@ class DeviceBench:
         device = resolve_device(config.device)
         used = "bf16" if training_autocast(config.dtype, device) else "fp32"
         size = self.peak_size or (8192 if device.type == "cuda" else 1024)
-        peak_at_start = {name: matmul_peak_gflops(DTYPES[name], size, 2.0, device) for name in PRECISIONS}
+        peak_at_start = {name: matmul_peak_gflops(DTYPES[name], size, self.peak_seconds, device) for name in PRECISIONS}
         model_path = resolve_model(config)
         base, tokenizer = load_base(model_path, shared=False, device=device)
         onednn.mark(base, config.onednn)  # as a run marks it (frozen GEMMs through oneDNN on a CPU only)
@@ -130,7 +132,7 @@ class DeviceBench:
             timed(f"plain_peft_{micro}", lambda subset, plain=plain, micro=micro: plain_peft_pass(
                 plain, subset, pad, config.batch_size, micro, autocast), micro)  # fmt: skip
 
-        peak_at_end = {name: matmul_peak_gflops(DTYPES[name], size, 2.0, device) for name in PRECISIONS}
+        peak_at_end = {name: matmul_peak_gflops(DTYPES[name], size, self.peak_seconds, device) for name in PRECISIONS}
         peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in PRECISIONS}
 
         def packed_over_padded(micro: int) -> float:
