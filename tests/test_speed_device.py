@@ -57,14 +57,18 @@ def test_device_kit_weights_load_and_say_they_are_random(kit, tiny_model):
     assert weights_note(str(tiny_model)) is None  # trained weights carry no marker
 
 
-def test_device_bench_times_every_pass_and_derives_its_ratios(kit):
+@pytest.mark.parametrize("default_packed", [True, False])  # the CPU's layout, and a GPU's (padded)
+def test_device_bench_times_every_pass_and_derives_its_ratios(kit, monkeypatch, default_packed):
+    import perfit.speed_device
     from perfit.speed_device import DeviceBench, device_report_markdown, rate
 
+    if not default_packed:  # as `train.packs` answers for a model on a GPU
+        monkeypatch.setattr(perfit.speed_device, "packs", lambda model: False)
     config = _config(kit)
     result = DeviceBench(config, rows=8, peak_size=64, peak_seconds=0.05).run()
     micros = [config.micro_batch_size, config.batch_size]  # 4 and 8: the config's, and a whole batch
     assert result["micro_batches"] == micros and result["device"]["type"] == "cpu"
-    assert result["default_layout"] == "packed"  # the CPU packs (`train.packs`)
+    assert result["default_layout"] == ("packed" if default_packed else "padded")
     seconds, mfu, peak = result["seconds"], result["mfu"], result["peak_gflops"][result["dtype"]]
     for m in micros:
         keys = {f"fit_{m}", f"perfit_{m}", f"fit_{m}_other_layout", f"plain_peft_{m}"}
@@ -75,10 +79,11 @@ def test_device_bench_times_every_pass_and_derives_its_ratios(kit):
         assert result["perfit_round_over_fit_round"][str(m)] == pytest.approx(
             seconds[f"perfit_{m}"] / seconds[f"fit_{m}"]
         )
-        # packed is the default here, so packed / padded tokens/s = padded seconds / packed seconds
-        assert result["packed_over_padded_tokens_per_s"][str(m)] == pytest.approx(
-            seconds[f"fit_{m}_other_layout"] / seconds[f"fit_{m}"]
-        )
+        # packed / padded tokens/s = padded seconds / packed seconds, whichever layout is the default
+        packed, padded = seconds[f"fit_{m}"], seconds[f"fit_{m}_other_layout"]
+        if not default_packed:
+            packed, padded = padded, packed
+        assert result["packed_over_padded_tokens_per_s"][str(m)] == pytest.approx(padded / packed)
     assert set(mfu) == set(seconds) == set(result["tokens_per_s"])
     for key, value in seconds.items():
         assert mfu[key] == pytest.approx(result["useful_gflop_per_pass"] / value / peak)
@@ -90,7 +95,8 @@ def test_device_bench_times_every_pass_and_derives_its_ratios(kit):
     assert "random" in result["model"]["random_weights"]
     text = device_report_markdown(result, "perfit bench speed --device cpu")
     assert text.count("| 4 | ") == 4 and text.count("| 8 | ") == 4  # four passes at each micro-batch
-    assert "perfit, FIT, padded micro-batches" in text and "Weights: random" in text
+    assert f"perfit, FIT, {'padded' if default_packed else 'packed'} micro-batches" in text
+    assert "Weights: random" in text
     assert f"peak {rate(peak)} in {result['dtype']}" in text
     assert rate(789_000.0) == "789.0 TFLOP/s" and rate(177.4) == "177 GFLOP/s"
     ratio = f"| perfit / plain peft tokens/s | {result['perfit_over_peft_tokens_per_s']['4']:.2f} |"

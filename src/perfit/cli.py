@@ -299,11 +299,8 @@ def bench_speed(
     from perfit.model import resolve_device
 
     config = _config(ctx, None, preset)
-    try:
+    with _errors("config", ValueError):
         device = resolve_device(config.device)
-    except ValueError as err:
-        console.print(f"[red]config error:[/red] {err}")
-        raise typer.Exit(2) from err
     flags = [f"--preset {preset}", *([] if rows is None else [f"--rows {rows}"])]
     if device.type != "cpu":
         from perfit.speed_device import DeviceBench, device_report_markdown

@@ -32,6 +32,7 @@ from perfit.data import Example, load_rows, partition, tokenize
 from perfit.model import (
     attach_lora,
     compile_decoder,
+    device_of,
     initial_adapter,
     load_base,
     lora_layout,
@@ -210,7 +211,7 @@ def plain_peft_pass(
     autocast when `autocast_dtype` is given."""
     params = lora_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=3e-4)
-    device = params[0].device
+    device = device_of(peft_model)
     peft_model.train()
     for start in range(0, len(examples), batch_size):
         optimizer.zero_grad(set_to_none=True)

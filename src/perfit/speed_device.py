@@ -94,43 +94,44 @@ class DeviceBench:
         train, _ = sample_examples(load_rows(config.data), tokenizer, self.rows, config.cutoff_len)
         pad, autocast = tokenizer.pad_token_id, DTYPES[used] if used != "fp32" else None
         tokens = sum(len(e.input_ids) for e in train)
-        n_linear = linear_params(base)
-        n_lora = lora_layout(attach_lora(base, config.rank, 2.0 * config.rank)).size
-        flops = useful_flops(base.config, n_linear, n_lora, train)
+        probe = attach_lora(base, config.rank, 2.0 * config.rank)
+        flops = useful_flops(base.config, linear_params(base), lora_layout(probe).size, train)
+        default_packed = packs(probe)  # the layout local training runs on this device
         dense = round(config.rank / (1 - config.sparsity))
         by_length = sorted(train, key=lambda e: len(e.input_ids))
-        default_packed = packs(attach_lora(base, config.rank, 2.0 * config.rank))
         seconds: dict[str, float] = {}
         memory: dict[str, float | None] = {}
 
-        def timed(key: str, run: Any, micro: int) -> None:
-            run(by_length[-micro:])  # warm-up: kernel choice, allocator pools, at the longest micro-batch
+        def timed(run: Any, micro: int) -> tuple[float, float | None]:
+            """(seconds, peak device memory) of `run(train)`, after a warm-up on the longest micro-batch
+            (kernel choice, allocator pools), the clock stopped once the device has finished."""
+            run(by_length[-micro:])
             synchronize(device)
             reset_peak_memory(device)
             begin = time.perf_counter()
             run(train)
             synchronize(device)
-            seconds[key] = time.perf_counter() - begin
-            memory[key] = peak_memory_gib(device)
+            return time.perf_counter() - begin, peak_memory_gib(device)
 
         micros = sorted({config.micro_batch_size, config.batch_size})
         for micro in micros:
 
-            def trainer(rank: int, packed: bool | None = None, micro: int = micro) -> Any:
+            def trainer(rank: int, packed: bool = default_packed, micro: int = micro) -> Any:
                 return local_pass(base, config, pad, rank, config.rank, autocast, packed, micro)[2]
 
             # FIT, PerFIT, PerFIT, FIT: a drift of the device's clocks over the passes cancels in the ratio
             passes: dict[str, list[float]] = {"fit": [], "perfit": []}
             for rank, label in ((config.rank, "fit"), (dense, "perfit"), (dense, "perfit"), (config.rank, "fit")):
-                timed("pass", trainer(rank), micro)
-                passes[label].append(seconds.pop("pass"))
-                memory[f"{label}_{micro}"] = memory.pop("pass")
+                took, memory[f"{label}_{micro}"] = timed(trainer(rank), micro)
+                passes[label].append(took)
             for label, values in passes.items():
                 seconds[f"{label}_{micro}"] = statistics.fmean(values)
-            timed(f"fit_{micro}_other_layout", trainer(config.rank, packed=not default_packed), micro)
+            other = f"fit_{micro}_other_layout"
+            seconds[other], memory[other] = timed(trainer(config.rank, packed=not default_packed), micro)
             plain = attach_lora(base, config.rank, 2.0 * config.rank)
-            timed(f"plain_peft_{micro}", lambda subset, plain=plain, micro=micro: plain_peft_pass(
-                plain, subset, pad, config.batch_size, micro, autocast), micro)  # fmt: skip
+            seconds[f"plain_peft_{micro}"], memory[f"plain_peft_{micro}"] = timed(
+                lambda subset, plain=plain, micro=micro: plain_peft_pass(
+                    plain, subset, pad, config.batch_size, micro, autocast), micro)  # fmt: skip
 
         peak_at_end = {name: matmul_peak_gflops(DTYPES[name], size, self.peak_seconds, device) for name in PRECISIONS}
         peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in PRECISIONS}
