@@ -15,8 +15,9 @@ import argparse
 
 from perfit.config import make_config
 from perfit.data import load_rows
+from perfit.flops import DTYPES, PRECISIONS, gemm_ceiling, matmul_peak_gflops
 from perfit.model import load_base, resolve_model
-from perfit.speed import DTYPES, PRECISIONS, gemm_ceiling, matmul_peak_gflops, sample_examples
+from perfit.speed import sample_examples
 from perfit.train import cpu_has_bf16
 
 

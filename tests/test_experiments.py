@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.experiments import grid, run_grid, schedule, select, state
-from perfit.report import CellResult, exceeds_spread, headline, load_results, paired_changes, write_report
+from perfit.report import write_report
+from perfit.results import CellResult, exceeds_spread, headline, load_results, paired_changes
 
 
 def test_grid_names_are_unique_and_cover_the_issue():
@@ -226,7 +227,7 @@ def test_headline_compares_only_the_seeds_both_cells_finished(tmp_path):
 
 
 def test_pearson_correlation_by_hand():
-    from perfit.report import pearson
+    from perfit.figures import pearson
 
     assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
     assert pearson([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]) == pytest.approx(-0.5)  # cov -0.5 / (1 * 1)

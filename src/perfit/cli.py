@@ -344,9 +344,9 @@ def bench_scale(
     """Round time and memory of whole simulated federations of 100 vs 1,000 clients."""
     import json
 
+    from perfit.flops import cpu_description
     from perfit.scale import bench_scale as measure
     from perfit.scale import scale_markdown
-    from perfit.speed import cpu_description
 
     config = _config(ctx, None, "quick", **{k: v for k, v in SCALE_DEFAULTS.items() if k not in _field_flags(ctx.args)})
     with _errors("data"):

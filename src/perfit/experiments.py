@@ -41,6 +41,23 @@ GRID_LR = 3e-4
 tuned); a `--lr` among the common settings or a cell's tuned rate (`--tuned`) replaces it."""
 SEEDS = (0, 1)
 SPLITS = ("pathological", "dirichlet")
+SPLIT_TITLES = {"pathological": "pathological (2 of 8 categories)", "dirichlet": "Dirichlet(0.5)"}
+"""How the report names the splits."""
+LABELS = {
+    "fit": "FIT (r=8)",
+    "perfit-s0.33": "PerFIT s=0.33 (dense r 12)",
+    "perfit-s0.5": "PerFIT s=0.5 (dense r 16)",
+    "perfit-s0.66": "PerFIT s=0.66 (dense r 24)",
+    "perfit-s0.5-zero-b": "PerFIT s=0.5, train from B=0",
+    "perfit-8-12-16": "PerFIT ranks 8/12/16",
+    "hetlora-8-12-16": "HetLoRA ranks 8/12/16",
+    "local": "local only (r=8)",
+    "fit-ft": "FIT + local fine-tuning",
+    "fedsa": "FedSA-LoRA (r=8)",
+}
+"""How the report names a cell (by the last part of its name)."""
+PERSONALIZED_BASELINES = ("local", "fit-ft", "fedsa")
+"""The baselines that end with a model of each client's own, which PerFIT is set against."""
 SPARSITIES = (0.33, 0.5, 0.66)
 HETERO_BUDGETS = "8,12,16"
 GRID_FREE_FIELDS = ("data", "model", "cache_dir", "dtype", "device", "torch_compile", "onednn")

@@ -1,19 +1,12 @@
 """`perfit bench speed`: what local training costs on this machine, measured side by side in one
 run and reported as ratios (issue 5). Every figure is timed here; nothing is taken from elsewhere.
-
-Useful FLOPs of one LoRA training pass over a sequence of T tokens (P of them predicting a target),
-with the base model frozen:
-  linear layers    4 * N_lin * T        forward + activation gradients (no weight gradients)
-  LoRA adapters    6 * N_lora * T       forward + activation gradients + adapter gradients
-  attention        6 * L * d * T(T+1)   causal QK^T and AV forward (2 L d T(T+1)) and backward (x2)
-  vocabulary head  4 * V * d * P        forward + activation gradients, at target positions only
+Peaks, GEMM rates and the useful FLOPs MFU counts: `perfit.flops`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-import platform
 import random
 import resource
 import statistics
@@ -29,6 +22,17 @@ from perfit import onednn
 from perfit.aggregate import Accumulator
 from perfit.config import Config
 from perfit.data import Example, load_rows, partition, tokenize
+from perfit.flops import (
+    DTYPES,
+    PRECISIONS,
+    autocast_for,
+    cpu_description,
+    emulated_bf16_probe,
+    gemm_ceiling,
+    linear_params,
+    matmul_peak_gflops,
+    useful_flops,
+)
 from perfit.model import (
     attach_lora,
     compile_decoder,
@@ -43,107 +47,10 @@ from perfit.train import (
     autocast,
     cpu_has_bf16,
     evaluate_nll,
-    micro_batches,
     perplexity,
     train_masked,
     training_autocast,
 )
-
-
-def cpu_description() -> str:
-    """The CPU model and whether it has bf16 units (AVX-512 BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    return f"{name or platform.machine()} ({'bf16 units' if cpu_has_bf16() else 'no bf16 units'})"
-
-
-def matmul_peak_gflops(
-    dtype: torch.dtype, size: int = 2048, seconds: float = 3.0, device: torch.device | str = "cpu"
-) -> float:
-    """Best sustained square-matmul rate on `device` (on the CPU: of this process's threads), in
-    GFLOP/s; on a GPU each timed product ends when the device has finished it."""
-    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-
-    def product() -> None:
-        torch.mm(a, b)
-        synchronize(a.device)
-
-    return 2 * size**3 / _best_seconds(product, seconds) / 1e9
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (a GPU runs asynchronously; the CPU needs no wait)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PRECISIONS = tuple(DTYPES)
-
-
-def autocast_for(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a timed precision (`train_masked`'s `autocast_dtype`; None: fp32)."""
-    return None if precision == "fp32" else DTYPES[precision]
-
-
-def emulated_bf16_probe(size: int = 512, seconds: float = 1.0) -> dict[str, float]:
-    """Square-matmul rates in bf16 and fp32 at a small `size`: on a CPU without bf16 units torch
-    emulates bf16 matmuls, and a probe at the peak's size (2048) would itself take minutes."""
-    return {name: matmul_peak_gflops(DTYPES[name], size, seconds) for name in PRECISIONS} | {"size": size}
-
-
-def decoder_gemms(model: Any) -> dict[tuple[int, int], int]:
-    """(in_features, out_features) -> how many frozen linear layers of the decoder blocks have that
-    shape (q, k, v, o, gate, up, down; not embeddings or head; peft's lora_A / lora_B, also
-    nn.Linear, are counted as LoRA elsewhere, not here)."""
-    shapes: dict[tuple[int, int], int] = {}
-    for name, m in model.get_decoder().layers.named_modules():
-        if isinstance(m, torch.nn.Linear) and "lora_" not in name:
-            key = (m.in_features, m.out_features)
-            shapes[key] = shapes.get(key, 0) + 1
-    return shapes
-
-
-def linear_params(model: Any) -> int:
-    """Weights of the frozen linear layers inside the decoder blocks (`decoder_gemms`)."""
-    return sum(fan_in * fan_out * count for (fan_in, fan_out), count in decoder_gemms(model).items())
-
-
-def gemm_flops(shapes: dict[tuple[int, int], int], tokens: int) -> float:
-    """FLOPs of the frozen linears over `tokens` rows: forward X W^T and activation gradient dY W,
-    2 * tokens * in * out each (the `4 * N_lin * T` term of the module docstring)."""
-    return 4.0 * tokens * sum(i * o * n for (i, o), n in shapes.items())
-
-
-def gemm_rate_gflops(
-    shapes: dict[tuple[int, int], int], tokens: int, dtype: torch.dtype, seconds: float = 2.0
-) -> float:
-    """The rate, in GFLOP/s, at which this process's threads run the frozen decoder's own GEMMs at
-    one micro-batch of `tokens` rows: each shape's forward and activation-gradient matmul at its best
-    time over repeats (inputs already in `dtype`, no casts), weighted by how often the model runs it.
-    The ceiling the linear layers of a training step can reach at these shapes, below the square
-    peak when the shapes are small."""
-    total = 0.0
-    for (fan_in, fan_out), count in shapes.items():
-        x, dy = torch.randn(tokens, fan_in, dtype=dtype), torch.randn(tokens, fan_out, dtype=dtype)
-        w = torch.randn(fan_out, fan_in, dtype=dtype)
-        total += count * _best_seconds(lambda x=x, w=w, dy=dy: (torch.nn.functional.linear(x, w), dy @ w),
-                                       seconds / len(shapes))  # fmt: skip
-    return gemm_flops(shapes, tokens) / total / 1e9
-
-
-def _best_seconds(fn: Any, seconds: float) -> float:
-    """The shortest of repeated calls of `fn` within `seconds` (after one untimed call)."""
-    fn()
-    best, deadline = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == math.inf:
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def sample_examples(
@@ -155,47 +62,20 @@ def sample_examples(
     return examples[:rows], examples[rows:]
 
 
-def gemm_ceiling(
-    model: Any, train: list[Example], config: Config, seconds: float = 2.0, precisions: tuple[str, ...] = PRECISIONS
-) -> dict[str, Any]:
-    """The frozen decoder's GEMM rate in each of `precisions` at the mean packed micro-batch that
-    local training runs over `train` under `config` (`gemm_rate_gflops`, `tokens_per_micro_batch`)."""
-    tokens = tokens_per_micro_batch(train, config.batch_size, config.micro_batch_size, packed=True)
-    shapes = decoder_gemms(model)
-    gflops = {name: gemm_rate_gflops(shapes, tokens, DTYPES[name], seconds) for name in precisions}
-    return {"tokens_per_micro_batch": tokens, "gflops": gflops}
-
-
-def tokens_per_micro_batch(examples: list[Example], batch_size: int, micro: int, *, packed: bool, seed: int = 0) -> int:
-    """Mean tokens of the micro-batches one epoch of `train_masked` runs: the rows shuffled with
-    `seed`, cut into batches of `batch_size`, each sorted by length into micro-batches of `micro`;
-    packed, a micro-batch is its rows' tokens, padded, rows x the longest row's width."""
-    order = list(examples)
-    random.Random(seed).shuffle(order)
-    sizes = [
-        sum(len(e.input_ids) for e in chunk) if packed else len(chunk) * max(len(e.input_ids) for e in chunk)
-        for start in range(0, len(order), batch_size)
-        for chunk in micro_batches(order[start : start + batch_size], micro)
-    ]
-    return round(statistics.fmean(sizes))
-
-
-def useful_flops(model_config: Any, n_linear: int, n_lora: int, examples: list[Example]) -> float:
-    """Useful FLOPs of one training pass over `examples` (see the module docstring)."""
-    layers, width, vocab = model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size
-    total = 0.0
-    for example in examples:
-        length, predicting = len(example.input_ids), sum(label != -100 for label in example.labels[1:])
-        total += (4 * n_linear + 6 * n_lora) * length + 6 * layers * width * length * (length + 1)
-        total += 4 * vocab * width * predicting
-    return total
-
-
 def random_mask(size: int, budget: int, seed: int) -> torch.Tensor:
     """A seeded mask holding exactly `budget` of `size` positions (timing only; not a searched mask)."""
     mask = torch.zeros(size, dtype=torch.bool)
     mask[torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:budget]] = True
     return mask
+
+
+def rotated(base: torch.Tensor, client: int) -> torch.Tensor:
+    """Client `client`'s copy of a random mask or update for timing Eq. 6 on the server: `base` rotated
+    by client x 7,919 positions (a prime: the shifts differ for every client below the size unless
+    7,919 divides it), so each client's mask has the same budget and its own pattern, in 0.6 ms
+    against 55 ms for a randperm of SmolLM2's 1.29M positions (1,110 of them took a minute of the
+    bench)."""
+    return torch.roll(base, shifts=client * 7919 % base.numel())
 
 
 def plain_peft_pass(
@@ -320,6 +200,12 @@ class Bench:
             """Personalized perplexity of a rank-r adapter on the held-out rows, fp32 and eager."""
             return perplexity(*evaluate_nll(evaluator, flat, held_out, pad, config.micro_batch_size))
 
+        @functools.cache
+        def trained_ppl(name: str) -> float:
+            """`held_out_ppl` of precision `name`'s perfit pass (`trained[name]`), evaluated once: up to
+            three ratios share it (packed / padded, oneDNN / BLAS, compiled / eager, bf16 / fp32)."""
+            return held_out_ppl(trained[name].flat)
+
         dense = round(config.rank / (1 - config.sparsity))
         seconds: dict[str, float] = {}
         trained: dict[str, Any] = {}  # each precision's perfit pass: the same start, rows and seed
@@ -367,7 +253,7 @@ class Bench:
             "tokens_per_s": {k: tokens / v for k, v in seconds.items()},
             "packing_dtype": used,
             "packed_over_padded_tokens_per_s": seconds[f"perfit_{used}_padded"] / seconds[f"perfit_{used}"],
-            "packed_ppl_over_padded_ppl": held_out_ppl(trained[used].flat) / held_out_ppl(padded.flat),
+            "packed_ppl_over_padded_ppl": trained_ppl(used) / held_out_ppl(padded.flat),
             "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
             "round_passes_seconds": round_passes,
@@ -376,31 +262,31 @@ class Bench:
             **self._search_share(masked_pass, dense, train, held_out, pad, all_rows, precisions, dense_seconds),
         }
         if other is not None:  # oneDNN's pass and BLAS's, whichever of them the FIT rows are
-            default = (seconds["perfit_fp32"], trained["fp32"])
-            (onednn_s, onednn_r), (blas_s, blas_r) = (default, other) if fp32_onednn else (other, default)
+            default, other_path = (seconds["perfit_fp32"], trained_ppl("fp32")), (other[0], held_out_ppl(other[1].flat))
+            (onednn_s, onednn_ppl), (blas_s, blas_ppl) = (default, other_path) if fp32_onednn else (other_path, default)
             result["onednn"] |= {
                 "seconds_onednn_fp32": onednn_s,
                 "seconds_blas_fp32": blas_s,
                 "onednn_over_blas_tokens_per_s_fp32": blas_s / onednn_s,
-                "ppl_onednn_over_blas_fp32": held_out_ppl(onednn_r.flat) / held_out_ppl(blas_r.flat),
+                "ppl_onednn_over_blas_fp32": onednn_ppl / blas_ppl,
             }
         if blas_bf16 is not None:
             result["onednn"] |= {
                 "seconds_blas_bf16": blas_bf16[0],
                 "onednn_over_blas_tokens_per_s_bf16": blas_bf16[0] / seconds["perfit_bf16"],
-                "ppl_onednn_over_blas_bf16": held_out_ppl(trained["bf16"].flat) / held_out_ppl(blas_bf16[1].flat),
+                "ppl_onednn_over_blas_bf16": trained_ppl("bf16") / held_out_ppl(blas_bf16[1].flat),
             }
         if with_bf16:
             result["perfit_over_peft_tokens_per_s_bf16"] = seconds["plain_peft_bf16"] / seconds["perfit_bf16"]
             result["bf16_over_fp32_tokens_per_s"] = seconds["perfit_fp32"] / seconds["perfit_bf16"]
-            result["bf16_ppl_over_fp32_ppl"] = held_out_ppl(trained["bf16"].flat) / held_out_ppl(trained["fp32"].flat)
+            result["bf16_ppl_over_fp32_ppl"] = trained_ppl("bf16") / trained_ppl("fp32")
         else:
             result["bf16_not_timed"] = emulated_bf16_probe()
         # last: compiling the decoder is process-wide, so everything above ran eager. Only at the training
         # precision (`torch_compile=auto` compiles that path alone): on a bf16 CPU an fp32 compile and
         # pass cost the bench about 90 s and measure a path `dtype=auto` does not take there
         eager = {used: seconds[f"perfit_{used}"]}
-        result["compiled"] = self._compiled(base, masked_pass, train, eager, trained[used].flat, held_out_ppl)
+        result["compiled"] = self._compiled(base, masked_pass, train, eager, trained_ppl(used), held_out_ppl)
         # the peak again: these machines are shared, and MFU is taken against the higher reading
         peak_at_end = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
         peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in precisions}
@@ -452,14 +338,14 @@ class Bench:
         masked_pass: Any,
         train: list[Example],
         eager_seconds: dict[str, float],
-        eager_flat: torch.Tensor,
+        eager_ppl: float,
         held_out_ppl: Any,
     ) -> dict[str, Any]:
         """The same perfit pass with the decoder compiled (`torch_compile=1`), in the precision of
         `eager_seconds` (the training precision): first-call cost (compile + one micro-batch), pass
         seconds, and personalized perplexity after the compiled pass against the eager one
-        (`eager_flat`: same start, rows, seed and precision). Both adapters are evaluated the same
-        way, on the eager copy of the model (`held_out_ppl`): compiling the no-grad graph as well
+        (`eager_ppl`, of the eager pass: same start, rows, seed and precision). Both adapters are
+        evaluated the same way, on the eager copy of the model (`held_out_ppl`): compiling the no-grad graph as well
         would cost the bench minutes and measure nothing about training."""
         compile_decoder(base)
         first_call, seconds, flats = {}, {}, {}
@@ -476,10 +362,7 @@ class Bench:
             "first_call_seconds": first_call,
             "seconds": seconds,
             **{f"compiled_over_eager_tokens_per_s_{name}": eager_seconds[name] / seconds[name] for name in seconds},
-            **{
-                f"ppl_compiled_over_eager_{name}": held_out_ppl(flats[name]) / held_out_ppl(eager_flat)
-                for name in flats
-            },
+            **{f"ppl_compiled_over_eager_{name}": held_out_ppl(flats[name]) / eager_ppl for name in flats},
         }
 
     def _bytes_and_server(self, dense: int) -> dict[str, Any]:
@@ -498,11 +381,13 @@ class Bench:
         mask_bytes = ArrayRecord({"mask": Array(encode(mask))}).count_bytes()
         participations = config.rounds * config.clients_per_round / config.num_clients
         aggregation = {}
+        base_mask = random_mask(layout.size, budget, seed=0)
+        base_update = torch.randn(layout.size, generator=torch.Generator().manual_seed(0))
         for clients in (10, 100, 1000):  # streamed: the server never holds a round's updates at once
             accumulator, seconds = Accumulator("shared", layout.size), 0.0
             for client in range(clients):
-                m = random_mask(layout.size, budget, seed=client)
-                update = torch.randn(layout.size) * m
+                m = rotated(base_mask, client)
+                update = rotated(base_update, client) * m
                 begin = time.perf_counter()
                 accumulator.add(m, update, 10.0)
                 seconds += time.perf_counter() - begin

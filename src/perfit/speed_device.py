@@ -9,7 +9,7 @@ micro-batch, its clock stopped once the device has finished:
   PerFIT   rank r/(1-s) masked to the budget of rank r (search excluded), same layout
   layout   FIT in the other layout (packed where the device pads, padded where it packs)
   plain    the plain peft + torch loop (padded, full head, HF's loss) in the same precision
-MFU counts useful FLOPs as the CPU bench does (`perfit.speed.useful_flops`) against this device's
+MFU counts useful FLOPs as the CPU bench does (`perfit.flops.useful_flops`) against this device's
 square-matmul peak in the training precision, measured at the start and at the end of the run.
 
 The device needs no Flower and no dolly download: `benchmarks/device_kit.py` packs the model's
@@ -31,19 +31,17 @@ import torch
 from perfit import onednn
 from perfit.config import Config
 from perfit.data import load_rows
-from perfit.model import attach_lora, load_base, lora_layout, resolve_device, resolve_model
-from perfit.speed import (
+from perfit.flops import (
     DTYPES,
     PRECISIONS,
     cpu_description,
     linear_params,
-    local_pass,
     matmul_peak_gflops,
-    plain_peft_pass,
-    sample_examples,
     synchronize,
     useful_flops,
 )
+from perfit.model import attach_lora, load_base, lora_layout, resolve_device, resolve_model
+from perfit.speed import local_pass, plain_peft_pass, sample_examples
 from perfit.train import packs, training_autocast
 
 RANDOM_WEIGHTS = "RANDOM_WEIGHTS"
