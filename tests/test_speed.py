@@ -202,3 +202,16 @@ def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
     }
     text = _break_even(result)  # fp32 saves 10 s per 8,000 tokens: 200 s back after 160,000 tokens
     assert "160k tokens in fp32" in text and "never in bf16" in text
+
+
+def test_sample_examples_draws_a_smaller_held_out_set_as_a_prefix(tiny_model, small_data):
+    from transformers import AutoTokenizer
+
+    from perfit.data import load_rows
+    from perfit.speed import sample_examples
+
+    rows, tokenizer = load_rows(str(small_data)), AutoTokenizer.from_pretrained(tiny_model)
+    train, held_out = sample_examples(rows, tokenizer, 6, 64)
+    fewer_train, fewer = sample_examples(rows, tokenizer, 6, 64, held_out=3)
+    assert len(train) == len(held_out) == 6 and len(fewer) == 3
+    assert fewer_train == train and fewer == held_out[:3]  # the train rows never move with the held-out size
