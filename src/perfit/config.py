@@ -88,10 +88,12 @@ class Config:
     """`1`: `torch.compile` (inductor, dynamic shapes) the decoder layers once per process for local
     training, the search and evaluation (`model.compile_decoder`; packed attention stays eager
     between them); `0`: eager. `auto` compiles on the CPU when the run plans at least
-    `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor:
-    compiled layers are faster per token (`perfit bench speed`: 1.13-1.15x on an EPYC, bf16 1.24x on a
-    Xeon with AMX, same losses), but the first call of each process pays the compile, which short
-    runs such as `--preset quick` do not earn back (break-even in docs/performance.md)."""
+    `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor,
+    and under bf16 only on CPUs with AMX (`model.compile_wanted`): compiled layers are faster per
+    token in fp32 (1.04-1.09x on the AVX2 EPYCs) and in bf16 on a Xeon with AMX (1.24-1.29x), slower
+    in bf16 on an AVX-512 BF16 EPYC (0.89-0.95x), same losses; the first call of each process pays
+    the compile, which short runs such as `--preset quick` do not earn back (break-even in
+    docs/performance.md)."""
     onednn: str = "auto"
     """`1`: local training and the search run the frozen linear layers' GEMMs through oneDNN copies
     of their weights, reordered once per block (`perfit.onednn`): fp32 copies (and the vocabulary

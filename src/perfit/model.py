@@ -149,13 +149,24 @@ The paper's setting plans 36k examples in a simulation and about 360 on a SuperN
 plans about 300."""
 
 
-def compile_wanted(setting: str, planned_examples: float, device_type: str, compiler_found: bool) -> bool:
+def compile_wanted(
+    setting: str, planned_examples: float, device_type: str, compiler_found: bool, *, bf16: bool, amx: bool
+) -> bool:
     """Whether to compile the decoder for a run: `setting` is the config's `torch_compile`; `auto`
     compiles on the CPU for runs of at least `AUTO_COMPILE_EXAMPLES` planned training examples, when
-    inductor has a C++ compiler (`compiler_found`). GPUs stay eager under `auto` (not measured)."""
+    inductor has a C++ compiler (`compiler_found`), and, for training under bf16 autocast (`bf16`),
+    only on a CPU with AMX (`amx`). GPUs stay eager under `auto` (not measured).
+
+    Why AMX: the compiled decoder fuses the elementwise work between GEMMs but runs its GEMMs on
+    autocast's matmuls, without the frozen weights' oneDNN bf16 copies eager uses (`onednn`). With
+    AMX the GEMMs are fast enough that the fused rest is what pays: compiled / eager 1.24-1.29x on a
+    Xeon. On an AVX-512 BF16 EPYC without AMX the GEMMs are most of a step and the copies matter
+    more: compiled / eager 0.954 over 12 passes A B C C B A of `benchmarks/gemm_paths.py --dtype bf16
+    --repeats 2`, 0.89 in a `perfit bench speed` run. fp32 compiles (1.04-1.09x on the AVX2 EPYCs)."""
     if setting != "auto":
         return setting == "1"
-    return device_type == "cpu" and compiler_found and planned_examples >= AUTO_COMPILE_EXAMPLES
+    pays = not bf16 or amx
+    return device_type == "cpu" and compiler_found and planned_examples >= AUTO_COMPILE_EXAMPLES and pays
 
 
 def cpp_compiler_found() -> bool:

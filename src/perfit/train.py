@@ -24,13 +24,22 @@ from perfit.model import device_of, lora_parameters, read_flat, write_flat
 
 
 @functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (Intel Sapphire Rapids and later)."""
+    return " amx_bf16" in _cpuinfo()
 
 
 def training_autocast(dtype: str, device: torch.device | str = "cpu") -> torch.dtype | None:
