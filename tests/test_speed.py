@@ -83,6 +83,8 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     searched = result["search_bf16"]
     assert 0.0 <= searched["mask_agreement"] <= 1.0 and searched["scoring_seconds_fp32_over_bf16"] > 0
     assert 0.5 < searched["ppl_bf16_mask_over_fp32_mask"] < 2.0
+    assert 0.0 <= searched["mask_agreement_fp32_other_order"] <= 1.0
+    assert 0.5 < searched["ppl_fp32_other_order_mask_over_fp32_mask"] < 2.0
     assert 0.5 < result["bf16_ppl_over_fp32_ppl"] < 2.0
     used = result["dtype"]
     assert result["packing_dtype"] == used
@@ -125,6 +127,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     text = report_markdown(result, "perfit bench speed")
     assert "own GEMMs at a micro-batch's shapes" in text and "padded micro-batches (before packing)" in text
     assert "read at the start and at the end of the run" in text
+    assert f"agree on {searched['mask_agreement_fp32_other_order']:.1%}, perplexity" in text  # the control
     # the FIT rows' frozen GEMMs on `onednn=auto`'s fp32 path here, one pass on the other: torch's BLAS
     # where auto routes fp32 through oneDNN, oneDNN's fp32 copies on an Intel CPU
     measured = result["onednn"]

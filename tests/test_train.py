@@ -324,7 +324,7 @@ def test_compile_wanted_forces_or_weighs_the_planned_examples():
     assert not compile_wanted("auto", many, "cpu", False, **fp32)  # no C++ compiler for inductor
     assert not compile_wanted("auto", many, "cuda", True, **fp32)  # GPUs: not measured, eager
     assert compile_wanted("auto", many, "cpu", True, bf16=True, amx=True)  # bf16 on a Xeon with AMX: 1.24-1.29x
-    assert not compile_wanted("auto", many, "cpu", True, bf16=True, amx=False)  # bf16 without AMX: 0.89-0.95x
+    assert not compile_wanted("auto", many, "cpu", True, bf16=True, amx=False)  # bf16 without AMX: 0.89-1.07x
     assert compile_wanted("1", 0, "cpu", False, bf16=True, amx=False)  # 1 forces it anywhere
 
 

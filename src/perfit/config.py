@@ -90,10 +90,10 @@ class Config:
     between them); `0`: eager. `auto` compiles on the CPU when the run plans at least
     `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor,
     and under bf16 only on CPUs with AMX (`model.compile_wanted`): compiled layers are faster per
-    token in fp32 (1.04-1.09x on the AVX2 EPYCs) and in bf16 on a Xeon with AMX (1.24-1.29x), slower
-    in bf16 on an AVX-512 BF16 EPYC (0.89-0.95x), same losses; the first call of each process pays
-    the compile, which short runs such as `--preset quick` do not earn back (break-even in
-    docs/performance.md)."""
+    token in fp32 (1.04-1.09x on the AVX2 EPYCs) and in bf16 on a Xeon with AMX (1.24-1.29x), not in
+    bf16 on an AVX-512 BF16 EPYC (0.89-1.07x in five runs), same losses; the first call of each
+    process pays the compile, which short runs such as `--preset quick` do not earn back (break-even
+    in docs/performance.md)."""
     onednn: str = "auto"
     """`1`: local training and the search run the frozen linear layers' GEMMs through oneDNN copies
     of their weights, reordered once per block (`perfit.onednn`): fp32 copies (and the vocabulary

@@ -160,9 +160,11 @@ def compile_wanted(
     Why AMX: the compiled decoder fuses the elementwise work between GEMMs but runs its GEMMs on
     autocast's matmuls, without the frozen weights' oneDNN bf16 copies eager uses (`onednn`). With
     AMX the GEMMs are fast enough that the fused rest is what pays: compiled / eager 1.24-1.29x on a
-    Xeon. On an AVX-512 BF16 EPYC without AMX the GEMMs are most of a step and the copies matter
-    more: compiled / eager 0.954 over 12 passes A B C C B A of `benchmarks/gemm_paths.py --dtype bf16
-    --repeats 2`, 0.89 in a `perfit bench speed` run. fp32 compiles (1.04-1.09x on the AVX2 EPYCs)."""
+    Xeon. On an AVX-512 BF16 EPYC without AMX the GEMMs are most of a step, and compiling gained
+    nothing that shows through the noise: compiled / eager 0.954 and 1.023 in two runs of
+    `benchmarks/gemm_paths.py --dtype bf16` (12 and 18 passes, A B C C B A), 0.89, 1.07 and 1.05 in
+    three `perfit bench speed` runs; no gain to earn back the first call (13-18 s, 42 s cold). fp32
+    compiles (1.04-1.09x on the AVX2 EPYCs)."""
     if setting != "auto":
         return setting == "1"
     pays = not bf16 or amx

@@ -423,7 +423,9 @@ class Bench:
         both at the precision local training uses: the search timed here, training from the PerFIT
         client's (dense rank, masked) fp32 passes (`dense_pass_seconds`, the same rows; None: timed
         here, at the training precision); and, where bf16 is timed, the search in bf16 against fp32:
-        mask agreement and personalized perplexity after the same masked training from each mask."""
+        mask agreement and personalized perplexity after the same masked training from each mask,
+        beside the same two figures for a second fp32 search that takes the rows in another seeded
+        order (how far two equally valid masks differ, against which the bf16 one is read)."""
         from perfit.task import budget_groups, search_adapter_mask
 
         config = self.config
@@ -445,6 +447,10 @@ class Bench:
             run_pass(train)
             dense_pass_seconds = time.perf_counter() - begin
         per_training_batch = dense_pass_seconds / batches
+        if len(masks) > 1:  # the control: fp32, the steps taking the micro-batches in another order
+            masks["fp32_seed1"] = search_adapter_mask(
+                peft_model, theta, train, pad, config.replace(dtype="fp32"), groups, 1
+            )
         ppl = {}
         for name, mask in masks.items() if len(masks) > 1 else ():  # only bf16 against fp32 reads them
             flat = train_masked(peft_model, theta * mask, mask, train, pad, epochs=1, batch_size=config.batch_size,
@@ -471,6 +477,10 @@ class Bench:
                 "scoring_seconds_fp32_over_bf16": per_scoring_batch["fp32"] / per_scoring_batch["bf16"],
                 "mask_agreement": float((masks["fp32"] & masks["bf16"]).sum() / masks["fp32"].sum()),
                 "ppl_bf16_mask_over_fp32_mask": ppl["bf16"] / ppl["fp32"],
+                "mask_agreement_fp32_other_order": float(
+                    (masks["fp32"] & masks["fp32_seed1"]).sum() / masks["fp32"].sum()
+                ),
+                "ppl_fp32_other_order_mask_over_fp32_mask": ppl["fp32_seed1"] / ppl["fp32"],
             }
         return result
 

@@ -231,7 +231,10 @@ def _search_paragraphs(result: dict[str, Any]) -> list[str]:
             "Search under bf16 autocast against fp32, same data and start: scoring "
             f"{searched['scoring_seconds_fp32_over_bf16']:.2f}x faster; the masks agree on "
             f"{searched['mask_agreement']:.1%} of the budget; personalized perplexity after the same masked "
-            f"training from each mask, bf16 / fp32: {searched['ppl_bf16_mask_over_fp32_mask']:.4f}."
+            f"training from each mask, bf16 / fp32: {searched['ppl_bf16_mask_over_fp32_mask']:.4f}. A second fp32 "
+            "search over the same rows, its steps taking the micro-batches in another seeded order (two equally "
+            f"valid masks): the masks agree on {searched['mask_agreement_fp32_other_order']:.1%}, perplexity "
+            f"{searched['ppl_fp32_other_order_mask_over_fp32_mask']:.4f} of the first's."
         )
     return paragraphs
 
