@@ -300,32 +300,28 @@ def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_dat
     assert not torch.equal(compiled.flat, start)  # it trained
 
 
-def test_cpu_units_read_from_the_cpuinfo_flags(monkeypatch):
+def test_cpu_has_bf16_reads_the_cpuinfo_flags(monkeypatch):
     import perfit.train
 
-    for flags, bf16, amx in (
-        ("flags : fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", True, True),  # a Xeon with AMX
-        ("flags : fpu avx2 fma avx512f avx512_bf16 avx512_vnni", True, False),  # an AVX-512 BF16 EPYC
-        ("flags : fpu avx2 fma", False, False),  # an AVX2 EPYC
-        ("", False, False),  # no /proc/cpuinfo
+    for flags, bf16 in (
+        ("flags : fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", True),  # a Xeon with AMX
+        ("flags : fpu avx2 fma avx512f avx512_bf16 avx512_vnni", True),  # an AVX-512 BF16 EPYC
+        ("flags : fpu avx2 fma avx512f", False),  # an AVX2 / AVX-512 CPU without bf16 units
+        ("", False),  # no /proc/cpuinfo
     ):
         monkeypatch.setattr(perfit.train, "_cpuinfo", lambda flags=flags: flags)
-        assert (perfit.train.cpu_has_bf16(), perfit.train.cpu_has_amx()) == (bf16, amx), flags
+        assert perfit.train.cpu_has_bf16() is bf16, flags
 
 
 def test_compile_wanted_forces_or_weighs_the_planned_examples():
     from perfit.model import AUTO_COMPILE_EXAMPLES, compile_wanted
 
     many, few = AUTO_COMPILE_EXAMPLES, AUTO_COMPILE_EXAMPLES - 1
-    fp32 = {"bf16": False, "amx": False}
-    assert compile_wanted("1", 0, "cuda", False, **fp32) and not compile_wanted("0", 10 * many, "cpu", True, **fp32)
-    assert compile_wanted("auto", many, "cpu", True, **fp32)
-    assert not compile_wanted("auto", few, "cpu", True, **fp32)  # a short run does not earn the compile back
-    assert not compile_wanted("auto", many, "cpu", False, **fp32)  # no C++ compiler for inductor
-    assert not compile_wanted("auto", many, "cuda", True, **fp32)  # GPUs: not measured, eager
-    assert compile_wanted("auto", many, "cpu", True, bf16=True, amx=True)  # bf16 on a Xeon with AMX: 1.24-1.29x
-    assert not compile_wanted("auto", many, "cpu", True, bf16=True, amx=False)  # bf16 without AMX: 0.89-1.07x
-    assert compile_wanted("1", 0, "cpu", False, bf16=True, amx=False)  # 1 forces it anywhere
+    assert compile_wanted("1", 0, "cuda", False) and not compile_wanted("0", 10 * many, "cpu", True)
+    assert compile_wanted("auto", many, "cpu", True)
+    assert not compile_wanted("auto", few, "cpu", True)  # a short run does not earn the compile back
+    assert not compile_wanted("auto", many, "cpu", False)  # no C++ compiler for inductor
+    assert not compile_wanted("auto", many, "cuda", True)  # GPUs: not measured, eager
 
 
 def test_client_task_compiles_the_decoder_when_asked_or_when_the_run_is_long(tiny_model, small_data, monkeypatch):
@@ -334,9 +330,7 @@ def test_client_task_compiles_the_decoder_when_asked_or_when_the_run_is_long(tin
     calls = []
     monkeypatch.setattr(perfit.task, "compile_decoder", calls.append)
     monkeypatch.setattr(perfit.task, "cpp_compiler_found", lambda: True)
-    base = Config(
-        model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=3, dtype="fp32"
-    )
+    base = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=3)
     assert base.torch_compile == "auto"
     short = ClientTask(base)
     mean_rows = sum(len(split.train) for split in short.splits.values()) / 2
@@ -352,9 +346,6 @@ def test_client_task_compiles_the_decoder_when_asked_or_when_the_run_is_long(tin
     assert ClientTask(base.replace(rounds=rounds)).planned_examples >= 10_000
     assert node.planned_examples == pytest.approx(rounds * 2 * mean_rows / 2) and node.planned_examples < 10_000
     assert node.tokenizer is not None and calls == [model, model]
-    for amx, compiled in ((False, [model, model]), (True, [model, model, model])):  # long bf16: only with AMX
-        monkeypatch.setattr(perfit.task, "cpu_has_amx", lambda amx=amx: amx)
-        assert ClientTask(base.replace(rounds=10**5, dtype="bf16")).tokenizer is not None and calls == compiled
 
 
 def test_only_a_simulation_worker_plans_for_the_whole_run(monkeypatch):

@@ -88,12 +88,11 @@ class Config:
     """`1`: `torch.compile` (inductor, dynamic shapes) the decoder layers once per process for local
     training, the search and evaluation (`model.compile_decoder`; packed attention stays eager
     between them); `0`: eager. `auto` compiles on the CPU when the run plans at least
-    `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor,
-    and under bf16 only on CPUs with AMX (`model.compile_wanted`): compiled layers are faster per
-    token in fp32 (1.04-1.09x on the AVX2 EPYCs) and in bf16 on a Xeon with AMX (1.24-1.29x), not in
-    bf16 on an AVX-512 BF16 EPYC (0.89-1.07x in five runs), same losses; the first call of each
-    process pays the compile, which short runs such as `--preset quick` do not earn back (break-even
-    in docs/performance.md)."""
+    `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor:
+    compiled layers are faster per token in fp32 (1.04-1.09x on the AVX2 EPYCs) and in bf16 on a Xeon
+    with AMX (1.24-1.29x), about even in bf16 on an AVX-512 BF16 EPYC (0.89-1.07x in six runs, mean
+    1.01), same losses; the first call of each process pays the compile, which short runs such as
+    `--preset quick` do not earn back (break-even in docs/performance.md)."""
     onednn: str = "auto"
     """`1`: local training and the search run the frozen linear layers' GEMMs through oneDNN copies
     of their weights, reordered once per block (`perfit.onednn`): fp32 copies (and the vocabulary

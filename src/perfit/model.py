@@ -149,26 +149,13 @@ The paper's setting plans 36k examples in a simulation and about 360 on a SuperN
 plans about 300."""
 
 
-def compile_wanted(
-    setting: str, planned_examples: float, device_type: str, compiler_found: bool, *, bf16: bool, amx: bool
-) -> bool:
+def compile_wanted(setting: str, planned_examples: float, device_type: str, compiler_found: bool) -> bool:
     """Whether to compile the decoder for a run: `setting` is the config's `torch_compile`; `auto`
     compiles on the CPU for runs of at least `AUTO_COMPILE_EXAMPLES` planned training examples, when
-    inductor has a C++ compiler (`compiler_found`), and, for training under bf16 autocast (`bf16`),
-    only on a CPU with AMX (`amx`). GPUs stay eager under `auto` (not measured).
-
-    Why AMX: the compiled decoder fuses the elementwise work between GEMMs but runs its GEMMs on
-    autocast's matmuls, without the frozen weights' oneDNN bf16 copies eager uses (`onednn`). With
-    AMX the GEMMs are fast enough that the fused rest is what pays: compiled / eager 1.24-1.29x on a
-    Xeon. On an AVX-512 BF16 EPYC without AMX the GEMMs are most of a step, and compiling gained
-    nothing that shows through the noise: compiled / eager 0.954 and 1.023 in two runs of
-    `benchmarks/gemm_paths.py --dtype bf16` (12 and 18 passes, A B C C B A), 0.89, 1.07 and 1.05 in
-    three `perfit bench speed` runs; no gain to earn back the first call (13-18 s, 42 s cold). fp32
-    compiles (1.04-1.09x on the AVX2 EPYCs)."""
+    inductor has a C++ compiler (`compiler_found`). GPUs stay eager under `auto` (not measured)."""
     if setting != "auto":
         return setting == "1"
-    pays = not bf16 or amx
-    return device_type == "cpu" and compiler_found and planned_examples >= AUTO_COMPILE_EXAMPLES and pays
+    return device_type == "cpu" and compiler_found and planned_examples >= AUTO_COMPILE_EXAMPLES
 
 
 def cpp_compiler_found() -> bool:

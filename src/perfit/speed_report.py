@@ -288,8 +288,7 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         + _break_even(result)
         + f" `torch_compile=auto` (the default) compiles on the CPU where a process plans at least "
         f"{AUTO_COMPILE_EXAMPLES:,} local training examples (a simulation's worker: the whole run; a Deployment "
-        "Engine SuperNode: its own client's share), in bf16 only on CPUs with AMX (`model.compile_wanted`); "
-        "`--torch-compile 1` or `0` forces it.",
+        "Engine SuperNode: its own client's share); `--torch-compile 1` or `0` forces it.",
         "",
         "| ratio | measured | target |",
         "|---|---|---|",

@@ -33,7 +33,6 @@ from perfit.model import (
 from perfit.search import search_mask, step_batches
 from perfit.train import (
     TrainResult,
-    cpu_has_amx,
     cpu_has_bf16,
     evaluate_nll,
     importance_scores,
@@ -137,8 +136,7 @@ class ClientTask:
             )
         setting = self.config.torch_compile
         found = setting == "auto" and cpp_compiler_found()  # only `auto` asks for the compiler
-        bf16 = training_autocast(self.config.dtype, device) is not None
-        if compile_wanted(setting, self.planned_examples, device.type, found, bf16=bf16, amx=cpu_has_amx()):
+        if compile_wanted(setting, self.planned_examples, device.type, found):
             logging.getLogger("perfit").info(
                 "torch_compile=%s: compiling the decoder layers (%.0f planned training examples)",
                 setting, self.planned_examples,

@@ -37,11 +37,6 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles for bf16 (Intel Sapphire Rapids and later)."""
-    return " amx_bf16" in _cpuinfo()
-
-
 def training_autocast(dtype: str, device: torch.device | str = "cpu") -> torch.dtype | None:
     """The autocast dtype for local training on `device` (None: fp32). `auto` picks bf16 on CPUs with
     bf16 units (measured 1.6x the tokens/s of fp32 with the same perplexity, docs/performance.md) and
