@@ -25,6 +25,7 @@ from perfit.model import device_of, lora_parameters, read_flat, write_flat
 
 @functools.cache
 def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ('' where it cannot be read)."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
