@@ -1,6 +1,6 @@
 """Causal attention kernels for one layer of SmolLM2-135M (9 query heads, 3 key/value heads of 64),
 forward and backward at single-sequence `--lengths`, side by side in one process: torch's CPU flash
-kernel in fp32 (what `perfit.train.packed_attention` runs, also under bf16 autocast), a materialised
+kernel in fp32 (what `perfit.client.train.packed_attention` runs, also under bf16 autocast), a materialised
 fp32 attention with the key/value groups folded into batched matmuls and its own backward (the
 probabilities kept from the forward), the same flash kernel in bf16, and a materialised bf16
 attention (bf16 matmuls, fp32 softmax), eager and compiled (inductor, dynamic lengths); the bf16
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from perfit import onednn
+from perfit.client import onednn
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

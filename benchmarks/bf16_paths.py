@@ -7,7 +7,7 @@ with bf16 units; about 6 min on 2 cores).
    packed), forward and backward, each path inside its own `frozen_linears` block (as a client's
    local epoch runs: the copies are made once for the block, in the first, untimed step); the paths
    in a seeded random order every round, two timed steps each; the ratio of each round's pair.
-2. The head: `train.head_nll` over 600 target rows of SmolLM2's shape, 256- or `head_chunk`-row
+2. The head: `client.loss.head_nll` over 600 target rows of SmolLM2's shape, 256- or `head_chunk`-row
    chunks, the head cast to bf16 in every call or its copy made once.
 
     python benchmarks/bf16_paths.py --data ../shared/data/databricks-dolly-15k.jsonl
@@ -23,13 +23,18 @@ import time
 
 import torch
 
-from perfit import onednn
-from perfit.allocator import keep_freed_memory
+from perfit.artifacts.base_model import resolve_model
+from perfit.artifacts.lora import lora_layout
+from perfit.bench.speed import sample_examples
+from perfit.client import onednn
+from perfit.client.allocator import keep_freed_memory
+from perfit.client.batching import packed_batch
+from perfit.client.data import load_rows
+from perfit.client.loss import head_chunk, head_nll, nll_sum
+from perfit.client.model import attach_lora, load_base, write_flat
+from perfit.client.train import autocast
 from perfit.config import make_config
-from perfit.data import load_rows
-from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, resolve_model, write_flat
-from perfit.speed import sample_examples
-from perfit.train import autocast, head_chunk, head_nll, nll_sum, pack
+from perfit.core.layout import initial_adapter
 
 
 def steps(data: str, rounds: int) -> None:
@@ -38,7 +43,7 @@ def steps(data: str, rounds: int) -> None:
     rows, _ = sample_examples(load_rows(config.data), tokenizer, 48, config.cutoff_len)  # the bench's
     peft_model = attach_lora(base, config.rank, 2.0 * config.rank)
     write_flat(peft_model, initial_adapter(lora_layout(peft_model), "peft", 0))
-    batch = pack(sorted(rows[: config.micro_batch_size], key=lambda e: len(e.input_ids)))
+    batch = packed_batch(sorted(rows[: config.micro_batch_size], key=lambda e: len(e.input_ids)))
 
     def step() -> float:
         with autocast(peft_model, torch.bfloat16):
@@ -52,7 +57,7 @@ def steps(data: str, rounds: int) -> None:
         paths = [True, False]
         order.shuffle(paths)
         for routed in paths:
-            onednn.use(base, routed)
+            onednn.route(base, onednn.Routing(enabled=routed, fp32=True))
             with onednn.frozen_linears(peft_model, torch.bfloat16):
                 loss = step()  # makes the block's copies
                 begin = time.perf_counter()

@@ -39,7 +39,7 @@ def weights(kit: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from perfit.speed_device import RANDOM_WEIGHTS
+    from perfit.bench.speed_device import RANDOM_WEIGHTS
 
     directory = kit / "model"
     config = AutoConfig.from_pretrained(directory)
@@ -66,8 +66,8 @@ def main() -> None:
     writing.add_argument("kit", type=Path)
     args = parser.parse_args()
     if args.verb == "pack":
+        from perfit.artifacts.base_model import resolve_model
         from perfit.config import make_config
-        from perfit.model import resolve_model
 
         model = args.model or resolve_model(make_config(None, "paper", data=str(args.data)))
         print(f"{pack(model, args.data, args.out) / 2**20:.1f} MiB in {args.out}")

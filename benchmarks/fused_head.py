@@ -1,4 +1,4 @@
-"""The fused vocabulary head (`train.head_nll`) against plain logits + cross-entropy, side by side:
+"""The fused vocabulary head (`client.loss.head_nll`) against plain logits + cross-entropy, side by side:
 one local-training pass over the bench's dolly rows (the `paper` preset's batch, micro-batch and
 cutoff; packed micro-batches; a rank-8 FIT adapter), alternating the two heads `--repeats` times in
 one process, with the pass's seconds, minor page faults and mean loss (about 3 min in bf16).
@@ -15,11 +15,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-import perfit.train as train_module
+import perfit.client.loss as loss_module
+import perfit.client.train as train_module
+from perfit.artifacts.base_model import resolve_model
+from perfit.artifacts.lora import lora_layout
+from perfit.bench.speed import sample_examples
+from perfit.client.data import load_rows
+from perfit.client.model import attach_lora, load_base
 from perfit.config import make_config
-from perfit.data import load_rows
-from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, resolve_model
-from perfit.speed import sample_examples
+from perfit.core.layout import initial_adapter
 
 
 def plain_head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -42,18 +46,18 @@ def main() -> None:
     mask = torch.ones(layout.size, dtype=torch.bool)
     start = initial_adapter(layout, "symmetric", 0)
     autocast = torch.bfloat16 if args.dtype == "bf16" else None
-    heads = {"fused": train_module.head_nll, "plain": plain_head_nll}
+    heads = {"fused": loss_module.head_nll, "plain": plain_head_nll}
 
     def one_pass(examples: list) -> train_module.TrainResult:
         return train_module.train_masked(
-            peft_model, start, mask, examples, tokenizer.pad_token_id, epochs=1, batch_size=config.batch_size,
-            micro_batch_size=config.micro_batch_size, lr=config.lr, seed=0, autocast_dtype=autocast,
+            peft_model, start, mask, examples, tokenizer.pad_token_id, train_module.Schedule.of(config, epochs=1),
+            autocast_dtype=autocast,
         )  # fmt: skip
 
     seconds: dict[str, list[float]] = {name: [] for name in heads}
     for _ in range(args.repeats):
         for name, head in heads.items():
-            train_module.head_nll = head  # what nll_sum calls
+            loss_module.head_nll = head  # what nll_sum calls
             one_pass(rows[:8])  # warm-up
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             begin = time.perf_counter()
@@ -63,7 +67,7 @@ def main() -> None:
             print(
                 f"{name}: {seconds[name][-1]:.1f} s, {faults:,} minor page faults, loss {result.loss:.6f}", flush=True
             )
-    train_module.head_nll = heads["fused"]
+    loss_module.head_nll = heads["fused"]
     ratio = min(seconds["plain"]) / min(seconds["fused"])
     print(f"{args.dtype}: plain / fused seconds, best of {args.repeats}: {ratio:.3f}")
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 
+from perfit.artifacts.base_model import resolve_model
+from perfit.bench.flops import DTYPES, PRECISIONS, gemm_ceiling, matmul_peak_gflops
+from perfit.bench.speed import sample_examples
+from perfit.client.data import load_rows
+from perfit.client.hardware import cpu_has_bf16
+from perfit.client.model import load_base
 from perfit.config import make_config
-from perfit.data import load_rows
-from perfit.flops import DTYPES, PRECISIONS, gemm_ceiling, matmul_peak_gflops
-from perfit.model import load_base, resolve_model
-from perfit.speed import sample_examples
-from perfit.train import cpu_has_bf16
 
 
 def main() -> None:

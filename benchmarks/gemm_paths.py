@@ -19,12 +19,15 @@ import time
 
 import torch
 
-from perfit import onednn
+from perfit.artifacts.base_model import resolve_model
+from perfit.artifacts.lora import lora_layout
+from perfit.bench.speed import sample_examples
+from perfit.client import onednn
+from perfit.client.data import load_rows
+from perfit.client.model import attach_lora, compile_decoder, load_base
+from perfit.client.train import Schedule, TrainResult, train_masked
 from perfit.config import make_config
-from perfit.data import load_rows
-from perfit.model import attach_lora, compile_decoder, initial_adapter, load_base, lora_layout, resolve_model
-from perfit.speed import sample_examples
-from perfit.train import TrainResult, train_masked
+from perfit.core.layout import initial_adapter
 
 
 def main() -> None:
@@ -48,13 +51,12 @@ def main() -> None:
 
     def one_pass(name: str, examples: list) -> TrainResult:
         model, routed = models[name]
-        onednn.use(model, routed)
+        onednn.route(model, onednn.Routing(enabled=routed, fp32=True))
         peft_model = attach_lora(model, config.rank, 2.0 * config.rank)
         layout = lora_layout(peft_model)
         start = initial_adapter(layout, "peft", 0)
         return train_masked(peft_model, start, torch.ones(layout.size, dtype=torch.bool), examples,
-                            tokenizer.pad_token_id, epochs=1, batch_size=config.batch_size,
-                            micro_batch_size=config.micro_batch_size, lr=config.lr, seed=0,
+                            tokenizer.pad_token_id, Schedule.of(config, epochs=1),
                             autocast_dtype=autocast_dtype)  # fmt: skip
 
     for name in models:  # compiles, and brings each path's heap and kernels to their steady state

@@ -1,4 +1,4 @@
-"""`perfit.train.packed_attention` (the packed row split into its sequences) against one slice per
+"""`perfit.client.train.packed_attention` (the packed row split into its sequences) against one slice per
 sequence, forward and backward of one layer's attention at SmolLM2-135M's heads (9 query heads, 3
 key/value heads of 64) on a packed row of `--lengths`, timed alternately in one process, and their
 gradients compared. A slice's backward zero-fills a full-length gradient per sequence and adds them
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from perfit.train import packed_attention
+from perfit.client.batching import packed_attention
 
 
 def sliced(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int]) -> torch.Tensor:

@@ -17,20 +17,17 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from perfit import onednn
+from perfit.artifacts.base_model import resolve_model
+from perfit.artifacts.lora import lora_layout
+from perfit.bench.speed import sample_examples
+from perfit.client import onednn
+from perfit.client.batching import packed_batch
+from perfit.client.data import load_rows
+from perfit.client.loss import nll_sum
+from perfit.client.model import attach_lora, compile_decoder, load_base, write_flat
+from perfit.client.train import autocast
 from perfit.config import make_config
-from perfit.data import load_rows
-from perfit.model import (
-    attach_lora,
-    compile_decoder,
-    initial_adapter,
-    load_base,
-    lora_layout,
-    resolve_model,
-    write_flat,
-)
-from perfit.speed import sample_examples
-from perfit.train import autocast, nll_sum, pack
+from perfit.core.layout import initial_adapter
 
 KINDS = {  # the first kind whose marker is in an op's name
     "attention": ("scaled_dot_product", "flash_attention"),
@@ -55,13 +52,13 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     config = make_config(None, "paper", data=args.data)
     base, tokenizer = load_base(resolve_model(config), shared=False)
-    onednn.mark(base, config.onednn)  # as a run marks it
+    onednn.route(base, onednn.plan(config.onednn, "cpu"))  # as a run routes it
     if args.compiled:
         compile_decoder(base)
     rows, _ = sample_examples(load_rows(config.data), tokenizer, 48, config.cutoff_len)  # the bench's rows
     peft_model = attach_lora(base, config.rank, 2.0 * config.rank)
     write_flat(peft_model, initial_adapter(lora_layout(peft_model), "peft", 0))
-    batch = pack(sorted(rows[: config.micro_batch_size], key=lambda e: len(e.input_ids)))
+    batch = packed_batch(sorted(rows[: config.micro_batch_size], key=lambda e: len(e.input_ids)))
 
     def step() -> None:
         with autocast(peft_model, dtype):

@@ -21,7 +21,12 @@ DOLLY = Path(os.environ.get("PERFIT_DOLLY", REPO.parent / "shared" / "data" / "d
 
 
 def dolly_rows(per_category: int) -> list[dict]:
+    """The first `per_category` dolly rows of each category. Without the file a developer's run skips
+    the tests that need it; under CI (`CI` set) a missing file fails them: a misplaced checkout must
+    not look green."""
     if not DOLLY.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DOLLY} not found (CI needs ../shared beside the checkout)")
         pytest.skip(f"{DOLLY} not found")
     counts: dict[str, int] = {}
     rows = []

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from perfit.aggregate import aggregate, aggregate_literal, aggregate_shared, personalize
+from perfit.core.aggregate import aggregate, aggregate_literal, aggregate_shared, personalize
 
 
 def _example():
@@ -52,7 +52,7 @@ def test_rejects_bad_updates():
 
 @pytest.mark.parametrize("mode", ["shared", "literal"])
 def test_accumulator_streams_to_the_same_result_and_rejects_bad_updates(mode):
-    from perfit.aggregate import Accumulator
+    from perfit.core.aggregate import Accumulator
 
     previous, updates = _example()
     accumulator = Accumulator(mode, 4)

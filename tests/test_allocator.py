@@ -9,7 +9,7 @@ PAGES = 16 * 4 * 2**20 * 4 // 4096  # one pass: 16 blocks of 16 MiB, 65,536 page
 
 PROBE = """
 import resource, sys, torch
-from perfit.allocator import keep_freed_memory
+from perfit.client.allocator import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "1" else False
 def faults_of_one_pass():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -7,23 +7,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from perfit.aggregate import aggregate
-from perfit.baselines import a_positions, combine, lora_update_norm, rank_prefix_mask, shared_positions
+from perfit.client.task import ClientTask
 from perfit.config import Config
-from perfit.model import Layout, Tensor
-from perfit.simulation import run_simulation
-from perfit.task import ClientTask, fixed_masks, global_start
-from perfit.train import perplexity
+from perfit.core.aggregate import aggregate
+from perfit.core.layout import Layout, Slot
+from perfit.core.methods import (
+    a_positions,
+    combine,
+    fixed_masks,
+    global_start,
+    lora_update_norm,
+    rank_prefix_mask,
+    shared_positions,
+)
+from perfit.core.metrics import perplexity
+from perfit.federation.simulation import run_simulation
 
 from .reliability.helpers import server_global, tiny_config
 
 # one module: A is 3 x 2 (rank 3, d_in 2), B is 4 x 3 (d_out 4); a second module A 3 x 1, B 1 x 3
 LAYOUT = Layout(
     (
-        Tensor("m0.lora_A.weight", (3, 2), 0),
-        Tensor("m0.lora_B.weight", (4, 3), 6),
-        Tensor("m1.lora_A.weight", (3, 1), 18),
-        Tensor("m1.lora_B.weight", (1, 3), 21),
+        Slot("m0.lora_A.weight", (3, 2), 0),
+        Slot("m0.lora_B.weight", (4, 3), 6),
+        Slot("m1.lora_A.weight", (3, 1), 18),
+        Slot("m1.lora_B.weight", (1, 3), 21),
     )
 )
 
@@ -78,19 +86,40 @@ def test_config_ranks_for_baselines():
     assert Config(aggregation="literal").aggregation_rule == "literal" and Config().aggregation_rule == "shared"
 
 
+def named_positions(layout, kind: str) -> torch.Tensor:
+    """Positions of every LoRA tensor whose peft name says `lora_A` or `lora_B`: derived from the
+    tensors' names, not from the method rules under test."""
+    positions = torch.zeros(layout.size, dtype=torch.bool)
+    for slot in layout.slots:
+        if f".lora_{kind}." in slot.name:
+            positions[slot.start : slot.end] = True
+    return positions
+
+
+def expected_shared(layout, method: str) -> torch.Tensor:
+    """What each method shares: FedSA-LoRA the A matrices, `local` nothing, the others everything."""
+    if method == "fedsa":
+        return named_positions(layout, "A")
+    return torch.full((layout.size,), method != "local", dtype=torch.bool)
+
+
 def reference(config: Config) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The protocol without Flower: sampling, each client's start (server values at shared mask
     positions, its own kept values elsewhere), training, aggregation (HetLoRA: zero-padding with
     ||BA||_F weights), and the final (fine-tuned) adapters."""
     task = ClientTask(config)
-    layout, shared = task.layout, task.shared
+    layout = task.layout
+    shared = expected_shared(layout, config.method)
     masks = fixed_masks(layout, config, config.participants)
     current, personal = global_start(layout, config), {}
     sampler = random.Random(config.seed)
 
+    seeded = global_start(layout, config)
+
     def start(client: int) -> torch.Tensor:
         mask = masks[client]
-        return task.starting_point(current * (mask & shared), personal.get(client)) * mask
+        own = personal.get(client, seeded)
+        return torch.where(shared, current, own) * mask
 
     for round_number in range(1, config.rounds + 1 if config.federated else 1):
         updates = []
@@ -147,9 +176,9 @@ def test_baseline_federation_matches_the_protocol_recomputed(runs, name):
 def test_fedsa_never_sends_b_and_keeps_global_b_at_its_start(runs):
     config, summary = runs["fedsa"]
     task = ClientTask(config)
-    b = ~task.shared
+    b = named_positions(task.layout, "B")
     assert torch.equal(server_global(Path(config.out))[b], global_start(task.layout, config)[b])
-    a_values = int(task.shared.sum())
+    a_values = int(named_positions(task.layout, "A").sum())
     per_round = 2 * 4 * a_values  # 2 clients, float32 values at A positions only
     assert per_round <= summary["bytes_up_total"] / config.rounds < per_round + 4096
 
@@ -164,7 +193,7 @@ def test_hetlora_truncates_and_zero_pads(runs):
 
 
 def test_local_and_finetuned_runs_have_no_client_adapters_on_the_server(runs):
-    from perfit.export import RunError, open_run
+    from perfit.use.export import RunError, open_run
 
     for name in ("local", "fit-ft"):
         config, _ = runs[name]
@@ -176,8 +205,8 @@ def test_local_and_finetuned_runs_have_no_client_adapters_on_the_server(runs):
 
 
 def test_fixed_masks_share_one_mask_per_budget():
-    from perfit.baselines import FixedMasks
-    from perfit.masks import decode
+    from perfit.core.masks import decode
+    from perfit.core.methods import FixedMasks
 
     masks = FixedMasks(LAYOUT, {0: 2, 1: 3, 2: 2})
     assert sorted(masks) == [0, 1, 2] and len(masks) == 3

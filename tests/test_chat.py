@@ -1,6 +1,6 @@
 """Streaming cut-off at the next Alpaca section (worked by hand)."""
 
-from perfit.chat import STOP, visible_length
+from perfit.use.chat import STOP, visible_length
 
 
 def test_visible_length_stops_at_the_next_section_and_holds_back_a_partial_marker():

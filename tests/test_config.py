@@ -61,3 +61,11 @@ def test_final_eval_is_every_participant_or_a_seeded_sample():
     )
     with pytest.raises(ValueError, match="eval_clients"):
         Config(num_clients=10, clients_per_round=2, holdout_clients=2, eval_clients=9)
+
+
+def test_a_renamed_field_is_read_by_its_former_name():
+    from perfit.config import from_mapping
+
+    assert from_mapping({"alpha": 0.1}).dirichlet_alpha == 0.1  # an older run's config.toml
+    with pytest.raises(ValueError, match="unknown config field"):
+        from_mapping({"dirichlet": 0.1})

@@ -2,16 +2,8 @@ import json
 
 import pytest
 
+from perfit.client.data import PROMPT_NO_CONTEXT, DataError, load_rows, partition, prompt, split_train_eval, tokenize
 from perfit.config import Config
-from perfit.data import (
-    PROMPT_NO_CONTEXT,
-    DataError,
-    load_rows,
-    partition,
-    prompt,
-    split_train_eval,
-    tokenize,
-)
 
 GOOD = {"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "open_qa"}
 
@@ -102,7 +94,7 @@ def test_pathological_clients_hold_two_categories(small_data):
 
 def test_dirichlet_small_alpha_small_clients_work(small_data):
     rows = load_rows(str(small_data))
-    config = Config(num_clients=20, clients_per_round=2, split="dirichlet", alpha=0.1)
+    config = Config(num_clients=20, clients_per_round=2, split="dirichlet", dirichlet_alpha=0.1)
     splits = partition(rows, config)
     sizes = sorted(len(s.train) + len(s.eval) for s in splits.values())
     assert sizes[0] <= 3  # alpha 0.1 over 20 clients leaves some clients nearly empty

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from perfit.experiments import grid, run_grid, schedule, select, state
-from perfit.report import write_report
-from perfit.results import CellResult, exceeds_spread, headline, load_results, paired_changes
+from perfit.bench.experiments import grid, run_grid, schedule, select, state
+from perfit.bench.report import write_report
+from perfit.bench.results import CellResult, exceeds_spread, headline, load_results, paired_changes
 
 
 def test_grid_names_are_unique_and_cover_the_issue():
@@ -131,7 +131,7 @@ def test_a_finished_run_of_another_config_is_kept_and_reported_not_counted(tmp_p
 
 
 def test_a_diverged_run_is_reported_not_a_crash(tmp_path):
-    from perfit.tuning import collect, tuning_cells
+    from perfit.bench.tuning import collect, tuning_cells
 
     cells = select(grid(), ["table1/pathological/fit"])
     lines = []
@@ -227,7 +227,7 @@ def test_headline_compares_only_the_seeds_both_cells_finished(tmp_path):
 
 
 def test_pearson_correlation_by_hand():
-    from perfit.figures import pearson
+    from perfit.bench.figures import pearson
 
     assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
     assert pearson([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]) == pytest.approx(-0.5)  # cov -0.5 / (1 * 1)
@@ -271,8 +271,8 @@ def test_one_real_cell_and_report_end_to_end(tiny_model, small_data, tmp_path):
 
 
 def test_the_grid_keeps_its_rate_while_the_quick_preset_uses_the_tuned_one():
+    from perfit.bench.experiments import GRID_LR
     from perfit.config import make_config
-    from perfit.experiments import GRID_LR
 
     cell = select(grid(), ["table1/pathological/fit"])[0]
     assert make_config(None, "quick").lr == 3e-3 and GRID_LR == 3e-4

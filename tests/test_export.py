@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 import perfit
+from perfit.artifacts.lora import layout_for
 from perfit.cli import app
-from perfit.export import RunError, RunModel, export_client, load_client_model
-from perfit.model import layout_for
+from perfit.use.export import RunError, RunModel, export_client, load_client_model
 
 from .tiny import TINY_RUN
 
@@ -154,7 +154,7 @@ def test_join_held_out_client(finished_run, tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     tensors = load_file(str(tmp_path / "j" / "adapter_model.safetensors"))
-    flat = torch.cat([tensors[t.name].flatten() for t in loaded.layout.tensors])
+    flat = torch.cat([tensors[t.name].flatten() for t in loaded.layout.slots])
     assert int((flat != 0).sum()) <= layout.budget(4)  # the owner's adapter lives on its mask only
     participant = CliRunner().invoke(
         app, ["join", str(finished_run), "--holdout-client", str(_participant(finished_run)), "--out", str(tmp_path)]

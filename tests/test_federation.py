@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from perfit.artifacts.lora import layout_for
 from perfit.config import Config
-from perfit.model import layout_for
-from perfit.simulation import run_simulation
+from perfit.federation.simulation import run_simulation
 
 from .tiny import TINY_RUN
 
@@ -98,7 +98,7 @@ def test_adapters_load_with_plain_peft_and_respect_masks(runs, case, tiny_model)
         masks = load_file(str(out / "masks.safetensors"))
         layout = layout_for(str(config.model), config.dense_rank, config.alpha_value)
         for c in range(4):
-            flat = torch.cat([adapters[c][t.name].flatten() for t in layout.tensors])
+            flat = torch.cat([adapters[c][t.name].flatten() for t in layout.slots])
             mask = masks[f"client_{c}"].bool()
             assert torch.all(flat[~mask] == 0)
             assert int(mask.sum()) == layout.budget(config.client_rank_budget(c))
@@ -124,7 +124,6 @@ def test_bad_data_fails_before_any_output(tmp_path, tiny_model):
     from typer.testing import CliRunner
 
     from perfit.cli import app
-    from perfit.server_app import Federation
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x", "context": "", "response": "y", "category": "open_qa"}\n{"instruction": 1}\n')
@@ -133,6 +132,9 @@ def test_bad_data_fails_before_any_output(tmp_path, tiny_model):
     assert result.exit_code == 2
     assert "bad.jsonl:2" in result.output and "instruction" in result.output
     assert not out.exists()
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'instruction'"):
-        Federation(grid=None, config=Config(data=str(bad), model=str(tiny_model), out=str(out))).run()
+    # past the CLI's check (`flwr run`, a Deployment Engine): the clients open the file, the server
+    # stops on their error, naming file, line and field, before it writes anything
+    config = Config(data=str(bad), model=str(tiny_model), out=str(out), num_clients=2, clients_per_round=2)
+    with pytest.raises(RuntimeError, match=r"bad\.jsonl:2: field 'instruction'"):
+        run_simulation(config, num_cpus=2)
     assert not out.exists()

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import torch
 
-from perfit.data import Example
-from perfit.flops import linear_params, useful_flops
+from perfit.bench.flops import linear_params, useful_flops
+from perfit.client.data import Example
 
 
 def test_useful_flops_by_hand():
@@ -24,7 +24,7 @@ def test_linear_params_counts_decoder_linears_only(tiny_model):
     # per layer: q 32x32, k 32x16, v 32x16, o 32x32, gate/up 32x64, down 64x32 (4 heads, 2 KV heads of 8)
     per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
     assert linear_params(model) == 2 * per_layer
-    from perfit.model import attach_lora
+    from perfit.client.model import attach_lora
 
     attach_lora(model, 8, 16.0)  # peft's lora_A / lora_B are nn.Linear too: counted as LoRA, not here
     assert linear_params(model) == 2 * per_layer
@@ -33,7 +33,7 @@ def test_linear_params_counts_decoder_linears_only(tiny_model):
 def test_decoder_gemms_and_their_flops_by_hand(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from perfit.flops import decoder_gemms, gemm_flops, gemm_rate_gflops
+    from perfit.bench.flops import decoder_gemms, gemm_flops, gemm_rate_gflops
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     shapes = decoder_gemms(model)  # 2 layers: q, o 32->32; k, v 32->16; gate, up 32->64; down 64->32
@@ -47,7 +47,7 @@ def test_decoder_gemms_and_their_flops_by_hand(tiny_model):
 
 
 def test_tokens_per_micro_batch_counts_the_length_sorted_padding_or_none_packed():
-    from perfit.flops import tokens_per_micro_batch
+    from perfit.bench.flops import tokens_per_micro_batch
 
     def padded_tokens_per_micro_batch(examples, batch_size, micro):
         return tokens_per_micro_batch(examples, batch_size, micro, packed=False)

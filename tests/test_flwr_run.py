@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from perfit.config import Config
-from perfit.simulation import run_simulation
+from perfit.federation.simulation import run_simulation
 
 from .tiny import TINY_RUN, cli_args
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from perfit.importance import first_order, gradient_moments, importance, mixed, second_order
+from perfit.core.importance import first_order, gradient_moments, importance, mixed, second_order
 
 
 def test_first_order_is_abs_grad_times_theta():
@@ -30,7 +30,7 @@ def test_mixed_subtracts_half_second_order_before_abs():
 
 
 def test_fisher_metrics_score_per_example_first_order_per_micro_batch():
-    from perfit.importance import scoring_units
+    from perfit.core.importance import scoring_units
 
     batches = [["a", "b"], ["c"]]
     assert scoring_units(batches, "first") == batches

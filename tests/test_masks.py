@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from perfit.masks import decode, encode, gather, hamming_similarity, scatter
+from perfit.core.masks import decode, encode, gather, hamming_similarity, scatter
 
 
 def test_gather_scatter_roundtrip_with_exact_zeros():
@@ -33,7 +33,7 @@ def test_hamming_similarity():
 
 
 def test_packed_masks_store_one_bit_per_position_and_round_trip():
-    from perfit.masks import PackedMasks
+    from perfit.core.masks import PackedMasks
 
     store = PackedMasks(20)
     first = torch.tensor([True, False] * 10)

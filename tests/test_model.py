@@ -3,17 +3,10 @@ import math
 import pytest
 import torch
 
+from perfit.artifacts.lora import layout_for, lora_layout
+from perfit.client.model import attach_lora, load_base, read_flat, write_flat
 from perfit.config import Config
-from perfit.model import (
-    attach_lora,
-    initial_adapter,
-    layout_for,
-    load_base,
-    lora_layout,
-    read_flat,
-    write_flat,
-    zero_b,
-)
+from perfit.core.layout import initial_adapter, zero_b
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def test_flat_roundtrip(peft16):
     flat = torch.arange(layout.size, dtype=torch.float)
     write_flat(peft16, flat)
     assert torch.equal(read_flat(peft16), flat)
-    first = layout.tensors[0]
+    first = layout.slots[0]
     assert torch.equal(
         dict(peft16.named_parameters())[first.name.replace("lora_A.", "lora_A.default.")].flatten(), flat[: first.end]
     )
@@ -50,7 +43,7 @@ def test_initial_adapter_schemes(peft16):
     sym = initial_adapter(layout, "symmetric", seed=3)
     assert torch.equal(sym, initial_adapter(layout, "symmetric", seed=3))
     assert not torch.equal(sym, initial_adapter(layout, "symmetric", seed=4))
-    a, b = layout.tensors[0], layout.tensors[1]
+    a, b = layout.slots[0], layout.slots[1]
     # N(0, 1/d) with d = 32: std 0.177; both A and B are random
     assert sym[a.start : a.end].std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
     assert sym[b.start : b.end].std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
@@ -75,8 +68,8 @@ def test_config_dense_rank_and_budgets():
 
 
 def test_device_field_resolves_and_refuses_a_missing_gpu(monkeypatch):
-    from perfit.model import resolve_device
-    from perfit.simulation import client_gpus
+    from perfit.client.model import resolve_device
+    from perfit.federation.simulation import client_gpus
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -100,28 +93,28 @@ def test_device_field_resolves_and_refuses_a_missing_gpu(monkeypatch):
 
 
 def test_client_task_loads_the_model_on_the_config_device(tiny_model, small_data, monkeypatch):
-    import perfit.task
-    from perfit.model import device_of, load_base, read_flat
-    from perfit.task import ClientTask
+    import perfit.client.task
+    from perfit.client.model import device_of, load_base, read_flat
+    from perfit.client.task import ClientTask
 
     config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, device="cpu")
     task = ClientTask(config)
     assert task._base[0] is load_base(str(tiny_model), device="cpu")[0]  # one model per process and device
     assert device_of(task.peft_model) == torch.device("cpu") and read_flat(task.peft_model).device.type == "cpu"
     asked, loaded = [], []  # the task loads the model where the config field resolves to
-    monkeypatch.setattr(perfit.task, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
-    monkeypatch.setattr(perfit.task, "load_base", lambda path, device: loaded.append(device) or load_base(path))
+    monkeypatch.setattr(perfit.client.task, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    monkeypatch.setattr(perfit.client.task, "load_base", lambda path, device: loaded.append(device) or load_base(path))
     assert ClientTask(config.replace(device="cuda:3")).tokenizer is not None
     assert asked == ["cuda:3"] and loaded == [torch.device("cpu")]
 
 
 def test_client_task_warns_when_bf16_is_forced_on_a_cpu_without_bf16_units(tiny_model, small_data, monkeypatch, caplog):
-    import perfit.task
-    from perfit.task import ClientTask
+    import perfit.client.task
+    from perfit.client.task import ClientTask
 
     config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, device="cpu")
     for dtype, units, warned in (("bf16", False, True), ("bf16", True, False), ("auto", False, False)):
-        monkeypatch.setattr(perfit.task, "cpu_has_bf16", lambda units=units: units)
+        monkeypatch.setattr(perfit.client.task, "cpu_has_bf16", lambda units=units: units)
         caplog.clear()
         with caplog.at_level("WARNING", logger="perfit"):
             assert ClientTask(config.replace(dtype=dtype)).tokenizer is not None

@@ -2,12 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perfit import onednn
+from perfit.artifacts.lora import lora_layout
+from perfit.client import hardware, onednn
+from perfit.client.batching import packed_batch
+from perfit.client.data import load_rows, tokenize
+from perfit.client.loss import head_nll, nll_sum
+from perfit.client.model import attach_lora, compile_decoder, load_base, write_flat
+from perfit.client.task import ClientTask
+from perfit.client.train import Schedule, train_masked
 from perfit.config import Config
-from perfit.data import load_rows, tokenize
-from perfit.model import attach_lora, compile_decoder, initial_adapter, load_base, lora_layout, write_flat
-from perfit.task import ClientTask
-from perfit.train import head_nll, nll_sum, pack, train_masked
+from perfit.core.layout import initial_adapter
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear ops")
 
@@ -69,22 +73,22 @@ def loss_and_grads(peft, batch):
 
 def test_frozen_linears_route_the_decoder_and_leave_it_as_it_was(lora):
     peft, model, _, examples = lora
-    batch = pack(examples[:4])
+    batch = packed_batch(examples[:4])
     reference_loss, reference_grads = loss_and_grads(peft, batch)
     layers = onednn._frozen_layers(model)
     assert len(layers) == 7 * model.config.num_hidden_layers  # q, k, v (peft's base layers), o, gate, up, down
     with onednn.frozen_linears(peft) as routed:
-        assert not routed  # not marked by `use`
-    onednn.use(model, True)
+        assert not routed  # not routed (`route`)
+    onednn.route(model, onednn.Routing(enabled=True, fp32=True))
     with onednn.frozen_linears(peft) as routed:
-        assert routed and onednn.active(model)
+        assert routed and onednn.in_block(model)
         assert all("forward" in layer.__dict__ for layer in layers)
         with onednn.frozen_linears(peft) as nested:
-            assert not nested and onednn.active(model)  # the outer block's copies serve
+            assert not nested and onednn.in_block(model)  # the outer block's copies serve
         loss, grads = loss_and_grads(peft, batch)
         transposed = [layer for layer in layers if "transposed" in layer.forward.reordered.__dict__]
         assert len(transposed) == len(layers) - 3  # every backward but layer 0's q, k, v (no input grad)
-    assert not onednn.active(model) and not any("forward" in layer.__dict__ for layer in layers)
+    assert not onednn.in_block(model) and not any("forward" in layer.__dict__ for layer in layers)
     assert loss == pytest.approx(reference_loss, rel=1e-5)
     for got, expected in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
@@ -93,7 +97,7 @@ def test_frozen_linears_route_the_decoder_and_leave_it_as_it_was(lora):
     with torch.no_grad(), onednn.frozen_linears(peft):
         assert nll_sum(peft, batch)[0].item() == pytest.approx(reference_loss, rel=1e-5)
         assert not any("forward" in layer.forward.reordered.__dict__ for layer in layers)  # torch's matmuls
-    onednn.use(model, False)
+    onednn.route(model, onednn.Routing(enabled=False, fp32=True))
 
 
 @pytest.mark.skipif(not onednn.bf16_supported(), reason="oneDNN emulates bf16 on this CPU")
@@ -118,11 +122,11 @@ def test_frozen_linear_in_bf16_matches_autocast_linear_and_its_input_gradient():
 @pytest.mark.skipif(not onednn.bf16_supported(), reason="oneDNN emulates bf16 on this CPU")
 def test_bf16_block_routes_the_layers_and_keeps_autocasts_loss_and_gradients(lora):
     peft, model, _, examples = lora
-    batch = pack(examples[:4])
+    batch = packed_batch(examples[:4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference_loss, reference_grads = loss_and_grads(peft, batch)
     layers = onednn._frozen_layers(model)
-    onednn.use(model, True)
+    onednn.route(model, onednn.Routing(enabled=True, fp32=True))
     with onednn.frozen_linears(peft, torch.bfloat16) as routed:
         assert routed
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -130,7 +134,7 @@ def test_bf16_block_routes_the_layers_and_keeps_autocasts_loss_and_gradients(lor
         assert all(layer.forward.reordered.forward.dtype == torch.bfloat16 for layer in layers)
         fp32_loss, _ = loss_and_grads(peft, batch)  # outside autocast: the layers' own fp32 forward
         assert all("transposed" not in layer.forward.reordered.__dict__ for layer in layers[:3])
-    onednn.use(model, False)
+    onednn.route(model, onednn.Routing(enabled=False, fp32=True))
     assert loss == pytest.approx(reference_loss, rel=1e-3)
     assert fp32_loss != pytest.approx(loss, rel=1e-6)
     for got, expected in zip(grads, reference_grads, strict=True):
@@ -143,21 +147,21 @@ def test_head_weight_is_one_copy_per_block_and_none_after(lora):
     assert onednn.head_weight(model, torch.float32) is head
     outside = onednn.head_weight(model, torch.bfloat16)
     assert outside.dtype == torch.bfloat16 and outside is not onednn.head_weight(model, torch.bfloat16)
-    onednn.use(model, True)
+    onednn.route(model, onednn.Routing(enabled=True, fp32=True))
     with onednn.frozen_linears(peft, torch.bfloat16):
         copy = onednn.head_weight(model, torch.bfloat16)
         assert copy is onednn.head_weight(model, torch.bfloat16)  # made once for the block
         assert torch.equal(copy, head.to(torch.bfloat16)) and not copy.requires_grad
     assert not hasattr(model, "_perfit_head_copies")
-    onednn.use(model, False)
+    onednn.route(model, onednn.Routing(enabled=False, fp32=True))
 
 
 def test_compiled_decoder_keeps_its_layers(lora):
     peft, model, _, _ = lora
-    onednn.use(model, True)
+    onednn.route(model, onednn.Routing(enabled=True, fp32=True))
     compile_decoder(model)
     with onednn.frozen_linears(peft) as routed:
-        assert not routed and onednn.active(model)  # the head, run eager, still goes through oneDNN
+        assert not routed and onednn.in_block(model)  # the head, run eager, still goes through oneDNN
         assert not any("forward" in layer.__dict__ for layer in onednn._frozen_layers(model))
 
 
@@ -169,8 +173,8 @@ def test_training_through_onednn_trains_the_same_adapter(lora):
     settings = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": 0}
     flats = {}
     for wanted in (False, True):
-        onednn.use(model, wanted)
-        flats[wanted] = train_masked(peft, start, mask, examples, tokenizer.pad_token_id, **settings)
+        onednn.route(model, onednn.Routing(enabled=wanted, fp32=True))
+        flats[wanted] = train_masked(peft, start, mask, examples, tokenizer.pad_token_id, Schedule(**settings))
     assert flats[True].steps == flats[False].steps > 0
     assert flats[True].loss == pytest.approx(flats[False].loss, rel=1e-4)
     torch.testing.assert_close(flats[True].flat, flats[False].flat, rtol=1e-3, atol=1e-5)
@@ -178,44 +182,48 @@ def test_training_through_onednn_trains_the_same_adapter(lora):
 
 
 def test_wanted_follows_the_setting_and_the_device():
-    assert onednn.wanted("auto", "cpu") and onednn.wanted("1", "cpu") and onednn.wanted("1", "cuda")
-    assert not onednn.wanted("auto", "cuda") and not onednn.wanted("0", "cpu")
+    assert (
+        hardware.onednn_wanted("auto", "cpu")
+        and hardware.onednn_wanted("1", "cpu")
+        and hardware.onednn_wanted("1", "cuda")
+    )
+    assert not hardware.onednn_wanted("auto", "cuda") and not hardware.onednn_wanted("0", "cpu")
 
 
 def test_fp32_routing_follows_the_setting_and_the_cpu_vendor():
-    assert onednn.fp32_wanted("auto", "AuthenticAMD") and onednn.fp32_wanted("auto", "")
-    assert not onednn.fp32_wanted("auto", "GenuineIntel")  # MKL's sgemm was the faster there
-    assert onednn.fp32_wanted("1", "GenuineIntel") and not onednn.fp32_wanted("0", "AuthenticAMD")
-    assert onednn.fp32_wanted("auto") == (onednn.cpu_vendor() != "GenuineIntel")
+    assert hardware.onednn_fp32_wanted("auto", "AuthenticAMD") and hardware.onednn_fp32_wanted("auto", "")
+    assert not hardware.onednn_fp32_wanted("auto", "GenuineIntel")  # MKL's sgemm was the faster there
+    assert hardware.onednn_fp32_wanted("1", "GenuineIntel") and not hardware.onednn_fp32_wanted("0", "AuthenticAMD")
+    assert hardware.onednn_fp32_wanted("auto") == (hardware.cpu_vendor() != "GenuineIntel")
 
 
 def test_a_model_not_routed_in_fp32_keeps_its_layers_and_head_on_torch(lora):
     peft, model, _, examples = lora
-    batch = pack(examples[:4])
+    batch = packed_batch(examples[:4])
     reference_loss, _ = loss_and_grads(peft, batch)
-    onednn.use(model, True, fp32=False)
-    assert onednn.used(model) and not onednn.fp32_routed(model)
+    onednn.route(model, onednn.Routing(enabled=True, fp32=False))
+    assert onednn.routing_of(model).enabled and not onednn.routing_of(model).fp32
     with onednn.frozen_linears(peft) as routed:
-        assert not routed and onednn.active(model) and not onednn.head_routed(model)
+        assert not routed and onednn.in_block(model) and not onednn.head_routed(model)
         assert not any("forward" in layer.__dict__ for layer in onednn._frozen_layers(model))
         assert loss_and_grads(peft, batch)[0] == reference_loss  # torch's own matmuls: the same sums
     if onednn.bf16_supported():
         with onednn.frozen_linears(peft, torch.bfloat16) as routed:
             assert routed  # bf16 copies either way
-    onednn.use(model, True)
+    onednn.route(model, onednn.Routing(enabled=True, fp32=True))
     with onednn.frozen_linears(peft):
         assert onednn.head_routed(model)
-    onednn.mark(model, "auto")  # the tiny model is on the CPU
-    assert onednn.used(model) and onednn.fp32_routed(model) == onednn.fp32_wanted("auto")
-    onednn.mark(model, "0")
-    assert not onednn.used(model) and not onednn.fp32_routed(model)
+    onednn.route(model, onednn.plan("auto", "cpu"))  # the tiny model is on the CPU
+    assert onednn.routing_of(model).enabled and onednn.routing_of(model).fp32 == hardware.onednn_fp32_wanted("auto")
+    onednn.route(model, onednn.plan("0", "cpu"))
+    assert not onednn.routing_of(model).enabled and not onednn.routing_of(model).fp32
 
 
 def test_client_task_marks_the_model_as_its_config_says(tiny_model, small_data):
     config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=1)
     assert config.onednn == "auto"
     model = ClientTask(config).peft_model.get_base_model()
-    assert onednn.used(model) and onednn.fp32_routed(model) == onednn.fp32_wanted("auto")
-    assert not onednn.used(ClientTask(config.replace(onednn="0")).peft_model.get_base_model())
+    assert onednn.routing_of(model).enabled and onednn.routing_of(model).fp32 == hardware.onednn_fp32_wanted("auto")
+    assert not onednn.routing_of(ClientTask(config.replace(onednn="0")).peft_model.get_base_model()).enabled
     forced = ClientTask(config.replace(onednn="1")).peft_model.get_base_model()
-    assert onednn.used(forced) and onednn.fp32_routed(forced)
+    assert onednn.routing_of(forced).enabled and onednn.routing_of(forced).fp32

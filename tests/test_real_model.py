@@ -7,11 +7,12 @@ import statistics
 import pytest
 import torch
 
+from perfit.artifacts.base_model import GGUF_FILE, GGUF_PACKAGE, resolve_model
+from perfit.client.task import ClientTask
 from perfit.config import Config
-from perfit.model import GGUF_FILE, GGUF_PACKAGE, resolve_model
-from perfit.simulation import run_simulation
-from perfit.task import ClientTask, global_start
-from perfit.train import perplexity
+from perfit.core.methods import global_start
+from perfit.core.metrics import perplexity
+from perfit.federation.simulation import run_simulation
 
 from .conftest import DOLLY
 

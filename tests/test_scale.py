@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from perfit.scale import PeakMemory, bench_scale, federation, scale_markdown
+from perfit.bench.scale import PeakMemory, bench_scale, federation, scale_markdown
 
 from .reliability.helpers import tiny_config
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from perfit.search import keep_counts, keep_fraction, prune_step, search_mask, step_batches, top_k_mask
+from perfit.core.search import keep_counts, keep_fraction, prune_step, search_mask, step_batches, top_k_mask
 
 
 def test_keep_fraction_follows_exponential_schedule():

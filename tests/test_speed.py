@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from perfit import onednn
-from perfit.speed import random_mask, rotated
+from perfit.bench.speed import random_mask, rotated
+from perfit.client import hardware, onednn
 
 
 def test_random_mask_holds_the_budget():
@@ -28,7 +28,7 @@ def test_rotated_masks_keep_the_budget_and_differ_per_client():
 
 
 def test_search_share_and_the_passes_that_fit_a_share():
-    from perfit.speed import passes_within, search_share
+    from perfit.bench.speed import passes_within, search_share
 
     inputs = {"pruning_steps": 10, "search_batches": 1, "seconds_per_scoring_micro_batch": 2.0,
               "seconds_per_training_micro_batch": 1.0, "participations_per_client": 3.0,
@@ -45,15 +45,15 @@ def test_search_share_and_the_passes_that_fit_a_share():
 def quick_peaks(monkeypatch):
     """Square-matmul probes at 256 for 0.2 s: the bench's 2048 x 2048 bf16 probe alone takes minutes
     on a CPU that emulates bf16, and no assertion on the tiny model reads the peak's size."""
-    import perfit.flops
-    import perfit.speed
+    import perfit.bench.flops
+    import perfit.bench.speed
 
-    measure = perfit.flops.matmul_peak_gflops
+    measure = perfit.bench.flops.matmul_peak_gflops
 
     def quick(dtype, size=256, seconds=0.2):
         return measure(dtype, min(size, 256), min(seconds, 0.2))
 
-    for module in (perfit.flops, perfit.speed):  # the bench's probes and emulated_bf16_probe's
+    for module in (perfit.bench.flops, perfit.bench.speed):  # the bench's probes and emulated_bf16_probe's
         monkeypatch.setattr(module, "matmul_peak_gflops", quick)
 
 
@@ -67,10 +67,10 @@ def _tiny_bench_config(tiny_model, small_data, **overrides):
 
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])  # fp32 through oneDNN, or left to MKL
 def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_path, quick_peaks, monkeypatch, vendor):
-    from perfit.speed import Bench, with_scale
-    from perfit.speed_report import report_markdown
+    from perfit.bench.speed import Bench, with_scale
+    from perfit.bench.speed_report import report_markdown
 
-    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(hardware, "cpu_vendor", lambda: vendor)
 
     config = _tiny_bench_config(tiny_model, small_data)
     result = Bench(config, rows=8, bf16=True).run()
@@ -108,7 +108,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     assert result["mfu"][f"{used}_compiled"] == pytest.approx(
         result["mfu"][used] * seconds[f"perfit_{used}"] / compiled["seconds"][used]
     )
-    from perfit.model import load_base
+    from perfit.client.model import load_base
 
     shared = load_base(str(tiny_model))[0].get_decoder().layers[0]
     assert getattr(shared, "_compiled_call_impl", None) is None  # the process-wide model was not compiled
@@ -132,7 +132,7 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
     # where auto routes fp32 through oneDNN, oneDNN's fp32 copies on an Intel CPU
     measured = result["onednn"]
     fp32_onednn = vendor != "GenuineIntel"
-    assert onednn.fp32_wanted("auto") == fp32_onednn
+    assert hardware.onednn_fp32_wanted("auto") == fp32_onednn
     assert measured["used"] and measured["fp32_default"] == ("onednn" if fp32_onednn else "blas")
     default, other = ("seconds_onednn_fp32", "seconds_blas_fp32")[:: 1 if fp32_onednn else -1]
     assert measured[default] == seconds["perfit_fp32"] != measured[other]
@@ -173,8 +173,8 @@ def test_bench_speed_end_to_end_on_the_tiny_model(tiny_model, small_data, tmp_pa
 def test_bench_speed_without_bf16_times_fp32_only_and_says_why(tiny_model, small_data, quick_peaks):
     """A CPU without bf16 units emulates bf16 matmuls: the bench times fp32 alone (packing compared
     in fp32, what local training uses there) and reports the probe that shows why."""
-    from perfit.speed import Bench
-    from perfit.speed_report import report_markdown
+    from perfit.bench.speed import Bench
+    from perfit.bench.speed_report import report_markdown
 
     config = _tiny_bench_config(tiny_model, small_data, dtype="fp32", onednn="0")
     result = Bench(config, rows=8, bf16=False).run()
@@ -196,7 +196,7 @@ def test_bench_speed_without_bf16_times_fp32_only_and_says_why(tiny_model, small
 
 
 def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
-    from perfit.speed_report import _break_even
+    from perfit.bench.speed_report import _break_even
 
     result = {
         "compiled": {"seconds": {"fp32": 30.0, "bf16": 15.0}, "first_call_seconds": {"fp32": 200.0, "bf16": 210.0}},
@@ -210,8 +210,8 @@ def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
 def test_sample_examples_draws_a_smaller_held_out_set_as_a_prefix(tiny_model, small_data):
     from transformers import AutoTokenizer
 
-    from perfit.data import load_rows
-    from perfit.speed import sample_examples
+    from perfit.bench.speed import sample_examples
+    from perfit.client.data import load_rows
 
     rows, tokenizer = load_rows(str(small_data)), AutoTokenizer.from_pretrained(tiny_model)
     train, held_out = sample_examples(rows, tokenizer, 6, 64)

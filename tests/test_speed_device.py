@@ -45,8 +45,8 @@ def _config(kit: Path, **overrides):
 
 
 def test_device_kit_weights_load_and_say_they_are_random(kit, tiny_model):
-    from perfit.model import load_base
-    from perfit.speed_device import weights_note
+    from perfit.bench.speed_device import weights_note
+    from perfit.client.model import load_base
 
     model, tokenizer = load_base(str(kit / "model"), shared=False)
     reference, _ = load_base(str(tiny_model), shared=False)
@@ -59,11 +59,11 @@ def test_device_kit_weights_load_and_say_they_are_random(kit, tiny_model):
 
 @pytest.mark.parametrize("default_packed", [True, False])  # the CPU's layout, and a GPU's (padded)
 def test_device_bench_times_every_pass_and_derives_its_ratios(kit, monkeypatch, default_packed):
-    import perfit.speed_device
-    from perfit.speed_device import DeviceBench, device_report_markdown, rate
+    import perfit.bench.speed_device
+    from perfit.bench.speed_device import DeviceBench, device_report_markdown, rate
 
-    if not default_packed:  # as `train.packs` answers for a model on a GPU
-        monkeypatch.setattr(perfit.speed_device, "packs", lambda model: False)
+    if not default_packed:  # as `batching.runs_packed` answers for a model on a GPU
+        monkeypatch.setattr(perfit.bench.speed_device, "runs_packed", lambda model: False)
     config = _config(kit)
     result = DeviceBench(config, rows=8, peak_size=64, peak_seconds=0.05).run()
     micros = [config.micro_batch_size, config.batch_size]  # 4 and 8: the config's, and a whole batch
@@ -115,7 +115,7 @@ class Refuse:
 sys.meta_path.insert(0, Refuse())
 import perfit.cli  # noqa: F401 (the command's module)
 from perfit.config import Config
-from perfit.speed_device import DeviceBench
+from perfit.bench.speed_device import DeviceBench
 config = Config(**{TINY_RUN!r}, model={str(kit / "model")!r}, data={str(kit / "data.jsonl")!r}, device="cpu")
 result = DeviceBench(config, rows=4, peak_size=32, peak_seconds=0.05).run()
 print(sorted(result["seconds"]))

@@ -2,27 +2,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from perfit.artifacts.lora import lora_layout
+from perfit.client.batching import batch_for, packed_batch, padded_batch, runs_packed
+from perfit.client.data import Example, tokenize
+from perfit.client.hardware import cpu_has_bf16, training_autocast
+from perfit.client.loss import head_nll, nll_sum
+from perfit.client.model import attach_lora, load_base, lora_parameters, write_flat
+from perfit.client.task import ClientTask
+from perfit.client.train import Schedule, importance_scores, train_masked
 from perfit.config import Config
-from perfit.data import Example, tokenize
-from perfit.model import attach_lora, initial_adapter, load_base, lora_layout, lora_parameters, write_flat
-from perfit.task import ClientTask
-from perfit.train import (
-    batch_for,
-    collate,
-    cpu_has_bf16,
-    head_nll,
-    importance_scores,
-    nll_sum,
-    pack,
-    packs,
-    train_masked,
-    training_autocast,
-)
+from perfit.core.layout import initial_adapter
 
 
 @pytest.fixture
 def setup(tiny_model, small_data):
-    from perfit.data import load_rows
+    from perfit.client.data import load_rows
 
     model, tokenizer = load_base(str(tiny_model))
     peft = attach_lora(model, 16, 32.0)
@@ -31,21 +25,25 @@ def setup(tiny_model, small_data):
     return peft, tokenizer, examples
 
 
-def test_pack_restarts_positions_and_shifts_targets_within_each_example():
-    examples = [Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9]), Example([4], [4])]
-    batch = pack(examples)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
-    # position i predicts its own example's token i + 1; an example's last position predicts nothing
-    assert batch["targets"].tolist() == [[6, 7, -100, 9, -100, -100]]
-    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 6]
+# Examples with prompts of several tokens: prompt labels are -100, so a batch whose targets came from
+# `input_ids` instead of `labels` would put loss on prompt tokens and fail these.
+PROMPTED = [Example([5, 6, 7, 2], [-100, -100, 7, 2]), Example([8, 9, 3], [-100, -100, 3]), Example([4], [4])]
 
 
-def test_collate_targets_are_next_token_labels():
-    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
-    assert batch["targets"].tolist() == [[6, 7, -100], [9, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+def test_packed_batch_restarts_positions_and_shifts_targets_within_each_example():
+    batch = packed_batch(PROMPTED)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2, 8, 9, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0]]
+    # position i predicts its own example's label i + 1: none from a prompt token, none across examples
+    assert batch["targets"].tolist() == [[-100, 7, 2, -100, -100, 3, -100, -100]]
+    assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 8]
+
+
+def test_padded_batch_targets_are_next_token_labels():
+    batch = padded_batch(PROMPTED[:2], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 3, 0]]
+    assert batch["targets"].tolist() == [[-100, 7, 2, -100], [-100, 3, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
 
 
 def test_head_nll_matches_cross_entropy_and_its_gradient_in_chunks():
@@ -65,7 +63,7 @@ def test_head_nll_matches_cross_entropy_and_its_gradient_in_chunks():
 
 
 def test_head_chunk_keeps_fp32_logits_within_the_heap_threshold():
-    from perfit.train import head_chunk
+    from perfit.client.loss import head_chunk
 
     assert head_chunk(49_152) == 160  # 160 x 49,152 x 4 = 31.5 MB; 192 rows would be 37.7 MB
     assert head_chunk(49_152, limit=160 * 49_152 * 4) == 160 and head_chunk(49_152, limit=160 * 49_152 * 4 - 1) == 128
@@ -74,7 +72,7 @@ def test_head_chunk_keeps_fp32_logits_within_the_heap_threshold():
 
 
 def test_compute_dtype_is_autocasts_inside_it_and_the_fallback_outside():
-    from perfit.train import compute_dtype
+    from perfit.client.batching import compute_dtype
 
     assert compute_dtype("cpu", torch.float32) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,13 +101,13 @@ def test_head_nll_under_bf16_autocast_matches_autocast_cross_entropy():
 def test_nll_on_target_positions_matches_full_logits(setup):
     peft, tokenizer, examples = setup
     write_flat(peft, initial_adapter(lora_layout(peft), "symmetric", 0))  # B.A != 0: LoRA in the path
-    padded = collate(examples[:4], tokenizer.pad_token_id)
+    padded = padded_batch(examples[:4], tokenizer.pad_token_id)
     logits = peft(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
     reference = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), padded["targets"].reshape(-1), ignore_index=-100, reduction="sum"
     )
-    alone = sum(nll_sum(peft, pack([e]))[0].item() for e in examples[:4])  # each example on its own
-    for batch in (padded, pack(examples[:4])):
+    alone = sum(nll_sum(peft, packed_batch([e]))[0].item() for e in examples[:4])  # each example on its own
+    for batch in (padded, packed_batch(examples[:4])):
         total, count = nll_sum(peft, batch)
         assert count == int((padded["targets"] != -100).sum()) > 0
         assert total.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -121,7 +119,10 @@ def test_packed_attention_keeps_examples_apart_and_gives_padded_gradients(setup)
     write_flat(peft, initial_adapter(lora_layout(peft), "symmetric", 0))
     params = lora_parameters(peft)
     grads = {}
-    for name, batch in (("padded", collate(examples[:4], tokenizer.pad_token_id)), ("packed", pack(examples[:4]))):
+    for name, batch in (
+        ("padded", padded_batch(examples[:4], tokenizer.pad_token_id)),
+        ("packed", packed_batch(examples[:4])),
+    ):
         for param in params:
             param.grad = None
         nll_sum(peft, batch)[0].backward()
@@ -131,19 +132,19 @@ def test_packed_attention_keeps_examples_apart_and_gives_padded_gradients(setup)
     first, second = examples[0], examples[1]
     other = Example([(t + 1) % 50 + 3 for t in first.input_ids], first.labels)
     with torch.no_grad():
-        together = nll_sum(peft, pack([first, second]))[0] - nll_sum(peft, pack([first]))[0]
-        swapped = nll_sum(peft, pack([other, second]))[0] - nll_sum(peft, pack([other]))[0]
+        together = nll_sum(peft, packed_batch([first, second]))[0] - nll_sum(peft, packed_batch([first]))[0]
+        swapped = nll_sum(peft, packed_batch([other, second]))[0] - nll_sum(peft, packed_batch([other]))[0]
     assert together.item() == pytest.approx(swapped.item(), rel=1e-5)
     assert peft.get_base_model().config._attn_implementation != "perfit_packed"  # restored after the call
 
 
 def test_batches_are_packed_on_cpu_and_padded_elsewhere(setup, monkeypatch):
-    import perfit.train
+    import perfit.client.batching
 
     peft, tokenizer, examples = setup
-    assert packs(peft) and "cu_seq_lens" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
-    monkeypatch.setattr(perfit.train, "device_of", lambda model: torch.device("cuda"))
-    assert not packs(peft) and "attention_mask" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
+    assert runs_packed(peft) and "cu_seq_lens" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
+    monkeypatch.setattr(perfit.client.batching, "device_of", lambda model: torch.device("cuda"))
+    assert not runs_packed(peft) and "attention_mask" in batch_for(peft, examples[:2], tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
@@ -153,11 +154,24 @@ def test_masked_adamw_keeps_outside_entries_zero(setup, autocast):
     start = initial_adapter(layout, "symmetric", seed=0)
     mask = torch.rand(layout.size, generator=torch.Generator().manual_seed(1)) < 0.3
     settings = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": 0}
-    result = train_masked(peft, start, mask, examples, tokenizer.pad_token_id, autocast_dtype=autocast, **settings)
+    result = train_masked(
+        peft, start, mask, examples, tokenizer.pad_token_id, Schedule(**settings), autocast_dtype=autocast
+    )
     assert result.steps == 6 and result.flat.dtype == torch.float32  # parameters stay fp32 under autocast
     assert torch.all(result.flat[~mask] == 0)  # exactly zero: no AdamW moment or weight-decay leak
     assert (result.flat[mask] != (start * mask)[mask]).float().mean() > 0.9  # inside entries moved
-    assert result.loss == result.loss  # not NaN
+    # the reported loss is the mean target-token NLL over the epochs: between the adapter's loss
+    # before training and after it (it was measured along the way), and positive
+    before = _mean_nll(peft, start * mask, examples, tokenizer.pad_token_id)
+    after = _mean_nll(peft, result.flat, examples, tokenizer.pad_token_id)
+    assert after < result.loss < before * 1.05, (after, result.loss, before)
+
+
+def _mean_nll(peft, flat, examples, pad_id):
+    from perfit.client.train import evaluate_nll
+
+    total, tokens = evaluate_nll(peft, flat, examples, pad_id, micro_batch_size=4)
+    return total / tokens
 
 
 def test_peft_init_vanishes_a_scores_symmetric_does_not(setup):
@@ -165,7 +179,7 @@ def test_peft_init_vanishes_a_scores_symmetric_does_not(setup):
     layout = lora_layout(peft)
     batches = [examples[:4], examples[4:8]]
     a_positions = torch.zeros(layout.size, dtype=torch.bool)
-    for a in layout.tensors[::2]:
+    for a in layout.slots[::2]:
         a_positions[a.start : a.end] = True
     for metric in ("first", "second", "mixed"):
         vanishing = importance_scores(peft, initial_adapter(layout, "peft", 0), batches, tokenizer.pad_token_id, metric)
@@ -178,18 +192,18 @@ def test_peft_init_vanishes_a_scores_symmetric_does_not(setup):
 
 
 def test_second_order_scores_rank_otherwise_than_first_from_one_micro_batch(setup, monkeypatch):
-    import perfit.train
+    import perfit.client.train
 
     peft, tokenizer, examples = setup
     theta = initial_adapter(lora_layout(peft), "symmetric", 0)
     seen = []
-    real = perfit.train.batch_gradients
+    real = perfit.client.train.batch_gradients
 
     def spy(model, flat, units, *rest):
         seen.append(units)
         return real(model, flat, units, *rest)
 
-    monkeypatch.setattr(perfit.train, "batch_gradients", spy)
+    monkeypatch.setattr(perfit.client.train, "batch_gradients", spy)
     scores = {m: importance_scores(peft, theta, [examples[:4]], tokenizer.pad_token_id, m) for m in ("first", "second")}
     assert [len(u) for u in seen[0]] == [4] and [len(u) for u in seen[1]] == [1, 1, 1, 1]  # per example
     k = theta.numel() // 2  # the top half kept by each: per-example Fisher keeps other entries
@@ -234,7 +248,7 @@ def test_training_precision_choice(monkeypatch):
 
 
 def test_search_keeps_everything_when_the_budget_is_the_whole_adapter():
-    from perfit.task import search_adapter_mask
+    from perfit.client.task import search_adapter_mask
 
     config = Config(num_clients=2, clients_per_round=1)
     groups = [(0, 6, 6), (6, 10, 4)]  # FIT (or a budget equal to the dense rank): nothing to prune
@@ -243,7 +257,7 @@ def test_search_keeps_everything_when_the_budget_is_the_whole_adapter():
 
 
 def test_search_steps_score_different_micro_batches_at_the_training_precision(tiny_model, small_data, monkeypatch):
-    import perfit.task as task_module
+    import perfit.client.task as task_module
 
     config = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=1, rank=4,
                     sparsity=0.5, prune_iterations=4, search_batches=1, micro_batch_size=4, cutoff_len=256,
@@ -273,8 +287,8 @@ def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_dat
     (fp32, to float tolerance)."""
     from transformers import AutoModelForCausalLM
 
-    from perfit.data import load_rows
-    from perfit.model import compile_decoder
+    from perfit.client.data import load_rows
+    from perfit.client.model import compile_decoder
 
     _, tokenizer = load_base(str(tiny_model))
     rows = load_rows(str(small_data))
@@ -289,11 +303,11 @@ def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_dat
         layout = lora_layout(peft)
         mask = torch.rand(layout.size, generator=torch.Generator().manual_seed(3)) < 0.5
         start = initial_adapter(layout, "symmetric", seed=0) * mask
-        results.append(train_masked(peft, start, mask, examples, tokenizer.pad_token_id, epochs=1, batch_size=4,
-                                    micro_batch_size=2, lr=1e-2, seed=0))  # fmt: skip
+        schedule = Schedule(epochs=1, batch_size=4, micro_batch_size=2, lr=1e-2, seed=0)
+        results.append(train_masked(peft, start, mask, examples, tokenizer.pad_token_id, schedule))
     eager, compiled = results
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.get_decoder().layers)
-    assert packs(peft)  # the compiled run trained on packed micro-batches
+    assert runs_packed(peft)  # the compiled run trained on packed micro-batches
     assert compiled.steps == eager.steps == 2
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
     assert torch.allclose(compiled.flat, eager.flat, rtol=1e-3, atol=1e-5)
@@ -301,7 +315,7 @@ def test_compiled_decoder_trains_the_same_adapter_as_eager(tiny_model, small_dat
 
 
 def test_cpu_has_bf16_reads_the_cpuinfo_flags(monkeypatch):
-    import perfit.train
+    import perfit.client.hardware
 
     for flags, bf16 in (
         ("flags : fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", True),  # a Xeon with AMX
@@ -309,12 +323,12 @@ def test_cpu_has_bf16_reads_the_cpuinfo_flags(monkeypatch):
         ("flags : fpu avx2 fma avx512f", False),  # an AVX2 / AVX-512 CPU without bf16 units
         ("", False),  # no /proc/cpuinfo
     ):
-        monkeypatch.setattr(perfit.train, "_cpuinfo", lambda flags=flags: flags)
-        assert perfit.train.cpu_has_bf16() is bf16, flags
+        monkeypatch.setattr(perfit.client.hardware, "_cpuinfo", lambda flags=flags: flags)
+        assert perfit.client.hardware.cpu_has_bf16() is bf16, flags
 
 
 def test_compile_wanted_forces_or_weighs_the_planned_examples():
-    from perfit.model import AUTO_COMPILE_EXAMPLES, compile_wanted
+    from perfit.client.hardware import AUTO_COMPILE_EXAMPLES, compile_wanted
 
     many, few = AUTO_COMPILE_EXAMPLES, AUTO_COMPILE_EXAMPLES - 1
     assert compile_wanted("1", 0, "cuda", False) and not compile_wanted("0", 10 * many, "cpu", True)
@@ -325,11 +339,11 @@ def test_compile_wanted_forces_or_weighs_the_planned_examples():
 
 
 def test_client_task_compiles_the_decoder_when_asked_or_when_the_run_is_long(tiny_model, small_data, monkeypatch):
-    import perfit.task
+    import perfit.client.task
 
     calls = []
-    monkeypatch.setattr(perfit.task, "compile_decoder", calls.append)
-    monkeypatch.setattr(perfit.task, "cpp_compiler_found", lambda: True)
+    monkeypatch.setattr(perfit.client.task, "compile_decoder", calls.append)
+    monkeypatch.setattr(perfit.client.task, "cpp_compiler_found", lambda: True)
     base = Config(model=str(tiny_model), data=str(small_data), num_clients=2, clients_per_round=2, rounds=3)
     assert base.torch_compile == "auto"
     short = ClientTask(base)
@@ -355,8 +369,8 @@ def test_only_a_simulation_worker_plans_for_the_whole_run(monkeypatch):
 
     import ray
 
-    from perfit.simulation import _init_ray
-    from perfit.task import serves_whole_run
+    from perfit.client.task import serves_whole_run
+    from perfit.federation.simulation import _init_ray
 
     assert not ray.is_initialized() and not serves_whole_run()  # this process: a SuperNode's would read so
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # _init_ray extends it: undone after
@@ -368,3 +382,14 @@ def test_only_a_simulation_worker_plans_for_the_whole_run(monkeypatch):
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
     assert not serves_whole_run()
+
+
+def test_the_cpu_vendor_and_model_come_from_one_cpuinfo_read(monkeypatch):
+    import perfit.client.hardware as hardware
+
+    text = "processor : 0\nvendor_id : AuthenticAMD\nmodel name : AMD EPYC 9R14\nflags : fpu avx512_bf16\n"
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: text)
+    assert hardware.cpu_vendor() == "AuthenticAMD"
+    assert hardware.cpu_description() == "AMD EPYC 9R14 (bf16 units)"
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "")
+    assert hardware.cpu_vendor() == "" and hardware.cpu_description().endswith("(no bf16 units)")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from perfit.experiments import grid, select
-from perfit.tuning import choose, collect, edge, tuned, tuning_cells, tuning_markdown
+from perfit.bench.experiments import grid, select
+from perfit.bench.tuning import choose, collect, edge, tuned, tuning_cells, tuning_markdown
 
 
 def test_choose_lowest_finite_and_ties_to_the_smaller_rate():
@@ -83,7 +83,7 @@ def test_tuned_applies_the_chosen_rates_and_refuses_missing_cells(tmp_path):
 
 
 def test_bench_tune_cli_writes_docs_and_feeds_bench_paper(tmp_path, monkeypatch):
-    import perfit.cli as cli
+    import perfit.cli.base as cli
 
     ran = []
 
@@ -94,7 +94,7 @@ def test_bench_tune_cli_writes_docs_and_feeds_bench_paper(tmp_path, monkeypatch)
         ran.append((config.method, config.lr))
         return {"personalized_ppl": ppl, "wall_seconds": 1.0}
 
-    monkeypatch.setattr(cli, "_run", fake_run)
+    monkeypatch.setattr(cli, "run_federation", fake_run)
     runner = CliRunner()
     head = ["bench", "tune", "--out", str(tmp_path / "tune"), "--docs", str(tmp_path / "docs"), "--lrs"]
     cells = ["--cells", "table1/pathological/fit", "--cells", "table1/pathological/perfit-s0.5", "--data", "d.jsonl"]
@@ -122,7 +122,7 @@ def test_bench_tune_cli_writes_docs_and_feeds_bench_paper(tmp_path, monkeypatch)
 
 
 def test_bench_tune_names_a_failed_run_exits_1_and_keeps_the_others(tmp_path, monkeypatch):
-    import perfit.cli as cli
+    import perfit.cli.base as cli
 
     def fake_run(config):
         if config.lr == 1e-3:
@@ -130,7 +130,7 @@ def test_bench_tune_names_a_failed_run_exits_1_and_keeps_the_others(tmp_path, mo
         _summary(Path(config.out), 15.0)
         return {"personalized_ppl": 15.0, "wall_seconds": 1.0}
 
-    monkeypatch.setattr(cli, "_run", fake_run)
+    monkeypatch.setattr(cli, "run_federation", fake_run)
     args = ["bench", "tune", "--out", str(tmp_path / "tune"), "--docs", str(tmp_path / "docs"), "--lrs", "3e-4,1e-3",
             "--cells", "table1/pathological/fit", "--data", "d.jsonl"]  # fmt: skip
     result = CliRunner().invoke(cli.app, args)

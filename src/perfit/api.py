@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from perfit.config import Config, make_config
-from perfit.export import export_client, load_client_model
-from perfit.late_join import join
+from perfit.use.export import export_client, load_client_model
+from perfit.use.join import join
 
 
 def check_inputs(config: Config) -> None:
     """Validate the data and its split before anything runs (raises DataError naming file, line, field)."""
-    from perfit.data import load_rows, partition
+    from perfit.client.data import load_rows, partition
 
     partition(load_rows(config.data), config)
 
@@ -27,7 +27,7 @@ def check_inputs(config: Config) -> None:
 def run(config: Config | Mapping[str, Any] | str | Path | None = None, preset: str | None = None, **fields) -> dict:
     """Run one federation (FIT or PerFIT) on Flower's simulation engine in this process; returns the
     summary also written to `<out>/summary.json`."""
-    from perfit.simulation import run_simulation
+    from perfit.federation.simulation import run_simulation
 
     resolved = make_config(config, preset, **fields)
     check_inputs(resolved)

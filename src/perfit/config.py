@@ -38,10 +38,10 @@ class Config:
     (baselines.py): `local` (each client trains its own LoRA, no federation), `fedsa` (FedSA-LoRA: A
     averaged, B kept by its client), `hetlora` (HetLoRA: rank truncation, zero-padding aggregation)."""
     split: str = "pathological"
-    """`pathological` (classes_per_client categories each) or `dirichlet` (Dir(alpha))."""
+    """`pathological` (classes_per_client categories each) or `dirichlet` (Dir(dirichlet_alpha))."""
     classes_per_client: int = 2
     """Categories per client under the pathological split (paper: 2 of 8)."""
-    alpha: float = 0.5
+    dirichlet_alpha: float = 0.5
     """Dirichlet concentration (paper: 0.5; smaller is more heterogeneous)."""
     num_clients: int = 100
     """Clients in the federation (paper: 100)."""
@@ -86,21 +86,17 @@ class Config:
     The server never loads the model; adapters, masks and aggregation stay on the CPU."""
     torch_compile: str = "auto"
     """`1`: `torch.compile` (inductor, dynamic shapes) the decoder layers once per process for local
-    training, the search and evaluation (`model.compile_decoder`; packed attention stays eager
-    between them); `0`: eager. `auto` compiles on the CPU when the run plans at least
-    `model.AUTO_COMPILE_EXAMPLES` local training examples and a C++ compiler is there for inductor:
-    compiled layers are faster per token in fp32 (1.04-1.09x on the AVX2 EPYCs) and in bf16 on a Xeon
-    with AMX (1.24-1.29x), about even in bf16 on an AVX-512 BF16 EPYC (0.89-1.07x in six runs, mean
-    1.01), same losses; the first call of each process pays the compile, which short runs such as
-    `--preset quick` do not earn back (break-even in docs/performance.md)."""
+    training, the search and evaluation (`client.model.compile_decoder`; packed attention stays eager
+    between them); `0`: eager. `auto` compiles on the CPU only on long runs, where the compiled
+    layers pay back the first call's compile (at least `client.hardware.AUTO_COMPILE_EXAMPLES`
+    planned local training examples, and a C++ compiler for inductor): docs/speed.md."""
     onednn: str = "auto"
     """`1`: local training and the search run the frozen linear layers' GEMMs through oneDNN copies
-    of their weights, reordered once per block (`perfit.onednn`): fp32 copies (and the vocabulary
+    of their weights, reordered once per block (`client.onednn`): fp32 copies (and the vocabulary
     head's fp32 logits through oneDNN) and, under bf16 autocast on a CPU with bf16 units, bf16
     copies; `0`: torch's matmuls. `auto`: on the CPU where this torch build has the oneDNN ops, bf16
-    always and fp32 on all but Intel CPUs (`onednn.fp32_wanted`: a fp32 FIT pass through oneDNN ran
-    1.04-1.22x the MKL one on AMD EPYCs and 0.88-0.91x on a Xeon with AMX, same losses; measured by
-    `perfit bench speed` and `benchmarks/gemm_paths.py`). A compiled decoder keeps torch's matmuls."""
+    always and fp32 on all but Intel CPUs, where MKL's sgemm is the faster
+    (`client.hardware.onednn_fp32_wanted`; docs/speed.md). A compiled decoder keeps torch's matmuls."""
     local_epochs: int = 1
     """Local epochs per round (paper: 1)."""
     finetune_epochs: int = 0
@@ -157,7 +153,7 @@ class Config:
             "rank": self.rank >= 1,
             "sparsity": 0.0 <= self.sparsity < 1.0,
             "classes_per_client": self.classes_per_client >= 1,
-            "alpha": self.alpha > 0,
+            "dirichlet_alpha": self.dirichlet_alpha > 0,
             "prune_iterations": self.prune_iterations >= 0,
             "search_batches": self.search_batches >= 1,
             "local_epochs": self.local_epochs >= 1,
@@ -316,8 +312,13 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"config field {name!r}: cannot read {value!r} as {kind}") from err
 
 
+RENAMED = {"alpha": "dirichlet_alpha"}
+"""Fields by their former names, still read from older run directories' config.toml."""
+
+
 def from_mapping(values: dict[str, Any], preset: str | None = None) -> Config:
     """Build a Config from a preset plus a flat mapping; unknown keys are an error."""
+    values = {RENAMED.get(key, key): value for key, value in values.items()}
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from perfit import client_app as perfit_client
+from perfit.federation import client_app as perfit_client
 
 TRAIN_FAULTS = (
     "nan",

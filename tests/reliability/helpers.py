@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from perfit.aggregate import aggregate, personalize
+from perfit.client.task import ClientTask
 from perfit.config import Config
-from perfit.task import ClientTask, global_start
+from perfit.core.aggregate import aggregate, personalize
+from perfit.core.methods import global_start
 
 from ..tiny import TINY_RUN
 

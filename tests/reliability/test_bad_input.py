@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.cli import app
-from perfit.data import MAX_LINE_BYTES
+from perfit.client.data import MAX_LINE_BYTES
 
 GOOD = {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"}
 

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import pytest
 from flwr.app import Context, RecordDict
 
-from perfit import client_app
 from perfit.config import Config
+from perfit.federation import client_app
 
 from ..tiny import TINY_RUN, cli_args
 

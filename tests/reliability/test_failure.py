@@ -5,8 +5,9 @@ import json
 
 import torch
 
-from perfit.simulation import run_simulation
-from perfit.task import ClientTask, global_start
+from perfit.client.task import ClientTask
+from perfit.core.methods import global_start
+from perfit.federation.simulation import run_simulation
 
 from .faulty_clients import faulty_app
 from .helpers import expected_global, run_masks, server_global, tiny_config

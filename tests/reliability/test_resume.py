@@ -16,7 +16,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from perfit.cli import app
-from perfit.simulation import run_simulation
+from perfit.federation.simulation import run_simulation
 
 from .helpers import tiny_config
 
@@ -90,7 +90,7 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model, small_data, tmp_path
 
 def test_resume_takes_the_same_file_by_another_path_and_names_a_changed_field(small_data, tmp_path, monkeypatch):
     from perfit.config import Config
-    from perfit.outputs import RunDirectory
+    from perfit.federation.run_directory import RunDirectory
 
     run = tmp_path / "run"
     RunDirectory(Config(data=str(small_data), out=str(run)))

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from perfit.simulation import run_simulation
-from perfit.validation import evaluation_problem, mask_problem, payload_limit_bytes, update_problem
+from perfit.federation.simulation import run_simulation
+from perfit.federation.validation import evaluation_problem, mask_problem, payload_limit_bytes, update_problem
 
 from .faulty_clients import TRAIN_FAULTS, faulty_app
 from .helpers import expected_global, run_masks, server_global, tiny_config

@@ -1,0 +1,196 @@
+"""The paper's experiments at laptop scale as one resumable grid (`perfit bench paper`).
+
+Every cell is a method/setting; every (cell, seed) is its own run directory under `--out`
+(`<out>/<cell>/seed<k>/`). A run with a `summary.json` is finished and skipped; one with only a
+checkpoint is resumed; `--cells` selects cells by glob (`table1/*`, `*/dirichlet/*`).
+
+Scale. The grid runs at the `quick` preset (8 clients, 4 per round, 3 rounds, 32 rows per client of
+which 26 train / 6 held out, 256 tokens, batch 8, T_p 5 x 1 scoring micro-batch), a few minutes a run
+on these 2-core machines, completed over several sittings (timings in docs/results.md). The
+paper's setting (100 clients, 10 per round, 30-50 rounds, batch 64) is the `paper` preset and needs a
+GPU. Everything but the scale follows the paper: rank-8 budget on q/k/v, dolly-15k's 8 categories
+split 2 per client or by Dirichlet(0.5), 20 % of each client's rows held out for personalized
+perplexity, the same seeds for every method.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perfit.config import Config, make_config
+
+SCALE_PRESET = "quick"
+GRID_LR = 3e-4
+"""The grid's learning rate (the one every grid run used, under the quick preset's rate before it was
+tuned); a `--lr` among the common settings or a cell's tuned rate (`--tuned`) replaces it."""
+SEEDS = (0, 1)
+SPLITS = ("pathological", "dirichlet")
+SPLIT_TITLES = {"pathological": "pathological (2 of 8 categories)", "dirichlet": "Dirichlet(0.5)"}
+"""How the report names the splits."""
+LABELS = {
+    "fit": "FIT (r=8)",
+    "perfit-s0.33": "PerFIT s=0.33 (dense r 12)",
+    "perfit-s0.5": "PerFIT s=0.5 (dense r 16)",
+    "perfit-s0.66": "PerFIT s=0.66 (dense r 24)",
+    "perfit-s0.5-zero-b": "PerFIT s=0.5, train from B=0",
+    "perfit-8-12-16": "PerFIT ranks 8/12/16",
+    "hetlora-8-12-16": "HetLoRA ranks 8/12/16",
+    "local": "local only (r=8)",
+    "fit-ft": "FIT + local fine-tuning",
+    "fedsa": "FedSA-LoRA (r=8)",
+}
+"""How the report names a cell (by the last part of its name)."""
+PERSONALIZED_BASELINES = ("local", "fit-ft", "fedsa")
+"""The baselines that end with a model of each client's own, which PerFIT is set against."""
+SPARSITIES = (0.33, 0.5, 0.66)
+HETERO_BUDGETS = "8,12,16"
+GRID_FREE_FIELDS = ("data", "model", "cache_dir", "dtype", "device", "torch_compile", "onednn")
+"""The only fields a grid command may set for every cell; the cells fix the rest."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting of the grid, run once per seed."""
+
+    name: str  # "<group>/<split>/<label>", also its directory under the grid's out
+    group: str
+    split: str
+    label: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = SEEDS
+
+    def config(self, seed: int, out: Path, **common: Any) -> Config:
+        values = {"lr": GRID_LR, **common, "split": self.split, **self.fields, "seed": seed,
+                  "out": str(self.run_dir(out, seed))}  # fmt: skip
+        return make_config(None, SCALE_PRESET, **values)
+
+    def run_dir(self, out: Path, seed: int) -> Path:
+        return out / self.name / f"seed{seed}"
+
+
+def _cell(group: str, split: str, label: str, seeds: tuple[int, ...] = SEEDS, **fields: Any) -> Cell:
+    if fields.get("method") == "perfit":  # the paper's PerFIT unless the cell says otherwise (the
+        fields = {"init": "symmetric", **fields}  # package's default init is symmetric_then_zero_b)
+    return Cell(f"{group}/{split}/{label}", group, split, label, fields, seeds)
+
+
+def grid() -> list[Cell]:
+    """Every cell, the main tables (2 seeds) first, then figures and ablations (seed 0)."""
+    cells = []
+    for split in SPLITS:
+        cells.append(_cell("table1", split, "fit", method="fit"))
+        cells += [_cell("table1", split, f"perfit-s{s}", method="perfit", sparsity=s) for s in SPARSITIES]
+        # the change the ablations point to: search at the symmetric init, train from B = 0
+        cells.append(_cell("table1", split, "perfit-s0.5-zero-b", method="perfit", init="symmetric_then_zero_b"))
+        cells.append(_cell("table2", split, "perfit-8-12-16", method="perfit", budgets=HETERO_BUDGETS))
+        cells.append(_cell("table2", split, "hetlora-8-12-16", method="hetlora", budgets=HETERO_BUDGETS))
+        cells.append(_cell("baselines", split, "local", method="local"))
+        cells.append(_cell("baselines", split, "fit-ft", method="fit", finetune_epochs=1))
+        cells.append(_cell("baselines", split, "fedsa", method="fedsa"))
+    one = (0,)
+    for split in SPLITS:  # Fig. 7: importance metric (first is table1's perfit-s0.5)
+        cells += [_cell("metric", split, f"perfit-{m}", one, method="perfit", metric=m) for m in ("second", "mixed")]
+    for share, per_round in ((5, 1), (10, 2), (20, 4)):  # Fig. 6: participation, 20 clients, Dirichlet
+        for method in ("fit", "perfit"):
+            cells.append(
+                _cell(
+                    "participation",
+                    "dirichlet",
+                    f"{method}-p{share}",
+                    one,
+                    method=method,
+                    num_clients=20,
+                    clients_per_round=per_round,
+                )
+            )
+    ablations = {
+        "init-symmetric_then_zero_b": {"init": "symmetric_then_zero_b"},
+        "init-peft": {"init": "peft"},
+        "aggregation-literal": {"aggregation": "literal"},
+        "scope-per_module": {"scope": "per_module"},
+        "tp-1": {"prune_iterations": 1},
+        "tp-10": {"prune_iterations": 10},
+        "search-batches-4": {"search_batches": 4},
+        "alpha-16": {"lora_alpha": 16.0},
+        "alpha-64": {"lora_alpha": 64.0},
+    }
+    # against table1's perfit-s0.5 (symmetric, shared, global, T_p 5, 1 scoring batch, alpha 32)
+    for label, fields in ablations.items():
+        cells.append(_cell("ablation", "pathological", label, one, method="perfit", **fields))
+    return cells
+
+
+def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
+    """Cells whose name matches any glob pattern (all when there are none); an unmatched pattern is an error."""
+    if not patterns:
+        return cells
+    for pattern in patterns:
+        if not any(fnmatch.fnmatch(c.name, pattern) for c in cells):
+            raise ValueError(f"--cells {pattern!r} matches no cell; see `perfit bench paper --list`")
+    return [c for c in cells if any(fnmatch.fnmatch(c.name, p) for p in patterns)]
+
+
+def schedule(cells: list[Cell]) -> Iterator[tuple[Cell, int]]:
+    """(cell, seed) in run order: every cell's first seed before any cell's second one, the tables
+    first within a seed, so a partial grid already has one seed of everything (the ablations explain
+    the tables) before it adds the spread."""
+    main = [c for c in cells if len(c.seeds) > 1]
+    single = [c for c in cells if len(c.seeds) <= 1]
+    for index in range(max((len(c.seeds) for c in cells), default=0)):
+        for cell in main + single:
+            if index < len(cell.seeds):
+                yield cell, cell.seeds[index]
+
+
+def state(cell: Cell, out: Path, seed: int) -> str:
+    """`done`, `partial` (checkpoint, resumable) or `todo`."""
+    directory = cell.run_dir(out, seed)
+    if (directory / "summary.json").is_file():
+        return "done"
+    return "partial" if (directory / "checkpoint.safetensors").is_file() else "todo"
+
+
+def run_grid(
+    cells: list[Cell],
+    out: Path,
+    common: dict[str, Any],
+    runner: Callable[[Config], dict[str, Any]],
+    report: Callable[[str], None] = print,
+) -> list[tuple[Cell, int, str]]:
+    """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
+    raises is reported as `failed: ...` and the grid goes on with the next one."""
+    from perfit.federation.run_directory import config_changes
+
+    done = []
+    for cell, seed in schedule(cells):
+        status = state(cell, out, seed)
+        config = cell.config(seed, out, **common, resume=int(status == "partial"))
+        if status == "done":
+            changes = config_changes(Path(config.out), config) if (Path(config.out) / "config.toml").is_file() else []
+            if changes:  # e.g. `--tuned` into a directory of default-rate runs: neither rerun nor count them
+                what = f"finished with another config ({'; '.join(changes)}); kept, not rerun: use another --out"
+                report(f"{cell.name} seed {seed}: {what}")
+                done.append((cell, seed, f"failed: {what}"))
+            else:
+                done.append((cell, seed, "skipped (finished)"))
+            continue
+        if status == "todo" and Path(config.out).exists():  # a run that died before its first checkpoint
+            shutil.rmtree(config.out)
+        report(f"{cell.name} seed {seed}: {'resuming' if status == 'partial' else 'running'}")
+        try:
+            summary = runner(config)
+        except Exception as err:  # one failed run must not stop a grid of hours; the others go on
+            report(f"{cell.name} seed {seed}: FAILED ({type(err).__name__}: {err})")
+            done.append((cell, seed, f"failed: {type(err).__name__}: {err}"))
+            continue
+        ppl = summary.get("personalized_ppl")
+        ppl_text = f"{ppl:.3f}" if ppl is not None and math.isfinite(ppl) else "n/a (diverged)"
+        report(f"{cell.name} seed {seed}: personalized ppl {ppl_text} in {summary['wall_seconds']:.0f} s")
+        done.append((cell, seed, "ran"))
+    return done

@@ -1,0 +1,127 @@
+"""`perfit bench tune`: the learning rate of each grid cell chosen on a validation slice.
+
+The procedure is the same for every method, so no method is tuned harder than another:
+- each candidate learning rate runs the cell's exact setting at seed 0 with `validation = 1`: every
+  client's train split is split again 80/20 (seeded), the run trains on the 80 % and reports the
+  personalized perplexity on the 20 % validation slice. The held-out rows that every reported
+  result is measured on are never read while tuning;
+- the candidate with the lowest validation perplexity is chosen (a tie goes to the smaller rate);
+- `perfit bench paper --tuned docs/tuning.json` then runs the cells at their chosen rates.
+Runs are resumable grid runs (`<out>/<cell>/lr<rate>/seed0`), so tuning can also span sittings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from perfit.bench.experiments import Cell
+
+LRS = (3e-4, 1e-3, 3e-3)
+"""Candidates: the paper's 3e-4 and two steps of about 3x up (at the grid's scale a client takes
+only a handful of optimizer steps, so the question is whether a larger step pays)."""
+
+
+def lr_label(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def tuning_cells(cells: list[Cell], lrs: tuple[float, ...] = LRS) -> list[Cell]:
+    """One validation-mode cell per (cell, candidate rate), seed 0 only."""
+    return [
+        replace(cell, name=f"{cell.name}/{lr_label(lr)}", fields={**cell.fields, "lr": lr, "validation": 1}, seeds=(0,))
+        for cell in cells
+        for lr in lrs
+    ]
+
+
+def choose(validation_ppl: dict[float, float]) -> float:
+    """The rate with the lowest finite validation perplexity; a tie goes to the smaller rate."""
+    finite = {lr: ppl for lr, ppl in validation_ppl.items() if math.isfinite(ppl)}
+    if not finite:
+        raise ValueError("no candidate learning rate finished with a finite validation perplexity")
+    return min(sorted(finite), key=lambda lr: finite[lr])
+
+
+def edge(chosen: float, lrs: tuple[float, ...]) -> str | None:
+    """`largest` / `smallest` when the choice is at an end of the candidates (the optimum may lie
+    beyond it: widen `--lrs`), else None. One candidate is no search: None."""
+    if len(lrs) < 2:
+        return None
+    return "largest" if chosen == max(lrs) else "smallest" if chosen == min(lrs) else None
+
+
+def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[str, dict[str, Any]]:
+    """Per cell: the validation perplexity of each finished candidate and, once all have finished,
+    the chosen rate. Reads only the run directories' summaries."""
+    from perfit.federation.run_directory import read_summary
+
+    table: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        measured = {}
+        for lr, run in zip(lrs, tuning_cells([cell], lrs), strict=True):
+            summary_path = run.run_dir(out, 0) / "summary.json"
+            if summary_path.is_file():
+                summary = read_summary(summary_path)
+                if summary.get("evaluated_on") != "validation":
+                    raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
+                measured[lr] = float(summary["personalized_ppl"])
+        entry: dict[str, Any] = {"validation_ppl": {f"{lr:g}": ppl for lr, ppl in measured.items()}}
+        if len(measured) == len(lrs):
+            entry["chosen_lr"] = choose(measured)
+            entry["edge"] = edge(entry["chosen_lr"], lrs)
+        table[cell.name] = entry
+    return table
+
+
+def tuned(cells: list[Cell], path: Path) -> list[Cell]:
+    """The cells with the learning rate chosen in a `docs/tuning.json`; a cell without a choice is
+    an error (a grid half at tuned and half at default rates would compare unlike with unlike)."""
+    try:
+        choices = json.loads(Path(path).read_text())["cells"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a tuning.json from `perfit bench tune` ({err})") from err
+    missing = [c.name for c in cells if "chosen_lr" not in choices.get(c.name, {})]
+    if missing:
+        raise ValueError(f"{path}: no tuned learning rate for {', '.join(missing)}; run `perfit bench tune` on them")
+    return [replace(c, fields={**c.fields, "lr": choices[c.name]["chosen_lr"]}) for c in cells]
+
+
+def tuning_table(table: dict[str, dict[str, Any]], lrs: tuple[float, ...]) -> list[str]:
+    """Markdown rows: one per cell, validation perplexity per candidate, the choice in bold."""
+    lines = ["| cell | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
+    for name, entry in table.items():
+        chosen = entry.get("chosen_lr")
+        cells = []
+        for lr in lrs:
+            ppl = entry["validation_ppl"].get(f"{lr:g}")
+            text = "–" if ppl is None else f"{ppl:.3f}"
+            cells.append(f"**{text}**" if chosen == lr else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'pending' if chosen is None else f'{chosen:g}'} |")
+    return lines
+
+
+def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], command: str) -> str:
+    """docs/tuning.md."""
+    lines = [
+        "# Learning rates chosen on a validation slice (`perfit bench tune`)",
+        "",
+        f"Command: `{command}`. Each client's train split is split again 80/20; runs train on the 80 % and",
+        "are scored on the 20 % validation slice (personalized perplexity, seed 0). The held-out rows of",
+        "docs/results.md are never read here. The lowest validation perplexity wins, the same rule for",
+        "every method.",
+        "",
+        *tuning_table(table, lrs),
+    ]
+    at_edge = [f"{name} ({entry['edge']})" for name, entry in table.items() if entry.get("edge")]
+    if at_edge:
+        lines += [
+            "",
+            "Chosen at an end of the candidates, so the best rate may lie beyond it (widen `--lrs`): "
+            + ", ".join(at_edge)
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,3 @@
+from perfit.cli import app
+
+app()

@@ -1,0 +1,226 @@
+"""`perfit bench ...` and `perfit report`: speed and scale benchmarks, the paper's grid, tuning, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from perfit.bench.tuning import LRS
+from perfit.cli import base
+from perfit.cli.base import EXTRA, app, config_from, console, errors, field_flags
+
+bench = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+@bench.command("speed", context_settings=EXTRA)
+def bench_speed(
+    ctx: typer.Context,
+    preset: str = typer.Option("paper", help="Proportions for the search share and bytes (paper: 100 clients)."),
+    rows: int | None = typer.Option(None, help="Dolly rows in each timed training pass [default: 48; 512 on a GPU]."),
+    out: Path = typer.Option(Path("docs"), help="Directory for performance.md and performance.json."),
+    bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="Time bf16 autocast beside fp32 (default: where the CPU has bf16 units)."
+    ),
+) -> None:
+    """Time local training (perfit vs a plain peft loop, fp32 vs bf16, PerFIT vs FIT), MFU, bytes, search share.
+
+    Where the config's device is a GPU (`--device cuda`, or `auto` where torch sees one), local training
+    is timed there instead (tokens/s and MFU against the GPU's peak) into performance-cuda.md and .json."""
+    import json
+
+    from perfit.client.model import resolve_device
+
+    config = config_from(ctx, None, preset)
+    with errors("config", ValueError):
+        device = resolve_device(config.device)
+    flags = [f"--preset {preset}", *([] if rows is None else [f"--rows {rows}"])]
+    if device.type != "cpu":
+        from perfit.bench.speed_device import DeviceBench, device_report_markdown
+
+        with errors("data"):
+            result = DeviceBench(config, **({} if rows is None else {"rows": rows})).run()
+        command = " ".join(["perfit bench speed", *ctx.args, *flags])
+        text, name = device_report_markdown(result, command), f"performance-{device.type}"
+    else:
+        from perfit.bench.speed import Bench, with_scale
+        from perfit.bench.speed_report import report_markdown
+
+        with errors("data"):
+            result = Bench(config, rows=rows or 48, bf16=bf16).run()
+        flags += [] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"]
+        command = " ".join(["perfit bench speed", *ctx.args, *flags])
+        result = with_scale(result, out / "scale.json")
+        text, name = report_markdown(result, command), "performance"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    console.print(text)
+
+
+SCALE_DEFAULTS = {
+    "method": "perfit",
+    "num_clients": 100,  # replaced by 100 and 1,000 for the two federations
+    "clients_per_round": 10,
+    "rounds": 3,
+    "max_samples_per_client": 8,
+    "eval_clients": 10,
+}
+
+
+@bench.command("scale", context_settings=EXTRA)
+def bench_scale(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("docs"), help="Directory for scale.md and scale.json."),
+    runs: Path = typer.Option(Path("runs/scale"), help="Where the two federations' run directories go."),
+) -> None:
+    """Round time and memory of whole simulated federations of 100 vs 1,000 clients."""
+    import json
+
+    from perfit.bench.scale import bench_scale as measure
+    from perfit.bench.scale import scale_markdown
+    from perfit.client.hardware import cpu_description
+
+    config = config_from(
+        ctx, None, "quick", **{k: v for k, v in SCALE_DEFAULTS.items() if k not in field_flags(ctx.args)}
+    )
+    with errors("data"):
+        from perfit.api import check_inputs
+
+        check_inputs(config.replace(num_clients=1000))
+        result = measure(config, runs)
+    command = " ".join(["perfit bench scale", *ctx.args])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(
+        json.dumps({"command": command, "machine": cpu_description(), **result}, indent=2) + "\n"
+    )
+    text = scale_markdown(result, command, cpu_description())
+    (out / "scale.md").write_text(text)
+    console.print(text)
+
+
+def _grid_selection(ctx: typer.Context, patterns: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """The grid cells matching `--cells` and the extra field flags (only GRID_FREE_FIELDS)."""
+    from perfit.bench.experiments import GRID_FREE_FIELDS, grid, select
+
+    common = field_flags(ctx.args)
+    unknown = sorted(set(common) - set(GRID_FREE_FIELDS))
+    if unknown:
+        console.print(
+            f"[red]config error:[/red] the grid fixes every field but {', '.join(GRID_FREE_FIELDS)}: {unknown}"
+        )
+        raise typer.Exit(2)
+    try:
+        return select(grid(), patterns), common
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from err
+
+
+def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
+    """After a grid: name every failed run and exit 1 (the finished ones are kept)."""
+    failed = [(cell, seed, what) for cell, seed, what in outcomes if what.startswith("failed")]
+    for cell, seed, what in failed:
+        console.print(f"[red]{cell.name} seed {seed}: {what}[/red]")
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) failed[/red]; fix the cause and run the same command again")
+        raise typer.Exit(1)
+
+
+def _list_cells(cells: list[Any], out: Path) -> None:
+    from perfit.bench.experiments import state
+
+    table = Table("cell", "seeds", "state", "fields")
+    for cell in cells:
+        states = ", ".join(f"{seed}: {state(cell, out, seed)}" for seed in cell.seeds)
+        table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields))
+    console.print(table)
+
+
+@bench.command("paper", context_settings=EXTRA)
+def bench_paper(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/paper"), help="Grid directory: one run directory per cell and seed."),
+    cells: list[str] = typer.Option([], "--cells", help="Glob(s) of cell names to run, e.g. 'table1/*'."),
+    tuned: Path | None = typer.Option(
+        None, help="A tuning.json from `perfit bench tune`: run each cell at its chosen learning rate."
+    ),
+    list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
+) -> None:
+    """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
+    from perfit.bench.experiments import run_grid
+
+    chosen, common = _grid_selection(ctx, cells)
+    if tuned is not None:
+        from perfit.bench.tuning import tuned as with_tuned_lr
+
+        with errors("tuning", OSError, ValueError):
+            chosen = with_tuned_lr(chosen, tuned)
+    if list_cells:
+        _list_cells(chosen, out)
+        return
+    with errors("data"):
+        _check_failures(run_grid(chosen, out, common, base.run_federation, console.print))
+    console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
+
+
+@bench.command("tune", context_settings=EXTRA)
+def bench_tune(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/tune"), help="One run directory per cell and candidate rate."),
+    cells: list[str] = typer.Option([], "--cells", help="Glob(s) of grid cells to tune, e.g. 'table1/*'."),
+    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in LRS), help="Candidate learning rates."),
+    docs: Path = typer.Option(Path("docs"), help="Where tuning.md and tuning.json go."),
+    list_cells: bool = typer.Option(False, "--list", help="List the tuning runs and their state; run nothing."),
+) -> None:
+    """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
+    the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
+    import json
+
+    from perfit.bench.experiments import run_grid
+    from perfit.bench.tuning import collect, tuning_cells, tuning_markdown
+    from perfit.federation.run_directory import json_safe
+
+    chosen, common = _grid_selection(ctx, cells)
+    try:
+        candidates = tuple(float(lr) for lr in lrs.split(","))
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
+        raise typer.Exit(2) from err
+    runs = tuning_cells(chosen, candidates)
+    if list_cells:
+        _list_cells(runs, out)
+        return
+    with errors("data"):
+        _check_failures(run_grid(runs, out, common, base.run_federation, console.print))
+    with errors("tuning", ValueError):
+        table = collect(chosen, out, candidates)
+    command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "tuning.json").write_text(
+        json.dumps(json_safe({"command": command, "lrs": list(candidates), "cells": table}), indent=2) + "\n"
+    )
+    (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command))
+    console.print(text)
+
+
+@app.command()
+def report(
+    runs: Path = typer.Option(Path("runs/paper"), help="The grid directory of `perfit bench paper`."),
+    out: Path = typer.Option(Path("docs"), help="Where results.md, results.json and figures/ go."),
+    tuned_runs: Path | None = typer.Option(
+        None, help="The directory of `perfit bench paper --tuned`: a section comparing its cells at their rates."
+    ),
+) -> None:
+    """Tables, figures and headline ratios from the grid's run directories."""
+    from perfit.bench.report import write_report
+
+    with errors("report"):
+        if tuned_runs is not None and not tuned_runs.is_dir():
+            raise FileNotFoundError(f"--tuned-runs {tuned_runs}: no such directory")
+        written = write_report(runs, out, tuned_runs)
+    for path in written:
+        console.print(f"wrote {path}")

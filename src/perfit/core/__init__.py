@@ -1,0 +1,4 @@
+"""The method, as pure functions on tensors: Taylor importance (Eq. 2-4, `importance`), the
+exponential pruning schedule (Alg. 1, `search`), masks and their encoding (`masks`), Eq. 6
+aggregation (`aggregate`), the flat adapter's layout (`layout`), each method's rules (`methods`) and
+perplexity (`metrics`). Imports torch, numpy and `perfit.config` only."""

@@ -1,0 +1,133 @@
+"""Flower ClientApp: thin glue over `perfit.client.task.ClientTask`.
+
+Messages (the server sends the resolved run config with every message, so a client needs no run
+config of its own):
+- `query`: which client (partition) this node is, and its train / eval rows (for partitions.json).
+- any message may carry `registered`: the client's mask as the server registered it (sent after a
+  server resume, when the node's state is gone); the node keeps it instead of searching again.
+- `query.search`: run Alg. 1 once, keep the mask in the node's state, send it bit-packed.
+- `train`: values at the mask positions in, local masked training, values at the mask positions out.
+  Methods that keep part of the adapter on the client (FedSA-LoRA's B, `local`) exchange only the
+  shared positions and keep the rest in the node state (`personal`); it never leaves the node.
+- `evaluate`: personalized NLL of the received adapter on the client's held-out rows, after
+  `finetune` local epochs when the server asks for them (final evaluation of FIT + FT, `local`).
+
+Node config (`flower-supernode --node-config`; simulation sets the first two): `partition-id` is the
+client this node is, `num-partitions` (optional) must equal the run's num_clients, and `data` / `model`
+(optional) point at this machine's copy of the run's dataset / base model when its path differs here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from perfit.client.task import ClientTask, client_task
+from perfit.config import from_mapping
+from perfit.core.masks import decode, encode, gather, scatter
+
+app = ClientApp()
+LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
+
+
+def _client_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _task(msg: Message, context: Context) -> ClientTask:
+    settings = dict(msg.content["run"])
+    settings.update({key: context.node_config[key] for key in LOCAL_PATHS if key in context.node_config})
+    partitions = context.node_config.get("num-partitions", settings["num_clients"])
+    if int(partitions) != int(settings["num_clients"]):
+        raise ValueError(f"node config num-partitions={partitions}, but the run has {settings['num_clients']} clients")
+    return client_task(from_mapping(settings))
+
+
+def _mask(task: ClientTask, client: int, context: Context, msg: Message | None = None) -> torch.Tensor:
+    """The client's static mask: fixed for FIT and the baselines, else searched once and kept in the
+    node state (or, after a server resume, the registered mask the server sends back)."""
+    if task.fixed is not None:
+        return task.fixed[client]
+    if msg is not None and "registered" in msg.content:
+        context.state["perfit"] = ArrayRecord({"mask": msg.content["registered"]["mask"]})
+    if "perfit" not in context.state:
+        mask = task.search(client)
+        context.state["perfit"] = ArrayRecord({"mask": Array(encode(mask))})
+    return decode(context.state["perfit"]["mask"].numpy(), task.layout.size)
+
+
+def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays:
+        content["arrays"] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
+def _start(msg: Message, context: Context, task: ClientTask, mask: torch.Tensor) -> torch.Tensor:
+    """The received values at the shared mask positions, the node's own kept values elsewhere."""
+    values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
+    received = scatter(values, mask & task.shared)
+    personal = None
+    if "personal" in context.state:
+        personal = scatter(torch.from_numpy(context.state["personal"]["values"].numpy().copy()), mask)
+    return task.starting_point(received, personal) * mask
+
+
+def _keep(context: Context, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor) -> None:
+    """Keep the trained adapter on the node when part of it is not shared."""
+    if not bool(task.shared.all()):
+        context.state["personal"] = ArrayRecord({"values": Array(gather(flat, mask).numpy().astype(np.float32))})
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which client this node is, and its train / eval rows (indices into the run's data file)."""
+    client = _client_id(context)
+    split = _task(msg, context).splits[client]
+    rows = {part: Array(np.asarray(getattr(split, part), dtype=np.int64)) for part in ("train", "eval")}
+    content = RecordDict({"info": ConfigRecord({"client": client}), "rows": ArrayRecord(rows)})
+    return Message(content, reply_to=msg)
+
+
+@app.query("search")
+def search(msg: Message, context: Context) -> Message:
+    client = _client_id(context)
+    task = _task(msg, context)
+    state_before = "perfit" in context.state
+    started = time.perf_counter()
+    mask = _mask(task, client, context)
+    metrics = {"client": client, "cached": int(state_before), "seconds": time.perf_counter() - started}
+    return _reply(msg, metrics, mask=encode(mask))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    client = _client_id(context)
+    task = _task(msg, context)
+    mask = _mask(task, client, context, msg)
+    result = task.train(client, _start(msg, context, task, mask), mask, int(msg.content["round"]["round"]))
+    _keep(context, task, result.flat, mask)
+    values = gather(result.flat, mask & task.shared).numpy().astype(np.float32)
+    metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
+    return _reply(msg, metrics, values=values)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    client = _client_id(context)
+    task = _task(msg, context)
+    mask = _mask(task, client, context, msg)
+    flat = _start(msg, context, task, mask)
+    metrics = {"client": client}
+    epochs = int(msg.content["round"].get("finetune", 0))
+    if epochs:  # local fine-tuning before the final evaluation; the result stays on the node
+        result = task.train(client, flat, mask, task.config.rounds + 1, epochs=epochs)
+        flat = result.flat
+        _keep(context, task, flat, mask)
+        metrics["finetune_loss"] = result.loss
+    total_nll, tokens = task.evaluate(client, flat)
+    return _reply(msg, {**metrics, "nll": total_nll, "tokens": tokens})

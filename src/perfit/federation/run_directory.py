@@ -1,0 +1,163 @@
+"""The run directory: config.toml, partitions.json, metrics.jsonl, summary.json, masks, adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perfit.artifacts.lora import save_adapter
+from perfit.config import Config
+from perfit.core.layout import Layout
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _same_value(name: str, recorded: Any, given: Any) -> bool:
+    """Config values equal for resuming: a local file given by another path (relative vs absolute,
+    another working directory) is the same input."""
+    if recorded == given:
+        return True
+    if name in ("data", "model", "cache_dir") and recorded and given:
+        first, second = Path(recorded).expanduser(), Path(given).expanduser()
+        return first.exists() and second.exists() and first.resolve() == second.resolve()
+    return False
+
+
+# How a run goes, not what it computes (up to float order). `dtype=auto` resolves per machine (bf16
+# where the CPU or GPU has the units), so a run resumed on another machine may continue at another
+# precision whatever its device; `--dtype fp32` or `bf16` pins it.
+RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device")
+
+
+def config_changes(run_dir: Path, config: Config) -> list[str]:
+    """`field: recorded -> given` for every field where `config` differs from the run's config.toml
+    (fields in RESULT_NEUTRAL aside; a local file given by another path is the same input)."""
+    from perfit.config import from_toml
+
+    recorded = from_toml(run_dir / "config.toml").to_dict()
+    return [
+        f"{k}: {recorded[k]!r} -> {v!r}"
+        for k, v in sorted(config.to_dict().items())
+        if k not in RESULT_NEUTRAL
+        and not (k == "init" and config.method != "perfit")  # only PerFIT reads its init (task.py)
+        and not _same_value(k, recorded[k], v)
+    ]
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A summary.json as written by `write_summary`, with the perplexities it stored as null (NaN or
+    inf: a diverged run) read back as NaN, so tables, ratios and the learning-rate choice treat them
+    as numbers that compare as missing instead of failing on None."""
+    summary = json.loads(path.read_text())
+    for key, value in summary.items():
+        if key.endswith("_ppl") and value is None:
+            summary[key] = math.nan
+        elif key.endswith("_ppl") and isinstance(value, dict):
+            summary[key] = {k: math.nan if v is None else v for k, v in value.items()}
+    return summary
+
+
+class RunDirectory:
+    """Writes a run's outputs under `config.out`; created only once the inputs validated. With
+    `config.resume` it continues an existing run directory instead."""
+
+    def __init__(self, config: Config) -> None:
+        self.path = Path(config.out).expanduser().resolve()
+        self.metrics_path = self.path / "metrics.jsonl"
+        if config.resume:
+            self._check_resumable(config)
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.toml").write_text(config.to_toml())
+        self.metrics_path.write_text("")
+
+    def _check_resumable(self, config: Config) -> None:
+        if not (self.path / "config.toml").is_file():
+            raise FileNotFoundError(f"{self.path}: no run to resume (config.toml missing)")
+        changed = config_changes(self.path, config)
+        if changed:
+            raise ValueError(f"{self.path}: cannot resume with a different config (changed: {', '.join(changed)})")
+
+    # ---- checkpoint: written atomically after every round ----
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        staging = self.path / f".{CHECKPOINT}.tmp"
+        tensors = {name: value.contiguous() for name, value in tensors.items()}
+        save_file(tensors, str(staging), metadata={"state": json.dumps(state)})
+        os.replace(staging, self.path / CHECKPOINT)  # atomic: a crash leaves the previous checkpoint
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(tensors, state) of the last finished round, or None before the first one; metrics of
+        rounds after it (written before a crash) are dropped so they are not logged twice."""
+        from safetensors import safe_open
+
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            self.metrics_path.write_text("")
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            state = json.loads(handle.metadata()["state"])
+        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        kept = [r for r in records if not r.get("final") and r["round"] <= state["round"]]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return tensors, state
+
+    def write_partitions(self, splits: dict[int, dict[str, list[int]]], held_out: list[int]) -> None:
+        """Each client's train / eval rows as its client reported them, and whether it was held out."""
+        data = {str(c): {**rows, "held_out": c in held_out} for c, rows in sorted(splits.items())}
+        (self.path / "partitions.json").write_text(json.dumps(data))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(json_safe(record)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        staging = self.path / ".summary.json.tmp"
+        staging.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+        os.replace(staging, self.path / "summary.json")
+
+    def write_masks(self, masks: dict[int, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"client_{c}": m.to(torch.uint8).contiguous() for c, m in sorted(masks.items())}
+        if tensors:
+            save_file(tensors, str(self.path / "masks.safetensors"))
+
+    def write_adapters(
+        self, layout: Layout, flats: dict[int | str, torch.Tensor], rank: int, alpha: float, base_path: str
+    ) -> None:
+        """`adapters/client_<id>/` per client, `adapters/global/` for the server's dense global adapter."""
+        for name, flat in flats.items():
+            directory = f"client_{name}" if isinstance(name, int) else str(name)
+            save_adapter(self.path / "adapters" / directory, layout, flat, rank, alpha, base_path)
+
+
+def sampler_state(sampler: random.Random) -> list[Any]:
+    """A JSON-able `random.Random` state (for the checkpoint)."""
+    version, internal, gauss = sampler.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_sampler(state: list[Any]) -> random.Random:
+    sampler = random.Random()
+    sampler.setstate((state[0], tuple(state[1]), state[2]))
+    return sampler
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value

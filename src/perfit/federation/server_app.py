@@ -1,0 +1,406 @@
+"""Flower ServerApp: sampling, personalized payloads, Eq. 6 aggregation, evaluation and outputs.
+
+The round loop is written on `Grid` (not a Strategy) because every client gets its own payload:
+the global adapter at its own mask positions. Masks reach the server once, bit-packed; afterwards
+only values at mask positions travel in either direction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from rich.progress import Progress
+
+from perfit.artifacts.base_model import model_fingerprint, resolve_model
+from perfit.artifacts.lora import layout_for
+from perfit.config import Config, from_mapping
+from perfit.core.aggregate import Accumulator, personalize
+from perfit.core.masks import PackedMasks, decode, gather, scatter
+from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
+from perfit.core.metrics import perplexity
+from perfit.federation.run_directory import RunDirectory, restore_sampler, sampler_state
+from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
+
+log = logging.getLogger("perfit")
+app = ServerApp()
+NODE_WAIT_SECONDS = 120.0
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = from_mapping(dict(context.run_config))
+    Federation(grid, config).run()
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Bytes of the arrays in a payload as Flower serializes them."""
+    return record.count_bytes()
+
+
+@dataclass
+class _Rounds:
+    """Where the round loop stands: its first and last round (after a resume, the first is the one
+    after the checkpoint), the client sampler, and the byte and time totals."""
+
+    first: int
+    last: int
+    sampler: random.Random
+    totals: dict[str, Any] = field(default_factory=lambda: dict(bytes_up=0, bytes_down=0, seconds_before_resume=0.0))
+    resumed: bool = False
+
+
+@dataclass
+class Federation:
+    """One run of FIT or PerFIT over the nodes behind `grid`."""
+
+    grid: Grid
+    config: Config
+    masks: PackedMasks | FixedMasks = field(default_factory=lambda: PackedMasks(0))
+    confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
+    nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
+    status: Callable[[str], None] = field(default=lambda text: None, repr=False)
+
+    def run(self) -> dict[str, Any]:
+        """Set up, run the rounds (from the checkpoint when resuming), evaluate every client, write
+        the outputs; returns the summary."""
+        config = self.config
+        started = time.perf_counter()
+        model_path = self._setup()
+        progress = self._start_rounds()
+        with Progress(transient=False) as shown:
+            bar = shown.add_task(f"{config.method}", total=config.rounds + 1, completed=progress.first - 1)
+            self.status = lambda text: shown.update(bar, description=f"{config.method}: {text}")
+            for round_number in range(progress.first, progress.last + 1):
+                self._run_round(round_number, progress, started)
+                shown.update(bar, advance=1)
+            final = self._final_evaluation()
+            shown.update(bar, advance=1)
+        summary = self._summary(final, progress, model_path, time.perf_counter() - started)
+        self._write_outputs(final, summary, model_path)
+        return summary
+
+    # ---- the phases of a run ----
+    def _setup(self) -> str:
+        """The adapter layout (from the model's config, no weights), the seeded global adapter, the
+        nodes and their clients' partitions, the run directory, and the masks of a method without a
+        search. Returns the model path recorded with the run."""
+        config = self.config
+        model_path = resolve_model(config)
+        self.layout = layout_for(model_path, config.dense_rank, config.alpha_value)
+        self.masks = PackedMasks(self.layout.size)
+        self.global_flat = global_start(self.layout, config)
+        self.shared = shared_positions(self.layout, config.method)
+        splits = self._discover_nodes()  # the clients open and validate their data; before any output
+        self.out = RunDirectory(config)
+        self.out.write_partitions(splits, config.held_out)
+        fixed = fixed_masks(self.layout, config, config.participants)
+        if fixed is not None:  # no search, nothing to register or checkpoint
+            self.masks = fixed
+            self.confirmed = set(self.masks)
+        return model_path
+
+    def _start_rounds(self) -> _Rounds:
+        """The round loop's start: round 1, or after the last checkpointed round when resuming."""
+        config = self.config
+        progress = _Rounds(first=1, last=config.rounds, sampler=random.Random(config.seed))
+        checkpoint = self.out.load_checkpoint() if config.resume else None
+        if checkpoint is not None:
+            progress.first, progress.sampler, progress.totals = self._restore(*checkpoint)
+            progress.resumed = True
+        if not config.federated:  # `local`: no rounds, only the final (fine-tuning) evaluation
+            progress.last = progress.first - 1
+        return progress
+
+    def _run_round(self, round_number: int, progress: _Rounds, started: float) -> None:
+        """One round on a seeded sample of the participants, logged and checkpointed."""
+        config = self.config
+        sampled = sorted(progress.sampler.sample(config.participants, config.clients_per_round))
+        record = self._round(round_number, sampled)
+        progress.totals["bytes_up"] += record["bytes_up"]
+        progress.totals["bytes_down"] += record["bytes_down"]
+        self.out.append_metrics(record)
+        self._checkpoint(round_number, progress.sampler, progress.totals, started)
+
+    def _final_evaluation(self) -> dict[str, Any]:
+        """Every client evaluated (after local fine-tuning where the method asks for it)."""
+        everyone = self.config.final_eval
+        final_up = self._ensure_masks(everyone)
+        self.status(f"evaluating {len(everyone)} clients")
+        final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs)
+        self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
+        return {**final, "bytes_up": final_up}
+
+    def _summary(self, final: dict[str, Any], progress: _Rounds, model_path: str, seconds: float) -> dict[str, Any]:
+        config, totals = self.config, progress.totals
+        return {
+            "method": config.method,
+            "split": config.split,
+            "evaluated_on": "validation" if config.validation else "held_out",
+            "personalized_ppl": final["personalized_ppl"],
+            "overall_ppl": final["overall_ppl"],
+            "per_client_ppl": {str(c): v for c, v in final["per_client_ppl"].items()},
+            "trainable_params_per_client": {str(c): int(m.sum()) for c, m in sorted(self.masks.items())},
+            "bytes_up_total": totals["bytes_up"] + final["bytes_up"],
+            "bytes_down_total": totals["bytes_down"] + final["bytes_down"],
+            "wall_seconds": totals["seconds_before_resume"] + seconds,
+            "search_seconds": self.search_seconds,
+            "rounds": config.rounds,
+            "dense_rank": config.dense_rank,
+            "rejected_updates": self.rejected,
+            "client_adapters": "server" if self._server_holds_clients() else "clients",
+            "held_out_clients": config.held_out,
+            "resumed_at_round": progress.first if progress.resumed else None,
+            "model": model_path,
+            "model_fingerprint": model_fingerprint(model_path),
+            "out": str(self.out.path),
+        }
+
+    def _write_outputs(self, final: dict[str, Any], summary: dict[str, Any], model_path: str) -> None:
+        """The final metrics line, the searched masks, the adapters the server holds, the summary."""
+        config = self.config
+        self.out.append_metrics(
+            {"round": config.rounds, "final": True, **{k: final[k] for k in ("personalized_ppl", "overall_ppl")}}
+        )
+        self.out.write_masks(self.masks if config.method == "perfit" else {})
+        adapters: dict[int | str, torch.Tensor] = {}
+        if self._server_holds_clients():
+            adapters = {c: personalize(self.global_flat, m) for c, m in self.masks.items()}
+        if config.federated:
+            adapters["global"] = self.global_flat
+        self.out.write_adapters(self.layout, adapters, config.dense_rank, config.alpha_value, model_path)
+        self.out.write_summary(summary)
+
+    def _server_holds_clients(self) -> bool:
+        """Whether the server holds every client's final adapter: not when part of it stays on the
+        client (FedSA-LoRA's B, `local`) or is fine-tuned there before the final evaluation."""
+        return bool(self.shared.all()) and self.config.final_finetune_epochs == 0
+
+    def _round(self, round_number: int, sampled: list[int]) -> dict[str, Any]:
+        """Masks for newcomers, local training, Eq. 6 aggregation and optional evaluation."""
+        config = self.config
+        round_started = time.perf_counter()
+        up_search = self._ensure_masks(sampled)
+        self.status(f"round {round_number}/{config.rounds}: training {len(sampled)} clients")
+        train = self._train_round(sampled, round_number)
+        record = {
+            "round": round_number,
+            "clients": sampled,
+            "accepted": train["accepted"],
+            "counted": train["counted"],
+            "train_loss": train["loss"],
+            "bytes_up": up_search + train["bytes_up"],
+            "bytes_down": train["bytes_down"],
+        }
+        if config.eval_every and round_number % config.eval_every == 0:
+            evaluation = self._evaluate(sampled, round_number)
+            record.update({k: evaluation[k] for k in ("personalized_ppl", "per_client_ppl", "overall_ppl")})
+            record["bytes_down"] += evaluation["bytes_down"]
+        record["seconds"] = time.perf_counter() - round_started
+        return record
+
+    # ---- checkpoint and resume ----
+    def _checkpoint(self, round_number: int, sampler: random.Random, totals: dict[str, Any], started: float) -> None:
+        tensors = {"global": self.global_flat}
+        if isinstance(self.masks, PackedMasks):  # searched masks; fixed ones are rebuilt on resume
+            tensors.update({f"mask_{c}": torch.from_numpy(self.masks.packed(c)) for c in self.masks})
+        state = {
+            "round": round_number,
+            "sampler": sampler_state(sampler),
+            "bytes_up": totals["bytes_up"],
+            "bytes_down": totals["bytes_down"],
+            "seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
+            "rejected": self.rejected,
+        }
+        self.out.save_checkpoint(tensors, state)
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> tuple[int, random.Random, dict]:
+        """Server state after the checkpointed round; nodes get their masks back with their next message."""
+        self.global_flat = tensors["global"]
+        for name, packed in tensors.items():
+            if name.startswith("mask_"):
+                self.masks.set_packed(int(name.removeprefix("mask_")), packed.numpy())
+        self.confirmed = set(self.masks) if self.config.method != "perfit" else set()
+        self.rejected = list(state["rejected"])
+        log.info("resuming %s after round %d", self.out.path, state["round"])
+        totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
+        totals["seconds_before_resume"] = state["seconds"]
+        return state["round"] + 1, restore_sampler(state["sampler"]), totals
+
+    # ---- messaging ----
+    def _message(
+        self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int, finetune: int = 0
+    ) -> Message:
+        step = ConfigRecord({"round": round_number, "finetune": finetune})
+        content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
+        if arrays is not None:
+            content["arrays"] = arrays
+        if client in self.masks and client not in self.confirmed:  # after a resume: the node lost its state
+            content["registered"] = ArrayRecord({"mask": Array(self.masks.packed(client))})
+        return Message(content, dst_node_id=self.nodes[client], message_type=message_type, group_id=str(round_number))
+
+    def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
+        """Send and collect replies by client, waiting at most `reply_timeout_seconds`; failed,
+        late, missing and unexpected replies are logged and dropped."""
+        by_node = {message.metadata.dst_node_id: client for client, message in messages.items()}
+        replies, failed = {}, set()
+        timeout = self.config.reply_timeout_seconds
+        for reply in self.grid.send_and_receive(list(messages.values()), timeout=timeout):
+            client = by_node.get(reply.metadata.src_node_id)
+            if client is None:
+                log.warning("reply from unknown node %s ignored", reply.metadata.src_node_id)
+            elif reply.has_error():
+                failed.add(client)
+                self._reject(client, f"client error: {reply.error.reason.strip().splitlines()[-1]}")
+            else:
+                replies[client] = reply
+        for client in sorted(set(messages) - set(replies) - failed):
+            self._reject(client, f"no reply within {timeout:g} s")
+        self.confirmed.update(c for c in replies if c in self.masks)
+        return replies
+
+    def _reject(self, client: int, reason: str) -> None:
+        log.warning("client %d: update rejected: %s", client, reason)
+        self.rejected.append({"client": client, "reason": reason})
+
+    def _discover_nodes(self) -> dict[int, dict[str, list[int]]]:
+        """Map client (partition) ids to node ids; simulation nodes register shortly after start.
+        Each node answers with its client's train / eval rows (indices into the run's data file, as
+        its client computed them): the server writes them to partitions.json without opening data."""
+        needed = self.config.participants
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while len(node_ids := list(self.grid.get_node_ids())) < len(needed):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(node_ids)} of {len(needed)} nodes connected")
+            time.sleep(0.1)
+        content = RecordDict({"run": ConfigRecord(self.config.to_dict())})
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        splits, errors = {}, []
+        for reply in self.grid.send_and_receive(messages):
+            if reply.has_error():
+                errors.append(reply.error.reason.strip().splitlines()[-1])
+                continue
+            client = int(reply.content["info"]["client"])
+            self.nodes[client] = reply.metadata.src_node_id
+            rows = reply.content["rows"]
+            splits[client] = {part: rows[part].numpy().tolist() for part in ("train", "eval")}
+        missing = set(needed) - set(self.nodes)
+        if missing:
+            reasons = f": {'; '.join(sorted(set(errors)))}" if errors else ""
+            raise RuntimeError(f"no node answered for clients {sorted(missing)}{reasons}")
+        return splits
+
+    # ---- the three phases ----
+    def _ensure_masks(self, clients: list[int]) -> int:
+        """Ask clients without a mask to search one (Alg. 1), once; returns bytes uploaded."""
+        todo = [c for c in clients if c not in self.masks]
+        if not todo:
+            return 0
+        self.status(f"searching masks (Alg. 1) for {len(todo)} clients")
+        replies = self._exchange({c: self._message(c, "query.search", None, 0) for c in todo})
+        uploaded = 0
+        for client, reply in replies.items():
+            arrays = reply.content["arrays"]
+            uploaded += array_bytes(arrays)
+            if "metrics" in reply.content:
+                self.search_seconds += float(reply.content["metrics"].get("seconds", 0.0))
+            try:
+                mask = decode(arrays["mask"].numpy(), self.layout.size)
+            except (KeyError, ValueError) as err:
+                self._reject(client, f"bad mask: {err}")
+                continue
+            problem = mask_problem(int(mask.sum()), self.layout.budget(self.config.client_rank_budget(client)))
+            if problem:
+                self._reject(client, problem)
+                continue
+            self.masks[client] = mask
+            self.confirmed.add(client)
+        return uploaded
+
+    def _payload(self, client: int) -> ArrayRecord:
+        values = gather(self.global_flat, self.masks[client] & self.shared).numpy().astype(np.float32)
+        return ArrayRecord({"values": Array(values)})
+
+    def _send(
+        self, clients: list[int], message_type: str, round_number: int, finetune: int = 0
+    ) -> tuple[dict[int, Message], int]:
+        """Each client's adapter at its own (shared) mask positions; (replies, bytes sent down)."""
+        ready = [c for c in clients if c in self.masks]
+        messages = {c: self._message(c, message_type, self._payload(c), round_number, finetune) for c in ready}
+        bytes_down = sum(array_bytes(record) for m in messages.values() for record in m.content.array_records.values())
+        return self._exchange(messages), bytes_down
+
+    def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
+        replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
+        updates, losses, bytes_up = Accumulator(self.config.aggregation_rule, self.layout.size), [], 0
+        for client, reply in replies.items():
+            payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
+            bytes_up += payload_bytes
+            arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
+            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
+            mask = self.masks[client] & self.shared
+            problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes)
+            if problem:
+                self._reject(client, problem)
+                continue
+            if int(metrics["examples"]) == 0:
+                continue  # a client without train rows has nothing to contribute
+            dense = scatter(torch.from_numpy(arrays["values"].copy()), mask)
+            updates.add(mask, dense, self._weight(dense, int(metrics["examples"])))
+            losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
+        needed = math.ceil(self.config.min_replies * len(sampled))
+        counted = updates.count > 0 and updates.count >= needed
+        if counted:
+            self.global_flat = updates.result(self.global_flat)
+        else:
+            log.warning("round %d not counted: %d accepted updates, %d needed", round_number, updates.count, needed)
+        weight = sum(w for _, w in losses)
+        loss = sum(v * w for v, w in losses) / weight if weight else float("nan")
+        return {
+            "loss": loss,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "accepted": updates.count,
+            "counted": counted,
+        }
+
+    def _weight(self, dense: torch.Tensor, examples: int) -> float:
+        """Aggregation weight: the client's example count; HetLoRA's sparsity weight ||B A||_F."""
+        if self.config.method == "hetlora":
+            return max(lora_update_norm(self.layout, dense), 1e-12)
+        return float(examples)
+
+    def _evaluate(self, clients: list[int], round_number: int, finetune: int = 0) -> dict[str, Any]:
+        """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows,
+        after `finetune` local epochs on the client when asked (the final evaluation)."""
+        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune)
+        per_client, nll_total, token_total = {}, 0.0, 0
+        for client, reply in sorted(replies.items()):
+            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            problem = evaluation_problem(client, metrics)
+            if problem:
+                self._reject(client, problem)
+                continue
+            nll, tokens = float(metrics["nll"]), int(metrics["tokens"])
+            per_client[client] = perplexity(nll, tokens)
+            nll_total += nll
+            token_total += tokens
+        measured = [v for v in per_client.values() if math.isfinite(v)]
+        return {
+            "personalized_ppl": sum(measured) / len(measured) if measured else float("nan"),
+            "overall_ppl": perplexity(nll_total, token_total),
+            "per_client_ppl": per_client,
+            "bytes_down": bytes_down,
+        }

@@ -1,0 +1,114 @@
+"""Run the Flower app in this process on Flower's Simulation Runtime (Ray), with a perfit Config.
+
+`flwr run .` runs the same ServerApp/ClientApp; this path exists so that `perfit run` and the tests
+pass a Config straight in (Flower's public `run_simulation` takes no run config).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from perfit.config import Config
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def client_gpus(config: Config, actors: int) -> float:
+    """The GPU share Ray gives each client process when clients train on `cuda` (auto or cuda without
+    an index), else 0: Ray places a fractional share on one GPU, so the `actors` that run at once are
+    packed ceil(actors / GPUs) to a GPU, each share rounded down to Ray's 1e-4 resource unit so that
+    they fit. With an explicit `cuda:N` Ray assigns nothing and every process sees all GPUs
+    (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0)."""
+    from perfit.client.model import resolve_device
+
+    if config.device not in ("auto", "cuda") or resolve_device(config.device).type != "cuda":
+        return 0.0
+    per_gpu = math.ceil(max(actors, 1) / _visible_gpus())
+    return math.floor(10_000 / per_gpu) / 10_000
+
+
+def _init_ray(init_args: dict[str, Any]) -> None:
+    """Start Ray before Flower does, with the app's import path in the environment that Ray's worker
+    processes inherit instead of in a runtime env, as Flower's RayBackend passes it (it starts Ray
+    only when none is running). With a runtime env, no worker Ray starts ahead can host a client:
+    each client process starts anew through the runtime-env agent once the run asks for it."""
+    import ray
+
+    if ray.is_initialized():  # the caller's own Ray: Flower uses it as it is
+        return
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = path
+    ray.init(**init_args)
+
+
+def run_simulation(
+    config: Config, num_cpus: int | None = None, cpus_per_client: int = 2, client_app: Any = None
+) -> dict[str, Any]:
+    """Run one federation to completion and return its summary (also in `<out>/summary.json`).
+
+    `client_app` replaces perfit's ClientApp (e.g. a wrapped one that injects faults in tests).
+
+    Each simulated client gets `cpus_per_client` cores (torch threads): on 2 cores one 2-thread
+    client process runs a round as fast as two 1-thread ones, with one model copy in memory instead
+    of two (docs/speed.md).
+    """
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import ray
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from perfit.federation.client_app import app as perfit_client_app
+    from perfit.federation.run_directory import read_summary
+    from perfit.federation.server_app import app as server_app
+
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
+    ray_dir = tempfile.mkdtemp(prefix="perfit-ray-")  # Ray's session files stay out of ~ and of the repo
+    cpus = num_cpus or os.cpu_count() or 1
+    gpus = client_gpus(config, cpus // min(cpus_per_client, cpus))
+    backend = {
+        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": _visible_gpus(),
+            "logging_level": "ERROR",
+            "log_to_driver": False,  # client failures reach the server as error replies
+            "include_dashboard": False,
+            "_temp_dir": ray_dir,
+        },
+    }
+    try:
+        _init_ray(backend["init_args"])
+        _run_simulation(
+            num_supernodes=config.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app or perfit_client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend,
+            run=run,
+            server_app_context=context,
+        )
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return read_summary(Path(config.out).expanduser().resolve() / "summary.json")

@@ -1,0 +1,72 @@
+"""Generate answers from a run's models with the Alpaca prompt the run was trained on: a client's
+personalized adapter, the federation's global adapter, or the base model (adapter disabled)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from perfit.client.data import prompt
+
+STOP = "\n### "  # the next Alpaca section: a model that has not learned EOS well starts a new turn here
+
+
+def visible_length(text: str) -> int:
+    """How much of the generated `text` can be shown: everything before a STOP marker, minus a tail
+    that may still become one."""
+    if STOP in text:
+        return text.index(STOP)
+    held = next((k for k in range(len(STOP) - 1, 0, -1) if text.endswith(STOP[:k])), 0)
+    return len(text) - held
+
+
+def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    from transformers import TextStreamer
+
+    class _Callback(TextStreamer):
+        text, shown = "", 0
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.text += text
+            end = self.text.find(STOP) if STOP in self.text else len(self.text)
+            end = end if stream_end else visible_length(self.text)
+            if end > self.shown:
+                on_text(self.text[self.shown : end])
+                self.shown = end
+
+    return _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    instruction: str,
+    context: str = "",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The model's answer to one instruction (greedy when temperature is 0), up to EOS or the start of
+    a new Alpaca section; `on_text` receives the text as it is generated."""
+    text = prompt({"instruction": instruction, "context": context})
+    inputs = tokenizer(text, return_tensors="pt")
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    torch.manual_seed(seed)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=_streamer(tokenizer, on_text) if on_text else None,
+        stop_strings=[STOP],
+        tokenizer=tokenizer,
+        top_p=None,
+        top_k=None,
+        **sampling,
+    )
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answer.split(STOP)[0].strip()
