@@ -53,6 +53,30 @@ def small_data(tmp_path_factory) -> Path:
     return path
 
 
+OWNER_SIZES = {"acme": 40, "globex": 60, "initech": 120}
+"""Three data owners' private files (rows each): acme's in dolly's fields (one category), globex's
+without a `category`, initech's in Alpaca's fields (`instruction` / `input` / `output`)."""
+
+
+@pytest.fixture(scope="session")
+def owners_dir(tmp_path_factory) -> Path:
+    """A directory of three owners' .jsonl files built from dolly rows of different categories."""
+    by_category: dict[str, list[dict]] = {}
+    for row in dolly_rows(60):
+        by_category.setdefault(row["category"], []).append(row)
+    acme = by_category["brainstorming"][:40]
+    globex = [{k: v for k, v in row.items() if k != "category"} for row in by_category["general_qa"][:60]]
+    initech = [
+        {"instruction": r["instruction"], "input": r["context"], "output": r["response"]}
+        for r in by_category["summarization"][:60] + by_category["open_qa"][:60]
+    ]
+    directory = tmp_path_factory.mktemp("owners")
+    for name, rows in (("acme", acme), ("globex", globex), ("initech", initech)):
+        assert len(rows) == OWNER_SIZES[name]
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama (hidden 32) and a 400-token BPE tokenizer trained on dolly text."""

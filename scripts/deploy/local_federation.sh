@@ -8,7 +8,9 @@
 # process it started. Exit 0 only when the run finished completed. Ports are free ones (PERFIT_SUPERLINK_PORT
 # to pin the SuperLink's); certificates, keys, logs and Flower homes go to DEPLOY_DIR (default a new /tmp dir).
 # The ServerApp writes the outputs at --out (give an absolute path). PERFIT_DATA / PERFIT_MODEL, when set, reach
-# every SuperNode (see supernode.sh).
+# every SuperNode (see supernode.sh). Data owners (`--split owner`): PERFIT_OWNERS_DIR holds one .jsonl per owner;
+# SuperNode k gets the k-th file (by name) as its own `data` and the file's stem as its `name`, and the run
+# config's `data` is never read.
 set -euo pipefail
 if [[ -n ${DEPLOY_DIR:-} ]]; then
     mkdir -p "$DEPLOY_DIR" && WORK=$(cd "$DEPLOY_DIR" && pwd)
@@ -73,7 +75,15 @@ KEYS=()
 for ((k = 0; k < N; k++)); do KEYS+=("$CERTS/supernode-$k.pub"); done
 "$REPO/scripts/deploy/register.sh" "$CONNECTION" "${KEYS[@]}"
 
+OWNER_FILES=()
+if [[ -n ${PERFIT_OWNERS_DIR:-} ]]; then
+    OWNER_FILES=("$PERFIT_OWNERS_DIR"/*.jsonl)
+    [[ ${#OWNER_FILES[@]} -eq $N ]] || { echo "$PERFIT_OWNERS_DIR: ${#OWNER_FILES[@]} owner files, N=$N" >&2; exit 2; }
+fi
 for ((k = 0; k < N; k++)); do
+    if [[ ${#OWNER_FILES[@]} -gt 0 ]]; then
+        export PERFIT_DATA=${OWNER_FILES[k]} PERFIT_NAME=$(basename "${OWNER_FILES[k]}" .jsonl)
+    fi
     FLWR_HOME=$WORK/supernode-$k-home SUPERNODE_PORT=${PORTS[k + 1]} "$REPO/scripts/deploy/supernode.sh" \
         "127.0.0.1:$PORT" "$CERTS/ca.crt" "$CERTS/supernode-$k" "$k" "$N" > "$WORK/supernode-$k.log" 2>&1 &
     PIDS+=($!)

@@ -18,9 +18,16 @@ from perfit.use.join import join
 
 
 def check_inputs(config: Config) -> None:
-    """Validate the data and its split before anything runs (raises DataError naming file, line, field)."""
-    from perfit.client.data import load_rows, partition
+    """Validate the data and its split before anything runs (raises DataError naming file, line,
+    field). Owners' files (`split=owner`) are counted here, not opened: only their clients read them,
+    and a bad one stops the run before any output, naming file, line and field."""
+    from perfit.client.data import DataError, load_rows, owner_files, partition
 
+    if config.split == "owner":
+        files = owner_files(config.data)
+        if len(files) != config.num_clients:
+            raise DataError(f"{config.data}: {len(files)} owner files, but num_clients is {config.num_clients}")
+        return
     partition(load_rows(config.data), config)
 
 

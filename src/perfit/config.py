@@ -18,7 +18,7 @@ DEFAULT_DATA = "databricks/databricks-dolly-15k"
 
 CHOICES = {
     "method": ("fit", "perfit", "local", "fedsa", "hetlora"),
-    "split": ("pathological", "dirichlet"),
+    "split": ("pathological", "dirichlet", "owner"),
     "metric": ("first", "second", "mixed"),
     "scope": ("global", "per_module"),
     "aggregation": ("shared", "literal"),
@@ -35,10 +35,14 @@ class Config:
 
     method: str = "perfit"
     """`fit` (FedAvg of a dense rank-r LoRA, peft init), `perfit` (search + Eq. 6), or a baseline
-    (baselines.py): `local` (each client trains its own LoRA, no federation), `fedsa` (FedSA-LoRA: A
+    (`core/methods.py`): `local` (each client trains its own LoRA, no federation), `fedsa` (FedSA-LoRA: A
     averaged, B kept by its client), `hetlora` (HetLoRA: rank truncation, zero-padding aggregation)."""
     split: str = "pathological"
-    """`pathological` (classes_per_client categories each) or `dirichlet` (Dir(dirichlet_alpha))."""
+    """How clients get their data. `owner`: each data owner's own file is its client's whole dataset
+    (a Deployment Engine node's `data` node config; in simulation `data` is a directory with one
+    `*.jsonl` per owner, sorted by name); the server never opens a data file. The research splits
+    cut one shared dolly file: `pathological` (classes_per_client categories each) or `dirichlet`
+    (Dir(dirichlet_alpha))."""
     classes_per_client: int = 2
     """Categories per client under the pathological split (paper: 2 of 8)."""
     dirichlet_alpha: float = 0.5
@@ -115,6 +119,10 @@ class Config:
     holdout_clients: int = 0
     """Clients held out of training entirely (seeded choice, recorded in partitions.json), so that
     `perfit join` can be measured on data owners who never took part."""
+    update_bound: float = 0.0
+    """Server-side norm bound on updates: each accepted update's change from what its client received
+    is scaled down to at most this multiple of the round's lower-median change norm before Eq. 6, so
+    fewer than half of a round's clients cannot drag the global adapter further than that; 0: off."""
     min_replies: float = 0.5
     """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""
@@ -169,6 +177,7 @@ class Config:
             "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,
+            "update_bound": self.update_bound == 0 or self.update_bound >= 1.0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,
             "resume": self.resume in (0, 1),

@@ -50,10 +50,20 @@ def _corrupt(reply: Message, fault: str, client: int) -> None:
     arrays["values"] = Array(values)
 
 
+HOSTILE = {"scale100": 100.0, "negate": -1.0}
+"""Finite, well-formed updates that pass every check: the client's honest change times this."""
+
+
+def _scale_change(reply: Message, received: np.ndarray, factor: float) -> None:
+    values = reply.content["arrays"]["values"].numpy()
+    reply.content["arrays"]["values"] = Array((received + factor * (values - received)).astype(np.float32))
+
+
 def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     """perfit's ClientApp, except that client `c` answers with fault `faults[c]`:
     one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
-    or `over_budget_mask` (registers a mask holding every position)."""
+    `over_budget_mask` (registers a mask holding every position), or one of HOSTILE (a sound-looking
+    update whose change from what the client received is scaled)."""
     app = ClientApp()
 
     def _client(context: Context) -> int:
@@ -78,9 +88,12 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
             raise RuntimeError("injected client failure")
         if fault == "hang":
             time.sleep(hang_seconds)
+        received = msg.content["arrays"]["values"].numpy().copy()
         reply = perfit_client.train(msg, context)
         if fault in TRAIN_FAULTS:
             _corrupt(reply, fault, _client(context))
+        if fault in HOSTILE:
+            _scale_change(reply, received, HOSTILE[fault])
         return reply
 
     @app.evaluate()

@@ -24,6 +24,7 @@ from flwr.app import Context, RecordDict
 from perfit.config import Config
 from perfit.federation import client_app
 
+from ..conftest import OWNER_SIZES
 from ..tiny import TINY_RUN, cli_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +154,39 @@ def test_two_rounds_on_deployment_engine(tiny_model, small_data, tmp_path):
     superlink_log = (work / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1:" in superlink_log  # TLS, loopback only
     assert superlink_log.count('/v1/fleet/activate-node HTTP/1.1" 200') == 2  # both registered nodes
+
+
+def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
+    """Three owners, each SuperNode with its own private file (40 / 60 / 120 rows; one without
+    `category`, one in Alpaca's fields), `split=owner`, 2 rounds of PerFIT over TLS with node
+    authentication. The run config's `data` names no file: the server side never has a path to one."""
+    flags = {**TINY_RUN, "split": "owner", "num_clients": 3, "clients_per_round": 2, "rounds": 2, "seed": 1}
+    nowhere = tmp_path / "no-data-on-the-server"
+    args = cli_args({**flags, "model": tiny_model, "data": nowhere})
+    work, out = tmp_path / "deploy", tmp_path / "out"
+    env = _env(tmp_path, "cli-home", DEPLOY_DIR=str(work), PERFIT_OWNERS_DIR=str(owners_dir))
+    driver = _start([str(DEPLOY / "local_federation.sh"), *args, "--out", str(out)], tmp_path / "driver.log", env)
+    try:
+        driver.wait(timeout=600)
+        left = _wait_gone(tmp_path)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        _stop_all(tmp_path)
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, output[-4000:]
+    assert left == [] and "finished:completed" in output
+    assert not nowhere.exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["client_names"] == {"0": "acme", "1": "globex", "2": "initech"}
+    assert all(value > 1 for value in summary["per_client_ppl"].values()) and summary["rejected_updates"] == []
+    partitions = json.loads((out / "partitions.json").read_text())
+    for client, (name, rows) in enumerate(OWNER_SIZES.items()):  # 80/20 of each owner's own file, counts only
+        assert partitions[str(client)] == {
+            "name": name, "train_rows": rows - rows // 5, "eval_rows": rows // 5, "held_out": False
+        }  # fmt: skip
+    assert str(owners_dir) not in (out / "config.toml").read_text()
 
 
 def test_unregistered_and_plaintext_clients_are_refused(tmp_path):

@@ -58,11 +58,12 @@ def config_from(ctx: typer.Context, config_file: Path | None, preset: str | None
 def errors(what: str, *more: type[Exception]) -> Iterator[None]:
     """Known input errors (and `more` kinds) become one red line and exit code 2, never a traceback."""
     from perfit.client.data import DataError
+    from perfit.federation.server_app import NodesFailed
     from perfit.use.export import RunError
 
     try:
         yield
-    except (DataError, RunError, FileNotFoundError, *more) as err:
+    except (DataError, RunError, NodesFailed, FileNotFoundError, *more) as err:
         console.print(f"[red]{what} error:[/red] {err}")
         raise typer.Exit(2) from err
 
@@ -74,7 +75,8 @@ def run_federation(config: Config) -> dict[str, Any]:
     with errors("data"):  # validate before anything starts, so bad input writes no run output
         check_inputs(config)
     console.print(f"[bold]{config.method}[/bold] on {config.data} -> {config.out}")
-    return run_simulation(config)
+    with errors("data"):  # a client's bad file, found on its node: named, and nothing written
+        return run_simulation(config)
 
 
 def _shown_path(path: str) -> str:

@@ -1,5 +1,6 @@
-"""Instruction data: load and validate, Alpaca prompt, tokenise with loss on the response only,
-and the seeded federated partitions (flwr-datasets partitioners, 80/20 train/eval per client)."""
+"""Instruction data: load and validate, Alpaca prompt, tokenise with loss on the response only, and
+each client's rows: a data owner's own file (`split=owner`), or the seeded partitions of one shared
+research file (flwr-datasets partitioners); then 80/20 train/eval per client."""
 
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ class DataError(ValueError):
     """Malformed instruction data; the message names the file, the line and the field."""
 
 
-def validate_record(record: Any, where: str) -> dict[str, str]:
-    """Check one record's fields; `where` is e.g. 'data.jsonl:12'."""
+def validate_record(record: Any, where: str, owner: bool = False) -> dict[str, str]:
+    """Check one record's fields; `where` is e.g. 'data.jsonl:12'. The research splits need dolly's
+    four fields and categories; an owner's file (`owner`) needs `instruction` and `response` only
+    (`context` and `category` may be absent), or Alpaca's `instruction` / `input` / `output`."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if owner:
+        return _owner_record(record, where)
     for field in FIELDS:
         if field not in record:
             raise DataError(f"{where}: field '{field}' is missing")
@@ -58,10 +63,29 @@ def validate_record(record: Any, where: str) -> dict[str, str]:
     return {field: record[field] for field in FIELDS}
 
 
+def _owner_record(record: dict[str, Any], where: str) -> dict[str, str]:
+    """An owner's record as dolly's four fields: Alpaca's `input` / `output` read as `context` /
+    `response` where a record has no `response`; absent `context` and `category` are empty."""
+    alpaca = "response" not in record and "output" in record
+    names = {"context": "input", "response": "output"} if alpaca else {}
+    row = {}
+    for field in FIELDS:
+        source = names.get(field, field)
+        value = record.get(source, "")
+        if source not in record and field in ("instruction", "response"):
+            raise DataError(f"{where}: field '{source}' is missing")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{source}' must be a string, got {type(value).__name__}")
+        if field in ("instruction", "response") and not value.strip():
+            raise DataError(f"{where}: field '{source}' is empty")
+        row[field] = value
+    return row
+
+
 MAX_LINE_BYTES = 4 << 20  # one record; far above any instruction example, far below a memory problem
 
 
-def _read_local(path: Path) -> list[dict[str, str]]:
+def _read_local(path: Path, owner: bool = False) -> list[dict[str, str]]:
     if path.suffix == ".jsonl":
         rows = []
         with path.open("rb") as handle:
@@ -81,7 +105,7 @@ def _read_local(path: Path) -> list[dict[str, str]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
-                rows.append(validate_record(record, where))
+                rows.append(validate_record(record, where, owner))
         return rows
     try:
         text = path.read_text(encoding="utf-8")
@@ -93,16 +117,17 @@ def _read_local(path: Path) -> list[dict[str, str]]:
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return [validate_record(record, f"{path}: record {index}") for index, record in enumerate(records)]
+    return [validate_record(record, f"{path}: record {index}", owner) for index, record in enumerate(records)]
 
 
-def load_rows(data: str) -> list[dict[str, str]]:
-    """All rows of a local .jsonl/.json file or a hub dataset id, validated."""
+def load_rows(data: str, owner: bool = False) -> list[dict[str, str]]:
+    """All rows of a local .jsonl/.json file or a hub dataset id, validated (as an owner's file
+    where `owner`: see `validate_record`)."""
     path = Path(data).expanduser()
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise DataError(f"{path}: no such data file")
-        rows = _read_local(path)
+        rows = _read_local(path, owner)
     else:
         import datasets
 
@@ -144,6 +169,28 @@ def tokenize(row: dict[str, str], tokenizer: Any, cutoff_len: int) -> Example:
 class ClientSplit:
     train: list[int]
     eval: list[int]
+
+
+def owner_files(data: str) -> list[Path]:
+    """The owners' files of `split=owner`: every `*.jsonl` in the directory `data`, sorted by name
+    (client k is the k-th; its name is the file's stem), or `data` itself when it is one file (a
+    Deployment Engine node's own file, from its node config)."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"{path}: no *.jsonl owner files in this directory")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file or directory")
+    return [path]
+
+
+def owner_split(rows: int, config: Config) -> ClientSplit:
+    """An owner's own rows split 80/20 (seeded by the run's seed alone: the split does not depend on
+    which client id the owner gets), then again for `validation`."""
+    split = split_train_eval(list(range(rows)), config.max_samples_per_client, seed=config.seed * 100_003)
+    return validation_split(split, seed=config.seed * 100_019) if config.validation else split
 
 
 def partition(rows: list[dict[str, str]], config: Config) -> dict[int, ClientSplit]:

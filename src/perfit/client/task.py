@@ -8,6 +8,7 @@ import random
 import sys
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import lora_layout
 from perfit.client import onednn
 from perfit.client.batching import micro_batches
-from perfit.client.data import ClientSplit, Example, load_rows, partition, tokenize
+from perfit.client.data import ClientSplit, Example, load_rows, owner_files, owner_split, partition, tokenize
 from perfit.client.hardware import compile_wanted, cpp_compiler_found, cpu_has_bf16, training_autocast
 from perfit.client.model import attach_lora, compile_decoder, device_of, load_base, resolve_device
 from perfit.client.train import Schedule, TrainResult, evaluate_nll, importance_scores, train_masked
@@ -63,14 +64,46 @@ class ClientTask:
         self.model_path = resolve_model(config)
         self._rows = rows
         self._examples: dict[tuple[int, str], list[Example]] = {}
+        self._owner_rows: dict[Path, list[dict[str, str]]] = {}
+
+    @property
+    def owners(self) -> bool:
+        """Whether each client's data is its owner's own file (`split=owner`)."""
+        return self.config.split == "owner"
 
     @cached_property
     def rows(self) -> list[dict[str, str]]:
+        """The research splits' shared file, all rows."""
         return self._rows if self._rows is not None else load_rows(self.config.data)
 
     @cached_property
     def splits(self) -> dict[int, ClientSplit]:
+        """The research splits' seeded partition of `rows` over every client."""
         return partition(self.rows, self.config)
+
+    def owner_file(self, client: int) -> Path:
+        """An owner's file: the client-th of a directory of owners' files (a simulation), or the one
+        file `data` names (a Deployment Engine node's own, whatever id the server gave it)."""
+        files = owner_files(self.config.data)
+        return files[client] if Path(self.config.data).expanduser().is_dir() else files[0]
+
+    def owner_name(self, client: int) -> str:
+        return self.owner_file(client).stem
+
+    def _owner_rows_of(self, path: Path) -> list[dict[str, str]]:
+        if path not in self._owner_rows:
+            self._owner_rows[path] = load_rows(str(path), owner=True)
+        return self._owner_rows[path]
+
+    def rows_of(self, client: int) -> list[dict[str, str]]:
+        """The rows a client's split indexes: its owner's file, or the shared research file."""
+        return self._owner_rows_of(self.owner_file(client)) if self.owners else self.rows
+
+    def split_of(self, client: int) -> ClientSplit:
+        """A client's train / eval rows (indices into `rows_of(client)`)."""
+        if self.owners:
+            return owner_split(len(self.rows_of(client)), self.config)
+        return self.splits[client]
 
     @cached_property
     def planned_examples(self) -> float:
@@ -79,7 +112,11 @@ class ClientTask:
         rows where the process serves the whole run, one client's share of that (1 / num_clients)
         where it serves one node's client (`whole_run=False`: a Deployment Engine SuperNode)."""
         config = self.config
-        mean_rows = sum(len(split.train) for split in self.splits.values()) / max(len(self.splits), 1)
+        if self.owners:  # the owners' files this process can see: a simulation's directory, or its own
+            known = [len(owner_split(len(self._owner_rows_of(f)), config).train) for f in owner_files(config.data)]
+        else:
+            known = [len(split.train) for split in self.splits.values()]
+        mean_rows = sum(known) / max(len(known), 1)
         run = config.rounds * config.clients_per_round * config.local_epochs * mean_rows
         return run if self.whole_run else run / max(config.num_clients, 1)
 
@@ -142,8 +179,9 @@ class ClientTask:
         """The client's tokenised train or eval rows, tokenised once per process."""
         key = (client, part)
         if key not in self._examples:
-            indices = getattr(self.splits[client], part)
-            self._examples[key] = [tokenize(self.rows[i], self.tokenizer, self.config.cutoff_len) for i in indices]
+            rows = self.rows_of(client)
+            indices = getattr(self.split_of(client), part)
+            self._examples[key] = [tokenize(rows[i], self.tokenizer, self.config.cutoff_len) for i in indices]
         return list(self._examples[key])
 
     # ---- the three things a client does ----

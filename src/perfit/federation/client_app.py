@@ -2,7 +2,9 @@
 
 Messages (the server sends the resolved run config with every message, so a client needs no run
 config of its own):
-- `query`: which client (partition) this node is, and its train / eval rows (for partitions.json).
+- `query`: which client this node is and which rows it holds (for partitions.json): an owner's node
+  its name and its train / eval counts only; a research split's node its rows' indices. Every later
+  message carries the client id the server gave the node (`round.client`).
 - any message may carry `registered`: the client's mask as the server registered it (sent after a
   server resume, when the node's state is gone); the node keeps it instead of searching again.
 - `query.search`: run Alg. 1 once, keep the mask in the node's state, send it bit-packed.
@@ -12,9 +14,12 @@ config of its own):
 - `evaluate`: personalized NLL of the received adapter on the client's held-out rows, after
   `finetune` local epochs when the server asks for them (final evaluation of FIT + FT, `local`).
 
-Node config (`flower-supernode --node-config`; simulation sets the first two): `partition-id` is the
-client this node is, `num-partitions` (optional) must equal the run's num_clients, and `data` / `model`
-(optional) point at this machine's copy of the run's dataset / base model when its path differs here.
+Node config (`flower-supernode --node-config`). A data owner's node (`split=owner`): `data`, the
+owner's own file, which is this client's whole dataset; `name`, the owner's name in every output
+(unique in the federation; default the file's stem); optional `model`, this machine's copy of the
+base model. A research split's node (simulation sets the first two): `partition-id` is the client
+this node is, `num-partitions` (optional) must equal the run's num_clients, and `data` / `model`
+(optional) point at this machine's copy of the run's dataset / base model.
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ app = ClientApp()
 LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
 
 
-def _client_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
+def _client_id(context: Context, msg: Message | None = None) -> int:
+    """The client this node is: the id the server gave it (every message after the first query
+    carries it), else its node config's `partition-id` (0 for an owner's node, which has none)."""
+    if msg is not None and "round" in msg.content and "client" in msg.content["round"]:
+        return int(msg.content["round"]["client"])
+    return int(context.node_config.get("partition-id", 0))
 
 
 def _task(msg: Message, context: Context) -> ClientTask:
@@ -85,9 +94,16 @@ def _keep(context: Context, task: ClientTask, flat: torch.Tensor, mask: torch.Te
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which client this node is, and its train / eval rows (indices into the run's data file)."""
+    """Which client this node is and which rows it holds: an owner's node its name and the counts of
+    its train / eval rows (never the rows); a research split's node its partition id and its rows'
+    indices into the shared file."""
     client = _client_id(context)
-    split = _task(msg, context).splits[client]
+    task = _task(msg, context)
+    split = task.split_of(client)  # opens and validates the node's data: errors name file, line, field
+    if task.owners:
+        name = str(context.node_config.get("name", task.owner_name(client)))
+        info = {"client": client, "name": name, "train_rows": len(split.train), "eval_rows": len(split.eval)}
+        return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
     rows = {part: Array(np.asarray(getattr(split, part), dtype=np.int64)) for part in ("train", "eval")}
     content = RecordDict({"info": ConfigRecord({"client": client}), "rows": ArrayRecord(rows)})
     return Message(content, reply_to=msg)
@@ -95,7 +111,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.query("search")
 def search(msg: Message, context: Context) -> Message:
-    client = _client_id(context)
+    client = _client_id(context, msg)
     task = _task(msg, context)
     state_before = "perfit" in context.state
     started = time.perf_counter()
@@ -106,7 +122,7 @@ def search(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    client = _client_id(context)
+    client = _client_id(context, msg)
     task = _task(msg, context)
     mask = _mask(task, client, context, msg)
     result = task.train(client, _start(msg, context, task, mask), mask, int(msg.content["round"]["round"]))
@@ -118,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    client = _client_id(context)
+    client = _client_id(context, msg)
     task = _task(msg, context)
     mask = _mask(task, client, context, msg)
     flat = _start(msg, context, task, mask)

@@ -28,6 +28,7 @@ from perfit.core.aggregate import Accumulator, personalize
 from perfit.core.masks import PackedMasks, decode, gather, scatter
 from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
+from perfit.core.robust import bound_changes, change_norms
 from perfit.federation.run_directory import RunDirectory, restore_sampler, sampler_state
 from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
 
@@ -45,6 +46,11 @@ def main(grid: Grid, context: Context) -> None:
 def array_bytes(record: ArrayRecord) -> int:
     """Bytes of the arrays in a payload as Flower serializes them."""
     return record.count_bytes()
+
+
+class NodesFailed(RuntimeError):
+    """The federation could not start: nodes did not answer, or answered with an error (a client's
+    bad data file among them: the message names the file, the line and the field)."""
 
 
 @dataclass
@@ -68,6 +74,7 @@ class Federation:
     masks: PackedMasks | FixedMasks = field(default_factory=lambda: PackedMasks(0))
     confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
+    names: dict[int, str] = field(default_factory=dict)  # client id -> owner name (split=owner)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
@@ -161,6 +168,7 @@ class Federation:
             "rejected_updates": self.rejected,
             "client_adapters": "server" if self._server_holds_clients() else "clients",
             "held_out_clients": config.held_out,
+            "client_names": {str(c): name for c, name in sorted(self.names.items())},
             "resumed_at_round": progress.first if progress.resumed else None,
             "model": model_path,
             "model_fingerprint": model_fingerprint(model_path),
@@ -199,6 +207,7 @@ class Federation:
             "clients": sampled,
             "accepted": train["accepted"],
             "counted": train["counted"],
+            **{k: train[k] for k in ("change_norms", "update_bound", "bounded") if k in train},
             "train_loss": train["loss"],
             "bytes_up": up_search + train["bytes_up"],
             "bytes_down": train["bytes_down"],
@@ -242,7 +251,7 @@ class Federation:
     def _message(
         self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int, finetune: int = 0
     ) -> Message:
-        step = ConfigRecord({"round": round_number, "finetune": finetune})
+        step = ConfigRecord({"round": round_number, "finetune": finetune, "client": client})
         content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
         if arrays is not None:
             content["arrays"] = arrays
@@ -274,11 +283,13 @@ class Federation:
         log.warning("client %d: update rejected: %s", client, reason)
         self.rejected.append({"client": client, "reason": reason})
 
-    def _discover_nodes(self) -> dict[int, dict[str, list[int]]]:
-        """Map client (partition) ids to node ids; simulation nodes register shortly after start.
-        Each node answers with its client's train / eval rows (indices into the run's data file, as
-        its client computed them): the server writes them to partitions.json without opening data."""
-        needed = self.config.participants
+    def _discover_nodes(self) -> dict[int, dict[str, Any]]:
+        """Map client ids to node ids; simulation nodes register shortly after start. Each node
+        answers with the rows its client holds, as its client computed them, for partitions.json:
+        the server opens no data. Owners' nodes (`split=owner`) answer with their name and row counts,
+        and get their ids in the order of their names."""
+        owners = self.config.split == "owner"
+        needed = list(range(self.config.num_clients)) if owners else self.config.participants
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while len(node_ids := list(self.grid.get_node_ids())) < len(needed):
             if time.monotonic() > deadline:
@@ -286,19 +297,43 @@ class Federation:
             time.sleep(0.1)
         content = RecordDict({"run": ConfigRecord(self.config.to_dict())})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        splits, errors = {}, []
+        splits, errors, named = {}, [], {}
         for reply in self.grid.send_and_receive(messages):
             if reply.has_error():
                 errors.append(reply.error.reason.strip().splitlines()[-1])
                 continue
-            client = int(reply.content["info"]["client"])
+            info = reply.content["info"]
+            if owners:
+                named.setdefault(str(info["name"]), []).append((reply.metadata.src_node_id, info))
+                continue
+            client = int(info["client"])
             self.nodes[client] = reply.metadata.src_node_id
             rows = reply.content["rows"]
             splits[client] = {part: rows[part].numpy().tolist() for part in ("train", "eval")}
+        if owners:
+            splits = self._number_owners(named)
         missing = set(needed) - set(self.nodes)
         if missing:
             reasons = f": {'; '.join(sorted(set(errors)))}" if errors else ""
-            raise RuntimeError(f"no node answered for clients {sorted(missing)}{reasons}")
+            raise NodesFailed(f"no node answered for clients {sorted(missing)}{reasons}")
+        return splits
+
+    def _number_owners(self, named: dict[str, list[tuple[int, Any]]]) -> dict[int, dict[str, Any]]:
+        """Owners' nodes numbered 0..N-1 in the order of their names (unique, and exactly num_clients
+        of them); their partitions.json entries: name and row counts, never rows."""
+        doubled = sorted(name for name, nodes in named.items() if len(nodes) > 1)
+        if doubled:
+            raise RuntimeError(f"owner name(s) used by more than one node: {', '.join(doubled)}")
+        if len(named) > self.config.num_clients:
+            raise RuntimeError(
+                f"{len(named)} owners' nodes answered, but the run has {self.config.num_clients} clients"
+            )
+        splits = {}
+        for client, name in enumerate(sorted(named)):
+            node, info = named[name][0]
+            self.nodes[client] = node
+            self.names[client] = name
+            splits[client] = {"name": name, "train_rows": int(info["train_rows"]), "eval_rows": int(info["eval_rows"])}
         return splits
 
     # ---- the three phases ----
@@ -342,8 +377,9 @@ class Federation:
         return self._exchange(messages), bytes_down
 
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
+        """Send, check every reply, bound the accepted changes, then Eq. 6."""
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
-        updates, losses, bytes_up = Accumulator(self.config.aggregation_rule, self.layout.size), [], 0
+        accepted, losses, bytes_up = {}, [], 0
         for client, reply in replies.items():
             payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
             bytes_up += payload_bytes
@@ -357,9 +393,13 @@ class Federation:
                 continue
             if int(metrics["examples"]) == 0:
                 continue  # a client without train rows has nothing to contribute
-            dense = scatter(torch.from_numpy(arrays["values"].copy()), mask)
-            updates.add(mask, dense, self._weight(dense, int(metrics["examples"])))
+            accepted[client] = (torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
+        bounds = self._bound(accepted)
+        updates = Accumulator(self.config.aggregation_rule, self.layout.size)
+        for client, (values, examples) in accepted.items():
+            dense = scatter(values, self.masks[client] & self.shared)
+            updates.add(self.masks[client] & self.shared, dense, self._weight(dense, examples))
         needed = math.ceil(self.config.min_replies * len(sampled))
         counted = updates.count > 0 and updates.count >= needed
         if counted:
@@ -374,7 +414,29 @@ class Federation:
             "bytes_down": bytes_down,
             "accepted": updates.count,
             "counted": counted,
+            **bounds,
         }
+
+    def _bound(self, accepted: dict[int, tuple[torch.Tensor, int]]) -> dict[str, Any]:
+        """Scale each accepted change from what its client received down to at most `update_bound` x
+        the round's lower-median change norm (`core.robust`), in place; the norms, the bound and the
+        clients bounded, for the round's metrics."""
+        if not accepted:
+            return {}
+        clients = list(accepted)
+        received = [gather(self.global_flat, self.masks[c] & self.shared).float() for c in clients]
+        returned = [accepted[c][0] for c in clients]
+        norms = change_norms(received, returned)
+        record: dict[str, Any] = {"change_norms": {str(c): n for c, n in zip(clients, norms, strict=True)}}
+        if self.config.update_bound > 0:
+            bounded, scales, bound = bound_changes(received, returned, self.config.update_bound)
+            for client, values, scale in zip(clients, bounded, scales, strict=True):
+                accepted[client] = (values, accepted[client][1])
+                if scale < 1.0:
+                    log.warning("client %d: update scaled by %.3g to the round's bound %.4g", client, scale, bound)
+            record["update_bound"] = bound
+            record["bounded"] = {str(c): s for c, s in zip(clients, scales, strict=True) if s < 1.0}
+        return record
 
     def _weight(self, dense: torch.Tensor, examples: int) -> float:
         """Aggregation weight: the client's example count; HetLoRA's sparsity weight ||B A||_F."""

@@ -1,0 +1,36 @@
+"""Bounding hostile but finite updates: each client's change from what it received is scaled down to
+at most a multiple of the round's median change norm, before Eq. 6 averages it in. Pure functions
+on the values a client received and returned (its mask positions, in flat order)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def change_norms(received: list[torch.Tensor], returned: list[torch.Tensor]) -> list[float]:
+    """||returned_j - received_j||_2 of every update (in float64)."""
+    return [float((new.double() - old.double()).norm()) for old, new in zip(received, returned, strict=True)]
+
+
+def lower_median(values: list[float]) -> float:
+    """The lower median: the middle value, or the lower of the two middle ones. Fewer than half the
+    values cannot raise it above every honest one (with two clients it is the smaller)."""
+    if not values:
+        raise ValueError("the median of no values")
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def bound_changes(
+    received: list[torch.Tensor], returned: list[torch.Tensor], multiple: float
+) -> tuple[list[torch.Tensor], list[float], float]:
+    """(bounded updates, each update's scale, the bound): every change returned_j - received_j
+    whose norm exceeds `multiple` x the lower median of the round's change norms is scaled down to
+    that norm (its direction kept); the others are returned as they are (scale 1.0)."""
+    norms = change_norms(received, returned)
+    bound = multiple * lower_median(norms)
+    bounded, scales = [], []
+    for old, new, norm in zip(received, returned, norms, strict=True):
+        scale = bound / norm if norm > bound else 1.0
+        bounded.append(new if scale == 1.0 else (old.double() + scale * (new.double() - old.double())).to(new.dtype))
+        scales.append(scale)
+    return bounded, scales, bound

@@ -1,0 +1,58 @@
+"""A hostile but finite update (100x its honest change, or its negation) passes every check on its
+form; the server's norm bound (`update_bound`) keeps it from dragging the global adapter away."""
+
+import json
+
+import pytest
+
+from perfit.artifacts.lora import layout_for
+from perfit.core.methods import global_start
+from perfit.federation.simulation import run_simulation
+
+from .faulty_clients import faulty_app
+from .helpers import server_global, tiny_config
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, small_data, tmp_path_factory):
+    """One round of FIT, 4 clients: honest or with client 0 hostile, the bound off (0) or at 3."""
+    results = {}
+    for name, fault, bound in (
+        ("honest-off", None, 0.0),
+        ("honest-on", None, 3.0),
+        ("attack-off", "scale100", 0.0),
+        ("attack-on", "scale100", 3.0),
+        ("negate-on", "negate", 3.0),
+    ):
+        out = tmp_path_factory.mktemp("hostile") / name
+        config = tiny_config(tiny_model, small_data, out, method="fit", update_bound=bound, min_replies=0)
+        faults = {0: fault} if fault else {}
+        summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
+        record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        start = global_start(layout_for(config.model, config.dense_rank, config.alpha_value), config)
+        moved = float((server_global(out) - start).norm())
+        results[name] = {"summary": summary, "record": record, "moved": moved, "global": server_global(out)}
+    return results
+
+
+def test_an_honest_round_is_unchanged_by_the_bound(runs):
+    assert runs["honest-on"]["record"]["bounded"] == {}
+    assert (runs["honest-on"]["global"] == runs["honest-off"]["global"]).all()
+
+
+def test_a_100x_update_is_bounded_and_moves_the_adapter_no_further_than_the_bound(runs):
+    on, off, honest = runs["attack-on"], runs["attack-off"], runs["honest-off"]
+    assert set(on["record"]["bounded"]) == {"0"}  # only the attacker was scaled, to about 3/100
+    assert on["record"]["bounded"]["0"] == pytest.approx(0.03, rel=0.5)
+    assert on["summary"]["rejected_updates"] == []  # a well-formed update: bounded, not rejected
+    assert on["moved"] <= on["record"]["update_bound"]  # a weighted mean of changes within the bound
+    assert off["moved"] > 20 * honest["moved"]  # unbounded, one client of four drags it ~25x as far
+    assert off["moved"] > 10 * on["moved"]
+    assert on["moved"] < 2 * honest["moved"]
+
+
+def test_a_negated_update_is_not_bounded_but_cannot_grow(runs):
+    record = runs["negate-on"]["record"]
+    norms = record["change_norms"]
+    assert norms["0"] <= 3 * sorted(norms.values())[1]  # its norm is an honest one's: inside the bound
+    assert runs["negate-on"]["moved"] <= record["update_bound"]

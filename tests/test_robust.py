@@ -1,0 +1,32 @@
+"""Norm bounding of client updates (`core.robust`), worked by hand on tiny vectors."""
+
+import pytest
+import torch
+
+from perfit.core.robust import bound_changes, change_norms, lower_median
+
+
+def test_lower_median_is_the_middle_or_the_lower_middle():
+    assert lower_median([3.0, 1.0, 2.0]) == 2.0
+    assert lower_median([1.0, 100.0]) == 1.0  # one attacker of two cannot raise it
+    assert lower_median([5.0]) == 5.0
+    with pytest.raises(ValueError):
+        lower_median([])
+
+
+def test_a_change_above_the_bound_is_scaled_to_it_and_the_others_kept():
+    received = [torch.zeros(2), torch.ones(2), torch.tensor([1.0, -1.0])]
+    returned = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 3.0]), torch.tensor([301.0, 399.0])]
+    assert change_norms(received, returned) == [5.0, 2.0, 500.0]  # (3,4), (0,2), (300,400)
+    bounded, scales, bound = bound_changes(received, returned, multiple=2.0)
+    assert bound == 10.0  # 2 x the median 5
+    assert scales == [1.0, 1.0, 0.02]
+    assert bounded[0] is returned[0] and bounded[1] is returned[1]
+    torch.testing.assert_close(bounded[2], torch.tensor([1.0 + 6.0, -1.0 + 8.0]))  # (300,400) -> (6,8)
+
+
+def test_honest_updates_within_the_multiple_are_untouched():
+    received = [torch.zeros(3)] * 3
+    returned = [torch.tensor([1.0, 0, 0]), torch.tensor([0, 2.0, 0]), torch.tensor([0, 0, 2.5])]
+    bounded, scales, _ = bound_changes(received, returned, multiple=3.0)
+    assert scales == [1.0, 1.0, 1.0] and all(a is b for a, b in zip(bounded, returned, strict=True))
