@@ -31,9 +31,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from perfit.artifacts.lora import save_adapter
 from perfit.client.task import ClientTask, client_task
 from perfit.config import from_mapping
 from perfit.core.masks import decode, encode, gather, scatter
+from perfit.federation.node_store import NodeStore
 
 app = ClientApp()
 LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
@@ -56,17 +58,16 @@ def _task(msg: Message, context: Context) -> ClientTask:
     return client_task(from_mapping(settings))
 
 
-def _mask(task: ClientTask, client: int, context: Context, msg: Message | None = None) -> torch.Tensor:
-    """The client's static mask: fixed for FIT and the baselines, else searched once and kept in the
-    node state (or, after a server resume, the registered mask the server sends back)."""
+def _mask(task: ClientTask, client: int, store: NodeStore, msg: Message | None = None) -> torch.Tensor:
+    """The client's static mask: fixed for FIT and the baselines, else searched once and kept by the
+    node (or, after a server resume, the registered mask the server sends back)."""
     if task.fixed is not None:
         return task.fixed[client]
     if msg is not None and "registered" in msg.content:
-        context.state["perfit"] = ArrayRecord({"mask": msg.content["registered"]["mask"]})
-    if "perfit" not in context.state:
-        mask = task.search(client)
-        context.state["perfit"] = ArrayRecord({"mask": Array(encode(mask))})
-    return decode(context.state["perfit"]["mask"].numpy(), task.layout.size)
+        store.put("mask", msg.content["registered"]["mask"].numpy())
+    if "mask" not in store:
+        store.put("mask", encode(task.search(client)))
+    return decode(store.get("mask"), task.layout.size)
 
 
 def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
@@ -76,20 +77,28 @@ def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _start(msg: Message, context: Context, task: ClientTask, mask: torch.Tensor) -> torch.Tensor:
+def _start(msg: Message, store: NodeStore, task: ClientTask, mask: torch.Tensor) -> torch.Tensor:
     """The received values at the shared mask positions, the node's own kept values elsewhere."""
     values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
     received = scatter(values, mask & task.shared)
-    personal = None
-    if "personal" in context.state:
-        personal = scatter(torch.from_numpy(context.state["personal"]["values"].numpy().copy()), mask)
+    kept = store.get("personal")
+    personal = None if kept is None else scatter(torch.from_numpy(kept.copy()), mask)
     return task.starting_point(received, personal) * mask
 
 
-def _keep(context: Context, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor) -> None:
+def _keep(store: NodeStore, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor) -> None:
     """Keep the trained adapter on the node when part of it is not shared."""
     if not bool(task.shared.all()):
-        context.state["personal"] = ArrayRecord({"values": Array(gather(flat, mask).numpy().astype(np.float32))})
+        store.put("personal", gather(flat, mask).numpy().astype(np.float32))
+
+
+def _write_adapter(store: NodeStore, task: ClientTask, flat: torch.Tensor) -> None:
+    """At the end of a run: the owner's personalized adapter, in PEFT format, in the node's state-dir."""
+    if store.directory is not None:
+        config = task.config
+        save_adapter(
+            store.directory / "adapter", task.layout, flat, config.dense_rank, config.alpha_value, task.model_path
+        )
 
 
 @app.query()
@@ -113,9 +122,10 @@ def identify(msg: Message, context: Context) -> Message:
 def search(msg: Message, context: Context) -> Message:
     client = _client_id(context, msg)
     task = _task(msg, context)
-    state_before = "perfit" in context.state
+    store = NodeStore(context, task.config)
+    state_before = "mask" in store
     started = time.perf_counter()
-    mask = _mask(task, client, context)
+    mask = _mask(task, client, store)
     metrics = {"client": client, "cached": int(state_before), "seconds": time.perf_counter() - started}
     return _reply(msg, metrics, mask=encode(mask))
 
@@ -124,9 +134,10 @@ def search(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     client = _client_id(context, msg)
     task = _task(msg, context)
-    mask = _mask(task, client, context, msg)
-    result = task.train(client, _start(msg, context, task, mask), mask, int(msg.content["round"]["round"]))
-    _keep(context, task, result.flat, mask)
+    store = NodeStore(context, task.config)
+    mask = _mask(task, client, store, msg)
+    result = task.train(client, _start(msg, store, task, mask), mask, int(msg.content["round"]["round"]))
+    _keep(store, task, result.flat, mask)
     values = gather(result.flat, mask & task.shared).numpy().astype(np.float32)
     metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
     return _reply(msg, metrics, values=values)
@@ -136,14 +147,17 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     client = _client_id(context, msg)
     task = _task(msg, context)
-    mask = _mask(task, client, context, msg)
-    flat = _start(msg, context, task, mask)
+    store = NodeStore(context, task.config)
+    mask = _mask(task, client, store, msg)
+    flat = _start(msg, store, task, mask)
     metrics = {"client": client}
     epochs = int(msg.content["round"].get("finetune", 0))
     if epochs:  # local fine-tuning before the final evaluation; the result stays on the node
         result = task.train(client, flat, mask, task.config.rounds + 1, epochs=epochs)
         flat = result.flat
-        _keep(context, task, flat, mask)
+        _keep(store, task, flat, mask)
         metrics["finetune_loss"] = result.loss
+    if int(msg.content["round"].get("final", 0)):
+        _write_adapter(store, task, flat)
     total_nll, tokens = task.evaluate(client, flat)
     return _reply(msg, {**metrics, "nll": total_nll, "tokens": tokens})

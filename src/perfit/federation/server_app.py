@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
@@ -35,6 +36,21 @@ from perfit.federation.validation import evaluation_problem, mask_problem, updat
 log = logging.getLogger("perfit")
 app = ServerApp()
 NODE_WAIT_SECONDS = 120.0
+NODE_RETURN_SECONDS = 180.0
+"""How long a round keeps sending a message whose node the SuperLink reports offline: a SuperNode
+that restarts is back well within it (the SuperLink notices a dead node within two of its 30 s
+heartbeats, and the node's restart takes seconds); a node gone for good is skipped after it."""
+
+
+def _again(message: Message) -> Message:
+    """A fresh copy of a sent message (same content, node, type and round) to send once more."""
+    metadata = message.metadata
+    return Message(
+        message.content,
+        dst_node_id=metadata.dst_node_id,
+        message_type=metadata.message_type,
+        group_id=metadata.group_id,
+    )
 
 
 @app.main()
@@ -145,7 +161,7 @@ class Federation:
         everyone = self.config.final_eval
         final_up = self._ensure_masks(everyone)
         self.status(f"evaluating {len(everyone)} clients")
-        final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs)
+        final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs, final=True)
         self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
         return {**final, "bytes_up": final_up}
 
@@ -249,9 +265,15 @@ class Federation:
 
     # ---- messaging ----
     def _message(
-        self, client: int, message_type: str, arrays: ArrayRecord | None, round_number: int, finetune: int = 0
+        self,
+        client: int,
+        message_type: str,
+        arrays: ArrayRecord | None,
+        round_number: int,
+        finetune: int = 0,
+        final: bool = False,
     ) -> Message:
-        step = ConfigRecord({"round": round_number, "finetune": finetune, "client": client})
+        step = ConfigRecord({"round": round_number, "finetune": finetune, "client": client, "final": int(final)})
         content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
         if arrays is not None:
             content["arrays"] = arrays
@@ -261,19 +283,37 @@ class Federation:
 
     def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
         """Send and collect replies by client, waiting at most `reply_timeout_seconds`; failed,
-        late, missing and unexpected replies are logged and dropped."""
-        by_node = {message.metadata.dst_node_id: client for client, message in messages.items()}
-        replies, failed = {}, set()
+        late, missing and unexpected replies are logged and dropped. A message the SuperLink
+        reports undeliverable because its node is offline (a SuperNode restarting) is sent again
+        until the node is back, for at most NODE_RETURN_SECONDS."""
         timeout = self.config.reply_timeout_seconds
-        for reply in self.grid.send_and_receive(list(messages.values()), timeout=timeout):
-            client = by_node.get(reply.metadata.src_node_id)
-            if client is None:
-                log.warning("reply from unknown node %s ignored", reply.metadata.src_node_id)
-            elif reply.has_error():
-                failed.add(client)
-                self._reject(client, f"client error: {reply.error.reason.strip().splitlines()[-1]}")
-            else:
-                replies[client] = reply
+        deadline = time.monotonic() + timeout
+        replies, failed, pending, away_since = {}, set(), dict(messages), None
+        while pending:
+            answered = self.grid.send_and_receive(list(pending.values()), timeout=max(deadline - time.monotonic(), 0))
+            by_id = {message.metadata.message_id: client for client, message in pending.items()}
+            by_node = {message.metadata.dst_node_id: client for client, message in pending.items()}
+            offline = {}
+            for reply in answered:
+                client = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
+                if client is None:
+                    log.warning("reply from unknown node %s ignored", reply.metadata.src_node_id)
+                elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    offline[client] = pending[client]
+                elif reply.has_error():
+                    failed.add(client)
+                    self._reject(client, f"client error: {reply.error.reason.strip().splitlines()[-1]}")
+                else:
+                    replies[client] = reply
+            away_since = away_since or time.monotonic()
+            if not offline or time.monotonic() + 1.0 > min(deadline, away_since + NODE_RETURN_SECONDS):
+                for client in sorted(offline):
+                    failed.add(client)
+                    self._reject(client, "node unavailable (offline)")
+                break
+            log.info("nodes of clients %s offline; sending again while they return", sorted(offline))
+            time.sleep(1.0)
+            pending = {c: _again(message) for c, message in offline.items()}
         for client in sorted(set(messages) - set(replies) - failed):
             self._reject(client, f"no reply within {timeout:g} s")
         self.confirmed.update(c for c in replies if c in self.masks)
@@ -368,11 +408,11 @@ class Federation:
         return ArrayRecord({"values": Array(values)})
 
     def _send(
-        self, clients: list[int], message_type: str, round_number: int, finetune: int = 0
+        self, clients: list[int], message_type: str, round_number: int, finetune: int = 0, final: bool = False
     ) -> tuple[dict[int, Message], int]:
         """Each client's adapter at its own (shared) mask positions; (replies, bytes sent down)."""
         ready = [c for c in clients if c in self.masks]
-        messages = {c: self._message(c, message_type, self._payload(c), round_number, finetune) for c in ready}
+        messages = {c: self._message(c, message_type, self._payload(c), round_number, finetune, final) for c in ready}
         bytes_down = sum(array_bytes(record) for m in messages.values() for record in m.content.array_records.values())
         return self._exchange(messages), bytes_down
 
@@ -444,10 +484,13 @@ class Federation:
             return max(lora_update_norm(self.layout, dense), 1e-12)
         return float(examples)
 
-    def _evaluate(self, clients: list[int], round_number: int, finetune: int = 0) -> dict[str, Any]:
+    def _evaluate(
+        self, clients: list[int], round_number: int, finetune: int = 0, final: bool = False
+    ) -> dict[str, Any]:
         """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows,
-        after `finetune` local epochs on the client when asked (the final evaluation)."""
-        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune)
+        after `finetune` local epochs on the client when asked; at the `final` evaluation each node
+        also keeps its owner's adapter (in its state-dir)."""
+        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune, final)
         per_client, nll_total, token_total = {}, 0.0, 0
         for client, reply in sorted(replies.items()):
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}

@@ -1,0 +1,64 @@
+"""What a node keeps between messages, on its own machine: its client's mask and the values that
+never leave it (FedSA-LoRA's B, a `local` or fine-tuned adapter), and at the end of a run the
+owner's personalized adapter.
+
+Flower keeps a node's `Context.state` in memory only, so a SuperNode restart loses it. With a
+`state-dir` in its node config a node also writes each value to disk, atomically (write a temporary
+file, then rename it over the old one: a kill leaves the previous value or the new one, never half
+of either), under a folder keyed by the run, and reads it back when its memory has lost it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+
+from perfit.config import Config
+from perfit.federation.run_directory import RESULT_NEUTRAL
+
+STATE_DIR = "state-dir"  # the node config key
+
+
+def run_key(config: Config) -> str:
+    """A run's identity for its nodes' state: every field that shapes the result (a resumed run,
+    with the same config, finds the same state); node-local paths aside."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in (*RESULT_NEUTRAL, "data", "model", "cache_dir")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class NodeStore:
+    """A node's kept arrays by name: in Flower's node state, and under `<state-dir>/run-<key>/` when
+    the node config gives a `state-dir`."""
+
+    def __init__(self, context: Context, config: Config) -> None:
+        self.state = context.state
+        state_dir = context.node_config.get(STATE_DIR)
+        self.directory = Path(str(state_dir)).expanduser() / f"run-{run_key(config)}" if state_dir else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state or (self.directory is not None and self._path(name).is_file())
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The kept array, from memory or (after a restart) from disk; None before it is kept."""
+        if name not in self.state and self.directory is not None and self._path(name).is_file():
+            from safetensors.numpy import load_file
+
+            self.state[name] = ArrayRecord({"value": Array(load_file(str(self._path(name)))["value"])})
+        return self.state[name]["value"].numpy() if name in self.state else None
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        self.state[name] = ArrayRecord({"value": Array(value)})
+        if self.directory is not None:
+            from safetensors.numpy import save_file
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            staging = self.directory / f".{name}.safetensors.tmp"
+            save_file({"value": np.ascontiguousarray(value)}, str(staging))
+            os.replace(staging, self._path(name))
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.safetensors"
