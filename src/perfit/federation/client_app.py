@@ -132,15 +132,36 @@ def search(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Local masked training. The reply's metrics also say where the message's time went: the
+    process's life before this handler (`startup_seconds`: on a Deployment Engine node a fresh
+    process per message, so imports and Flower's start), loading the model and the client's rows
+    (`setup_seconds`) and training itself (`compute_seconds`)."""
+    handler_started = time.perf_counter()
+    startup = _process_age_seconds()
     client = _client_id(context, msg)
     task = _task(msg, context)
     store = NodeStore(context, task.config)
     mask = _mask(task, client, store, msg)
+    task.examples(client, "train")  # the model, the tokenizer and the rows, loaded once per process
+    compute_started = time.perf_counter()
     result = task.train(client, _start(msg, store, task, mask), mask, int(msg.content["round"]["round"]))
+    compute = time.perf_counter() - compute_started
     _keep(store, task, result.flat, mask)
     values = gather(result.flat, mask & task.shared).numpy().astype(np.float32)
     metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
-    return _reply(msg, metrics, values=values)
+    seconds = {
+        "startup_seconds": startup,
+        "setup_seconds": compute_started - handler_started,
+        "compute_seconds": compute,
+    }
+    return _reply(msg, {**metrics, **seconds}, values=values)
+
+
+def _process_age_seconds() -> float:
+    """How long this process has lived (what a fresh ClientApp process spent before its handler)."""
+    import psutil
+
+    return max(time.time() - psutil.Process().create_time(), 0.0)
 
 
 @app.evaluate()

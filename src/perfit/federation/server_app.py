@@ -36,6 +36,8 @@ from perfit.federation.validation import evaluation_problem, mask_problem, updat
 log = logging.getLogger("perfit")
 app = ServerApp()
 NODE_WAIT_SECONDS = 120.0
+CLIENT_SECONDS = ("startup_seconds", "setup_seconds", "compute_seconds")
+"""Where a train message's time went on its client, as the client reports it (metrics.jsonl)."""
 NODE_RETURN_SECONDS = 180.0
 """How long a round keeps sending a message whose node the SuperLink reports offline: a SuperNode
 that restarts is back well within it (the SuperLink notices a dead node within two of its 30 s
@@ -223,7 +225,7 @@ class Federation:
             "clients": sampled,
             "accepted": train["accepted"],
             "counted": train["counted"],
-            **{k: train[k] for k in ("change_norms", "update_bound", "bounded") if k in train},
+            **{k: train[k] for k in ("change_norms", "update_bound", "bounded", "client_seconds") if k in train},
             "train_loss": train["loss"],
             "bytes_up": up_search + train["bytes_up"],
             "bytes_down": train["bytes_down"],
@@ -419,7 +421,7 @@ class Federation:
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
         """Send, check every reply, bound the accepted changes, then Eq. 6."""
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
-        accepted, losses, bytes_up = {}, [], 0
+        accepted, losses, bytes_up, timing = {}, [], 0, {}
         for client, reply in replies.items():
             payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
             bytes_up += payload_bytes
@@ -434,6 +436,7 @@ class Federation:
             if int(metrics["examples"]) == 0:
                 continue  # a client without train rows has nothing to contribute
             accepted[client] = (torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
+            timing[str(client)] = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
         bounds = self._bound(accepted)
         updates = Accumulator(self.config.aggregation_rule, self.layout.size)
@@ -454,6 +457,7 @@ class Federation:
             "bytes_down": bytes_down,
             "accepted": updates.count,
             "counted": counted,
+            "client_seconds": timing,
             **bounds,
         }
 
