@@ -2,6 +2,7 @@
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,22 @@ def test_bad_data_fails_before_any_output(tmp_path, tiny_model):
     with pytest.raises(RuntimeError, match=r"bad\.jsonl:2: field 'instruction'"):
         run_simulation(config, num_cpus=2)
     assert not out.exists()
+
+
+def test_mask_diagnostics_of_a_perfit_run(runs):
+    import itertools
+
+    from perfit.bench.diagnostics import mask_diagnostics
+    from perfit.core.diagnostics import kept_overlap
+
+    config, _ = runs[("perfit", "pathological", "")]
+    found = mask_diagnostics(Path(config.out))
+    assert found["clients"] == 4
+    masks = [m.bool() for _, m in sorted(load_file(str(Path(config.out) / "masks.safetensors")).items())]
+    pairs = [kept_overlap(a, b) for a, b in itertools.permutations(masks, 2)]
+    assert found["mean_pairwise_overlap"] == pytest.approx(sum(pairs) / 12)  # the run's own masks, 4 x 3 pairs
+    assert 0 < found["mean_pairwise_overlap"] < 1 and 0 < found["overlap_with_data_free_mask"] <= 1
+    r = found["mask_vs_data_similarity_r"]
+    assert r != r or -1 <= r <= 1  # NaN where every pair's data overlap is the same
+    fit_config, _ = runs[("fit", "pathological", "")]
+    assert mask_diagnostics(Path(fit_config.out)) is None  # no search, no masks file

@@ -110,6 +110,20 @@ def _flwr(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _local_federation(tmp_path: Path, args: list[str], env: dict[str, str]) -> tuple[int, str, list[int]]:
+    """Run local_federation.sh to its end: (exit code, its output, processes it left running)."""
+    driver = _start([str(DEPLOY / "local_federation.sh"), *args], tmp_path / "driver.log", env)
+    try:
+        driver.wait(timeout=600)
+        left = _wait_gone(tmp_path)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        _stop_all(tmp_path)
+    return driver.returncode, (tmp_path / "driver.log").read_text(), left
+
+
 def test_node_config_points_at_local_copies(tiny_model, small_data, tmp_path):
     """A SuperNode's `data`/`model` node config override the run's paths; a wrong num-partitions is refused."""
     copy = tmp_path / "owner" / "dolly.jsonl"
@@ -134,17 +148,8 @@ def test_two_rounds_on_deployment_engine(tiny_model, small_data, tmp_path):
     args = cli_args({**flags, "model": tiny_model, "data": small_data})
     work, out = tmp_path / "deploy", tmp_path / "out"
     env = _env(tmp_path, "cli-home", DEPLOY_DIR=str(work))
-    driver = _start([str(DEPLOY / "local_federation.sh"), *args, "--out", str(out)], tmp_path / "driver.log", env)
-    try:
-        driver.wait(timeout=600)
-        left = _wait_gone(tmp_path)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-        _stop_all(tmp_path)
-    output = (tmp_path / "driver.log").read_text()
-    assert driver.returncode == 0, output[-4000:]
+    returncode, output, left = _local_federation(tmp_path, [*args, "--out", str(out)], env)
+    assert returncode == 0, output[-4000:]
     assert left == [], "local_federation.sh left processes running"
     assert "finished:completed" in output
     summary = json.loads((out / "summary.json").read_text())
@@ -165,17 +170,8 @@ def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     args = cli_args({**flags, "model": tiny_model, "data": nowhere})
     work, out = tmp_path / "deploy", tmp_path / "out"
     env = _env(tmp_path, "cli-home", DEPLOY_DIR=str(work), PERFIT_OWNERS_DIR=str(owners_dir))
-    driver = _start([str(DEPLOY / "local_federation.sh"), *args, "--out", str(out)], tmp_path / "driver.log", env)
-    try:
-        driver.wait(timeout=600)
-        left = _wait_gone(tmp_path)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-        _stop_all(tmp_path)
-    output = (tmp_path / "driver.log").read_text()
-    assert driver.returncode == 0, output[-4000:]
+    returncode, output, left = _local_federation(tmp_path, [*args, "--out", str(out)], env)
+    assert returncode == 0, output[-4000:]
     assert left == [] and "finished:completed" in output
     assert not nowhere.exists()
     summary = json.loads((out / "summary.json").read_text())

@@ -1,0 +1,51 @@
+"""Do the searched masks follow the clients' data? Pure functions on boolean flat masks.
+
+A mask that personalizes keeps different positions for clients with different data. Three readings:
+how much two clients' kept positions overlap (`kept_overlap`; two random masks of a half budget
+overlap about 50 %), how much each overlaps the mask any client would get without data (the top-k of
+|theta_0|, the seeded adapter every client starts from: `data_free_mask`), and whether mask
+similarity goes with data similarity across client pairs (`pair_correlation`)."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+
+import torch
+
+from perfit.core.search import top_k_mask
+
+
+def kept_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
+    """|first AND second| / |first|: the share of `first`'s kept positions that `second` keeps too."""
+    if first.shape != second.shape:
+        raise ValueError(f"masks differ in shape: {tuple(first.shape)} vs {tuple(second.shape)}")
+    kept = int(first.sum())
+    return float((first & second).sum()) / kept if kept else float("nan")
+
+
+def mean_pairwise_overlap(masks: list[torch.Tensor]) -> float:
+    """Mean `kept_overlap` over every ordered pair of distinct clients."""
+    pairs = [kept_overlap(a, b) for a, b in itertools.permutations(masks, 2)]
+    return statistics.fmean(pairs) if pairs else float("nan")
+
+
+def data_free_mask(theta: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The mask a client would keep without seeing data: in each (start, end, budget) group, the
+    `budget` positions of largest |theta| (the magnitude of the shared initial adapter)."""
+    mask = torch.zeros(theta.numel(), dtype=torch.bool)
+    for start, end, budget in groups:
+        alive = torch.ones(end - start, dtype=torch.bool)
+        mask[start:end] = top_k_mask(theta[start:end].abs(), alive, budget)
+    return mask
+
+
+def pair_correlation(mask_similarity: list[list[float]], data_similarity: list[list[float]]) -> float:
+    """Pearson correlation, over the pairs of distinct clients, between two similarity matrices;
+    NaN when either side is constant or there are fewer than two pairs."""
+    size = len(mask_similarity)
+    xs = [mask_similarity[i][j] for i in range(size) for j in range(i + 1, size)]
+    ys = [data_similarity[i][j] for i in range(size) for j in range(i + 1, size)]
+    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    return statistics.correlation(xs, ys)

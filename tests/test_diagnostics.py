@@ -1,0 +1,42 @@
+"""Mask diagnostics (`core.diagnostics`), worked by hand on tiny masks."""
+
+import math
+
+import pytest
+import torch
+
+from perfit.core.diagnostics import data_free_mask, kept_overlap, mean_pairwise_overlap, pair_correlation
+
+T, F = True, False
+
+
+def test_kept_overlap_counts_shared_kept_positions():
+    a = torch.tensor([T, T, F, F])
+    b = torch.tensor([T, F, T, F])
+    assert kept_overlap(a, b) == 0.5 and kept_overlap(a, a) == 1.0
+    assert kept_overlap(a, torch.tensor([F, F, T, T])) == 0.0
+    assert math.isnan(kept_overlap(torch.zeros(4, dtype=torch.bool), a))
+    with pytest.raises(ValueError):
+        kept_overlap(a, torch.ones(3, dtype=torch.bool))
+
+
+def test_mean_pairwise_overlap_over_ordered_pairs():
+    a, b, c = torch.tensor([T, T, F, F]), torch.tensor([T, F, T, F]), torch.tensor([T, T, F, F])
+    # a-b 1/2, a-c 1, b-c 1/2, and the same the other way round (equal budgets): mean 2/3
+    assert mean_pairwise_overlap([a, b, c]) == pytest.approx(2 / 3)
+
+
+def test_data_free_mask_keeps_the_largest_magnitudes_per_group():
+    theta = torch.tensor([0.1, -3.0, 2.0, 0.5, -0.2, 4.0])
+    assert data_free_mask(theta, [(0, 6, 2)]).tolist() == [F, T, F, F, F, T]  # |-3| and |4|
+    assert data_free_mask(theta, [(0, 3, 1), (3, 6, 2)]).tolist() == [F, T, F, T, F, T]
+
+
+def test_pair_correlation_reads_the_upper_triangle():
+    masks = [[1, 0.9, 0.1], [0.9, 1, 0.2], [0.1, 0.2, 1]]
+    data = [[1, 0.8, 0.0], [0.8, 1, 0.1], [0.0, 0.1, 1]]
+    # pairs (0,1) (0,2) (1,2): masks 0.9 0.1 0.2, data 0.8 0.0 0.1: the same shape, r = 1
+    assert pair_correlation(masks, data) == pytest.approx(1.0)
+    flipped = [[1, 0.1, 0.9], [0.1, 1, 0.8], [0.9, 0.8, 1]]
+    assert pair_correlation(masks, flipped) < -0.9
+    assert math.isnan(pair_correlation([[1, 0.5], [0.5, 1]], [[1, 0.2], [0.2, 1]]))  # one pair
