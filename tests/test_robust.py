@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from perfit.core.robust import bound_changes, change_norms, lower_median
+from perfit.core.robust import bound_changes, change_norms, median
 
 
-def test_lower_median_is_the_middle_or_the_lower_middle():
-    assert lower_median([3.0, 1.0, 2.0]) == 2.0
-    assert lower_median([1.0, 100.0]) == 1.0  # one attacker of two cannot raise it
-    assert lower_median([5.0]) == 5.0
+def test_median_is_the_middle_or_the_mean_of_the_two_middle_values():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([1.0, 1.2, 100.0, 1.1]) == pytest.approx(1.15)  # one attacker of four cannot raise it
+    assert median([0.001, 0.2]) == pytest.approx(0.1005)  # an honest client that barely moved bounds no one
     with pytest.raises(ValueError):
-        lower_median([])
+        median([])
 
 
 def test_a_change_above_the_bound_is_scaled_to_it_and_the_others_kept():

@@ -2,6 +2,7 @@
 form; the server's norm bound (`update_bound`) keeps it from dragging the global adapter away."""
 
 import json
+import statistics
 
 import pytest
 
@@ -54,5 +55,5 @@ def test_a_100x_update_is_bounded_and_moves_the_adapter_no_further_than_the_boun
 def test_a_negated_update_is_not_bounded_but_cannot_grow(runs):
     record = runs["negate-on"]["record"]
     norms = record["change_norms"]
-    assert norms["0"] <= 3 * sorted(norms.values())[1]  # its norm is an honest one's: inside the bound
+    assert norms["0"] <= 3 * statistics.median(norms.values())  # its norm is an honest one's: inside the bound
     assert runs["negate-on"]["moved"] <= record["update_bound"]

@@ -4,6 +4,8 @@ on the values a client received and returned (its mask positions, in flat order)
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 
@@ -12,22 +14,24 @@ def change_norms(received: list[torch.Tensor], returned: list[torch.Tensor]) -> 
     return [float((new.double() - old.double()).norm()) for old, new in zip(received, returned, strict=True)]
 
 
-def lower_median(values: list[float]) -> float:
-    """The lower median: the middle value, or the lower of the two middle ones. Fewer than half the
-    values cannot raise it above every honest one (with two clients it is the smaller)."""
+def median(values: list[float]) -> float:
+    """The median (the mean of the two middle values of an even count): while fewer than half the
+    values are hostile, the middle ones are honest, so hostile values cannot raise it. (The lower
+    median would also hold with one attacker of two, but one honest client that barely moved, as
+    a first step from B = 0 moves A, would then bound every other honest client.)"""
     if not values:
         raise ValueError("the median of no values")
-    return sorted(values)[(len(values) - 1) // 2]
+    return statistics.median(values)
 
 
 def bound_changes(
     received: list[torch.Tensor], returned: list[torch.Tensor], multiple: float
 ) -> tuple[list[torch.Tensor], list[float], float]:
     """(bounded updates, each update's scale, the bound): every change returned_j - received_j
-    whose norm exceeds `multiple` x the lower median of the round's change norms is scaled down to
+    whose norm exceeds `multiple` x the median of the round's change norms is scaled down to
     that norm (its direction kept); the others are returned as they are (scale 1.0)."""
     norms = change_norms(received, returned)
-    bound = multiple * lower_median(norms)
+    bound = multiple * median(norms)
     bounded, scales = [], []
     for old, new, norm in zip(received, returned, norms, strict=True):
         scale = bound / norm if norm > bound else 1.0

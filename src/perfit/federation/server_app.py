@@ -463,7 +463,7 @@ class Federation:
 
     def _bound(self, accepted: dict[int, tuple[torch.Tensor, int]]) -> dict[str, Any]:
         """Scale each accepted change from what its client received down to at most `update_bound` x
-        the round's lower-median change norm (`core.robust`), in place; the norms, the bound and the
+        the round's median change norm (`core.robust`), in place; the norms, the bound and the
         clients bounded, for the round's metrics."""
         if not accepted:
             return {}
