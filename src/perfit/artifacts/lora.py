@@ -51,12 +51,14 @@ def lora_layout(peft_model: Any) -> Layout:
     return Layout(tuple(slots))
 
 
-def layout_for(model_path: str, rank: int, alpha: float) -> Layout:
-    """The layout without loading weights (meta device): what the server needs."""
+def layout_for(model: str | Any, rank: int, alpha: float) -> Layout:
+    """The layout of a model given by its path or its transformers config, without loading weights
+    (the model on the meta device): what the server needs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    model_config = AutoConfig.from_pretrained(model) if isinstance(model, str | Path) else model
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        skeleton = AutoModelForCausalLM.from_config(model_config)
     return lora_layout(wrap_lora(skeleton, rank, alpha))
 
 

@@ -31,6 +31,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from perfit.artifacts.base_model import model_fingerprint
 from perfit.artifacts.lora import save_adapter
 from perfit.client.task import ClientTask, client_task
 from perfit.config import from_mapping
@@ -109,12 +110,14 @@ def identify(msg: Message, context: Context) -> Message:
     client = _client_id(context)
     task = _task(msg, context)
     split = task.split_of(client)  # opens and validates the node's data: errors name file, line, field
+    model = {"model": task.model_path, "model_fingerprint": model_fingerprint(task.model_path)}
     if task.owners:
         name = str(context.node_config.get("name", task.owner_name(client)))
-        info = {"client": client, "name": name, "train_rows": len(split.train), "eval_rows": len(split.eval)}
+        counts = {"train_rows": len(split.train), "eval_rows": len(split.eval)}
+        info = {"client": client, "name": name, **counts, **model}
         return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
     rows = {part: Array(np.asarray(getattr(split, part), dtype=np.int64)) for part in ("train", "eval")}
-    content = RecordDict({"info": ConfigRecord({"client": client}), "rows": ArrayRecord(rows)})
+    content = RecordDict({"info": ConfigRecord({"client": client, **model}), "rows": ArrayRecord(rows)})
     return Message(content, reply_to=msg)
 
 

@@ -22,7 +22,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
-from perfit.artifacts.base_model import model_fingerprint, resolve_model
+from perfit.artifacts.base_model import model_config
 from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
 from perfit.core.aggregate import Accumulator, personalize
@@ -93,6 +93,8 @@ class Federation:
     confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     names: dict[int, str] = field(default_factory=dict)  # client id -> owner name (split=owner)
+    node_models: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (its model path, fingerprint)
+    model_fingerprint: str = ""  # of the base model every node runs
     rejected: list[dict[str, Any]] = field(default_factory=list)
     search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
@@ -122,12 +124,12 @@ class Federation:
         nodes and their clients' partitions, the run directory, and the masks of a method without a
         search. Returns the model path recorded with the run."""
         config = self.config
-        model_path = resolve_model(config)
-        self.layout = layout_for(model_path, config.dense_rank, config.alpha_value)
+        self.layout = layout_for(model_config(config), config.dense_rank, config.alpha_value)  # no weights
         self.masks = PackedMasks(self.layout.size)
         self.global_flat = global_start(self.layout, config)
         self.shared = shared_positions(self.layout, config.method)
         splits = self._discover_nodes()  # the clients open and validate their data; before any output
+        model_path = self._base_model()
         self.out = RunDirectory(config)
         self.out.write_partitions(splits, config.held_out)
         fixed = fixed_masks(self.layout, config, config.participants)
@@ -189,7 +191,7 @@ class Federation:
             "client_names": {str(c): name for c, name in sorted(self.names.items())},
             "resumed_at_round": progress.first if progress.resumed else None,
             "model": model_path,
-            "model_fingerprint": model_fingerprint(model_path),
+            "model_fingerprint": self.model_fingerprint,
             "out": str(self.out.path),
         }
 
@@ -345,6 +347,7 @@ class Federation:
                 errors.append(reply.error.reason.strip().splitlines()[-1])
                 continue
             info = reply.content["info"]
+            self.node_models[reply.metadata.src_node_id] = (str(info["model"]), str(info["model_fingerprint"]))
             if owners:
                 named.setdefault(str(info["name"]), []).append((reply.metadata.src_node_id, info))
                 continue
@@ -359,6 +362,16 @@ class Federation:
             reasons = f": {'; '.join(sorted(set(errors)))}" if errors else ""
             raise NodesFailed(f"no node answered for clients {sorted(missing)}{reasons}")
         return splits
+
+    def _base_model(self) -> str:
+        """The base model as the nodes found it (their path, its fingerprint); every node must run the
+        same weights, whatever path each keeps them at."""
+        models = {self.node_models[node] for node in self.nodes.values()}
+        fingerprints = {fingerprint for _, fingerprint in models}
+        if len(fingerprints) != 1:
+            raise NodesFailed(f"the nodes run different base models: {sorted(models)}")
+        path, self.model_fingerprint = sorted(models)[0]
+        return path
 
     def _number_owners(self, named: dict[str, list[tuple[int, Any]]]) -> dict[int, dict[str, Any]]:
         """Owners' nodes numbered 0..N-1 in the order of their names (unique, and exactly num_clients
