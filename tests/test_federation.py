@@ -158,3 +158,13 @@ def test_mask_diagnostics_of_a_perfit_run(runs):
     assert r != r or -1 <= r <= 1  # NaN where every pair's data overlap is the same
     fit_config, _ = runs[("fit", "pathological", "")]
     assert mask_diagnostics(Path(fit_config.out)) is None  # no search, no masks file
+
+
+def test_rouge_l_at_the_final_evaluation(tiny_model, small_data, tmp_path):
+    config = _config(tiny_model, small_data, tmp_path / "rouge", "fit", "pathological", "").replace(
+        rounds=1, eval_every=0, rouge_samples=2
+    )
+    summary = run_simulation(config, num_cpus=2)
+    assert set(summary["per_client_rouge_l"]) == {"0", "1", "2", "3"}
+    assert all(0 <= value <= 1 for value in summary["per_client_rouge_l"].values())
+    assert summary["rouge_l"] == pytest.approx(sum(summary["per_client_rouge_l"].values()) / 4)

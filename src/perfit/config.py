@@ -131,6 +131,11 @@ class Config:
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""
     reply_timeout_seconds: float = 3600.0
     """How long the server waits for a round's replies; clients that have not answered are skipped."""
+    rouge_samples: int = 0
+    """Held-out rows per client whose greedy answers (up to `client.task.ROUGE_MAX_NEW_TOKENS`) the
+    final evaluation scores with ROUGE-L against the reference response: a seeded sample of the
+    client's held-out rows, as FederatedScope-LLM evaluates dolly. Perplexity alone can hide a model
+    that answers worse. 0: none (generation costs far more than perplexity)."""
     eval_every: int = 0
     """Evaluate the sampled clients every this many rounds; 0 only at the end (all clients)."""
     eval_clients: int = 0
@@ -180,6 +185,7 @@ class Config:
             "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "eval_clients": 0 <= self.eval_clients <= self.num_clients - self.holdout_clients,
             "min_replies": 0.0 <= self.min_replies <= 1.0,
+            "rouge_samples": self.rouge_samples >= 0,
             "update_bound": self.update_bound == 0 or self.update_bound >= 1.0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,

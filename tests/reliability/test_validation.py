@@ -66,6 +66,10 @@ def test_update_problem_on_small_arrays():
     assert evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": 4}) is None
     assert "NLL" in evaluation_problem(1, {"client": 1, "nll": float("nan"), "tokens": 4})
     assert "token count" in evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": -1})
+    sound = {"client": 1, "nll": 3.0, "tokens": 4}
+    assert evaluation_problem(1, {**sound, "rouge_l_sum": 1.5, "rouge_l_count": 2}) is None
+    assert "ROUGE-L" in evaluation_problem(1, {**sound, "rouge_l_sum": 2.5, "rouge_l_count": 2})  # F1 above 1
+    assert "ROUGE-L" in evaluation_problem(1, {**sound, "rouge_l_sum": -0.1, "rouge_l_count": 1})
 
 
 @pytest.mark.parametrize("fault", TRAIN_FAULTS)

@@ -43,7 +43,7 @@ def chat(
     model: str | None = BASE_MODEL,
 ) -> None:
     """Chat with a client's personalized model (Alpaca prompt); Ctrl-C or Ctrl-D ends it."""
-    from perfit.use.chat import generate
+    from perfit.client.generation import generate
     from perfit.use.export import RunModel
 
     with errors("chat"):

@@ -18,13 +18,17 @@ from perfit.artifacts.lora import lora_layout
 from perfit.client import onednn
 from perfit.client.batching import micro_batches
 from perfit.client.data import ClientSplit, Example, load_rows, owner_files, owner_split, partition, tokenize
+from perfit.client.generation import generate, rouge_l
 from perfit.client.hardware import compile_wanted, cpp_compiler_found, cpu_has_bf16, training_autocast
-from perfit.client.model import attach_lora, compile_decoder, device_of, load_base, resolve_device
+from perfit.client.model import attach_lora, compile_decoder, device_of, load_base, resolve_device, write_flat
 from perfit.client.train import Schedule, TrainResult, evaluate_nll, importance_scores, train_masked
 from perfit.config import Config
 from perfit.core.layout import Layout, budget_groups, initial_adapter
 from perfit.core.methods import FixedMasks, combine, fixed_masks, global_start, search_init, shared_positions
 from perfit.core.search import search_mask, step_batches
+
+ROUGE_MAX_NEW_TOKENS = 128
+"""The longest answer ROUGE-L scores (greedy generation on a CPU costs a forward pass a token)."""
 
 
 def search_adapter_mask(
@@ -211,6 +215,21 @@ class ClientTask:
             Schedule.of(config, epochs, seed=config.seed * 1_000_003 + round_number * 1009 + client),
             autocast_dtype=training_autocast(config.dtype, device_of(self.peft_model)),
         )
+
+    def rouge_l(self, client: int, flat: torch.Tensor) -> list[float]:
+        """ROUGE-L of the adapter's greedy answers on a seeded sample of `rouge_samples` of the
+        client's held-out rows."""
+        rows, held_out = self.rows_of(client), list(self.split_of(client).eval)
+        chosen = random.Random(self.config.seed * 7_919 + client).sample(
+            held_out, min(self.config.rouge_samples, len(held_out))
+        )
+        write_flat(self.peft_model, flat)
+        self.peft_model.eval()
+        answers = [
+            generate(self.peft_model, self.tokenizer, rows[i]["instruction"], rows[i]["context"], ROUGE_MAX_NEW_TOKENS)
+            for i in chosen
+        ]
+        return rouge_l(answers, [rows[i]["response"] for i in chosen])
 
     def evaluate(self, client: int, flat: torch.Tensor) -> tuple[float, int]:
         """(total NLL, target tokens) of the client's adapter on its held-out rows."""

@@ -183,5 +183,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics["finetune_loss"] = result.loss
     if int(msg.content["round"].get("final", 0)):
         _write_adapter(store, task, flat)
+        if task.config.rouge_samples:
+            scores = task.rouge_l(client, flat)
+            metrics.update({"rouge_l_sum": float(sum(scores)), "rouge_l_count": len(scores)})
     total_nll, tokens = task.evaluate(client, flat)
     return _reply(msg, {**metrics, "nll": total_nll, "tokens": tokens})

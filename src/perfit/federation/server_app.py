@@ -178,6 +178,7 @@ class Federation:
             "personalized_ppl": final["personalized_ppl"],
             "overall_ppl": final["overall_ppl"],
             "per_client_ppl": {str(c): v for c, v in final["per_client_ppl"].items()},
+            **{k: final[k] for k in ("rouge_l", "per_client_rouge_l") if k in final},
             "trainable_params_per_client": {str(c): int(m.sum()) for c, m in sorted(self.masks.items())},
             "bytes_up_total": totals["bytes_up"] + final["bytes_up"],
             "bytes_down_total": totals["bytes_down"] + final["bytes_down"],
@@ -508,7 +509,7 @@ class Federation:
         after `finetune` local epochs on the client when asked; at the `final` evaluation each node
         also keeps its owner's adapter (in its state-dir)."""
         replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune, final)
-        per_client, nll_total, token_total = {}, 0.0, 0
+        per_client, nll_total, token_total, rouge = {}, 0.0, 0, {}
         for client, reply in sorted(replies.items()):
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             problem = evaluation_problem(client, metrics)
@@ -519,10 +520,16 @@ class Federation:
             per_client[client] = perplexity(nll, tokens)
             nll_total += nll
             token_total += tokens
+            if int(metrics.get("rouge_l_count", 0)) > 0:
+                rouge[client] = float(metrics["rouge_l_sum"]) / int(metrics["rouge_l_count"])
         measured = [v for v in per_client.values() if math.isfinite(v)]
-        return {
+        result = {
             "personalized_ppl": sum(measured) / len(measured) if measured else float("nan"),
             "overall_ppl": perplexity(nll_total, token_total),
             "per_client_ppl": per_client,
             "bytes_down": bytes_down,
         }
+        if rouge:  # the final evaluation's ROUGE-L (`rouge_samples`): mean over each client's sample
+            result["rouge_l"] = sum(rouge.values()) / len(rouge)
+            result["per_client_rouge_l"] = {str(c): v for c, v in sorted(rouge.items())}
+        return result

@@ -75,4 +75,7 @@ def evaluation_problem(client: int, metrics: Mapping[str, Any]) -> str | None:
         return f"bad evaluation NLL {nll!r}"
     if not isinstance(tokens, int | float) or tokens < 0 or not float(tokens).is_integer():
         return f"bad evaluation token count {tokens!r}"
+    count, total = metrics.get("rouge_l_count", 0), metrics.get("rouge_l_sum", 0.0)
+    if not isinstance(count, int | float) or count < 0 or not 0 <= float(total) <= float(count):
+        return f"bad ROUGE-L sum {total!r} over {count!r} answers"
     return None

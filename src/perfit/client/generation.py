@@ -1,5 +1,6 @@
-"""Generate answers from a run's models with the Alpaca prompt the run was trained on: a client's
-personalized adapter, the federation's global adapter, or the base model (adapter disabled)."""
+"""Generate answers with the Alpaca prompt a run trains on (greedy unless asked otherwise), from a
+client's personalized adapter, the federation's global adapter or the base model (`perfit chat`),
+and score them against reference answers with ROUGE-L (the final evaluation's second metric)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,12 @@ def generate(
     )
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return answer.split(STOP)[0].strip()
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (Google's `rouge-score`, with stemming,
+    as FederatedScope-LLM scores dolly)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
