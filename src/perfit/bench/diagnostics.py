@@ -32,10 +32,9 @@ def mask_diagnostics(run_dir: Path) -> dict[str, Any] | None:
     masks = {int(k.split("_")[1]): v.bool() for k, v in load_file(str(masks_file)).items()}
     clients = sorted(masks)
     theta = initial_adapter(layout, search_init(config), config.seed)
-    free = [
-        kept_overlap(masks[c], data_free_mask(theta, budget_groups(layout, config.scope, config.client_rank_budget(c))))
-        for c in clients
-    ]
+    budgets = {c: config.client_rank_budget(c) for c in clients}
+    free_masks = {b: data_free_mask(theta, budget_groups(layout, config.scope, b)) for b in set(budgets.values())}
+    free = [kept_overlap(masks[c], free_masks[budgets[c]]) for c in clients]
     overlap = [[kept_overlap(masks[a], masks[b]) for b in clients] for a in clients]
     data = category_similarity(Path(run_dir), clients) if config.split != "owner" else None
     return {

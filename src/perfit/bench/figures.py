@@ -3,6 +3,7 @@ loss curves, the first LoRA module's mask similarity (Fig. 3-4 of the paper) and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -80,11 +81,17 @@ def pearson(xs: list[float], ys: list[float]) -> float:
     return statistics.correlation(xs, ys)
 
 
-def category_similarity(run_dir: Path, clients: list[int]) -> list[list[float]]:
-    """Cosine similarity of the clients' category histograms (their train rows), pairwise."""
+@functools.cache
+def _rows(data: str) -> list[dict[str, str]]:
+    """A data file's rows, read once per process: every run of a grid reads the same file."""
     from perfit.client.data import load_rows
 
-    rows = load_rows(from_toml(run_dir / "config.toml").data)
+    return load_rows(data)
+
+
+def category_similarity(run_dir: Path, clients: list[int]) -> list[list[float]]:
+    """Cosine similarity of the clients' category histograms (their train rows), pairwise."""
+    rows = _rows(from_toml(run_dir / "config.toml").data)
     partitions = json.loads((run_dir / "partitions.json").read_text())
     categories = sorted({r["category"] for r in rows})
     hist = {}

@@ -310,7 +310,8 @@ class Federation:
                     self._reject(client, f"client error: {reply.error.reason.strip().splitlines()[-1]}")
                 else:
                     replies[client] = reply
-            away_since = away_since or time.monotonic()
+            if offline and away_since is None:
+                away_since = time.monotonic()
             if not offline or time.monotonic() + 1.0 > min(deadline, away_since + NODE_RETURN_SECONDS):
                 for client in sorted(offline):
                     failed.add(client)
@@ -449,14 +450,14 @@ class Federation:
                 continue
             if int(metrics["examples"]) == 0:
                 continue  # a client without train rows has nothing to contribute
-            accepted[client] = (torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
+            accepted[client] = (mask, torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
             timing[str(client)] = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
         bounds = self._bound(accepted)
         updates = Accumulator(self.config.aggregation_rule, self.layout.size)
-        for client, (values, examples) in accepted.items():
-            dense = scatter(values, self.masks[client] & self.shared)
-            updates.add(self.masks[client] & self.shared, dense, self._weight(dense, examples))
+        for mask, values, examples in accepted.values():
+            dense = scatter(values, mask)
+            updates.add(mask, dense, self._weight(dense, examples))
         needed = math.ceil(self.config.min_replies * len(sampled))
         counted = updates.count > 0 and updates.count >= needed
         if counted:
@@ -475,21 +476,21 @@ class Federation:
             **bounds,
         }
 
-    def _bound(self, accepted: dict[int, tuple[torch.Tensor, int]]) -> dict[str, Any]:
+    def _bound(self, accepted: dict[int, tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, Any]:
         """Scale each accepted change from what its client received down to at most `update_bound` x
         the round's median change norm (`core.robust`), in place; the norms, the bound and the
         clients bounded, for the round's metrics."""
         if not accepted:
             return {}
         clients = list(accepted)
-        received = [gather(self.global_flat, self.masks[c] & self.shared).float() for c in clients]
-        returned = [accepted[c][0] for c in clients]
+        received = [gather(self.global_flat, accepted[c][0]).float() for c in clients]
+        returned = [accepted[c][1] for c in clients]
         norms = change_norms(received, returned)
         record: dict[str, Any] = {"change_norms": {str(c): n for c, n in zip(clients, norms, strict=True)}}
         if self.config.update_bound > 0:
             bounded, scales, bound = bound_changes(received, returned, self.config.update_bound)
             for client, values, scale in zip(clients, bounded, scales, strict=True):
-                accepted[client] = (values, accepted[client][1])
+                accepted[client] = (accepted[client][0], values, accepted[client][2])
                 if scale < 1.0:
                     log.warning("client %d: update scaled by %.3g to the round's bound %.4g", client, scale, bound)
             record["update_bound"] = bound
