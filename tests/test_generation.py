@@ -21,3 +21,5 @@ def test_rouge_l_is_the_longest_common_subsequence_f1():
     # "cat sat on mat" is the longest common subsequence: P = R = 4/6
     assert rouge_l(["the cat sat on the mat"], ["a cat sat on a mat"]) == pytest.approx([2 / 3])
     assert rouge_l(["Paris is the capital.", "no"], ["Paris is the capital.", "yes"]) == [1.0, 0.0]
+    # a short answer: P = 2/2, R = 2/6, F1 = 2PR / (P + R) = 1/2 (neither precision nor recall alone)
+    assert rouge_l(["cat sat"], ["the cat sat on the mat"]) == pytest.approx([0.5])

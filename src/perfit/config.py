@@ -123,9 +123,8 @@ class Config:
     """Server-side norm bound on updates: each accepted update's change from what its client received
     is scaled down to at most this multiple of the round's median change norm before Eq. 6, so
     fewer than half of a round's clients cannot drag the global adapter further than that; 0: off.
-    The default leaves honest rounds unchanged: honest change norms stayed within 1.5x of the median
-    in every measured round, and the paper's Dirichlet split samples clients with up to 5x the
-    median's optimizer steps (docs/reliability.md)."""
+    The default leaves honest rounds unchanged, with a margin over the widest honest spread of change
+    norms measured and of optimizer steps the paper's splits sample (docs/reliability.md)."""
     min_replies: float = 0.5
     """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""
