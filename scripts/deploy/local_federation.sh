@@ -10,7 +10,8 @@
 # The ServerApp writes the outputs at --out (give an absolute path). PERFIT_DATA / PERFIT_MODEL, when set, reach
 # every SuperNode (see supernode.sh). Data owners (`--split owner`): PERFIT_OWNERS_DIR holds one .jsonl per owner;
 # SuperNode k gets the k-th file (by name) as its own `data` and the file's stem as its `name`, and the run
-# config's `data` is never read.
+# config's `data` is never read. Each SuperNode keeps its state (its mask, what never leaves it, its final adapter)
+# and its long-lived worker's address in PERFIT_STATE_ROOT/<owner name or node-k> (default DEPLOY_DIR/state).
 set -euo pipefail
 if [[ -n ${DEPLOY_DIR:-} ]]; then
     mkdir -p "$DEPLOY_DIR" && WORK=$(cd "$DEPLOY_DIR" && pwd)
@@ -80,10 +81,14 @@ if [[ -n ${PERFIT_OWNERS_DIR:-} ]]; then
     OWNER_FILES=("$PERFIT_OWNERS_DIR"/*.jsonl)
     [[ ${#OWNER_FILES[@]} -eq $N ]] || { echo "$PERFIT_OWNERS_DIR: ${#OWNER_FILES[@]} owner files, N=$N" >&2; exit 2; }
 fi
+STATE_ROOT=${PERFIT_STATE_ROOT:-$WORK/state}
 for ((k = 0; k < N; k++)); do
+    NODE=node-$k
     if [[ ${#OWNER_FILES[@]} -gt 0 ]]; then
         export PERFIT_DATA=${OWNER_FILES[k]} PERFIT_NAME=$(basename "${OWNER_FILES[k]}" .jsonl)
+        NODE=$PERFIT_NAME
     fi
+    export PERFIT_STATE_DIR=$STATE_ROOT/$NODE
     FLWR_HOME=$WORK/supernode-$k-home SUPERNODE_PORT=${PORTS[k + 1]} "$REPO/scripts/deploy/supernode.sh" \
         "127.0.0.1:$PORT" "$CERTS/ca.crt" "$CERTS/supernode-$k" "$k" "$N" > "$WORK/supernode-$k.log" 2>&1 &
     PIDS+=($!)

@@ -11,11 +11,12 @@
 # differs from the run config's; with `--split owner`, PERFIT_DATA is the owner's own file; no spaces),
 # PERFIT_NAME (the owner's name in every output, `--split owner`; default the file's stem), PERFIT_STATE_DIR
 # (where the node keeps its mask, the values that never leave it and, at the end, the owner's adapter: they
-# survive a restart), SUPERNODE_PORT (this node's local Runtime (ClientAppIo) API port on 127.0.0.1, default
+# survive a restart; with it, a long-lived worker keeps the model and the tokenised rows between messages,
+# PERFIT_WORKER=0 turns that off), SUPERNODE_PORT (this node's local Runtime (ClientAppIo) API port on 127.0.0.1, default
 # 9094; nodes sharing a machine need different ports), FLWR_HOME (default ~/.flwr), BIN (directory holding
 # flower-supernode and flower-superexec, default the repo's .venv/bin).
 set -euo pipefail
-[[ $# -ge 5 ]] || { sed -n 2,16p "$0" >&2; exit 2; }
+[[ $# -ge 5 ]] || { sed -n 2,17p "$0" >&2; exit 2; }
 SUPERLINK=$1 CA=$2 KEY=$3 PARTITION=$4 PARTITIONS=$5
 shift 5
 source "$(dirname "$0")/env.sh"
@@ -26,6 +27,7 @@ NODE_CONFIG="partition-id=$PARTITION num-partitions=$PARTITIONS"
 [[ -n ${PERFIT_MODEL:-} ]] && NODE_CONFIG="$NODE_CONFIG model=\"$PERFIT_MODEL\""
 [[ -n ${PERFIT_NAME:-} ]] && NODE_CONFIG="$NODE_CONFIG name=\"$PERFIT_NAME\""
 [[ -n ${PERFIT_STATE_DIR:-} ]] && NODE_CONFIG="$NODE_CONFIG state-dir=\"$PERFIT_STATE_DIR\""
+[[ -n ${PERFIT_WORKER:-} ]] && NODE_CONFIG="$NODE_CONFIG worker=\"$PERFIT_WORKER\""
 
 exec flower-supernode \
     --superlink "$SUPERLINK" \

@@ -16,6 +16,11 @@ from typing import Any
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "databricks/databricks-dolly-15k"
 
+# How a run goes, not what it computes (up to float order). `dtype=auto` resolves per machine (bf16
+# where the CPU or GPU has the units), so a run resumed on another machine may continue at another
+# precision whatever its device; `--dtype fp32` or `bf16` pins it.
+RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device")
+
 CHOICES = {
     "method": ("fit", "perfit", "local", "fedsa", "hetlora"),
     "split": ("pathological", "dirichlet", "owner"),

@@ -22,7 +22,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from perfit.config import Config
-from perfit.federation import client_app
+from perfit.federation import handlers
 
 from ..conftest import OWNER_SIZES
 from ..tiny import TINY_RUN, cli_args
@@ -135,11 +135,11 @@ def test_node_config_points_at_local_copies(tiny_model, small_data, tmp_path):
     def context(**node_config) -> Context:
         return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
-    task = client_app._task(msg, context(**{"partition-id": 1, "num-partitions": 2, "data": str(copy)}))
+    task = handlers._task(msg, context(**{"partition-id": 1, "num-partitions": 2, "data": str(copy)}))
     assert task.config.data == str(copy)
     assert len(task.rows) == len(small_data.read_text().splitlines())
     with pytest.raises(ValueError, match="num-partitions=3"):
-        client_app._task(msg, context(**{"partition-id": 1, "num-partitions": 3}))
+        handlers._task(msg, context(**{"partition-id": 1, "num-partitions": 3}))
 
 
 def test_two_rounds_on_deployment_engine(tiny_model, small_data, tmp_path):
@@ -191,6 +191,9 @@ def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     assert str(owners_dir) not in (out / "config.toml").read_text()
     assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]  # the server read no weights
     assert summary["model"] == str(tiny_model)  # the nodes' base model, as they found it
+    for name in OWNER_SIZES:  # each owner leaves with their adapter, on their own node, served by its worker
+        assert len(list((work / "state" / name).glob("run-*/adapter/adapter_model.safetensors"))) == 1
+        assert (work / "state" / name / "worker.log").is_file()
 
 
 def test_unregistered_and_plaintext_clients_are_refused(tmp_path):

@@ -1,190 +1,52 @@
-"""Flower ClientApp: thin glue over `perfit.client.task.ClientTask`.
+"""Flower ClientApp: hands each message to `handlers` (what a node does with it, over
+`perfit.client.task.ClientTask`).
 
-Messages (the server sends the resolved run config with every message, so a client needs no run
-config of its own):
-- `query`: which client this node is and which rows it holds (for partitions.json): an owner's node
-  its name and its train / eval counts only; a research split's node its rows' indices. Every later
-  message carries the client id the server gave the node (`round.client`).
-- any message may carry `registered`: the client's mask as the server registered it (sent after a
-  server resume, when the node's state is gone); the node keeps it instead of searching again.
-- `query.search`: run Alg. 1 once, keep the mask in the node's state, send it bit-packed.
-- `train`: values at the mask positions in, local masked training, values at the mask positions out.
-  Methods that keep part of the adapter on the client (FedSA-LoRA's B, `local`) exchange only the
-  shared positions and keep the rest in the node state (`personal`); it never leaves the node.
-- `evaluate`: personalized NLL of the received adapter on the client's held-out rows, after
-  `finetune` local epochs when the server asks for them (final evaluation of FIT + FT, `local`).
-
-Node config (`flower-supernode --node-config`). A data owner's node (`split=owner`): `data`, the
-owner's own file, which is this client's whole dataset; `name`, the owner's name in every output
-(unique in the federation; default the file's stem); optional `model`, this machine's copy of the
-base model. A research split's node (simulation sets the first two): `partition-id` is the client
-this node is, `num-partitions` (optional) must equal the run's num_clients, and `data` / `model`
-(optional) point at this machine's copy of the run's dataset / base model.
-"""
+On a Deployment Engine node with a `state-dir`, Flower starts this process afresh for every
+message, so it imports neither torch nor perfit's client code: it forwards the message to the
+node's long-lived worker (`node_worker`), which keeps the model and the tokenised rows between
+messages. Elsewhere (a simulation's long-lived worker processes, a node without a `state-dir` or
+with `worker=0`) the handlers run here. The messages and the node config are described in
+`handlers`."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from perfit.artifacts.base_model import model_fingerprint
-from perfit.artifacts.lora import save_adapter
-from perfit.client.task import ClientTask, client_task
-from perfit.config import from_mapping
-from perfit.core.masks import decode, encode, gather, scatter
-from perfit.federation.node_store import NodeStore
+from perfit.federation import node_worker
 
 app = ClientApp()
-LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
 
 
-def _client_id(context: Context, msg: Message | None = None) -> int:
-    """The client this node is: the id the server gave it (every message after the first query
-    carries it), else its node config's `partition-id` (0 for an owner's node, which has none)."""
-    if msg is not None and "round" in msg.content and "client" in msg.content["round"]:
-        return int(msg.content["round"]["client"])
-    return int(context.node_config.get("partition-id", 0))
+def _run(handler: str, msg: Message, context: Context, **kwargs: Any) -> Message:
+    state_dir = node_worker.wanted(context)
+    if state_dir is not None:
+        reply = node_worker.forward(state_dir, handler, msg, context, **kwargs)
+        if reply is not None:
+            return reply
+    from perfit.federation import handlers
 
-
-def _task(msg: Message, context: Context) -> ClientTask:
-    settings = dict(msg.content["run"])
-    settings.update({key: context.node_config[key] for key in LOCAL_PATHS if key in context.node_config})
-    partitions = context.node_config.get("num-partitions", settings["num_clients"])
-    if int(partitions) != int(settings["num_clients"]):
-        raise ValueError(f"node config num-partitions={partitions}, but the run has {settings['num_clients']} clients")
-    return client_task(from_mapping(settings))
-
-
-def _mask(task: ClientTask, client: int, store: NodeStore, msg: Message | None = None) -> torch.Tensor:
-    """The client's static mask: fixed for FIT and the baselines, else searched once and kept by the
-    node (or, after a server resume, the registered mask the server sends back)."""
-    if task.fixed is not None:
-        return task.fixed[client]
-    if msg is not None and "registered" in msg.content:
-        store.put("mask", msg.content["registered"]["mask"].numpy())
-    if "mask" not in store:
-        store.put("mask", encode(task.search(client)))
-    return decode(store.get("mask"), task.layout.size)
-
-
-def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if arrays:
-        content["arrays"] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
-    return Message(content, reply_to=msg)
-
-
-def _start(msg: Message, store: NodeStore, task: ClientTask, mask: torch.Tensor) -> torch.Tensor:
-    """The received values at the shared mask positions, the node's own kept values elsewhere."""
-    values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
-    received = scatter(values, mask & task.shared)
-    kept = store.get("personal")
-    personal = None if kept is None else scatter(torch.from_numpy(kept.copy()), mask)
-    return task.starting_point(received, personal) * mask
-
-
-def _keep(store: NodeStore, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor) -> None:
-    """Keep the trained adapter on the node when part of it is not shared."""
-    if not bool(task.shared.all()):
-        store.put("personal", gather(flat, mask).numpy().astype(np.float32))
-
-
-def _write_adapter(store: NodeStore, task: ClientTask, flat: torch.Tensor) -> None:
-    """At the end of a run: the owner's personalized adapter, in PEFT format, in the node's state-dir."""
-    if store.directory is not None:
-        config = task.config
-        save_adapter(
-            store.directory / "adapter", task.layout, flat, config.dense_rank, config.alpha_value, task.model_path
-        )
+    return getattr(handlers, handler)(msg, context, **kwargs)
 
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which client this node is and which rows it holds: an owner's node its name and the counts of
-    its train / eval rows (never the rows); a research split's node its partition id and its rows'
-    indices into the shared file."""
-    client = _client_id(context)
-    task = _task(msg, context)
-    split = task.split_of(client)  # opens and validates the node's data: errors name file, line, field
-    model = {"model": task.model_path, "model_fingerprint": model_fingerprint(task.model_path)}
-    if task.owners:
-        name = str(context.node_config.get("name", task.owner_name(client)))
-        counts = {"train_rows": len(split.train), "eval_rows": len(split.eval)}
-        info = {"client": client, "name": name, **counts, **model}
-        return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
-    rows = {part: Array(np.asarray(getattr(split, part), dtype=np.int64)) for part in ("train", "eval")}
-    content = RecordDict({"info": ConfigRecord({"client": client, **model}), "rows": ArrayRecord(rows)})
-    return Message(content, reply_to=msg)
+    return _run("identify", msg, context)
 
 
 @app.query("search")
 def search(msg: Message, context: Context) -> Message:
-    client = _client_id(context, msg)
-    task = _task(msg, context)
-    store = NodeStore(context, task.config)
-    state_before = "mask" in store
-    started = time.perf_counter()
-    mask = _mask(task, client, store)
-    metrics = {"client": client, "cached": int(state_before), "seconds": time.perf_counter() - started}
-    return _reply(msg, metrics, mask=encode(mask))
+    return _run("search", msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local masked training. The reply's metrics also say where the message's time went: the
-    process's life before this handler (`startup_seconds`: on a Deployment Engine node a fresh
-    process per message, so imports and Flower's start), loading the model and the client's rows
-    (`setup_seconds`) and training itself (`compute_seconds`)."""
-    handler_started = time.perf_counter()
-    startup = _process_age_seconds()
-    client = _client_id(context, msg)
-    task = _task(msg, context)
-    store = NodeStore(context, task.config)
-    mask = _mask(task, client, store, msg)
-    task.examples(client, "train")  # the model, the tokenizer and the rows, loaded once per process
-    compute_started = time.perf_counter()
-    result = task.train(client, _start(msg, store, task, mask), mask, int(msg.content["round"]["round"]))
-    compute = time.perf_counter() - compute_started
-    _keep(store, task, result.flat, mask)
-    values = gather(result.flat, mask & task.shared).numpy().astype(np.float32)
-    metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
-    seconds = {
-        "startup_seconds": startup,
-        "setup_seconds": compute_started - handler_started,
-        "compute_seconds": compute,
-    }
-    return _reply(msg, {**metrics, **seconds}, values=values)
-
-
-def _process_age_seconds() -> float:
-    """How long this process has lived (what a fresh ClientApp process spent before its handler)."""
-    import psutil
-
-    return max(time.time() - psutil.Process().create_time(), 0.0)
+    return _run("train", msg, context, started=time.time(), startup=node_worker.process_age_seconds())
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    client = _client_id(context, msg)
-    task = _task(msg, context)
-    store = NodeStore(context, task.config)
-    mask = _mask(task, client, store, msg)
-    flat = _start(msg, store, task, mask)
-    metrics = {"client": client}
-    epochs = int(msg.content["round"].get("finetune", 0))
-    if epochs:  # local fine-tuning before the final evaluation; the result stays on the node
-        result = task.train(client, flat, mask, task.config.rounds + 1, epochs=epochs)
-        flat = result.flat
-        _keep(store, task, flat, mask)
-        metrics["finetune_loss"] = result.loss
-    if int(msg.content["round"].get("final", 0)):
-        _write_adapter(store, task, flat)
-        if task.config.rouge_samples:
-            scores = task.rouge_l(client, flat)
-            metrics.update({"rouge_l_sum": float(sum(scores)), "rouge_l_count": len(scores)})
-    total_nll, tokens = task.evaluate(client, flat)
-    return _reply(msg, {**metrics, "nll": total_nll, "tokens": tokens})
+    return _run("evaluate", msg, context)

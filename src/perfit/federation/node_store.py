@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
-from perfit.config import Config
-from perfit.federation.run_directory import RESULT_NEUTRAL
+from perfit.config import RESULT_NEUTRAL, Config
 
 STATE_DIR = "state-dir"  # the node config key
 

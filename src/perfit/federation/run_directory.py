@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from perfit.artifacts.lora import save_adapter
-from perfit.config import Config
+from perfit.config import RESULT_NEUTRAL, Config
 from perfit.core.layout import Layout
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -27,12 +27,6 @@ def _same_value(name: str, recorded: Any, given: Any) -> bool:
         first, second = Path(recorded).expanduser(), Path(given).expanduser()
         return first.exists() and second.exists() and first.resolve() == second.resolve()
     return False
-
-
-# How a run goes, not what it computes (up to float order). `dtype=auto` resolves per machine (bf16
-# where the CPU or GPU has the units), so a run resumed on another machine may continue at another
-# precision whatever its device; `--dtype fp32` or `bf16` pins it.
-RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device")
 
 
 def config_changes(run_dir: Path, config: Config) -> list[str]:
