@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from perfit.core.diagnostics import data_free_mask, kept_overlap, mean_pairwise_overlap, pair_correlation
+from perfit.core.diagnostics import (
+    category_cosines,
+    data_free_mask,
+    kept_overlap,
+    mean_pairwise_overlap,
+    pair_correlation,
+)
 
 T, F = True, False
 
@@ -40,3 +46,11 @@ def test_pair_correlation_reads_the_upper_triangle():
     flipped = [[1, 0.1, 0.9], [0.1, 1, 0.8], [0.9, 0.8, 1]]
     assert pair_correlation(masks, flipped) < -0.9
     assert math.isnan(pair_correlation([[1, 0.5], [0.5, 1]], [[1, 0.2], [0.2, 1]]))  # one pair
+
+
+def test_category_cosines_of_the_clients_histograms():
+    similarity = category_cosines([["a", "a", "b"], ["a", "a", "b"], ["c"], ["a", "b", "b"]])
+    assert similarity[0][1] == pytest.approx(1.0)  # the same mix
+    assert similarity[0][2] == 0.0  # nothing in common
+    assert similarity[0][3] == pytest.approx(4 / 5)  # (2, 1) . (1, 2) / (sqrt 5 * sqrt 5)
+    assert similarity[3][0] == similarity[0][3] and similarity[2][2] == pytest.approx(1.0)

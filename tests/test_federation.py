@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from perfit.artifacts.lora import layout_for
+from perfit.cli import app
 from perfit.config import Config
 from perfit.federation.simulation import run_simulation
 
-from .tiny import TINY_RUN
+from .tiny import TINY_RUN, cli_args
 
 CASES = [
     ("fit", "pathological", ""),
@@ -158,6 +160,26 @@ def test_mask_diagnostics_of_a_perfit_run(runs):
     assert r != r or -1 <= r <= 1  # NaN where every pair's data overlap is the same
     fit_config, _ = runs[("fit", "pathological", "")]
     assert mask_diagnostics(Path(fit_config.out)) is None  # no search, no masks file
+
+
+def test_search_diagnostics_read_the_masks_a_run_searches(runs, tmp_path):
+    """`perfit bench masks` runs only the searches: the same masks, so the same readings, as the
+    finished run's; another score gives other masks."""
+    from perfit.bench.diagnostics import mask_diagnostics, search_diagnostics
+
+    config, _ = runs[("perfit", "pathological", "")]
+    expected = mask_diagnostics(Path(config.out))
+    found = search_diagnostics(config)
+    assert {k: found[k] for k in expected} == pytest.approx(expected, nan_ok=True)
+    gradient = search_diagnostics(config.replace(metric="gradient"))
+    assert gradient["mean_pairwise_overlap"] != pytest.approx(found["mean_pairwise_overlap"])
+    out = tmp_path / "masks.json"
+    args = cli_args({**TINY_RUN, "num_clients": 4, "clients_per_round": 2, "model": config.model, "data": config.data})
+    result = CliRunner().invoke(app, ["bench", "masks", "--vary", "metric=first,gradient", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    readings = json.loads(out.read_text())["readings"]
+    assert [r["variant"] for r in readings] == ["metric=first", "metric=gradient"]
+    assert all(0 < r["mean_pairwise_overlap"] < 1 and r["clients"] == 4 for r in readings)
 
 
 def test_rouge_l_at_the_final_evaluation(tiny_model, small_data, tmp_path):

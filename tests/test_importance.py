@@ -55,3 +55,16 @@ def test_gradient_moments_mean_and_fisher():
     grad, fisher = gradient_moments([g1, g2])
     assert torch.equal(grad, torch.tensor([2.0, 0.0]))
     assert torch.equal(fisher, torch.tensor([5.0, 4.0]))  # (1+9)/2, (4+4)/2
+
+
+def test_gradient_magnitude_ranks_without_theta():
+    from perfit.core.importance import gradient_magnitude, scoring_units
+
+    grad = torch.tensor([0.5, -2.0, 0.0, 3.0])
+    theta = torch.tensor([8.0, 1.0, 7.0, -0.1])  # large theta_0 would put position 0 first under Eq. 2
+    assert torch.equal(gradient_magnitude(grad), torch.tensor([0.5, 2.0, 0.0, 3.0]))
+    fisher = torch.zeros(4)
+    assert torch.equal(importance("gradient", grad, fisher, theta), gradient_magnitude(grad))
+    assert int(importance("first", grad, fisher, theta).argmax()) == 0
+    assert int(importance("gradient", grad, fisher, theta).argmax()) == 3  # the data's, not theta_0's, choice
+    assert scoring_units([["a", "b"]], "gradient") == [["a", "b"]]  # the mean gradient: one per micro-batch

@@ -24,7 +24,7 @@ RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device")
 CHOICES = {
     "method": ("fit", "perfit", "local", "fedsa", "hetlora"),
     "split": ("pathological", "dirichlet", "owner"),
-    "metric": ("first", "second", "mixed"),
+    "metric": ("first", "second", "mixed", "gradient"),
     "scope": ("global", "per_module"),
     "aggregation": ("shared", "literal"),
     "init": ("symmetric", "symmetric_then_zero_b", "peft"),
@@ -65,7 +65,9 @@ class Config:
     budgets: str = ""
     """Heterogeneous budgets, e.g. "8,12,16": clients in equal groups; dense rank = the largest."""
     metric: str = "first"
-    """Importance: `first` |g*theta| (Eq. 2), `second` |theta^2 F| (Eq. 3), `mixed` (Eq. 4)."""
+    """Importance: `first` |g*theta| (Eq. 2), `second` |theta^2 F| (Eq. 3), `mixed` (Eq. 4); beyond the
+    paper, `gradient` |g| (`core.importance.gradient_magnitude`: without theta_0's magnitudes, which
+    every client shares)."""
     prune_iterations: int = 0
     """T_p, pruning steps of Alg. 1; 0 means the paper's rule: 10 for dense rank 16, else 5."""
     search_batches: int = 1

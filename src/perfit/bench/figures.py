@@ -91,17 +91,11 @@ def _rows(data: str) -> list[dict[str, str]]:
 
 def category_similarity(run_dir: Path, clients: list[int]) -> list[list[float]]:
     """Cosine similarity of the clients' category histograms (their train rows), pairwise."""
+    from perfit.core.diagnostics import category_cosines
+
     rows = _rows(from_toml(run_dir / "config.toml").data)
     partitions = json.loads((run_dir / "partitions.json").read_text())
-    categories = sorted({r["category"] for r in rows})
-    hist = {}
-    for client in clients:
-        counts = [0.0] * len(categories)
-        for index in partitions[str(client)]["train"]:
-            counts[categories.index(rows[index]["category"])] += 1
-        norm = math.sqrt(sum(c * c for c in counts)) or 1.0
-        hist[client] = [c / norm for c in counts]
-    return [[sum(x * y for x, y in zip(hist[a], hist[b], strict=True)) for b in clients] for a in clients]
+    return category_cosines([[rows[i]["category"] for i in partitions[str(c)]["train"]] for c in clients])
 
 
 def first_module_similarity(run_dir: Path) -> tuple[list[list[float]], list[int]] | None:

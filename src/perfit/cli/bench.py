@@ -167,6 +167,49 @@ def bench_paper(
     console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
 
 
+@bench.command("masks", context_settings=EXTRA)
+def bench_masks(
+    ctx: typer.Context,
+    preset: str = typer.Option("quick", help="The preset under the config flags."),
+    vary: list[str] = typer.Option(
+        [], "--vary", help="FIELD=V1,V2: search under each value (several --vary: every combination)."
+    ),
+    out: Path | None = typer.Option(None, help="Also write the readings to this .json file."),
+) -> None:
+    """Do the masks follow the data? Runs only the clients' searches (no federation) under each variant.
+
+    Prints, per variant, the clients' mean pairwise mask overlap, the overlap with the data-free mask
+    (top-k of |theta_0|) and the correlation of mask overlap with category overlap over client pairs."""
+    import itertools
+    import json
+
+    from perfit.bench.diagnostics import search_diagnostics
+
+    base_config = config_from(ctx, None, preset, method="perfit")
+    axes = []
+    for item in vary:
+        name, equals, values = item.partition("=")
+        if not equals or not values:
+            raise typer.BadParameter(f"--vary {item!r}: expected FIELD=V1,V2")
+        axes.append([(name.replace("-", "_"), value) for value in values.split(",")])
+    table = Table("variant", "pairwise overlap", "with data-free mask", "r (mask vs data)", "search s")
+    readings = []
+    for combination in itertools.product(*axes):
+        label = " ".join(f"{k}={v}" for k, v in combination) or "as configured"
+        config = config_from(ctx, None, preset, method="perfit", **dict(combination))
+        with errors("data", ValueError):
+            reading = {"variant": label, **search_diagnostics(config)}
+        readings.append(reading)
+        overlaps = [f"{reading[k]:.3f}" for k in ("mean_pairwise_overlap", "overlap_with_data_free_mask")]
+        r, seconds = reading["mask_vs_data_similarity_r"], reading["search_seconds"]
+        table.add_row(label, *overlaps, f"{r:.2f}", f"{seconds:.0f}")
+    console.print(table)
+    if out is not None:
+        command = " ".join(["perfit bench masks", f"--preset {preset}", *(f"--vary {v}" for v in vary), *ctx.args])
+        document = {"command": command, "config": base_config.to_dict(), "readings": readings}
+        out.write_text(json.dumps(document, indent=2) + "\n")
+
+
 @bench.command("tune", context_settings=EXTRA)
 def bench_tune(
     ctx: typer.Context,

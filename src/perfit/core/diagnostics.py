@@ -9,6 +9,7 @@ similarity goes with data similarity across client pairs (`pair_correlation`).""
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 
 import torch
@@ -49,3 +50,15 @@ def pair_correlation(mask_similarity: list[list[float]], data_similarity: list[l
     if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return float("nan")
     return statistics.correlation(xs, ys)
+
+
+def category_cosines(categories: list[list[str]]) -> list[list[float]]:
+    """Pairwise cosine similarity of clients' category histograms, from each client's list of its
+    rows' categories: 1 for the same mix, 0 for no category in common."""
+    names = sorted({name for rows in categories for name in rows})
+    histograms = []
+    for rows in categories:
+        counts = [float(rows.count(name)) for name in names]
+        norm = math.sqrt(sum(c * c for c in counts)) or 1.0
+        histograms.append([c / norm for c in counts])
+    return [[sum(x * y for x, y in zip(a, b, strict=True)) for b in histograms] for a in histograms]

@@ -1,4 +1,5 @@
-"""Taylor importance of every LoRA element (paper §4.2, Eq. 2-4). Pure tensor functions."""
+"""Taylor importance of every LoRA element (paper §4.2, Eq. 2-4), and one score beyond the paper
+(`gradient_magnitude`). Pure tensor functions."""
 
 from __future__ import annotations
 
@@ -24,24 +25,34 @@ def mixed(grad: torch.Tensor, fisher: torch.Tensor, theta: torch.Tensor) -> torc
     return (grad * theta - 0.5 * theta * fisher * theta).abs()
 
 
+def gradient_magnitude(grad: torch.Tensor) -> torch.Tensor:
+    """|dL/dtheta|: Eq. 2 without its theta factor (beyond the paper). Every client scores at the
+    same seeded theta_0, so |g * theta_0| carries theta_0's magnitudes, the same for every client, into
+    every client's ranking (docs/experiments.md: the paper's masks overlap the top-k of |theta_0| by
+    about as much as they overlap each other); |g| ranks by what the client's data says alone."""
+    return grad.abs()
+
+
 def importance(metric: str, grad: torch.Tensor, fisher: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Scores for `metric` in {first, second, mixed}; same shape as theta."""
+    """Scores for `metric` in {first, second, mixed, gradient}; same shape as theta."""
     if metric == "first":
         return first_order(grad, theta)
+    if metric == "gradient":
+        return gradient_magnitude(grad)
     if metric == "second":
         return second_order(fisher, theta)
     if metric == "mixed":
         return mixed(grad, fisher, theta)
-    raise ValueError(f"unknown importance metric {metric!r}; use first, second or mixed")
+    raise ValueError(f"unknown importance metric {metric!r}; use first, second, mixed or gradient")
 
 
 def scoring_units(batches: list[list[T]], metric: str) -> list[list[T]]:
-    """What each gradient of a scoring step is taken over. `first` needs only the mean gradient:
+    """What each gradient of a scoring step is taken over. `first` and `gradient` need only the mean gradient:
     one gradient per micro-batch. `second` and `mixed` need the empirical Fisher diagonal, the mean
     of *per-example* squared gradients: one gradient per example. (Squaring one micro-batch's
     gradient instead gives F = g^2, so Eq. 3 ranks exactly as Eq. 2 and Eq. 4 almost so: measured on
     the grid, the second-order cell then reproduced the first-order one to the last digit.)"""
-    if metric == "first":
+    if metric in ("first", "gradient"):
         return batches
     return [[example] for batch in batches for example in batch]
 
