@@ -14,6 +14,34 @@ from perfit.bench.report import write_report
 from perfit.bench.results import CellResult, exceeds_spread, headline, load_results, paired_changes
 
 
+def test_the_personalization_grid_holds_the_paper_data_per_client(tmp_path):
+    """`--grid personal`: the medium preset gives each client what a client of the paper's
+    100-client split holds (120 train / 30 held-out dolly rows) and the paper's proportions; its
+    reported seeds never include seed 0, where rates and the PerFIT variant are chosen."""
+    from perfit.bench.experiments import GRIDS, HELD_OUT_SEEDS
+    from perfit.client.data import load_rows, partition
+
+    from .conftest import DOLLY, dolly_rows
+
+    cells = GRIDS["personal"]()
+    assert len({c.name for c in cells}) == len(cells) == 20
+    assert all(c.seeds == HELD_OUT_SEEDS and 0 not in c.seeds for c in cells)
+    for split in ("pathological", "dirichlet"):
+        for label in ("fit", "fit-ft", "local", "fedsa", "perfit", "perfit-8-12-16", "hetlora-8-12-16"):
+            assert f"personal/{split}/{label}" in {c.name for c in cells}
+    config = select(cells, ["personal/pathological/fit"])[0].config(1, tmp_path, data=str(DOLLY))
+    assert (config.num_clients, config.clients_per_round, config.rounds, config.batch_size) == (10, 3, 10, 64)
+    assert config.rounds * config.clients_per_round / config.num_clients == 3  # as the paper's 30 rounds x 10 %
+    assert config.lr == 3e-3  # the preset's own rate, not the quick grid's
+    gradient = select(cells, ["personal/dirichlet/perfit-gradient"])[0].config(2, tmp_path)
+    assert (gradient.metric, gradient.dense_rank, gradient.pruning_steps) == ("gradient", 16, 10)
+    dolly_rows(1)  # skips (or, under CI, fails) without the dolly file
+    rows = load_rows(str(DOLLY))
+    for split in ("pathological", "dirichlet"):
+        sizes = {(len(s.train), len(s.eval)) for s in partition(rows, config.replace(split=split)).values()}
+        assert sizes == {(120, 30)}, sizes  # every client: the paper's share, 80/20
+
+
 def test_grid_names_are_unique_and_cover_the_issue():
     cells = grid()
     names = [c.name for c in cells]

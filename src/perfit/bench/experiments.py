@@ -44,6 +44,10 @@ LABELS = {
     "local": "local only (r=8)",
     "fit-ft": "FIT + local fine-tuning",
     "fedsa": "FedSA-LoRA (r=8)",
+    "perfit": "PerFIT s=0.5 (the paper's)",
+    "perfit-zero-b": "PerFIT s=0.5, train from B=0",
+    "perfit-gradient": "PerFIT s=0.5, |g| scores, train from B=0",
+    "perfit-gradient-4": "PerFIT s=0.5, |g| scores of 4 micro-batches, train from B=0",
 }
 """How the report names a cell (by the last part of its name)."""
 PERSONALIZED_BASELINES = ("local", "fit-ft", "fedsa")
@@ -64,11 +68,13 @@ class Cell:
     label: str
     fields: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = SEEDS
+    preset: str = SCALE_PRESET
 
     def config(self, seed: int, out: Path, **common: Any) -> Config:
-        values = {"lr": GRID_LR, **common, "split": self.split, **self.fields, "seed": seed,
+        rate = {"lr": GRID_LR} if self.preset == SCALE_PRESET else {}  # other presets carry their own
+        values = {**rate, **common, "split": self.split, **self.fields, "seed": seed,
                   "out": str(self.run_dir(out, seed))}  # fmt: skip
-        return make_config(None, SCALE_PRESET, **values)
+        return make_config(None, self.preset, **values)
 
     def run_dir(self, out: Path, seed: int) -> Path:
         return out / self.name / f"seed{seed}"
@@ -124,6 +130,47 @@ def grid() -> list[Cell]:
     for label, fields in ablations.items():
         cells.append(_cell("ablation", "pathological", label, one, method="perfit", **fields))
     return cells
+
+
+PERSONAL_PRESET = "medium"
+HELD_OUT_SEEDS = (1, 2, 3)
+"""The personalization grid's reported seeds; seed 0 is its tuning seed (`validation=1`: the rates
+and the PerFIT variant are chosen there, on no row that is reported)."""
+PERSONAL_VARIANTS = {
+    "perfit": {"init": "symmetric"},
+    "perfit-zero-b": {"init": "symmetric_then_zero_b"},
+    "perfit-gradient": {"init": "symmetric_then_zero_b", "metric": "gradient"},
+    "perfit-gradient-4": {"init": "symmetric_then_zero_b", "metric": "gradient", "search_batches": 4},
+}
+"""PerFIT as the paper reads (symmetric init), then the candidates beyond it, which seed 0's
+validation slice chooses among: train from B = 0 (the package's default), score with |g| alone
+(`core.importance.gradient_magnitude`), and score more of the client's rows at each pruning step."""
+
+
+def personalization_grid() -> list[Cell]:
+    """Does personalization pay at the paper's data per client (the `medium` preset)? Every method
+    that ends with a model per client, and FIT, at equal trainable parameters; heterogeneous budgets
+    PerFIT against HetLoRA. Reported on HELD_OUT_SEEDS."""
+    cells = []
+    for split in SPLITS:
+        cells.append(_personal(split, "fit", method="fit"))
+        cells.append(_personal(split, "fit-ft", method="fit", finetune_epochs=1))
+        cells.append(_personal(split, "local", method="local"))
+        cells.append(_personal(split, "fedsa", method="fedsa"))
+        cells += [_personal(split, label, method="perfit", **fields) for label, fields in PERSONAL_VARIANTS.items()]
+        hetero = {"budgets": HETERO_BUDGETS, "init": "symmetric_then_zero_b"}
+        cells.append(_personal(split, "perfit-8-12-16", method="perfit", **hetero))
+        cells.append(_personal(split, "hetlora-8-12-16", method="hetlora", budgets=HETERO_BUDGETS))
+    return cells
+
+
+def _personal(split: str, label: str, **fields: Any) -> Cell:
+    return Cell(f"personal/{split}/{label}", "personal", split, label, fields, HELD_OUT_SEEDS, PERSONAL_PRESET)
+
+
+GRIDS: dict[str, Callable[[], list[Cell]]] = {"paper": grid, "personal": personalization_grid}
+"""`perfit bench paper --grid NAME`: the paper's experiments at the quick scale, or the
+personalization comparison at the paper's data per client."""
 
 
 def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:

@@ -12,6 +12,10 @@ from perfit.bench.tuning import LRS
 from perfit.cli import base
 from perfit.cli.base import EXTRA, app, config_from, console, errors, field_flags
 
+GRID_HELP = (
+    "paper: the paper's experiments at the quick scale; personal: does personalization pay, at the paper's data "
+    "per client (the medium preset; held-out seeds 1-3, tuned at seed 0)."
+)
 bench = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
 app.add_typer(bench, name="bench")
 
@@ -102,9 +106,9 @@ def bench_scale(
     console.print(text)
 
 
-def _grid_selection(ctx: typer.Context, patterns: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """The grid cells matching `--cells` and the extra field flags (only GRID_FREE_FIELDS)."""
-    from perfit.bench.experiments import GRID_FREE_FIELDS, grid, select
+def _grid_selection(ctx: typer.Context, patterns: list[str], name: str) -> tuple[list[Any], dict[str, Any]]:
+    """The cells of grid `name` matching `--cells` and the extra field flags (only GRID_FREE_FIELDS)."""
+    from perfit.bench.experiments import GRID_FREE_FIELDS, GRIDS, select
 
     common = field_flags(ctx.args)
     unknown = sorted(set(common) - set(GRID_FREE_FIELDS))
@@ -113,8 +117,11 @@ def _grid_selection(ctx: typer.Context, patterns: list[str]) -> tuple[list[Any],
             f"[red]config error:[/red] the grid fixes every field but {', '.join(GRID_FREE_FIELDS)}: {unknown}"
         )
         raise typer.Exit(2)
+    if name not in GRIDS:
+        console.print(f"[red]config error:[/red] --grid {name!r}: one of {', '.join(GRIDS)}")
+        raise typer.Exit(2)
     try:
-        return select(grid(), patterns), common
+        return select(GRIDS[name](), patterns), common
     except ValueError as err:
         console.print(f"[red]config error:[/red] {err}")
         raise typer.Exit(2) from err
@@ -149,11 +156,12 @@ def bench_paper(
         None, help="A tuning.json from `perfit bench tune`: run each cell at its chosen learning rate."
     ),
     list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
+    grid: str = typer.Option("paper", help=GRID_HELP),
 ) -> None:
     """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
     from perfit.bench.experiments import run_grid
 
-    chosen, common = _grid_selection(ctx, cells)
+    chosen, common = _grid_selection(ctx, cells, grid)
     if tuned is not None:
         from perfit.bench.tuning import tuned as with_tuned_lr
 
@@ -218,6 +226,7 @@ def bench_tune(
     lrs: str = typer.Option(",".join(f"{lr:g}" for lr in LRS), help="Candidate learning rates."),
     docs: Path = typer.Option(Path("docs"), help="Where tuning.md and tuning.json go."),
     list_cells: bool = typer.Option(False, "--list", help="List the tuning runs and their state; run nothing."),
+    grid: str = typer.Option("paper", help=GRID_HELP),
 ) -> None:
     """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
     the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
@@ -227,7 +236,7 @@ def bench_tune(
     from perfit.bench.tuning import collect, tuning_cells, tuning_markdown
     from perfit.federation.run_directory import json_safe
 
-    chosen, common = _grid_selection(ctx, cells)
+    chosen, common = _grid_selection(ctx, cells, grid)
     try:
         candidates = tuple(float(lr) for lr in lrs.split(","))
     except ValueError as err:
