@@ -24,7 +24,7 @@ def test_the_personalization_grid_holds_the_paper_data_per_client(tmp_path):
     from .conftest import DOLLY, dolly_rows
 
     cells = GRIDS["personal"]()
-    assert len({c.name for c in cells}) == len(cells) == 20
+    assert len({c.name for c in cells}) == len(cells) == 22
     assert all(c.seeds == HELD_OUT_SEEDS and 0 not in c.seeds for c in cells)
     for split in ("pathological", "dirichlet"):
         for label in ("fit", "fit-ft", "local", "fedsa", "perfit", "perfit-8-12-16", "hetlora-8-12-16"):
