@@ -79,6 +79,14 @@ def test_a_federation_of_owners_in_simulation(tiny_model, owners_dir, tmp_path):
     assert summary["client_names"] == {"0": "acme", "1": "globex", "2": "initech"}
     assert set(summary["per_client_ppl"]) == {"0", "1", "2"} and summary["rejected_updates"] == []
     assert all(value > 1 for value in summary["per_client_ppl"].values())
+    exported = tmp_path / "globex-adapter"  # an owner's adapter, asked for by the owner's name
+    result = CliRunner().invoke(app, ["export", str(out), "--client", "globex", "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    by_id = (out / "adapters" / "client_1" / "adapter_model.safetensors").read_bytes()
+    assert (exported / "adapter_model.safetensors").read_bytes() == by_id
+    assert "# perfit client 1, globex (perfit)" in (exported / "README.md").read_text()
+    result = CliRunner().invoke(app, ["export", str(out), "--client", "hooli", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no client named 'hooli'" in result.output
 
 
 def test_owner_mode_counts_the_files_and_a_bad_file_stops_the_run(tiny_model, owners_dir, tmp_path):

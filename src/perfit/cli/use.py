@@ -16,7 +16,7 @@ BASE_MODEL = typer.Option(None, "--model", help="Where the run's base model is, 
 @app.command()
 def export(
     run_dir: Path = RUN_DIR,
-    client: int = typer.Option(..., "--client", help="Client id (partition) to export."),
+    client: str = typer.Option(..., "--client", help="Client id, or the owner's name (`--split owner`)."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
@@ -34,7 +34,7 @@ def export(
 @app.command()
 def chat(
     run_dir: Path = RUN_DIR,
-    client: int = typer.Option(..., "--client", help="Client id whose personalized model answers."),
+    client: str = typer.Option(..., "--client", help="Client id, or the owner's name, whose model answers."),
     prompt: str | None = typer.Option(None, "--prompt", help="Answer this one instruction and exit."),
     context: str = typer.Option("", "--context", help="Input/context given with every instruction."),
     compare: bool = typer.Option(False, "--compare", help="Answer with base, global and personalized models."),

@@ -30,8 +30,20 @@ class Run:
     def clients(self) -> list[int]:
         return sorted(int(p.name.split("_")[1]) for p in (self.path / "adapters").glob("client_*"))
 
-    def adapter_dir(self, client: int | None) -> Path:
+    def client_id(self, client: int | str) -> int:
+        """A client by its id, or by its owner's name (`split=owner`: summary.json's `client_names`)."""
+        text = str(client).strip()
+        if text.isdigit():
+            return int(text)
+        names = {name: int(key) for key, name in self.summary.get("client_names", {}).items()}
+        if text not in names:
+            known = f"names {sorted(names)}" if names else f"ids {self.clients} (this run's clients have no names)"
+            raise RunError(f"{self.path}: no client named {text!r}; clients: {known}")
+        return names[text]
+
+    def adapter_dir(self, client: int | str | None) -> Path:
         """`adapters/client_<id>/`, or `adapters/global/` for client None (the server's adapter)."""
+        client = None if client is None else self.client_id(client)
         directory = self.path / "adapters" / ("global" if client is None else f"client_{client}")
         if not (directory / "adapter_model.safetensors").is_file():
             if client is None:
@@ -104,7 +116,7 @@ class RunModel:
         self.peft_model = attach_lora(base, self.run.config.dense_rank, self.run.config.alpha_value)
         self.layout = lora_layout(self.peft_model)
 
-    def flat(self, client: int | None) -> torch.Tensor:
+    def flat(self, client: int | str | None) -> torch.Tensor:
         """A client's personalized adapter (None: the global one) as one flat vector."""
         from safetensors.torch import load_file
 
@@ -126,7 +138,7 @@ class RunModel:
         return self.peft_model
 
 
-def load_client_model(run: str | Path, client: int, model: str | None = None) -> tuple[Any, Any]:
+def load_client_model(run: str | Path, client: int | str, model: str | None = None) -> tuple[Any, Any]:
     """(peft model, tokenizer) of a client's personalized adapter, built the way perfit trains it."""
     loaded = RunModel(run, model)
     return loaded.use(loaded.flat(client)), loaded.tokenizer
@@ -136,9 +148,11 @@ def model_card(opened: Run, client: int, merged: bool, command: str) -> str:
     config, summary = opened.config, opened.summary
     budget = summary["trainable_params_per_client"][str(client)]
     ppl = summary["per_client_ppl"].get(str(client))
+    name = summary.get("client_names", {}).get(str(client))
+    who = f"client {client}" + (f", {name}" if name else "")
     return "\n".join(
         [
-            f"# perfit client {client} ({config.method}){' merged' if merged else ''}",
+            f"# perfit {who} ({config.method}){' merged' if merged else ''}",
             "",
             f"- base model: `{config.model}` (`{summary['model']}`)",
             f"- method: {config.method}; split: {config.split}; clients: {config.num_clients}; rounds: {config.rounds}",
@@ -156,15 +170,17 @@ def model_card(opened: Run, client: int, merged: bool, command: str) -> str:
 
 def export_client(
     run: str | Path,
-    client: int,
+    client: int | str,
     out: str | Path,
     merge: bool = False,
     force: bool = False,
     command: str = "",
     model: str | None = None,
 ) -> Path:
-    """Write the client's adapter (PEFT) or merged model to `out`, with a README model card."""
+    """Write the client's adapter (PEFT) or merged model to `out`, with a README model card; the
+    client by id or by its owner's name."""
     opened = open_run(run)
+    client = opened.client_id(client)
     adapter = opened.adapter_dir(client)
     base_path = base_model_path(opened, model)
     out = prepare_out(out, force)
