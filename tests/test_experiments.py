@@ -329,3 +329,56 @@ def test_the_report_compares_tuned_runs_with_tuned_fit_and_with_the_grid_rate(tm
 
     missing = CliRunner().invoke(app, ["report", "--runs", str(grid_dir), "--tuned-runs", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no such directory" in missing.output
+
+
+def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
+    """The variant is the one seed 0's validation chose; every ratio is paired by seed; a check that
+    cannot be measured (no masks: r is NaN) fails rather than passes."""
+    from perfit.bench.experiments import GRIDS, PERSONAL_VARIANTS
+    from perfit.bench.personal import chosen_variants, load, summarize
+
+    cells = {c.name: c for c in GRIDS["personal"]()}
+    values = {  # seeds 1-3
+        "fit": ((10.0, 12.0, 11.0), 0.30),
+        "fit-ft": ((9.8, 11.6, 10.9), 0.29),  # the strongest baseline
+        "local": ((11.0, 13.0, 12.0), 0.20),
+        "fedsa": ((10.0, 12.0, 11.0), 0.28),
+        "perfit-gradient": ((9.0, 10.8, 9.9), 0.31),
+        "perfit": ((9.5, 12.5, 10.0), 0.30),
+    }
+    runs = tmp_path / "personal"
+    for label, (ppls, rouge) in values.items():
+        for seed, ppl in zip((1, 2, 3), ppls, strict=True):
+            name = f"personal/pathological/{label}"
+            _fake_run(runs / name / f"seed{seed}", ppl, cell=cells[name], rouge_l=rouge)
+    tuning = {
+        f"personal/pathological/{label}": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 12.0 + index}}
+        for index, label in enumerate(["perfit-gradient", *(v for v in PERSONAL_VARIANTS if v != "perfit-gradient")])
+    }
+    assert chosen_variants(tuning) == {"pathological": "perfit-gradient", "dirichlet": None}
+    incomplete = {k: v for k, v in tuning.items() if not k.endswith("/perfit-4")}
+    assert chosen_variants(incomplete)["pathological"] is None  # every variant tuned, or no choice
+    found = summarize(load(runs), tuning)["splits"]
+    path = found["pathological"]
+    assert path["cells"]["perfit-gradient"]["over_fit"] == pytest.approx(29.7 / 33.0)
+    assert path["cells"]["perfit-gradient"]["over_fit_per_seed"] == pytest.approx({"1": 0.9, "2": 0.9, "3": 0.9})
+    assert path["over_best_baseline_per_seed"] == pytest.approx({"1": 9.0 / 9.8, "2": 10.8 / 11.6, "3": 9.9 / 10.9})
+    assert path["checks"] == {
+        "over_fit_every_seed": True,
+        "over_best_baseline_every_seed": True,
+        "rouge_l_not_below_fit": True,
+        "masks_follow_data": False,  # no masks file: not measured, so not met
+    }
+    assert path["goal_met"] is False
+    assert found["dirichlet"]["chosen_variant"] is None and found["dirichlet"]["goal_met"] is None
+    # a variant that trails FIT at one seed fails the every-seed check however good its mean
+    tuning["personal/pathological/perfit"]["validation_ppl"]["0.003"] = 1.0
+    again = summarize(load(runs), tuning)["splits"]["pathological"]
+    assert again["chosen_variant"] == "perfit" and again["checks"]["over_fit_every_seed"] is False  # 12.5 > 12
+    _fake_run(tmp_path / "paper" / "table1/pathological/fit" / "seed0", 10.0)
+    (tmp_path / "tuning.json").write_text(json.dumps({"cells": tuning}))
+    write_report(tmp_path / "paper", tmp_path / "docs", personal_runs=runs, personal_tuning=tmp_path / "tuning.json")
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "| perfit (chosen on validation) | 1,2,3 | 10.667 | 0.9697 | 0.300 |" in text
+    assert "**not met (over_fit_every_seed, over_best_baseline_every_seed, masks_follow_data)**" in text
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["personal"]["splits"]["pathological"]

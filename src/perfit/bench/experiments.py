@@ -137,6 +137,10 @@ PERSONAL_PRESET = "medium"
 HELD_OUT_SEEDS = (1, 2, 3)
 """The personalization grid's reported seeds; seed 0 is its tuning seed (`validation=1`: the rates
 and the PerFIT variant are chosen there, on no row that is reported)."""
+PERSONAL_ROUGE_SAMPLES = 6
+"""Held-out rows per client whose greedy answers the personalization grid scores with ROUGE-L (60 a
+run, 180 a cell over its seeds; generation costs about as much again as the rest of a run's
+evaluation). Tuning runs score perplexity only (`bench.tuning.tuning_cells`)."""
 PERSONAL_VARIANTS = {
     "perfit": {"init": "symmetric"},
     "perfit-zero-b": {"init": "symmetric_then_zero_b"},
@@ -170,6 +174,7 @@ def personalization_grid() -> list[Cell]:
 
 
 def _personal(split: str, label: str, **fields: Any) -> Cell:
+    fields = {**fields, "rouge_samples": PERSONAL_ROUGE_SAMPLES}
     return Cell(f"personal/{split}/{label}", "personal", split, label, fields, HELD_OUT_SEEDS, PERSONAL_PRESET)
 
 

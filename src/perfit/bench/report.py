@@ -154,7 +154,13 @@ def _number(value: float | None, unit: str = "") -> str:
     return f"{value:.4f}{unit}" if unit else f"{value:.3f}"
 
 
-def write_report(runs: Path, out: Path, tuned_runs: Path | None = None) -> list[Path]:
+def write_report(
+    runs: Path,
+    out: Path,
+    tuned_runs: Path | None = None,
+    personal_runs: Path | None = None,
+    personal_tuning: Path | None = None,
+) -> list[Path]:
     from perfit.client.hardware import cpu_description, cpu_has_bf16
 
     runs = Path(runs)
@@ -235,9 +241,19 @@ def write_report(runs: Path, out: Path, tuned_runs: Path | None = None) -> list[
     tuned = tuned_comparison(load_results(tuned_runs), results) if tuned_runs is not None else {}
     if tuned:
         document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
+    personal: list[str] = []
+    if personal_runs is not None:  # the personalization grid, its variant chosen by its own tuning
+        from perfit.bench import personal as grid_personal
+
+        tuning = json.loads(personal_tuning.read_text())["cells"] if personal_tuning is not None else None
+        document["personal"] = grid_personal.summarize(grid_personal.load(personal_runs), tuning)
+        personal = grid_personal.markdown(document["personal"], personal_runs)
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     sections = (
-        _diagnostics_section(diagnostics) + _tuning_section(out, lr_text(results)) + _tuned_section(tuned, tuned_runs)
+        personal
+        + _diagnostics_section(diagnostics)
+        + _tuning_section(out, lr_text(results))
+        + _tuned_section(tuned, tuned_runs)
     )
     text = markdown(results, head, machine, drawn, comparison, part, runs, sections, tuned_runs if tuned else None)
     (out / "results.md").write_text(text)

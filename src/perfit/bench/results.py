@@ -55,10 +55,11 @@ def lr_text(results: dict[str, CellResult]) -> str:
     return " / ".join(f"{lr:g}" for lr in lrs) if lrs else "none finished"
 
 
-def load_results(runs: Path) -> dict[str, CellResult]:
-    """Every grid cell with the seeds that finished (a summary.json in its run directory)."""
+def load_results(runs: Path, cells: list[Cell] | None = None) -> dict[str, CellResult]:
+    """Every cell (of the paper grid, by default) with the seeds that finished (a summary.json in its
+    run directory)."""
     results = {}
-    for cell in grid():
+    for cell in grid() if cells is None else cells:
         found = {}
         for seed in cell.seeds:
             directory = cell.run_dir(runs, seed)

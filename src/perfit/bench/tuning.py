@@ -30,9 +30,11 @@ def lr_label(lr: float) -> str:
 
 
 def tuning_cells(cells: list[Cell], lrs: tuple[float, ...] = LRS) -> list[Cell]:
-    """One validation-mode cell per (cell, candidate rate), seed 0 only."""
+    """One validation-mode cell per (cell, candidate rate), seed 0 only; they choose by validation
+    perplexity, so they generate no answers for ROUGE-L."""
+    tuning = {"validation": 1, "rouge_samples": 0}
     return [
-        replace(cell, name=f"{cell.name}/{lr_label(lr)}", fields={**cell.fields, "lr": lr, "validation": 1}, seeds=(0,))
+        replace(cell, name=f"{cell.name}/{lr_label(lr)}", fields={**cell.fields, "lr": lr, **tuning}, seeds=(0,))
         for cell in cells
         for lr in lrs
     ]

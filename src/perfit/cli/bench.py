@@ -266,13 +266,20 @@ def report(
     tuned_runs: Path | None = typer.Option(
         None, help="The directory of `perfit bench paper --tuned`: a section comparing its cells at their rates."
     ),
+    personal_runs: Path | None = typer.Option(
+        None, help="The directory of `perfit bench paper --grid personal`: the personalization section."
+    ),
+    personal_tuning: Path | None = typer.Option(
+        None, help="The tuning.json of `perfit bench tune --grid personal` (it chooses the PerFIT variant)."
+    ),
 ) -> None:
     """Tables, figures and headline ratios from the grid's run directories."""
     from perfit.bench.report import write_report
 
-    with errors("report"):
-        if tuned_runs is not None and not tuned_runs.is_dir():
-            raise FileNotFoundError(f"--tuned-runs {tuned_runs}: no such directory")
-        written = write_report(runs, out, tuned_runs)
+    with errors("report", OSError, ValueError, KeyError):
+        for flag, path in (("--tuned-runs", tuned_runs), ("--personal-runs", personal_runs)):
+            if path is not None and not path.is_dir():
+                raise FileNotFoundError(f"{flag} {path}: no such directory")
+        written = write_report(runs, out, tuned_runs, personal_runs, personal_tuning)
     for path in written:
         console.print(f"wrote {path}")
