@@ -96,6 +96,9 @@ def test_resume_takes_the_same_file_by_another_path_and_names_a_changed_field(sm
     RunDirectory(Config(data=str(small_data), out=str(run)))
     monkeypatch.chdir(small_data.parent)
     RunDirectory(Config(data=small_data.name, out=str(run), resume=1))  # relative here, absolute then: same file
+    monkeypatch.chdir(tmp_path)
+    RunDirectory(Config(data=str(small_data), out="run", resume=1))  # the same run directory, by a relative path
+    monkeypatch.chdir(small_data.parent)
     with pytest.raises(ValueError, match=r"changed: lr: 0\.0003 -> 0\.001\)"):
         RunDirectory(Config(data=str(small_data), out=str(run), resume=1, lr=1e-3))
     other = tmp_path / "other.jsonl"

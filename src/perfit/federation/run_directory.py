@@ -19,11 +19,11 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def _same_value(name: str, recorded: Any, given: Any) -> bool:
-    """Config values equal for resuming: a local file given by another path (relative vs absolute,
-    another working directory) is the same input."""
+    """Config values equal for resuming: a local file or the run directory given by another path
+    (relative vs absolute, another working directory) is the same."""
     if recorded == given:
         return True
-    if name in ("data", "model", "cache_dir") and recorded and given:
+    if name in ("data", "model", "cache_dir", "out") and recorded and given:
         first, second = Path(recorded).expanduser(), Path(given).expanduser()
         return first.exists() and second.exists() and first.resolve() == second.resolve()
     return False
