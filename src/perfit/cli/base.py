@@ -58,7 +58,7 @@ def config_from(ctx: typer.Context, config_file: Path | None, preset: str | None
 def errors(what: str, *more: type[Exception]) -> Iterator[None]:
     """Known input errors (and `more` kinds) become one red line and exit code 2, never a traceback."""
     from perfit.client.data import DataError
-    from perfit.federation.server_app import NodesFailed
+    from perfit.federation.roster import NodesFailed
     from perfit.use.export import RunError
 
     try:

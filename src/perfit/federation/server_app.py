@@ -30,12 +30,12 @@ from perfit.core.masks import PackedMasks, decode, gather, scatter
 from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms
+from perfit.federation.roster import Roster, discover
 from perfit.federation.run_directory import RunDirectory, restore_sampler, sampler_state
 from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
 
 log = logging.getLogger("perfit")
 app = ServerApp()
-NODE_WAIT_SECONDS = 120.0
 CLIENT_SECONDS = ("startup_seconds", "setup_seconds", "compute_seconds")
 """Where a train message's time went on its client, as the client reports it (metrics.jsonl)."""
 NODE_RETURN_SECONDS = 180.0
@@ -66,11 +66,6 @@ def array_bytes(record: ArrayRecord) -> int:
     return record.count_bytes()
 
 
-class NodesFailed(RuntimeError):
-    """The federation could not start: nodes did not answer, or answered with an error (a client's
-    bad data file among them: the message names the file, the line and the field)."""
-
-
 @dataclass
 class _Rounds:
     """Where the round loop stands: its first and last round (after a resume, the first is the one
@@ -91,9 +86,7 @@ class Federation:
     config: Config
     masks: PackedMasks | FixedMasks = field(default_factory=lambda: PackedMasks(0))
     confirmed: set[int] = field(default_factory=set)  # clients whose node holds its registered mask
-    nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
-    names: dict[int, str] = field(default_factory=dict)  # client id -> owner name (split=owner)
-    node_models: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (its model path, fingerprint)
+    roster: Roster = field(default_factory=Roster)  # which node each client is (`federation.roster`)
     model_fingerprint: str = ""  # of the base model every node runs
     rejected: list[dict[str, Any]] = field(default_factory=list)
     search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
@@ -128,10 +121,10 @@ class Federation:
         self.masks = PackedMasks(self.layout.size)
         self.global_flat = global_start(self.layout, config)
         self.shared = shared_positions(self.layout, config.method)
-        splits = self._discover_nodes()  # the clients open and validate their data; before any output
-        model_path = self._base_model()
+        self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
+        model_path, self.model_fingerprint = self.roster.base_model()
         self.out = RunDirectory(config)
-        self.out.write_partitions(splits, config.held_out)
+        self.out.write_partitions(self.roster.splits, config.held_out)
         fixed = fixed_masks(self.layout, config, config.participants)
         if fixed is not None:  # no search, nothing to register or checkpoint
             self.masks = fixed
@@ -189,7 +182,7 @@ class Federation:
             "rejected_updates": self.rejected,
             "client_adapters": "server" if self._server_holds_clients() else "clients",
             "held_out_clients": config.held_out,
-            "client_names": {str(c): name for c, name in sorted(self.names.items())},
+            "client_names": {str(c): name for c, name in sorted(self.roster.names.items())},
             "resumed_at_round": progress.first if progress.resumed else None,
             "model": model_path,
             "model_fingerprint": self.model_fingerprint,
@@ -284,7 +277,8 @@ class Federation:
             content["arrays"] = arrays
         if client in self.masks and client not in self.confirmed:  # after a resume: the node lost its state
             content["registered"] = ArrayRecord({"mask": Array(self.masks.packed(client))})
-        return Message(content, dst_node_id=self.nodes[client], message_type=message_type, group_id=str(round_number))
+        node = self.roster.nodes[client]
+        return Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_number))
 
     def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
         """Send and collect replies by client, waiting at most `reply_timeout_seconds`; failed,
@@ -328,70 +322,6 @@ class Federation:
     def _reject(self, client: int, reason: str) -> None:
         log.warning("client %d: update rejected: %s", client, reason)
         self.rejected.append({"client": client, "reason": reason})
-
-    def _discover_nodes(self) -> dict[int, dict[str, Any]]:
-        """Map client ids to node ids; simulation nodes register shortly after start. Each node
-        answers with the rows its client holds, as its client computed them, for partitions.json:
-        the server opens no data. Owners' nodes (`split=owner`) answer with their name and row counts,
-        and get their ids in the order of their names."""
-        owners = self.config.split == "owner"
-        needed = list(range(self.config.num_clients)) if owners else self.config.participants
-        deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while len(node_ids := list(self.grid.get_node_ids())) < len(needed):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(node_ids)} of {len(needed)} nodes connected")
-            time.sleep(0.1)
-        content = RecordDict({"run": ConfigRecord(self.config.to_dict())})
-        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        splits, errors, named = {}, [], {}
-        for reply in self.grid.send_and_receive(messages):
-            if reply.has_error():
-                errors.append(reply.error.reason.strip().splitlines()[-1])
-                continue
-            info = reply.content["info"]
-            self.node_models[reply.metadata.src_node_id] = (str(info["model"]), str(info["model_fingerprint"]))
-            if owners:
-                named.setdefault(str(info["name"]), []).append((reply.metadata.src_node_id, info))
-                continue
-            client = int(info["client"])
-            self.nodes[client] = reply.metadata.src_node_id
-            rows = reply.content["rows"]
-            splits[client] = {part: rows[part].numpy().tolist() for part in ("train", "eval")}
-        if owners:
-            splits = self._number_owners(named)
-        missing = set(needed) - set(self.nodes)
-        if missing:
-            reasons = f": {'; '.join(sorted(set(errors)))}" if errors else ""
-            raise NodesFailed(f"no node answered for clients {sorted(missing)}{reasons}")
-        return splits
-
-    def _base_model(self) -> str:
-        """The base model as the nodes found it (their path, its fingerprint); every node must run the
-        same weights, whatever path each keeps them at."""
-        models = {self.node_models[node] for node in self.nodes.values()}
-        fingerprints = {fingerprint for _, fingerprint in models}
-        if len(fingerprints) != 1:
-            raise NodesFailed(f"the nodes run different base models: {sorted(models)}")
-        path, self.model_fingerprint = sorted(models)[0]
-        return path
-
-    def _number_owners(self, named: dict[str, list[tuple[int, Any]]]) -> dict[int, dict[str, Any]]:
-        """Owners' nodes numbered 0..N-1 in the order of their names (unique, and exactly num_clients
-        of them); their partitions.json entries: name and row counts, never rows."""
-        doubled = sorted(name for name, nodes in named.items() if len(nodes) > 1)
-        if doubled:
-            raise RuntimeError(f"owner name(s) used by more than one node: {', '.join(doubled)}")
-        if len(named) > self.config.num_clients:
-            raise RuntimeError(
-                f"{len(named)} owners' nodes answered, but the run has {self.config.num_clients} clients"
-            )
-        splits = {}
-        for client, name in enumerate(sorted(named)):
-            node, info = named[name][0]
-            self.nodes[client] = node
-            self.names[client] = name
-            splits[client] = {"name": name, "train_rows": int(info["train_rows"]), "eval_rows": int(info["eval_rows"])}
-        return splits
 
     # ---- the three phases ----
     def _ensure_masks(self, clients: list[int]) -> int:
