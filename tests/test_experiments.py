@@ -382,3 +382,11 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     assert "| perfit (chosen on validation) | 1,2,3 | 10.667 | 0.9697 | 0.300 |" in text
     assert "**not met (over_fit_every_seed, over_best_baseline_every_seed, masks_follow_data)**" in text
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["personal"]["splits"]["pathological"]
+    from perfit.cli import app
+
+    alone = tmp_path / "alone"  # no paper grid at hand: the section on its own
+    args = ["report", "--runs", str(tmp_path / "nothing"), "--out", str(alone), "--personal-runs", str(runs)]
+    result = CliRunner().invoke(app, [*args, "--personal-tuning", str(tmp_path / "tuning.json")])
+    assert result.exit_code == 0, result.output
+    assert "| perfit (chosen on validation) | 1,2,3 | 10.667 |" in (alone / "personalization.md").read_text()
+    assert json.loads((alone / "personalization.json").read_text())["splits"]["pathological"]["goal_met"] is False

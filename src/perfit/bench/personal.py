@@ -9,6 +9,7 @@ rate); the report never picks it on the held-out seeds."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -139,3 +140,16 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
             verdict = "met" if found["goal_met"] else f"not met ({', '.join(failed)})"
             lines += [f"Goal for `{found['chosen_variant']}` ({GOAL}): **{verdict}**.", ""]
     return lines
+
+
+def write(runs: Path, tuning_path: Path | None, out: Path) -> list[Path]:
+    """The section on its own, where the paper grid's runs are not at hand: `personalization.md`
+    and `personalization.json` in `out` (`perfit report --personal-runs ...` without `--runs`)."""
+    from perfit.federation.run_directory import json_safe
+
+    tuning = json.loads(tuning_path.read_text())["cells"] if tuning_path is not None else None
+    summary = summarize(load(runs), tuning)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "personalization.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    (out / "personalization.md").write_text("\n".join(["# Personalization", "", *markdown(summary, runs)]))
+    return [out / "personalization.md", out / "personalization.json"]

@@ -273,13 +273,19 @@ def report(
         None, help="The tuning.json of `perfit bench tune --grid personal` (it chooses the PerFIT variant)."
     ),
 ) -> None:
-    """Tables, figures and headline ratios from the grid's run directories."""
+    """Tables, figures and headline ratios from the grid's run directories (with only
+    `--personal-runs` at hand: the personalization section alone, in personalization.md)."""
     from perfit.bench.report import write_report
 
     with errors("report", OSError, ValueError, KeyError):
         for flag, path in (("--tuned-runs", tuned_runs), ("--personal-runs", personal_runs)):
             if path is not None and not path.is_dir():
                 raise FileNotFoundError(f"{flag} {path}: no such directory")
-        written = write_report(runs, out, tuned_runs, personal_runs, personal_tuning)
+        if personal_runs is not None and not runs.is_dir():  # the personalization grid alone
+            from perfit.bench.personal import write
+
+            written = write(personal_runs, personal_tuning, out)
+        else:
+            written = write_report(runs, out, tuned_runs, personal_runs, personal_tuning)
     for path in written:
         console.print(f"wrote {path}")
