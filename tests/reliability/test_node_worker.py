@@ -116,3 +116,19 @@ def test_worker_0_runs_the_message_in_the_clientapp_process(tiny_model, owners_d
     info = client_app.identify(_message(config), node)
     assert dict(info.content["info"])["name"] == "acme"
     assert not (tmp_path / "state" / node_worker.WORKER_FILE).exists()
+
+
+def test_an_oserror_the_handler_raises_is_the_node_s_error_not_a_dead_worker(owners_dir, tmp_path, supernode):
+    """A handler's OSError (here: no base model at the node's path) reaches the server as the node's
+    error; the worker that raised it is not taken for dead, so no second worker is started."""
+    config = Config(**{**TINY_RUN, "method": "perfit", "split": "owner", "num_clients": 1, "clients_per_round": 1})
+    config.model, config.data = str(tmp_path / "no-model-here"), str(owners_dir)
+    state_dir = tmp_path / "state"
+    node = _node(owners_dir / "acme.jsonl", state_dir)
+    client_app.identify(_message(config), node)  # starts the worker (identify loads no weights)
+    worker = _worker_pid(state_dir)
+    with pytest.raises(OSError, match="no-model-here"):
+        client_app.search(_message(config, f"{MessageType.QUERY}.search", client=0), node)
+    assert _worker_pid(state_dir) == worker and alive(worker)
+    supernode.kill()
+    assert _wait_gone(worker)

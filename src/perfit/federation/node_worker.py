@@ -90,17 +90,15 @@ def forward(state_dir: Path, handler: str, msg: Message, context: Context, **kwa
                 conn.send_bytes(message_to_proto(msg).SerializeToString())
                 conn.send_bytes(context_to_proto(context).SerializeToString())
                 answer = json.loads(conn.recv_bytes())
-                if "error" in answer:  # raised again here as its nearest builtin type, with its text
-                    kind = getattr(builtins, answer["error"], None)
-                    if isinstance(kind, type) and issubclass(kind, Exception):
-                        raise kind(answer["text"])
-                    raise HandlerError(f"{answer['error']}: {answer['text']}")
-                reply = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
-                state = context_from_proto(ProtoContext.FromString(conn.recv_bytes())).state
-                returned = time.time()
+                if "error" not in answer:
+                    reply = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
+                    state = context_from_proto(ProtoContext.FromString(conn.recv_bytes())).state
+                    returned = time.time()
         except (EOFError, OSError) as err:  # the worker died mid-message: nothing it held is lost
             log.warning("node worker in %s dropped the message (%s)", state_dir, err)
             continue
+        if "error" in answer:  # the handler's own error (outside the `try`: an OSError of the
+            raise _handler_error(answer)  # handler's is the node's error, not a dead worker)
         for name in list(context.state.keys()):
             del context.state[name]
         for name, record in state.items():
@@ -111,6 +109,14 @@ def forward(state_dir: Path, handler: str, msg: Message, context: Context, **kwa
         return reply
     log.warning("running the message in the ClientApp's process instead")
     return None
+
+
+def _handler_error(answer: dict) -> Exception:
+    """The handler's error, raised again here as its nearest builtin type, with its text."""
+    kind = getattr(builtins, answer["error"], None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        return kind(answer["text"])
+    return HandlerError(f"{answer['error']}: {answer['text']}")
 
 
 def _connect(state_dir: Path, fresh: bool) -> Connection:
