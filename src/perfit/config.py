@@ -321,9 +321,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 100-client split holds, about 150 dolly rows (120 train, 30 held out), and trains as the paper's
     # do: batch 64 (2 optimizer steps a round), 1 local epoch, T_p 10 for dense rank 16; 10 clients,
     # 3 a round for 10 rounds, so a client takes part about 3 times, as at the paper's 30 rounds of 10 %.
-    # Scaled for compute: 10 clients instead of 100, 256 tokens (25 % of dolly's rows are cut, 8 % at
-    # 512; 19 % fewer tokens to train). A run of FIT trains 30 client-rounds of 120 rows. The rate is
-    # the quick preset's until `perfit bench tune --grid personal` chooses one on the validation slice.
+    # Scaled for compute: 10 clients instead of 100, and 256 tokens instead of 512 (what that cuts:
+    # docs/experiments.md). The rate is the quick preset's until `perfit bench tune --grid personal`
+    # chooses one on the validation slice.
     "medium": {
         "num_clients": 10,
         "clients_per_round": 3,

@@ -139,8 +139,7 @@ HELD_OUT_SEEDS = (1, 2, 3)
 and the PerFIT variant are chosen there, on no row that is reported)."""
 PERSONAL_ROUGE_SAMPLES = 6
 """Held-out rows per client whose greedy answers the personalization grid scores with ROUGE-L (60 a
-run, 180 a cell over its seeds; generation costs about as much again as the rest of a run's
-evaluation). Tuning runs score perplexity only (`bench.tuning.tuning_cells`)."""
+run of 10 clients). Tuning runs score perplexity only (`bench.tuning.tuning_cells`)."""
 PERSONAL_VARIANTS = {
     "perfit": {"init": "symmetric"},
     "perfit-zero-b": {"init": "symmetric_then_zero_b"},
@@ -150,10 +149,9 @@ PERSONAL_VARIANTS = {
 }
 """PerFIT as the paper reads (symmetric init), then the candidates beyond it, which seed 0's
 validation slice chooses among: train from B = 0 (the package's default), score more of the
-client's rows at each pruning step (4 micro-batches: at the quick scale this took the correlation of
-mask and data similarity from 0.23 to 0.53 under the pathological split, docs/experiments.md), score
-with |g| alone (`core.importance.gradient_magnitude`: masks no closer to the data-free mask than
-chance), and both."""
+client's rows at each pruning step (4 micro-batches), score with |g| alone
+(`core.importance.gradient_magnitude`), and both; what each did to the masks at the quick scale is
+in docs/experiments.md."""
 
 
 def personalization_grid() -> list[Cell]:

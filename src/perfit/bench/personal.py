@@ -81,14 +81,15 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
             }
         variant = chosen[split]
         split_out: dict[str, Any] = {"cells": cells, "chosen_variant": variant, "goal_met": None}
-        if variant is not None and results[f"personal/{split}/{variant}"].runs:
-            split_out.update(_goal(results[f"personal/{split}/{variant}"], fit, baselines))
+        if variant is not None and variant in cells:  # the chosen variant has held-out runs
+            split_out.update(_goal(results[f"personal/{split}/{variant}"], cells[variant], fit, baselines))
         out["splits"][split] = split_out
     return out
 
 
-def _goal(method: CellResult, fit: CellResult, baselines: list[CellResult]) -> dict[str, Any]:
-    """The goal's checks for `method`, every one over the seeds it shares with the other cell."""
+def _goal(method: CellResult, read: dict[str, Any], fit: CellResult, baselines: list[CellResult]) -> dict[str, Any]:
+    """The goal's checks for `method` (`read`: its ROUGE-L and mask r as `summarize` read them),
+    every one over the seeds it shares with the other cell."""
     over_fit = _per_seed(method, fit)
     against = {b.cell.label: _per_seed(method, b) for b in baselines if b.runs}
     seeds = sorted({seed for ratios in against.values() for seed in ratios})
@@ -96,8 +97,8 @@ def _goal(method: CellResult, fit: CellResult, baselines: list[CellResult]) -> d
     checks = {
         "over_fit_every_seed": bool(over_fit) and all(v <= GOAL["over_fit"] for v in over_fit.values()),
         "over_best_baseline_every_seed": bool(worst) and all(v <= GOAL["over_best_baseline"] for v in worst.values()),
-        "rouge_l_not_below_fit": _rouge(method) >= _rouge(fit),  # NaN (not measured) compares False
-        "masks_follow_data": _mask_r(method) >= GOAL["mask_r"],
+        "rouge_l_not_below_fit": read["rouge_l"] >= _rouge(fit),  # NaN (not measured) compares False
+        "masks_follow_data": read["mask_r"] >= GOAL["mask_r"],
     }
     return {"over_best_baseline_per_seed": worst, "checks": checks, "goal_met": all(checks.values())}
 
@@ -142,14 +143,21 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
     return lines
 
 
+def section(runs: Path, tuning_path: Path | None) -> tuple[dict[str, Any], list[str]]:
+    """`summarize` of the runs, the variant chosen by a tuning.json (`perfit bench tune --grid
+    personal`), and its markdown."""
+    tuning = json.loads(tuning_path.read_text())["cells"] if tuning_path is not None else None
+    summary = summarize(load(runs), tuning)
+    return summary, markdown(summary, runs)
+
+
 def write(runs: Path, tuning_path: Path | None, out: Path) -> list[Path]:
     """The section on its own, where the paper grid's runs are not at hand: `personalization.md`
     and `personalization.json` in `out` (`perfit report --personal-runs ...` without `--runs`)."""
     from perfit.federation.run_directory import json_safe
 
-    tuning = json.loads(tuning_path.read_text())["cells"] if tuning_path is not None else None
-    summary = summarize(load(runs), tuning)
+    summary, lines = section(runs, tuning_path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "personalization.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
-    (out / "personalization.md").write_text("\n".join(["# Personalization", "", *markdown(summary, runs)]))
+    (out / "personalization.md").write_text("\n".join(["# Personalization", "", *lines]))
     return [out / "personalization.md", out / "personalization.json"]

@@ -243,11 +243,9 @@ def write_report(
         document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
     personal: list[str] = []
     if personal_runs is not None:  # the personalization grid, its variant chosen by its own tuning
-        from perfit.bench import personal as grid_personal
+        from perfit.bench.personal import section
 
-        tuning = json.loads(personal_tuning.read_text())["cells"] if personal_tuning is not None else None
-        document["personal"] = grid_personal.summarize(grid_personal.load(personal_runs), tuning)
-        personal = grid_personal.markdown(document["personal"], personal_runs)
+        document["personal"], personal = section(personal_runs, personal_tuning)
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     sections = (
         personal
