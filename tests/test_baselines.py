@@ -1,12 +1,14 @@
 """Baselines: the pure mask/weight functions on hand-built tensors, and each method's federation on
 the tiny Llama checked against the same protocol recomputed here without Flower."""
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from perfit.artifacts.lora import load_adapter_flat
 from perfit.client.task import ClientTask
 from perfit.config import Config
 from perfit.core.aggregate import aggregate
@@ -140,6 +142,7 @@ def reference(config: Config) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
 
 
 CASES = {
+    "fit": {"method": "fit"},
     "fedsa": {"method": "fedsa"},
     "hetlora": {"method": "hetlora", "budgets": "2,4"},
     "local": {"method": "local"},
@@ -170,7 +173,7 @@ def test_baseline_federation_matches_the_protocol_recomputed(runs, name):
     budgets = {str(c): task.layout.budget(config.client_rank_budget(c)) for c in config.participants}
     assert summary["trainable_params_per_client"] == budgets
     assert summary["rejected_updates"] == []
-    assert summary["client_adapters"] == ("server" if name == "hetlora" else "clients")
+    assert summary["client_adapters"] == ("server" if name in ("fit", "hetlora") else "clients")
 
 
 def test_fedsa_never_sends_b_and_keeps_global_b_at_its_start(runs):
@@ -202,6 +205,50 @@ def test_local_and_finetuned_runs_have_no_client_adapters_on_the_server(runs):
             run.adapter_dir(0)
     assert not (Path(runs["local"][0].out) / "adapters" / "global").exists()
     assert (Path(runs["fit-ft"][0].out) / "adapters" / "global" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_started_from_fits_run_fine_tunes_fits_final_adapter(runs, tmp_path):
+    """`start_from`: FIT + local fine-tuning from a finished FIT run reruns no round; each client
+    fine-tunes FIT's final global adapter. With no fine-tuning the run reproduces FIT's perplexities."""
+    config, fit = runs["fit"]
+    start = server_global(Path(config.out))
+    again = run_simulation(config.replace(out=str(tmp_path / "again"), rounds=0, start_from=config.out), num_cpus=2)
+    assert again["per_client_ppl"] == pytest.approx(fit["per_client_ppl"], rel=1e-5)
+    ft_config = config.replace(out=str(tmp_path / "ft"), rounds=0, finetune_epochs=1, lr=3e-2, start_from=config.out)
+    finetuned = run_simulation(ft_config, num_cpus=2)
+    task = ClientTask(ft_config)
+    everything = torch.ones(task.layout.size, dtype=torch.bool)
+    for client in ft_config.participants:
+        flat = task.train(client, start, everything, 1, epochs=1).flat  # the fine-tuning's round: rounds + 1
+        expected = perplexity(*task.evaluate(client, flat))
+        assert finetuned["per_client_ppl"][str(client)] == pytest.approx(expected, rel=1e-4)
+        assert expected != pytest.approx(fit["per_client_ppl"][str(client)], rel=1e-3)
+    kept = load_adapter_flat(Path(ft_config.out) / "adapters" / "global" / "adapter_model.safetensors", task.layout)
+    torch.testing.assert_close(kept, start)  # the global adapter is FIT's, untouched
+
+
+def test_a_run_starts_only_from_a_finished_federated_run_of_the_same_clients(runs, tmp_path):
+    from perfit.federation.run_directory import read_start
+
+    config, fit = runs["fit"]
+    partitions = json.loads((Path(config.out) / "partitions.json").read_text())
+    layout, fingerprint = ClientTask(config).layout, fit["model_fingerprint"]
+    follow = config.replace(out=str(tmp_path / "follow"), rounds=0, start_from=config.out)
+    torch.testing.assert_close(read_start(follow, layout, fingerprint, partitions), server_global(Path(config.out)))
+    other_rows = {**partitions, "0": {**partitions["0"], "train": partitions["0"]["train"][1:]}}
+    with pytest.raises(ValueError, match=r"clients' rows \(partitions.json\) differ"):
+        read_start(follow, layout, fingerprint, other_rows)
+    with pytest.raises(ValueError, match="trained on another base model"):
+        read_start(follow, layout, "0123456789abcdef", partitions)
+    with pytest.raises(
+        ValueError, match=f"its adapter has rank {config.rank}, .* this run's has rank {config.rank * 2}"
+    ):
+        read_start(follow.replace(rank=config.rank * 2), layout, fingerprint, partitions)
+    local = follow.replace(start_from=runs["local"][0].out)
+    with pytest.raises(ValueError, match="not a finished federated run .*adapters/global"):
+        read_start(local, layout, fingerprint, partitions)
+    with pytest.raises(ValueError, match="is this run's own directory"):
+        read_start(follow.replace(out=config.out), layout, fingerprint, partitions)
 
 
 def test_fixed_masks_share_one_mask_per_budget():

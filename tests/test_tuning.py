@@ -136,3 +136,17 @@ def test_bench_tune_names_a_failed_run_exits_1_and_keeps_the_others(tmp_path, mo
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1 and "out of memory" in result.output and "1 run(s) failed" in result.output
     assert (tmp_path / "tune/table1/pathological/fit/lr0.0003/seed0/summary.json").is_file()
+
+
+def test_fit_ft_is_tuned_from_fits_tuning_run_at_fits_chosen_rate():
+    """FIT + local fine-tuning starts from FIT's run: in tuning, from FIT's tuning run at the rate FIT's
+    tuning chose; its own candidates are rates of the fine-tuning. Before FIT has chosen it waits."""
+    from perfit.bench.experiments import GRIDS
+
+    cells = select(GRIDS["personal"](), ["personal/dirichlet/fit-ft"])
+    assert tuning_cells(cells, (1e-3, 3e-3)) == []
+    runs = tuning_cells(cells, (1e-3, 3e-3), {"personal/dirichlet/fit": 3e-3})
+    assert [r.name for r in runs] == ["personal/dirichlet/fit-ft/lr0.001", "personal/dirichlet/fit-ft/lr0.003"]
+    config = runs[0].config(0, Path("t"), data="d.jsonl")
+    assert config.start_from == str(Path("t/personal/dirichlet/fit/lr0.003/seed0"))
+    assert (config.lr, config.rounds, config.finetune_epochs, config.validation) == (1e-3, 0, 1, 1)

@@ -161,6 +161,14 @@ class Config:
     """Run directory for config, partitions, metrics, summary, masks and adapters."""
     resume: int = 0
     """1: continue the run in `out` from its last checkpoint (`perfit run --resume DIR`)."""
+    start_from: str = ""
+    """A finished federated run's directory: this run's global adapter starts from that run's final
+    one instead of the seeded initial adapter (`federation.run_directory.read_start`). The two runs
+    must share the base model, the clients' rows (partitions.json) and the adapter's rank and alpha.
+    FIT + local fine-tuning reuses FIT's run this way (`method=fit`, `rounds=0`, `finetune_epochs=1`:
+    no federation is rerun, only each client's fine-tuning at this run's `lr`); with rounds > 0 it
+    continues training (more rounds, or a search scored at a trained global adapter). Read by the
+    server only. Empty: the seeded start."""
     cache_dir: str = ""
     """Where the dequantized default model is cached; empty means ~/.cache/perfit/models."""
 

@@ -70,3 +70,17 @@ def save_adapter(directory: Path, layout: Layout, flat: torch.Tensor, rank: int,
     lora_config(rank, alpha, base_path).save_pretrained(str(directory))
     tensors = {name: value.contiguous().clone() for name, value in layout.unflatten(flat.float()).items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_adapter_flat(path: Path, layout: Layout) -> torch.Tensor:
+    """A PEFT adapter file (`adapter_model.safetensors`, as `save_adapter` writes it) read back as one
+    flat fp32 vector in `layout`'s order. A tensor the layout needs that is missing, or has another
+    shape, is a ValueError naming it: the adapter was made for another model or rank."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for slot in layout.slots:
+        if slot.name not in tensors or tuple(tensors[slot.name].shape) != slot.shape:
+            found = tuple(tensors[slot.name].shape) if slot.name in tensors else "missing"
+            raise ValueError(f"{path}: tensor {slot.name} is {found}, expected shape {slot.shape}")
+    return torch.cat([tensors[slot.name].flatten().float() for slot in layout.slots])

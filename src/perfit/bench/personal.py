@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from perfit.bench.experiments import PERSONAL_VARIANTS, PERSONALIZED_BASELINES, SPLITS, personalization_grid
-from perfit.bench.results import CellResult, load_results, paired_ratio
+from perfit.bench.results import CellResult, exceeds_spread, load_results, paired_ratio
 
 GOAL = {"over_fit": 0.95, "over_best_baseline": 0.97, "mask_r": 0.5}
 """A PerFIT method counts as paying where, at every held-out seed, its personalized perplexity is at
@@ -52,18 +52,61 @@ def _rouge(result: CellResult) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def _mask_r(result: CellResult) -> float:
+MASK_READINGS = {
+    "mask_pairwise_overlap": "mean_pairwise_overlap",
+    "mask_data_free_overlap": "overlap_with_data_free_mask",
+    "mask_r": "mask_vs_data_similarity_r",
+}
+"""The report's names for `bench.diagnostics.diagnose`'s readings of a run's masks."""
+
+
+def _masks(directories: list[Path]) -> dict[str, float]:
+    """The mask readings (MASK_READINGS) averaged over the runs that searched masks; NaN without one."""
     from perfit.bench.diagnostics import mask_diagnostics
 
-    values = [d["mask_vs_data_similarity_r"] for run in result.runs.values() if (d := mask_diagnostics(run["dir"]))]
-    return statistics.fmean(values) if values else math.nan
+    found = [d for directory in directories if (d := mask_diagnostics(directory))]
+    return {name: statistics.fmean(d[key] for d in found) if found else math.nan for name, key in MASK_READINGS.items()}
+
+
+def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per split, every PerFIT cell's seed-0 tuning run at its chosen rate (the runs the variant is
+    chosen on; no held-out row): its validation perplexity and its masks' readings. Needs the
+    tuning's `out` (tuning.json's, from `perfit bench tune`); cells without a chosen rate are left out."""
+    from perfit.bench.tuning import tuning_name
+
+    cells = (tuning or {}).get("cells", {})
+    if "out" not in (tuning or {}):
+        return {}
+    readings: dict[str, dict[str, dict[str, Any]]] = {}
+    for cell in personalization_grid():
+        entry = cells.get(cell.name, {})
+        if cell.fields.get("method") != "perfit" or "chosen_lr" not in entry:
+            continue
+        directory = Path(tuning["out"]) / tuning_name(cell, entry["chosen_lr"]) / "seed0"
+        readings.setdefault(cell.split, {})[cell.label] = {
+            "lr": entry["chosen_lr"],
+            "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],
+            **_masks([directory]),
+        }
+    return readings
+
+
+def machine_hours(directory: Path | None) -> float:
+    """Wall hours of every finished run under `directory` (the sum of their summaries'
+    `wall_seconds`; each run had the whole machine), 0 where there is none."""
+    if directory is None or not Path(directory).is_dir():
+        return 0.0
+    from perfit.federation.run_directory import read_summary
+
+    return sum(read_summary(path).get("wall_seconds", 0.0) for path in Path(directory).rglob("summary.json")) / 3600
 
 
 def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per split: every cell's mean perplexity, paired ratio to FIT (and per seed), ROUGE-L and mask
-    r; the chosen variant and the goal's four checks for it (None where not yet measurable)."""
-    out: dict[str, Any] = {"goal": GOAL, "splits": {}}
-    chosen = chosen_variants(tuning)
+    readings; the chosen variant and the goal's checks for it (None where not yet measurable); every
+    PerFIT cell's masks on its tuning run (`search_readings`). `tuning`: a tuning.json's content."""
+    out: dict[str, Any] = {"goal": GOAL, "splits": {}, "search_readings": search_readings(tuning)}
+    chosen = chosen_variants((tuning or {}).get("cells"))
     for split in SPLITS:
         fit = results[f"personal/{split}/fit"]
         baselines = [results[f"personal/{split}/{b}"] for b in PERSONALIZED_BASELINES]
@@ -77,7 +120,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
                 "over_fit": paired_ratio(result, fit),
                 "over_fit_per_seed": {str(s): v for s, v in _per_seed(result, fit).items()},
                 "rouge_l": _rouge(result),
-                "mask_r": _mask_r(result) if result.cell.fields.get("method") == "perfit" else math.nan,
+                **_masks([run["dir"] for run in result.runs.values()]),
             }
         variant = chosen[split]
         split_out: dict[str, Any] = {"cells": cells, "chosen_variant": variant, "goal_met": None}
@@ -94,11 +137,16 @@ def _goal(method: CellResult, read: dict[str, Any], fit: CellResult, baselines: 
     against = {b.cell.label: _per_seed(method, b) for b in baselines if b.runs}
     seeds = sorted({seed for ratios in against.values() for seed in ratios})
     worst = {str(seed): max(r[seed] for r in against.values() if seed in r) for seed in seeds}
+    strongest = min((b for b in baselines if b.runs), key=lambda b: b.mean, default=None)
     checks = {
         "over_fit_every_seed": bool(over_fit) and all(v <= GOAL["over_fit"] for v in over_fit.values()),
         "over_best_baseline_every_seed": bool(worst) and all(v <= GOAL["over_best_baseline"] for v in worst.values()),
         "rouge_l_not_below_fit": read["rouge_l"] >= _rouge(fit),  # NaN (not measured) compares False
         "masks_follow_data": read["mask_r"] >= GOAL["mask_r"],
+        # a claim needs the paired difference beyond its seed spread, against FIT and the strongest baseline
+        "beyond_seed_spread": exceeds_spread(method, fit)
+        and strongest is not None
+        and exceeds_spread(method, strongest),
     }
     return {"over_best_baseline_per_seed": worst, "checks": checks, "goal_met": all(checks.values())}
 
@@ -123,15 +171,29 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         lines += [
             f"### {split}",
             "",
-            "| method | seeds | pers. ppl | / FIT | ROUGE-L | mask r |",
-            "|---|---|---|---|---|---|",
+            "| method | seeds | pers. ppl | / FIT | ROUGE-L | mask overlap | with data-free mask | mask r |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label, cell in found["cells"].items():
             marker = " (chosen on validation)" if label == found["chosen_variant"] else ""
             seeds = ",".join(map(str, cell["seeds"]))
             numbers = [_number(cell["personalized_ppl"]), _number(cell["over_fit"], 4), _number(cell["rouge_l"])]
-            lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_number(cell['mask_r'], 2)} |")
+            lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_mask_numbers(cell)} |")
         lines.append("")
+        searched = summary["search_readings"].get(split, {})
+        if searched:
+            lines += [
+                "Every PerFIT cell's masks on its seed-0 tuning run at its chosen rate (the runs the variant "
+                "is chosen on):",
+                "",
+                "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r |",
+                "|---|---|---|---|---|---|",
+                *(
+                    f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])} | {_mask_numbers(r)} |"
+                    for label, r in searched.items()
+                ),
+                "",
+            ]
         if found["chosen_variant"] is None:
             lines += ["No PerFIT variant chosen yet (its tuning on seed 0 is not complete): no claim.", ""]
         elif found.get("goal_met") is None:
@@ -143,12 +205,25 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
     return lines
 
 
+def _mask_numbers(reading: dict[str, Any]) -> str:
+    return " | ".join(_number(reading[name], 3 if name != "mask_r" else 2) for name in MASK_READINGS)
+
+
 def section(runs: Path, tuning_path: Path | None) -> tuple[dict[str, Any], list[str]]:
     """`summarize` of the runs, the variant chosen by a tuning.json (`perfit bench tune --grid
-    personal`), and its markdown."""
-    tuning = json.loads(tuning_path.read_text())["cells"] if tuning_path is not None else None
+    personal`), the machine hours spent, and its markdown."""
+    tuning = json.loads(tuning_path.read_text()) if tuning_path is not None else None
     summary = summarize(load(runs), tuning)
-    return summary, markdown(summary, runs)
+    tuning_runs = Path(tuning["out"]) / "personal" if tuning and "out" in tuning else None
+    summary["machine_hours"] = {"held_out": machine_hours(runs / "personal"), "tuning": machine_hours(tuning_runs)}
+    hours = summary["machine_hours"]
+    lines = markdown(summary, runs)
+    lines += [
+        f"Machine time (each run's wall time, one run at a time on the 2-core machine): {hours['held_out']:.1f} h "
+        f"held-out runs, {hours['tuning']:.1f} h tuning.",
+        "",
+    ]
+    return summary, lines
 
 
 def write(runs: Path, tuning_path: Path | None, out: Path) -> list[Path]:

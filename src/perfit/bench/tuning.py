@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,34 @@ def lr_label(lr: float) -> str:
     return f"lr{lr:g}"
 
 
-def tuning_cells(cells: list[Cell], lrs: tuple[float, ...] = LRS) -> list[Cell]:
+def tuning_cells(
+    cells: list[Cell], lrs: tuple[float, ...] = LRS, start_rates: Mapping[str, float] | None = None
+) -> list[Cell]:
     """One validation-mode cell per (cell, candidate rate), seed 0 only; they choose by validation
-    perplexity, so they generate no answers for ROUGE-L."""
+    perplexity, so they generate no answers for ROUGE-L. A cell that starts from another cell's run
+    (`Cell.start`, e.g. FIT + local fine-tuning from FIT's) starts from that cell's tuning run at the
+    rate its tuning chose (`start_rates`: cell name -> chosen rate); until it has chosen, the cell
+    has no tuning runs."""
     tuning = {"validation": 1, "rouge_samples": 0}
-    return [
-        replace(cell, name=f"{cell.name}/{lr_label(lr)}", fields={**cell.fields, "lr": lr, **tuning}, seeds=(0,))
-        for cell in cells
-        for lr in lrs
-    ]
+    runs = []
+    for cell in cells:
+        start = cell.start
+        if start:
+            if start not in (start_rates or {}):
+                continue
+            start = f"{start}/{lr_label(start_rates[start])}"
+        runs += [
+            replace(
+                cell, name=tuning_name(cell, lr), fields={**cell.fields, "lr": lr, **tuning}, seeds=(0,), start=start
+            )
+            for lr in lrs
+        ]
+    return runs
+
+
+def tuning_name(cell: Cell, lr: float) -> str:
+    """The name (and directory under the tuning's out) of `cell`'s run at candidate rate `lr`."""
+    return f"{cell.name}/{lr_label(lr)}"
 
 
 def choose(validation_ppl: dict[float, float]) -> float:
@@ -64,8 +84,8 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
         measured = {}
-        for lr, run in zip(lrs, tuning_cells([cell], lrs), strict=True):
-            summary_path = run.run_dir(out, 0) / "summary.json"
+        for lr in lrs:
+            summary_path = out / tuning_name(cell, lr) / "seed0" / "summary.json"
             if summary_path.is_file():
                 summary = read_summary(summary_path)
                 if summary.get("evaluated_on") != "validation":

@@ -127,6 +127,23 @@ def _grid_selection(ctx: typer.Context, patterns: list[str], name: str) -> tuple
         raise typer.Exit(2) from err
 
 
+def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], grid: str) -> dict[str, float]:
+    """The rate each start cell's tuning chose (cells that start from another cell's run start from
+    its tuning run at that rate); a cell whose start has not chosen yet is named and waits."""
+    from perfit.bench.experiments import GRIDS
+    from perfit.bench.tuning import collect
+
+    every = {c.name: c for c in GRIDS[grid]()}
+    starts = sorted({c.start for c in cells if c.start})
+    with errors("tuning", ValueError):
+        table = collect([every[name] for name in starts], out, lrs)
+    rates = {name: entry["chosen_lr"] for name, entry in table.items() if "chosen_lr" in entry}
+    for cell in cells:
+        if cell.start and cell.start not in rates:
+            console.print(f"{cell.name}: waits for the tuning of {cell.start}, the run it starts from")
+    return rates
+
+
 def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
     """After a grid: name every failed run and exit 1 (the finished ones are kept)."""
     failed = [(cell, seed, what) for cell, seed, what in outcomes if what.startswith("failed")]
@@ -242,7 +259,7 @@ def bench_tune(
     except ValueError as err:
         console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
         raise typer.Exit(2) from err
-    runs = tuning_cells(chosen, candidates)
+    runs = tuning_cells(chosen, candidates, _start_rates(chosen, out, candidates, grid))
     if list_cells:
         _list_cells(runs, out)
         return
@@ -253,7 +270,11 @@ def bench_tune(
     command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "tuning.json").write_text(
-        json.dumps(json_safe({"command": command, "lrs": list(candidates), "cells": table}), indent=2) + "\n"
+        json.dumps(
+            json_safe({"command": command, "out": str(out.resolve()), "lrs": list(candidates), "cells": table}),
+            indent=2,
+        )
+        + "\n"
     )
     (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command))
     console.print(text)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from perfit.artifacts.lora import save_adapter
+from perfit.artifacts.lora import load_adapter_flat, save_adapter
 from perfit.config import RESULT_NEUTRAL, Config
 from perfit.core.layout import Layout
 
@@ -23,7 +23,7 @@ def _same_value(name: str, recorded: Any, given: Any) -> bool:
     (relative vs absolute, another working directory) is the same."""
     if recorded == given:
         return True
-    if name in ("data", "model", "cache_dir", "out") and recorded and given:
+    if name in ("data", "model", "cache_dir", "out", "start_from") and recorded and given:
         first, second = Path(recorded).expanduser(), Path(given).expanduser()
         return first.exists() and second.exists() and first.resolve() == second.resolve()
     return False
@@ -55,6 +55,45 @@ def read_summary(path: Path) -> dict[str, Any]:
         elif key.endswith("_ppl") and isinstance(value, dict):
             summary[key] = {k: math.nan if v is None else v for k, v in value.items()}
     return summary
+
+
+def partitions_record(splits: dict[int, dict[str, list[int]]], held_out: list[int]) -> dict[str, Any]:
+    """partitions.json's content: each client's train / eval rows as its client reported them, and
+    whether it was held out."""
+    return {str(c): {**rows, "held_out": c in held_out} for c, rows in sorted(splits.items())}
+
+
+def read_start(config: Config, layout: Layout, model_fingerprint: str, partitions: dict[str, Any]) -> torch.Tensor:
+    """The final global adapter of the run `config.start_from` names, once that run is shown to be one
+    this run can continue: finished and federated, on the same base model (its fingerprint), with the
+    same clients' rows (`partitions`, this run's `partitions_record`) and the same adapter rank and
+    alpha. Anything else is a ValueError naming the run and what differs: starting FIT + local
+    fine-tuning from a FIT run of another seed or split would compare unlike with unlike."""
+    from perfit.config import from_toml
+
+    source = Path(config.start_from).expanduser().resolve()
+    what = f"start_from {source}"
+    if source == Path(config.out).expanduser().resolve():
+        raise ValueError(f"{what}: is this run's own directory")
+    adapter = source / "adapters" / "global" / "adapter_model.safetensors"
+    for path in (source / "config.toml", source / "summary.json", source / "partitions.json", adapter):
+        if not path.is_file():
+            raise ValueError(f"{what}: not a finished federated run ({path.relative_to(source)} missing)")
+    recorded = from_toml(source / "config.toml")
+    fingerprint = read_summary(source / "summary.json").get("model_fingerprint")
+    if fingerprint != model_fingerprint:
+        raise ValueError(f"{what}: trained on another base model ({recorded.model}, fingerprint {fingerprint})")
+    if (recorded.dense_rank, recorded.alpha_value) != (config.dense_rank, config.alpha_value):
+        raise ValueError(
+            f"{what}: its adapter has rank {recorded.dense_rank}, alpha {recorded.alpha_value:g}; "
+            f"this run's has rank {config.dense_rank}, alpha {config.alpha_value:g}"
+        )
+    if json.loads((source / "partitions.json").read_text()) != partitions:
+        raise ValueError(
+            f"{what}: its clients' rows (partitions.json) differ from this run's; data, split, seed, "
+            "num_clients, max_samples_per_client and validation must be the same"
+        )
+    return load_adapter_flat(adapter, layout)
 
 
 class RunDirectory:
@@ -105,9 +144,8 @@ class RunDirectory:
         return tensors, state
 
     def write_partitions(self, splits: dict[int, dict[str, list[int]]], held_out: list[int]) -> None:
-        """Each client's train / eval rows as its client reported them, and whether it was held out."""
-        data = {str(c): {**rows, "held_out": c in held_out} for c, rows in sorted(splits.items())}
-        (self.path / "partitions.json").write_text(json.dumps(data))
+        """partitions.json (`partitions_record`)."""
+        (self.path / "partitions.json").write_text(json.dumps(partitions_record(splits, held_out)))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:

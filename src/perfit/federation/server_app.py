@@ -31,7 +31,13 @@ from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_upda
 from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms
 from perfit.federation.roster import Roster, discover
-from perfit.federation.run_directory import RunDirectory, restore_sampler, sampler_state
+from perfit.federation.run_directory import (
+    RunDirectory,
+    partitions_record,
+    read_start,
+    restore_sampler,
+    sampler_state,
+)
 from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
 
 log = logging.getLogger("perfit")
@@ -123,6 +129,9 @@ class Federation:
         self.shared = shared_positions(self.layout, config.method)
         self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
         model_path, self.model_fingerprint = self.roster.base_model()
+        if config.start_from:  # another finished run's global adapter instead of the seeded one
+            partitions = partitions_record(self.roster.splits, config.held_out)
+            self.global_flat = read_start(config, self.layout, self.model_fingerprint, partitions)
         self.out = RunDirectory(config)
         self.out.write_partitions(self.roster.splits, config.held_out)
         fixed = fixed_masks(self.layout, config, config.participants)

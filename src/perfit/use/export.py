@@ -118,17 +118,13 @@ class RunModel:
 
     def flat(self, client: int | str | None) -> torch.Tensor:
         """A client's personalized adapter (None: the global one) as one flat vector."""
-        from safetensors.torch import load_file
+        from perfit.artifacts.lora import load_adapter_flat
 
         path = self.run.adapter_dir(client) / "adapter_model.safetensors"
-        tensors = load_file(str(path))
-        for tensor in self.layout.slots:
-            if tensor.name not in tensors or tuple(tensors[tensor.name].shape) != tensor.shape:
-                raise RunError(
-                    f"{path}: tensor {tensor.name} does not fit base model {self.base_path} "
-                    f"(expected shape {tensor.shape}); the run was made with a different base model"
-                )
-        return torch.cat([tensors[t.name].flatten().float() for t in self.layout.slots])
+        try:
+            return load_adapter_flat(path, self.layout)
+        except ValueError as err:
+            raise RunError(f"{err}; the run was made with a different base model than {self.base_path}") from err
 
     def use(self, flat: torch.Tensor) -> Any:
         """The peft model with this flat adapter written in."""
