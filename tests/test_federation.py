@@ -190,3 +190,8 @@ def test_rouge_l_at_the_final_evaluation(tiny_model, small_data, tmp_path):
     assert set(summary["per_client_rouge_l"]) == {"0", "1", "2", "3"}
     assert all(0 <= value <= 1 for value in summary["per_client_rouge_l"].values())
     assert summary["rouge_l"] == pytest.approx(sum(summary["per_client_rouge_l"].values()) / 4)
+    from perfit.client.task import ClientTask  # each client's answers with FIT's final adapter, recomputed
+
+    task, final = ClientTask(config), load_file(str(Path(config.out) / "checkpoint.safetensors"))["global"]
+    for client, value in summary["per_client_rouge_l"].items():
+        assert value == pytest.approx(sum(task.rouge_l(int(client), final)) / 2, abs=1e-9)

@@ -73,6 +73,31 @@ def generate(
     return answer.split(STOP)[0].strip()
 
 
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to several rows (instruction, context) in one left-padded batch: one decoding
+    loop for all of them instead of one per row (on a CPU a batch of 6 took 0.64x and 0.95x the time
+    of 6 answers one at a time: docs/experiments.md). Padding is masked and positions start at each
+    row's first token, so a row gets the answer `generate` gives it alone, up to float rounding
+    between batch shapes."""
+    texts = [prompt({"instruction": row["instruction"], "context": row.get("context", "")}) for row in rows]
+    device = next(model.parameters()).device
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        stop_strings=[STOP],
+        tokenizer=tokenizer,
+        do_sample=False,
+        top_p=None,
+        top_k=None,
+    )
+    start = inputs["input_ids"].shape[1]
+    return [tokenizer.decode(row[start:], skip_special_tokens=True).split(STOP)[0].strip() for row in output]
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     """ROUGE-L F1 of each prediction against its reference (Google's `rouge-score`, with stemming,
     as FederatedScope-LLM scores dolly)."""

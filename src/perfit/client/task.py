@@ -18,7 +18,7 @@ from perfit.artifacts.lora import lora_layout
 from perfit.client import onednn
 from perfit.client.batching import micro_batches
 from perfit.client.data import ClientSplit, Example, load_rows, owner_files, owner_split, partition, tokenize
-from perfit.client.generation import generate, rouge_l
+from perfit.client.generation import greedy_answers, rouge_l
 from perfit.client.hardware import compile_wanted, cpp_compiler_found, cpu_has_bf16, training_autocast
 from perfit.client.model import attach_lora, compile_decoder, device_of, load_base, resolve_device, write_flat
 from perfit.client.train import Schedule, TrainResult, evaluate_nll, importance_scores, train_masked
@@ -225,10 +225,7 @@ class ClientTask:
         )
         write_flat(self.peft_model, flat)
         self.peft_model.eval()
-        answers = [
-            generate(self.peft_model, self.tokenizer, rows[i]["instruction"], rows[i]["context"], ROUGE_MAX_NEW_TOKENS)
-            for i in chosen
-        ]
+        answers = greedy_answers(self.peft_model, self.tokenizer, [rows[i] for i in chosen], ROUGE_MAX_NEW_TOKENS)
         return rouge_l(answers, [rows[i]["response"] for i in chosen])
 
     def evaluate(self, client: int, flat: torch.Tensor) -> tuple[float, int]:
