@@ -81,6 +81,55 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, small_data, tmp_path)
         assert ours.get("clients") == theirs.get("clients")  # the sampler continued where it stopped
 
 
+@pytest.mark.parametrize("how", ["ctrl-c to the process group", "SIGTERM to the run's process"])
+def test_a_stopped_run_ends_at_once_records_no_round_of_dead_clients_and_resumes(tiny_model, small_data, tmp_path, how):
+    """Ctrl-C reaches Ray's client processes too: before, the server took their deaths for failed
+    clients (a round counted on fewer than it sampled) and then waited an hour for replies. Now the
+    run's process ends at once with 128 + the signal, every process it started goes, and the rounds
+    it recorded are whole; `--resume` finishes the run."""
+    import psutil
+
+    out = tmp_path / "stopped"
+    config = tiny_config(tiny_model, small_data, out, **CHANGES)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items() if k != "resume"]
+    log = tmp_path / "stopped.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "perfit.cli", "run", *args],
+        start_new_session=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(out) < 1:  # in round 2: every sampled client process is busy
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        family = psutil.Process(process.pid).children(recursive=True)
+        sent = time.monotonic()
+        if how.startswith("ctrl-c"):
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
+        code = process.wait(timeout=60)
+        assert time.monotonic() - sent < 20
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert code == 128 + (signal.SIGINT if how.startswith("ctrl-c") else signal.SIGTERM), log.read_text()[-3000:]
+    assert "resumes from its last checkpoint" in log.read_text()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert alive == [] and not (out / "summary.json").exists()
+    recorded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recorded and all(r["accepted"] == config.clients_per_round for r in recorded)
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if not r.get("final")] == [1, 2, 3, 4]
+    assert all(r["accepted"] == config.clients_per_round for r in rounds if not r.get("final"))
+
+
 def test_resume_refuses_what_it_cannot_continue(tiny_model, small_data, tmp_path):
     missing = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no run to resume" in missing.output

@@ -6,11 +6,15 @@ pass a Config straight in (Flower's public `run_simulation` takes no run config)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,47 @@ def _init_ray(init_args: dict[str, Any]) -> None:
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = path
     ray.init(**init_args)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL to every process this one started: Ray's, which the run no longer needs (some of its
+    agents outlive their driver, or a SIGTERM). Nothing waits for them: while this thread waited,
+    the server thread would record the client processes' deaths as failed rounds."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+@contextlib.contextmanager
+def _stop_at_once_on_signals(out: str) -> Iterator[None]:
+    """While a simulated run is going, SIGINT (Ctrl-C) and SIGTERM end its process at once (exit
+    status 128 + the signal's number) without recording the round in flight: the run resumes from
+    its last checkpoint, which is written atomically after every round.
+
+    Left to Flower and Ray, the signal also reaches Ray's client processes. The server (a thread
+    Flower does not mark daemon) took their deaths for failed clients, so a round could count
+    on fewer clients than it sampled, and it then waited `reply_timeout_seconds` for replies that
+    never come. Ray's processes are ended with the run's. Off the main thread (where Python cannot
+    set handlers) nothing changes; the previous handlers come back after the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        sys.stderr.write(f"\nperfit: stopped by {name}; {out} resumes from its last checkpoint (perfit run --resume)\n")
+        sys.stderr.flush()
+        _kill_descendants()
+        os._exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_simulation(
@@ -97,17 +142,18 @@ def run_simulation(
         },
     }
     try:
-        _init_ray(backend["init_args"])
-        _run_simulation(
-            num_supernodes=config.num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app or perfit_client_app,
-            server_app=server_app,
-            backend_name="ray",
-            backend_config=backend,
-            run=run,
-            server_app_context=context,
-        )
+        _init_ray(backend["init_args"])  # Ray sets handlers of its own at its start: ours come after
+        with _stop_at_once_on_signals(config.out):
+            _run_simulation(
+                num_supernodes=config.num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app or perfit_client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=backend,
+                run=run,
+                server_app_context=context,
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
