@@ -245,10 +245,14 @@ def test_a_run_starts_only_from_a_finished_federated_run_of_the_same_clients(run
     ):
         read_start(follow.replace(rank=config.rank * 2), layout, fingerprint, partitions)
     local = follow.replace(start_from=runs["local"][0].out)
-    with pytest.raises(ValueError, match="not a finished federated run .*adapters/global"):
+    with pytest.raises(FileNotFoundError, match="not a finished federated run .*adapters/global"):
         read_start(local, layout, fingerprint, partitions)
     with pytest.raises(ValueError, match="is this run's own directory"):
         read_start(follow.replace(out=config.out), layout, fingerprint, partitions)
+    from perfit.api import check_inputs  # before anything starts: a start that is not there
+
+    with pytest.raises(FileNotFoundError, match="start_from .*nowhere: not a finished federated run"):
+        check_inputs(follow.replace(start_from=str(tmp_path / "nowhere")))
 
 
 def test_fixed_masks_share_one_mask_per_budget():

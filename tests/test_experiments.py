@@ -142,10 +142,13 @@ def test_a_run_that_starts_from_another_waits_for_it_to_finish(tmp_path):
         _fake_run(Path(config.out), 9.0, cell=next(c for c in cells if Path(config.out).parent.name == c.label))
         return {"personalized_ppl": 9.0, "wall_seconds": 1.0}
 
+    # seed 3's FIT run finished under another config (another rate): reported, not started from
+    _fake_run(cells[0].run_dir(tmp_path, 3), 9.0, cell=cells[0], lr=1e-2)
     log = run_grid(cells, tmp_path, {"data": "d.jsonl"}, runner, report=lines.append)
     fit_dir = str(tmp_path / "personal/pathological/fit/seed1")
     assert seen[:2] == [("fit", 1, 10, ""), ("fit", 1, 0, fit_dir)]
-    assert [what.split(" ")[0] for _, _, what in log] == ["ran", "ran", "failed:", "failed:", "ran", "ran"]
+    assert [what.split(" ")[0] for _, _, what in log] == ["ran", "ran", "failed:", "failed:", "failed:", "failed:"]
+    assert log[5][2].startswith("failed: waits for") and len(seen) == 3
     assert (
         log[3][2]
         == f"failed: waits for {tmp_path / 'personal/pathological/fit/seed2'} (the run it starts from) to finish"
@@ -403,6 +406,12 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     again = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]
     assert again["chosen_variant"] == "perfit" and again["checks"]["over_fit_every_seed"] is False  # 12.5 > 12
     assert again["checks"]["beyond_seed_spread"] is False  # -5 %, +4 %, -9 % against FIT: no agreement
+    from perfit.bench.personal import _lower_beyond_spread
+
+    loaded = load(runs)
+    local, fit = loaded["personal/pathological/local"], loaded["personal/pathological/fit"]
+    assert not _lower_beyond_spread(local, fit)  # +10 %, +8 %, +9 %: beyond the spread, but higher
+    assert _lower_beyond_spread(fit, local)
     _fake_run(tmp_path / "paper" / "table1/pathological/fit" / "seed0", 10.0)
     (tmp_path / "tuning.json").write_text(json.dumps({"cells": tuning}))
     write_report(tmp_path / "paper", tmp_path / "docs", personal_runs=runs, personal_tuning=tmp_path / "tuning.json")
@@ -444,6 +453,12 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
         "personal/dirichlet/perfit": {"validation_ppl": {"0.001": 9.5}},  # not chosen yet
     }
     found = search_readings({"out": str(tmp_path), "cells": cells})
+    from perfit.bench.personal import machine_hours
+
+    for name, seconds in (("a/seed0", 1800.0), ("b/lr0.01/seed0", 5400.0)):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps({"wall_seconds": seconds}))
+    assert machine_hours(tmp_path) == pytest.approx(2.0) and machine_hours(tmp_path / "none") == 0.0
     assert seen == [tmp_path / "personal/dirichlet/perfit-4/lr0.01/seed0"]
     assert found == {
         "dirichlet": {

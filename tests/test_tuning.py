@@ -148,5 +148,32 @@ def test_fit_ft_is_tuned_from_fits_tuning_run_at_fits_chosen_rate():
     runs = tuning_cells(cells, (1e-3, 3e-3), {"personal/dirichlet/fit": 3e-3})
     assert [r.name for r in runs] == ["personal/dirichlet/fit-ft/lr0.001", "personal/dirichlet/fit-ft/lr0.003"]
     config = runs[0].config(0, Path("t"), data="d.jsonl")
-    assert config.start_from == str(Path("t/personal/dirichlet/fit/lr0.003/seed0"))
+    assert config.start_from == str(Path("t/personal/dirichlet/fit/lr0.003/seed0").resolve())
     assert (config.lr, config.rounds, config.finetune_epochs, config.validation) == (1e-3, 0, 1, 1)
+
+
+def test_one_bench_tune_runs_fit_ft_after_fits_tuning_chose_its_rate(tmp_path, monkeypatch):
+    import perfit.cli.base as cli
+
+    ran = []
+
+    def fake_run(config):  # FIT's validation perplexity falls with the rate: it chooses 3e-3
+        _summary(Path(config.out), 20 - 1000 * config.lr)
+        ran.append((Path(config.out).parent.parent.name, config.lr, config.rounds, config.start_from))
+        return {"personalized_ppl": 20 - 1000 * config.lr, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(cli, "run_federation", fake_run)
+    out = tmp_path / "tune"
+    args = ["bench", "tune", "--grid", "personal", "--out", str(out), "--docs", str(tmp_path / "docs"), "--lrs"]
+    cells = ["--cells", "personal/dirichlet/fit-ft", "--cells", "personal/dirichlet/fit", "--data", "d.jsonl"]
+    result = CliRunner().invoke(cli.app, [*args, "1e-3,3e-3", *cells])
+    assert result.exit_code == 0, result.output
+    fit_run = str((out / "personal/dirichlet/fit/lr0.003/seed0").resolve())
+    assert ran == [
+        ("fit", 1e-3, 10, ""),
+        ("fit", 3e-3, 10, ""),
+        ("fit-ft", 1e-3, 0, fit_run),
+        ("fit-ft", 3e-3, 0, fit_run),
+    ]
+    written = json.loads((tmp_path / "docs/tuning.json").read_text())
+    assert written["out"] == str(out.resolve()) and written["cells"]["personal/dirichlet/fit-ft"]["chosen_lr"] == 3e-3

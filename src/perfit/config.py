@@ -166,9 +166,10 @@ class Config:
     one instead of the seeded initial adapter (`federation.run_directory.read_start`). The two runs
     must share the base model, the clients' rows (partitions.json) and the adapter's rank and alpha.
     FIT + local fine-tuning reuses FIT's run this way (`method=fit`, `rounds=0`, `finetune_epochs=1`:
-    no federation is rerun, only each client's fine-tuning at this run's `lr`); with rounds > 0 it
-    continues training (more rounds, or a search scored at a trained global adapter). Read by the
-    server only. Empty: the seeded start."""
+    no federation is rerun, only each client's fine-tuning at this run's `lr`). With rounds > 0 it
+    trains more rounds from that adapter; client sampling and round numbers start again from
+    `seed`, and a PerFIT search still scores at the seeded adapter. Read by the server only.
+    Empty: the seeded start."""
     cache_dir: str = ""
     """Where the dequantized default model is cached; empty means ~/.cache/perfit/models."""
 

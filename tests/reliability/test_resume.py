@@ -82,7 +82,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, small_data, tmp_path)
 
 
 @pytest.mark.parametrize("how", ["ctrl-c to the process group", "SIGTERM to the run's process"])
-def test_a_stopped_run_ends_at_once_records_no_round_of_dead_clients_and_resumes(tiny_model, small_data, tmp_path, how):
+def test_a_stopped_run_ends_at_once_records_no_round_of_dead_clients_and_resumes(
+    tiny_model, small_data, tmp_path, request, how
+):
     """Ctrl-C reaches Ray's client processes too: before, the server took their deaths for failed
     clients (a round counted on fewer than it sampled) and then waited an hour for replies. Now the
     run's process ends at once with 128 + the signal, every process it started goes, and the rounds
@@ -93,8 +95,11 @@ def test_a_stopped_run_ends_at_once_records_no_round_of_dead_clients_and_resumes
     config = tiny_config(tiny_model, small_data, out, **CHANGES)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items() if k != "resume"]
     log = tmp_path / "stopped.log"
+    scratch = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))  # the run's TMPDIR, for Ray's session files
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))  # (short: Ray's socket paths)
     process = subprocess.Popen(
         [sys.executable, "-m", "perfit.cli", "run", *args],
+        env={**os.environ, "TMPDIR": str(scratch)},
         start_new_session=True,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -120,6 +125,10 @@ def test_a_stopped_run_ends_at_once_records_no_round_of_dead_clients_and_resumes
     assert "resumes from its last checkpoint" in log.read_text()
     _, alive = psutil.wait_procs(family, timeout=15)
     assert alive == [] and not (out / "summary.json").exists()
+    deadline = time.monotonic() + 15
+    while list(scratch.glob("perfit-ray-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(scratch.glob("perfit-ray-*")) == []  # Ray's session files went with it
     recorded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recorded and all(r["accepted"] == config.clients_per_round for r in recorded)
 

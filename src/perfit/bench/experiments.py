@@ -75,7 +75,8 @@ class Cell:
 
     def config(self, seed: int, out: Path, **common: Any) -> Config:
         rate = {"lr": GRID_LR} if self.preset == SCALE_PRESET else {}  # other presets carry their own
-        start = {"start_from": str(out / self.start / f"seed{seed}")} if self.start else {}
+        # absolute: a resumed run's config must name the same run whatever the working directory
+        start = {"start_from": str((out / self.start / f"seed{seed}").resolve())} if self.start else {}
         values = {**rate, **common, "split": self.split, **self.fields, **start, "seed": seed,
                   "out": str(self.run_dir(out, seed))}  # fmt: skip
         return make_config(None, self.preset, **values)
@@ -241,7 +242,9 @@ def run_grid(
             else:
                 done.append((cell, seed, "skipped (finished)"))
             continue
-        if config.start_from and not (Path(config.start_from) / "summary.json").is_file():
+        start_failed = any(c.name == cell.start and s == seed and w.startswith("failed") for c, s, w in done)
+        if config.start_from and (start_failed or not (Path(config.start_from) / "summary.json").is_file()):
+            # not from a run that failed here, e.g. one finished under another config
             what = f"waits for {config.start_from} (the run it starts from) to finish"
             report(f"{cell.name} seed {seed}: {what}")
             done.append((cell, seed, f"failed: {what}"))

@@ -128,8 +128,8 @@ def _grid_selection(ctx: typer.Context, patterns: list[str], name: str) -> tuple
 
 
 def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], grid: str) -> dict[str, float]:
-    """The rate each start cell's tuning chose (cells that start from another cell's run start from
-    its tuning run at that rate); a cell whose start has not chosen yet is named and waits."""
+    """The rate each start cell's tuning chose: a cell that starts from another cell's run (`Cell.start`)
+    starts from that cell's tuning run at that rate, so it can run only once that tuning has chosen."""
     from perfit.bench.experiments import GRIDS
     from perfit.bench.tuning import collect
 
@@ -137,11 +137,7 @@ def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], grid: str)
     starts = sorted({c.start for c in cells if c.start})
     with errors("tuning", ValueError):
         table = collect([every[name] for name in starts], out, lrs)
-    rates = {name: entry["chosen_lr"] for name, entry in table.items() if "chosen_lr" in entry}
-    for cell in cells:
-        if cell.start and cell.start not in rates:
-            console.print(f"{cell.name}: waits for the tuning of {cell.start}, the run it starts from")
-    return rates
+    return {name: entry["chosen_lr"] for name, entry in table.items() if "chosen_lr" in entry}
 
 
 def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
@@ -259,12 +255,22 @@ def bench_tune(
     except ValueError as err:
         console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
         raise typer.Exit(2) from err
-    runs = tuning_cells(chosen, candidates, _start_rates(chosen, out, candidates, grid))
+    rates = _start_rates(chosen, out, candidates, grid)
+    runs = tuning_cells(chosen, candidates, rates)
     if list_cells:
         _list_cells(runs, out)
         return
-    with errors("data"):
-        _check_failures(run_grid(runs, out, common, base.run_federation, console.print))
+    outcomes: list[tuple[Any, int, str]] = []
+    while runs:  # then the cells whose start's tuning chose its rate meanwhile (FIT + FT after FIT)
+        with errors("data"):
+            outcomes += run_grid(runs, out, common, base.run_federation, console.print)
+        tried = {cell.name for cell, _, _ in outcomes}
+        rates = _start_rates(chosen, out, candidates, grid)
+        runs = [run for run in tuning_cells(chosen, candidates, rates) if run.name not in tried]
+    for cell in chosen:
+        if cell.start and cell.start not in rates:
+            console.print(f"{cell.name}: waits for the tuning of {cell.start}, the run it starts from")
+    _check_failures(outcomes)
     with errors("tuning", ValueError):
         table = collect(chosen, out, candidates)
     command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])

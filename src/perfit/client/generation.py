@@ -80,6 +80,8 @@ def greedy_answers(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_n
     of 6 answers one at a time: docs/experiments.md). Padding is masked and positions start at each
     row's first token, so a row gets the answer `generate` gives it alone, up to float rounding
     between batch shapes."""
+    if not rows:
+        return []
     texts = [prompt({"instruction": row["instruction"], "context": row.get("context", "")}) for row in rows]
     device = next(model.parameters()).device
     inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(device)

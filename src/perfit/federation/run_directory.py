@@ -63,22 +63,31 @@ def partitions_record(splits: dict[int, dict[str, list[int]]], held_out: list[in
     return {str(c): {**rows, "held_out": c in held_out} for c, rows in sorted(splits.items())}
 
 
+def check_start(config: Config) -> tuple[Path, Path]:
+    """(run directory, global adapter file) of `config.start_from`, or FileNotFoundError naming what
+    a finished federated run would hold and this one lacks (checked before a run starts)."""
+    source = Path(config.start_from).expanduser().resolve()
+    adapter = source / "adapters" / "global" / "adapter_model.safetensors"
+    for path in (source / "config.toml", source / "summary.json", source / "partitions.json", adapter):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"start_from {source}: not a finished federated run ({path.relative_to(source)} missing)"
+            )
+    return source, adapter
+
+
 def read_start(config: Config, layout: Layout, model_fingerprint: str, partitions: dict[str, Any]) -> torch.Tensor:
     """The final global adapter of the run `config.start_from` names, once that run is shown to be one
     this run can continue: finished and federated, on the same base model (its fingerprint), with the
     same clients' rows (`partitions`, this run's `partitions_record`) and the same adapter rank and
-    alpha. Anything else is a ValueError naming the run and what differs: starting FIT + local
+    alpha. Anything else is an error naming the run and what differs: starting FIT + local
     fine-tuning from a FIT run of another seed or split would compare unlike with unlike."""
     from perfit.config import from_toml
 
-    source = Path(config.start_from).expanduser().resolve()
+    source, adapter = check_start(config)
     what = f"start_from {source}"
     if source == Path(config.out).expanduser().resolve():
         raise ValueError(f"{what}: is this run's own directory")
-    adapter = source / "adapters" / "global" / "adapter_model.safetensors"
-    for path in (source / "config.toml", source / "summary.json", source / "partitions.json", adapter):
-        if not path.is_file():
-            raise ValueError(f"{what}: not a finished federated run ({path.relative_to(source)} missing)")
     recorded = from_toml(source / "config.toml")
     fingerprint = read_summary(source / "summary.json").get("model_fingerprint")
     if fingerprint != model_fingerprint:

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms
 from perfit.federation.roster import Roster, discover
 from perfit.federation.run_directory import (
+    CHECKPOINT,
     RunDirectory,
     partitions_record,
     read_start,
@@ -129,7 +131,8 @@ class Federation:
         self.shared = shared_positions(self.layout, config.method)
         self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
         model_path, self.model_fingerprint = self.roster.base_model()
-        if config.start_from:  # another finished run's global adapter instead of the seeded one
+        resuming = config.resume and (Path(config.out).expanduser() / CHECKPOINT).is_file()  # its adapter is there
+        if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
             partitions = partitions_record(self.roster.splits, config.held_out)
             self.global_flat = read_start(config, self.layout, self.model_fingerprint, partitions)
         self.out = RunDirectory(config)

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,18 +42,20 @@ def client_gpus(config: Config, actors: int) -> float:
     return math.floor(10_000 / per_gpu) / 10_000
 
 
-def _init_ray(init_args: dict[str, Any]) -> None:
+def _init_ray(init_args: dict[str, Any]) -> bool:
     """Start Ray before Flower does, with the app's import path in the environment that Ray's worker
     processes inherit instead of in a runtime env, as Flower's RayBackend passes it (it starts Ray
     only when none is running). With a runtime env, no worker Ray starts ahead can host a client:
-    each client process starts anew through the runtime-env agent once the run asks for it."""
+    each client process starts anew through the runtime-env agent once the run asks for it.
+    Returns whether it started Ray (False: the caller's own Ray was running)."""
     import ray
 
     if ray.is_initialized():  # the caller's own Ray: Flower uses it as it is
-        return
+        return False
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = path
     ray.init(**init_args)
+    return True
 
 
 def _kill_descendants() -> None:
@@ -67,7 +70,7 @@ def _kill_descendants() -> None:
 
 
 @contextlib.contextmanager
-def _stop_at_once_on_signals(out: str) -> Iterator[None]:
+def _stop_at_once_on_signals(out: str, ray_dir: str, ours: bool) -> Iterator[None]:
     """While a simulated run is going, SIGINT (Ctrl-C) and SIGTERM end its process at once (exit
     status 128 + the signal's number) without recording the round in flight: the run resumes from
     its last checkpoint, which is written atomically after every round.
@@ -75,18 +78,27 @@ def _stop_at_once_on_signals(out: str) -> Iterator[None]:
     Left to Flower and Ray, the signal also reaches Ray's client processes. The server (a thread
     Flower does not mark daemon) took their deaths for failed clients, so a round could count
     on fewer clients than it sampled, and it then waited `reply_timeout_seconds` for replies that
-    never come. Ray's processes are ended with the run's. Off the main thread (where Python cannot
-    set handlers) nothing changes; the previous handlers come back after the run."""
-    if threading.current_thread() is not threading.main_thread():
+    never come. The Ray this run started (`ours`) is ended with it and its session files in
+    `ray_dir` removed; a caller's own Ray, or a run off the main thread (where Python cannot set
+    handlers), keeps the usual handling. The previous handlers come back after the run."""
+    if not ours or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        sys.stderr.write(f"\nperfit: stopped by {name}; {out} resumes from its last checkpoint (perfit run --resume)\n")
-        sys.stderr.flush()
-        _kill_descendants()
-        os._exit(128 + signum)
+        try:  # raw writes: the main thread may be inside a buffered write, which must not be re-entered
+            name = signal.Signals(signum).name
+            os.write(
+                2,
+                f"\nperfit: stopped by {name}; {out} resumes from its last checkpoint (perfit run --resume)\n".encode(),
+            )
+            if os.isatty(1):
+                os.write(1, b"\x1b[?25h")  # the cursor Rich's progress bar hid
+            _kill_descendants()
+            remove = ["rm", "-rf", ray_dir]  # not waited for, like the processes above
+            subprocess.Popen(remove, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            os._exit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -142,8 +154,8 @@ def run_simulation(
         },
     }
     try:
-        _init_ray(backend["init_args"])  # Ray sets handlers of its own at its start: ours come after
-        with _stop_at_once_on_signals(config.out):
+        started = _init_ray(backend["init_args"])  # Ray sets handlers of its own at its start: ours come after
+        with _stop_at_once_on_signals(config.out, ray_dir, started):
             _run_simulation(
                 num_supernodes=config.num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
