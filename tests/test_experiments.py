@@ -151,7 +151,7 @@ def test_a_run_that_starts_from_another_waits_for_it_to_finish(tmp_path):
     assert log[5][2].startswith("failed: waits for") and len(seen) == 3
     assert (
         log[3][2]
-        == f"failed: waits for {tmp_path / 'personal/pathological/fit/seed2'} (the run it starts from) to finish"
+        == f"failed: waits for {tmp_path / 'personal/pathological/fit/seed2'} (the run it builds on) to finish"
     )
 
 

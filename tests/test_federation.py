@@ -182,6 +182,39 @@ def test_search_diagnostics_read_the_masks_a_run_searches(runs, tmp_path):
     assert all(0 < r["mean_pairwise_overlap"] < 1 and r["clients"] == 4 for r in readings)
 
 
+def test_a_run_keeps_the_masks_another_run_searched_with_the_same_result(runs, tmp_path):
+    """`masks_from`: the search reads no learning rate, so a run at another rate that keeps a
+    finished run's masks ends exactly as one that searches them again, without searching."""
+    from safetensors.torch import load_file
+
+    from perfit.federation.run_directory import read_masks
+
+    config, searched = runs[("perfit", "pathological", "")]
+    other_rate = config.replace(lr=3e-3, eval_every=0)
+    again = run_simulation(other_rate.replace(out=str(tmp_path / "again")), num_cpus=2)
+    kept = run_simulation(other_rate.replace(out=str(tmp_path / "kept"), masks_from=config.out), num_cpus=2)
+    assert kept["per_client_ppl"] == pytest.approx(again["per_client_ppl"], rel=1e-6)
+    assert kept["search_seconds"] == 0 < again["search_seconds"]
+    for name, mask in load_file(str(Path(config.out) / "masks.safetensors")).items():
+        assert torch.equal(load_file(str(tmp_path / "kept" / "masks.safetensors"))[name], mask)
+    assert kept["bytes_up_total"] < again["bytes_up_total"]  # no mask went up
+    # what the search reads must be the same; the init counts as the search's start
+    layout = layout_for(str(config.model), config.dense_rank, config.alpha_value)
+    partitions = json.loads((Path(config.out) / "partitions.json").read_text())
+    fingerprint = searched["model_fingerprint"]
+    follow = other_rate.replace(out=str(tmp_path / "follow"), masks_from=config.out)
+    assert read_masks(follow.replace(init="symmetric"), layout, fingerprint, partitions).keys() == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match=r"searched under other settings \(metric: 'first' -> 'gradient'\)"):
+        read_masks(follow.replace(metric="gradient"), layout, fingerprint, partitions)
+    with pytest.raises(ValueError, match="the search's init: symmetric -> peft"):
+        read_masks(follow.replace(init="peft"), layout, fingerprint, partitions)
+    fit_config, _ = runs[("fit", "pathological", "")]
+    with pytest.raises(FileNotFoundError, match="not a finished PerFIT run .masks.safetensors missing"):
+        read_masks(follow.replace(masks_from=fit_config.out), layout, fingerprint, partitions)
+    with pytest.raises(ValueError, match="masks_from"):
+        Config(method="fit", masks_from=config.out)
+
+
 def test_rouge_l_at_the_final_evaluation(tiny_model, small_data, tmp_path):
     config = _config(tiny_model, small_data, tmp_path / "rouge", "fit", "pathological", "").replace(
         rounds=1, eval_every=0, rouge_samples=2

@@ -177,3 +177,26 @@ def test_one_bench_tune_runs_fit_ft_after_fits_tuning_chose_its_rate(tmp_path, m
     ]
     written = json.loads((tmp_path / "docs/tuning.json").read_text())
     assert written["out"] == str(out.resolve()) and written["cells"]["personal/dirichlet/fit-ft"]["chosen_lr"] == 3e-3
+
+
+def test_a_perfit_cell_searches_once_for_all_its_rates():
+    """The search reads no rate: a PerFIT cell's later candidates keep its first candidate's masks;
+    PerFIT trained from B = 0 (the paper's search) keeps the paper's PerFIT's; FIT has none."""
+    from perfit.bench.experiments import GRIDS
+
+    cells = select(GRIDS["personal"](), ["personal/pathological/perfit", "personal/pathological/perfit-zero-b",
+                                          "personal/pathological/perfit-4", "personal/pathological/fit"])  # fmt: skip
+    runs = {r.name: r.config(0, Path("t"), data="d.jsonl").masks_from for r in tuning_cells(cells, (1e-3, 3e-3))}
+    first = str(Path("t/personal/pathological/perfit/lr0.001/seed0").resolve())
+    assert runs == {
+        "personal/pathological/fit/lr0.001": "",
+        "personal/pathological/fit/lr0.003": "",
+        "personal/pathological/perfit/lr0.001": "",
+        "personal/pathological/perfit/lr0.003": first,
+        "personal/pathological/perfit-zero-b/lr0.001": first,
+        "personal/pathological/perfit-zero-b/lr0.003": first,
+        "personal/pathological/perfit-4/lr0.001": "",
+        "personal/pathological/perfit-4/lr0.003": str(Path("t/personal/pathological/perfit-4/lr0.001/seed0").resolve()),
+    }
+    held_out = select(GRIDS["personal"](), ["personal/dirichlet/perfit-zero-b"])[0].config(2, Path("g"), data="d")
+    assert held_out.masks_from == str(Path("g/personal/dirichlet/perfit/seed2").resolve())

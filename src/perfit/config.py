@@ -19,7 +19,16 @@ DEFAULT_DATA = "databricks/databricks-dolly-15k"
 # How a run goes, not what it computes (up to float order). `dtype=auto` resolves per machine (bf16
 # where the CPU or GPU has the units), so a run resumed on another machine may continue at another
 # precision whatever its device; `--dtype fp32` or `bf16` pins it.
-RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device")
+RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device", "masks_from")
+
+SEARCH_BLIND = (
+    "lr", "rounds", "clients_per_round", "local_epochs", "finetune_epochs", "batch_size", "aggregation",
+    "update_bound", "min_replies", "reply_timeout_seconds", "rouge_samples", "eval_every", "eval_clients",
+    "init", "start_from",
+)  # fmt: skip
+"""Fields the search never reads: runs that differ only in these (and RESULT_NEUTRAL, local paths)
+search the same masks. `init` counts through `core.methods.search_init`, the init the search starts
+from (the paper's symmetric one for both PerFIT inits)."""
 
 CHOICES = {
     "method": ("fit", "perfit", "local", "fedsa", "hetlora"),
@@ -170,6 +179,13 @@ class Config:
     trains more rounds from that adapter; client sampling and round numbers start again from
     `seed`, and a PerFIT search still scores at the seeded adapter. Read by the server only.
     Empty: the seeded start."""
+    masks_from: str = ""
+    """A finished PerFIT run whose searched masks this run's clients keep instead of searching again.
+    The search (Alg. 1) reads the clients' train rows, the seeded adapter and the search's settings,
+    never the training's (SEARCH_BLIND), so a learning-rate sweep, or PerFIT trained from B = 0
+    beside the paper's, searches once. Checked by the server (`federation.run_directory.read_masks`):
+    the same base model and clients' rows, and every other field equal. Result-neutral: the masks
+    are the ones this run's search would find. Empty: search."""
     cache_dir: str = ""
     """Where the dequantized default model is cached; empty means ~/.cache/perfit/models."""
 
@@ -205,6 +221,7 @@ class Config:
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,
             "resume": self.resume in (0, 1),
+            "masks_from": not self.masks_from or self.method == "perfit",  # the others' masks are fixed
         }
         for name, ok in checks.items():
             if not ok:

@@ -72,14 +72,22 @@ class Cell:
     start: str = ""
     """The name of the cell whose run of the same seed, under the same grid directory, this cell's
     runs start from (`Config.start_from`: its final global adapter); empty: none."""
+    masks: str = ""
+    """The name of the cell whose run of the same seed, under the same grid directory, searched the
+    masks this cell's runs keep (`Config.masks_from`); empty: they search their own."""
 
     def config(self, seed: int, out: Path, **common: Any) -> Config:
         rate = {"lr": GRID_LR} if self.preset == SCALE_PRESET else {}  # other presets carry their own
-        # absolute: a resumed run's config must name the same run whatever the working directory
-        start = {"start_from": str((out / self.start / f"seed{seed}").resolve())} if self.start else {}
-        values = {**rate, **common, "split": self.split, **self.fields, **start, "seed": seed,
+        # absolute: a resumed run's config names the same runs whatever the working directory
+        sources = {field: str((out / name / f"seed{seed}").resolve()) for field, name in self.sources.items()}
+        values = {**rate, **common, "split": self.split, **self.fields, **sources, "seed": seed,
                   "out": str(self.run_dir(out, seed))}  # fmt: skip
         return make_config(None, self.preset, **values)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """The config fields that name another cell's run, by that cell's name."""
+        return {field: name for field, name in (("start_from", self.start), ("masks_from", self.masks)) if name}
 
     def run_dir(self, out: Path, seed: int) -> Path:
         return out / self.name / f"seed{seed}"
@@ -171,7 +179,11 @@ def personalization_grid() -> list[Cell]:
         cells.append(replace(fit_ft, start=f"personal/{split}/fit"))
         cells.append(_personal(split, "local", method="local"))
         cells.append(_personal(split, "fedsa", method="fedsa"))
-        cells += [_personal(split, label, method="perfit", **fields) for label, fields in PERSONAL_VARIANTS.items()]
+        for label, fields in PERSONAL_VARIANTS.items():
+            variant = _personal(split, label, method="perfit", **fields)
+            # trained from B = 0, searched as the paper's PerFIT: its masks are that cell's
+            same_search = label != "perfit" and fields.keys() == {"init"}
+            cells.append(replace(variant, masks=f"personal/{split}/perfit") if same_search else variant)
         hetero = {"budgets": HETERO_BUDGETS, "init": "symmetric_then_zero_b"}
         cells.append(_personal(split, "perfit-8-12-16", method="perfit", **hetero))
         cells.append(_personal(split, "hetlora-8-12-16", method="hetlora", budgets=HETERO_BUDGETS))
@@ -242,10 +254,14 @@ def run_grid(
             else:
                 done.append((cell, seed, "skipped (finished)"))
             continue
-        start_failed = any(c.name == cell.start and s == seed and w.startswith("failed") for c, s, w in done)
-        if config.start_from and (start_failed or not (Path(config.start_from) / "summary.json").is_file()):
-            # not from a run that failed here, e.g. one finished under another config
-            what = f"waits for {config.start_from} (the run it starts from) to finish"
+        failed_here = {(c.name, s) for c, s, w in done if w.startswith("failed")}  # e.g. finished under another config
+        waits = [
+            getattr(config, field)
+            for field, name in cell.sources.items()
+            if (name, seed) in failed_here or not (Path(getattr(config, field)) / "summary.json").is_file()
+        ]
+        if waits:
+            what = f"waits for {', '.join(waits)} (the run it builds on) to finish"
             report(f"{cell.name} seed {seed}: {what}")
             done.append((cell, seed, f"failed: {what}"))
             continue

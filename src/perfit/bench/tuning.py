@@ -37,7 +37,7 @@ def tuning_cells(
     perplexity, so they generate no answers for ROUGE-L. A cell that starts from another cell's run
     (`Cell.start`, e.g. FIT + local fine-tuning from FIT's) starts from that cell's tuning run at the
     rate its tuning chose (`start_rates`: cell name -> chosen rate); until it has chosen, the cell
-    has no tuning runs."""
+    has no tuning runs. A PerFIT cell searches its masks once (`_masks_run`)."""
     tuning = {"validation": 1, "rouge_samples": 0}
     runs = []
     for cell in cells:
@@ -46,13 +46,22 @@ def tuning_cells(
             if start not in (start_rates or {}):
                 continue
             start = f"{start}/{lr_label(start_rates[start])}"
-        runs += [
-            replace(
-                cell, name=tuning_name(cell, lr), fields={**cell.fields, "lr": lr, **tuning}, seeds=(0,), start=start
-            )
-            for lr in lrs
-        ]
+        for lr in lrs:
+            fields = {**cell.fields, "lr": lr, **tuning}
+            masks = _masks_run(cell, lr, lrs)
+            runs.append(replace(cell, name=tuning_name(cell, lr), fields=fields, seeds=(0,), start=start, masks=masks))
     return runs
+
+
+def _masks_run(cell: Cell, lr: float, lrs: tuple[float, ...]) -> str:
+    """The tuning run whose masks `cell`'s run at `lr` keeps: the search reads no rate, so a PerFIT
+    cell searches at its first candidate only (its mask cell's, `Cell.masks`, where it has one);
+    empty: this run searches (or has fixed masks)."""
+    if cell.masks:
+        return f"{cell.masks}/{lr_label(lrs[0])}"
+    if cell.fields.get("method") != "perfit" or lr == lrs[0]:
+        return ""
+    return tuning_name(cell, lrs[0])
 
 
 def tuning_name(cell: Cell, lr: float) -> str:

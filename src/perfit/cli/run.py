@@ -72,7 +72,7 @@ def config(
     # `flwr run` executes a copy of the app under $FLWR_HOME/apps: local paths must be absolute.
     values = resolved.to_dict()
     values["out"] = str(Path(resolved.out).expanduser().resolve())
-    for key in ("data", "model", "cache_dir", "start_from"):
+    for key in ("data", "model", "cache_dir", "start_from", "masks_from"):
         if values[key] and Path(values[key]).expanduser().exists():
             values[key] = str(Path(values[key]).expanduser().resolve())
     pairs = [f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in values.items()]

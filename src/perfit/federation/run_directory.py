@@ -23,7 +23,7 @@ def _same_value(name: str, recorded: Any, given: Any) -> bool:
     (relative vs absolute, another working directory) is the same."""
     if recorded == given:
         return True
-    if name in ("data", "model", "cache_dir", "out", "start_from") and recorded and given:
+    if name in ("data", "model", "cache_dir", "out", "start_from", "masks_from") and recorded and given:
         first, second = Path(recorded).expanduser(), Path(given).expanduser()
         return first.exists() and second.exists() and first.resolve() == second.resolve()
     return False
@@ -63,46 +63,87 @@ def partitions_record(splits: dict[int, dict[str, list[int]]], held_out: list[in
     return {str(c): {**rows, "held_out": c in held_out} for c, rows in sorted(splits.items())}
 
 
-def check_start(config: Config) -> tuple[Path, Path]:
-    """(run directory, global adapter file) of `config.start_from`, or FileNotFoundError naming what
-    a finished federated run would hold and this one lacks (checked before a run starts)."""
-    source = Path(config.start_from).expanduser().resolve()
-    adapter = source / "adapters" / "global" / "adapter_model.safetensors"
-    for path in (source / "config.toml", source / "summary.json", source / "partitions.json", adapter):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"start_from {source}: not a finished federated run ({path.relative_to(source)} missing)"
-            )
-    return source, adapter
+MASKS = "masks.safetensors"
 
 
-def read_start(config: Config, layout: Layout, model_fingerprint: str, partitions: dict[str, Any]) -> torch.Tensor:
-    """The final global adapter of the run `config.start_from` names, once that run is shown to be one
-    this run can continue: finished and federated, on the same base model (its fingerprint), with the
-    same clients' rows (`partitions`, this run's `partitions_record`) and the same adapter rank and
-    alpha. Anything else is an error naming the run and what differs: starting FIT + local
-    fine-tuning from a FIT run of another seed or split would compare unlike with unlike."""
+def _source_files(field: str) -> list[str]:
+    """What the run `config.<field>` names must hold: a finished federated run, and for its masks a PerFIT one."""
+    files = ["config.toml", "summary.json", "partitions.json"]
+    return files + (["adapters/global/adapter_model.safetensors"] if field == "start_from" else [MASKS])
+
+
+def check_sources(config: Config) -> None:
+    """FileNotFoundError naming what the runs `start_from` and `masks_from` name lack (checked before
+    a run starts)."""
+    for field in ("start_from", "masks_from"):
+        if getattr(config, field):
+            source = Path(getattr(config, field)).expanduser().resolve()
+            for name in _source_files(field):
+                if not (source / name).is_file():
+                    kind = "federated" if field == "start_from" else "PerFIT"
+                    raise FileNotFoundError(f"{field} {source}: not a finished {kind} run ({name} missing)")
+
+
+def _source(field: str, config: Config, model_fingerprint: str, partitions: dict[str, Any]) -> tuple[Path, Config]:
+    """(directory, config) of the finished run `config.<field>` names, once it is shown to be on the
+    same base model (its fingerprint) and the same clients' rows (`partitions`, this run's
+    `partitions_record`); anything else is an error naming the run and what differs."""
     from perfit.config import from_toml
 
-    source, adapter = check_start(config)
-    what = f"start_from {source}"
+    check_sources(config)
+    source = Path(getattr(config, field)).expanduser().resolve()
+    what = f"{field} {source}"
     if source == Path(config.out).expanduser().resolve():
         raise ValueError(f"{what}: is this run's own directory")
     recorded = from_toml(source / "config.toml")
     fingerprint = read_summary(source / "summary.json").get("model_fingerprint")
     if fingerprint != model_fingerprint:
         raise ValueError(f"{what}: trained on another base model ({recorded.model}, fingerprint {fingerprint})")
-    if (recorded.dense_rank, recorded.alpha_value) != (config.dense_rank, config.alpha_value):
-        raise ValueError(
-            f"{what}: its adapter has rank {recorded.dense_rank}, alpha {recorded.alpha_value:g}; "
-            f"this run's has rank {config.dense_rank}, alpha {config.alpha_value:g}"
-        )
     if json.loads((source / "partitions.json").read_text()) != partitions:
         raise ValueError(
             f"{what}: its clients' rows (partitions.json) differ from this run's; data, split, seed, "
             "num_clients, max_samples_per_client and validation must be the same"
         )
-    return load_adapter_flat(adapter, layout)
+    return source, recorded
+
+
+def read_start(config: Config, layout: Layout, model_fingerprint: str, partitions: dict[str, Any]) -> torch.Tensor:
+    """The final global adapter of the run `config.start_from` names, once that run is shown to be one
+    this run can continue (`_source`) with an adapter of the same rank and alpha. Starting FIT +
+    local fine-tuning from a FIT run of another seed or split would compare unlike with unlike."""
+    source, recorded = _source("start_from", config, model_fingerprint, partitions)
+    if (recorded.dense_rank, recorded.alpha_value) != (config.dense_rank, config.alpha_value):
+        raise ValueError(
+            f"start_from {source}: its adapter has rank {recorded.dense_rank}, alpha {recorded.alpha_value:g}; "
+            f"this run's has rank {config.dense_rank}, alpha {config.alpha_value:g}"
+        )
+    return load_adapter_flat(source / "adapters" / "global" / "adapter_model.safetensors", layout)
+
+
+def read_masks(
+    config: Config, layout: Layout, model_fingerprint: str, partitions: dict[str, Any]
+) -> dict[int, torch.Tensor]:
+    """The searched masks of the run `config.masks_from` names, for this run's clients to keep, once
+    that run is shown to have searched what this run's search would (`_source`, and every field
+    equal but SEARCH_BLIND's, RESULT_NEUTRAL's and local paths; the init through the search's start)."""
+    from safetensors.torch import load_file
+
+    from perfit.config import SEARCH_BLIND
+    from perfit.core.methods import search_init
+
+    source, recorded = _source("masks_from", config, model_fingerprint, partitions)
+    ignored = {*SEARCH_BLIND, *RESULT_NEUTRAL, "data", "model", "cache_dir", "out"}
+    ours, theirs = config.to_dict(), recorded.to_dict()
+    differ = [f"{k}: {theirs[k]!r} -> {v!r}" for k, v in sorted(ours.items()) if k not in ignored and theirs[k] != v]
+    if search_init(recorded) != search_init(config):
+        differ.append(f"the search's init: {search_init(recorded)} -> {search_init(config)}")
+    if differ:
+        raise ValueError(f"masks_from {source}: searched under other settings ({'; '.join(differ)})")
+    masks = {int(name.split("_")[1]): m.bool() for name, m in load_file(str(source / MASKS)).items()}
+    missing = sorted(set(config.participants) - set(masks))
+    if missing or any(m.numel() != layout.size for m in masks.values()):
+        raise ValueError(f"masks_from {source}: no mask of this run's layout for clients {missing or 'all'}")
+    return masks
 
 
 class RunDirectory:
@@ -170,7 +211,7 @@ class RunDirectory:
 
         tensors = {f"client_{c}": m.to(torch.uint8).contiguous() for c, m in sorted(masks.items())}
         if tensors:
-            save_file(tensors, str(self.path / "masks.safetensors"))
+            save_file(tensors, str(self.path / MASKS))
 
     def write_adapters(
         self, layout: Layout, flats: dict[int | str, torch.Tensor], rank: int, alpha: float, base_path: str

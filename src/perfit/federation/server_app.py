@@ -36,6 +36,7 @@ from perfit.federation.run_directory import (
     CHECKPOINT,
     RunDirectory,
     partitions_record,
+    read_masks,
     read_start,
     restore_sampler,
     sampler_state,
@@ -132,9 +133,12 @@ class Federation:
         self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
         model_path, self.model_fingerprint = self.roster.base_model()
         resuming = config.resume and (Path(config.out).expanduser() / CHECKPOINT).is_file()  # its adapter is there
+        partitions = partitions_record(self.roster.splits, config.held_out)
         if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
-            partitions = partitions_record(self.roster.splits, config.held_out)
             self.global_flat = read_start(config, self.layout, self.model_fingerprint, partitions)
+        if config.masks_from and not resuming:  # the same search's masks: the nodes get them, none searches
+            for client, mask in read_masks(config, self.layout, self.model_fingerprint, partitions).items():
+                self.masks[client] = mask
         self.out = RunDirectory(config)
         self.out.write_partitions(self.roster.splits, config.held_out)
         fixed = fixed_masks(self.layout, config, config.participants)
