@@ -155,6 +155,18 @@ def test_a_run_that_starts_from_another_waits_for_it_to_finish(tmp_path):
     )
 
 
+def test_a_finished_run_counts_whatever_working_directory_its_config_named_it_from(tmp_path):
+    """A run started with a relative --out from another working directory records that relative
+    path; given by its absolute path from here, it is the same run, not one of another config."""
+    cell = select(grid(), ["table1/pathological/fit"])[0]
+    _fake_run(cell.run_dir(tmp_path, 0), 10.0)
+    config_file = cell.run_dir(tmp_path, 0) / "config.toml"
+    config_file.write_text(config_file.read_text().replace(str(tmp_path), "elsewhere/grid"))
+    assert 'out = "elsewhere/grid/' in config_file.read_text()
+    log = run_grid([dataclasses.replace(cell, seeds=(0,))], tmp_path, {"data": "d.jsonl"}, pytest.fail, lambda _: None)
+    assert [what for _, _, what in log] == ["skipped (finished)"]
+
+
 def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path):
     cells = select(grid(), ["table1/pathological/fit", "table1/pathological/perfit-s0.5"])
     seen, lines = [], []

@@ -225,7 +225,7 @@ def section(runs: Path, tuning_path: Path | None) -> tuple[dict[str, Any], list[
     hours = summary["machine_hours"]
     lines = markdown(summary, runs)
     lines += [
-        f"Machine time (the sum of the runs' wall times; each run had its machine to itself): "
+        "Machine time (the sum of the runs' wall times, one run at a time; runs beside other work take longer): "
         f"{hours['held_out']:.1f} h held-out runs, {hours['tuning']:.1f} h tuning.",
         "",
     ]

@@ -35,11 +35,15 @@ def config_changes(run_dir: Path, config: Config) -> list[str]:
     from perfit.config import from_toml
 
     recorded = from_toml(run_dir / "config.toml").to_dict()
+    # `out` names the directory the config.toml is in, however it spelled it (a relative path from
+    # another working directory included): given as that directory, it is the same
+    here = Path(config.out).expanduser().resolve() == Path(run_dir).expanduser().resolve()
     return [
         f"{k}: {recorded[k]!r} -> {v!r}"
         for k, v in sorted(config.to_dict().items())
         if k not in RESULT_NEUTRAL
         and not (k == "init" and config.method != "perfit")  # only PerFIT reads its init (task.py)
+        and not (k == "out" and here)
         and not _same_value(k, recorded[k], v)
     ]
 
