@@ -153,10 +153,11 @@ def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
 def _list_cells(cells: list[Any], out: Path) -> None:
     from perfit.bench.experiments import state
 
-    table = Table("cell", "seeds", "state", "fields")
+    table = Table("cell", "seeds", "state", "fields", "builds on (same seed)")
     for cell in cells:
         states = ", ".join(f"{seed}: {state(cell, out, seed)}" for seed in cell.seeds)
-        table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields))
+        sources = ", ".join(f"{field}: {name}" for field, name in cell.sources.items())
+        table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields), sources)
     console.print(table)
 
 
