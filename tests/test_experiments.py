@@ -167,6 +167,24 @@ def test_a_finished_run_counts_whatever_working_directory_its_config_named_it_fr
     assert [what for _, _, what in log] == ["skipped (finished)"]
 
 
+def test_a_partial_run_resumes_without_the_run_it_built_on(tmp_path):
+    """Its checkpoint holds what it took (FIT's adapter, the searched masks): a partial run resumes
+    even where the run it started from is gone."""
+    cell = select(GRIDS["personal"](), ["personal/dirichlet/perfit-zero-b"])[0]
+    partial = cell.run_dir(tmp_path, 1)
+    partial.mkdir(parents=True)
+    (partial / "checkpoint.safetensors").write_bytes(b"x")
+    seen = []
+
+    def runner(config):
+        seen.append((config.seed, config.resume, config.masks_from))
+        return {"personalized_ppl": 9.0, "wall_seconds": 1.0}
+
+    log = run_grid([dataclasses.replace(cell, seeds=(1, 2))], tmp_path, {"data": "d.jsonl"}, runner, lambda _: None)
+    assert seen == [(1, 1, str(tmp_path / "personal/dirichlet/perfit/seed1"))]
+    assert [what.split(" ")[0] for _, _, what in log] == ["ran", "failed:"]  # seed 2 waits for perfit's run
+
+
 def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path):
     cells = select(grid(), ["table1/pathological/fit", "table1/pathological/perfit-s0.5"])
     seen, lines = [], []

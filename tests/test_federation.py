@@ -208,6 +208,20 @@ def test_a_run_keeps_the_masks_another_run_searched_with_the_same_result(runs, t
         read_masks(follow.replace(metric="gradient"), layout, fingerprint, partitions)
     with pytest.raises(ValueError, match="the search's init: symmetric -> peft"):
         read_masks(follow.replace(init="peft"), layout, fingerprint, partitions)
+    assert kept["masks_from"] == config.out and "masks_from" not in again
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "copy"  # the source run with client 0's mask gone, then with a mask off its budget
+    shutil.copytree(config.out, copy)
+    masks = load_file(str(copy / "masks.safetensors"))
+    save_file({k: v for k, v in masks.items() if k != "client_0"}, str(copy / "masks.safetensors"))
+    assert read_masks(follow.replace(masks_from=str(copy)), layout, fingerprint, partitions).keys() == {1, 2, 3}
+    masks["client_2"][masks["client_2"].argmin()] = 1  # one position more than the budget
+    save_file(masks, str(copy / "masks.safetensors"))
+    with pytest.raises(ValueError, match="client 2's mask: mask holds .* positions, budget is"):
+        read_masks(follow.replace(masks_from=str(copy)), layout, fingerprint, partitions)
     fit_config, _ = runs[("fit", "pathological", "")]
     with pytest.raises(FileNotFoundError, match="not a finished PerFIT run .masks.safetensors missing"):
         read_masks(follow.replace(masks_from=fit_config.out), layout, fingerprint, partitions)

@@ -185,7 +185,9 @@ class Config:
     never the training's (SEARCH_BLIND), so a learning-rate sweep, or PerFIT trained from B = 0
     beside the paper's, searches once. Checked by the server (`federation.run_directory.read_masks`):
     the same base model and clients' rows, and every other field equal. Result-neutral: the masks
-    are the ones this run's search would find. Empty: search."""
+    are the ones this run's search would find, on the same kind of machine (`dtype=auto` searches in
+    bf16 where the CPU or GPU has the units, else fp32: pin `dtype` to reuse masks across kinds).
+    A client the other run never searched for searches its own. Empty: search."""
     cache_dir: str = ""
     """Where the dequantized default model is cached; empty means ~/.cache/perfit/models."""
 

@@ -255,10 +255,11 @@ def run_grid(
                 done.append((cell, seed, "skipped (finished)"))
             continue
         failed_here = {(c.name, s) for c, s, w in done if w.startswith("failed")}  # e.g. finished under another config
-        waits = [
+        waits = [  # a partial run resumes from its checkpoint, which holds what it took from them
             getattr(config, field)
             for field, name in cell.sources.items()
-            if (name, seed) in failed_here or not (Path(getattr(config, field)) / "summary.json").is_file()
+            if status != "partial"
+            and ((name, seed) in failed_here or not (Path(getattr(config, field)) / "summary.json").is_file())
         ]
         if waits:
             what = f"waits for {', '.join(waits)} (the run it builds on) to finish"

@@ -129,7 +129,8 @@ def read_masks(
 ) -> dict[int, torch.Tensor]:
     """The searched masks of the run `config.masks_from` names, for this run's clients to keep, once
     that run is shown to have searched what this run's search would (`_source`, and every field
-    equal but SEARCH_BLIND's, RESULT_NEUTRAL's and local paths; the init through the search's start)."""
+    equal but SEARCH_BLIND's, RESULT_NEUTRAL's and local paths; the init through the search's start)
+    and each mask holds its client's budget."""
     from safetensors.torch import load_file
 
     from perfit.config import SEARCH_BLIND
@@ -143,11 +144,15 @@ def read_masks(
         differ.append(f"the search's init: {search_init(recorded)} -> {search_init(config)}")
     if differ:
         raise ValueError(f"masks_from {source}: searched under other settings ({'; '.join(differ)})")
+    from perfit.federation.validation import mask_problem
+
     masks = {int(name.split("_")[1]): m.bool() for name, m in load_file(str(source / MASKS)).items()}
-    missing = sorted(set(config.participants) - set(masks))
-    if missing or any(m.numel() != layout.size for m in masks.values()):
-        raise ValueError(f"masks_from {source}: no mask of this run's layout for clients {missing or 'all'}")
-    return masks
+    for client, mask in sorted(masks.items()):  # as a searched mask is checked when it registers
+        size = f"{mask.numel()} entries, the layout has {layout.size}" if mask.numel() != layout.size else None
+        problem = size or mask_problem(int(mask.sum()), layout.budget(config.client_rank_budget(client)))
+        if problem:
+            raise ValueError(f"masks_from {source}: client {client}'s mask: {problem}")
+    return masks  # a client without one (never sampled or evaluated there) searches its own
 
 
 class RunDirectory:

@@ -196,6 +196,7 @@ class Federation:
             "rounds": config.rounds,
             "dense_rank": config.dense_rank,
             "rejected_updates": self.rejected,
+            **({"masks_from": config.masks_from} if config.masks_from else {}),  # searched there, not here
             "client_adapters": "server" if self._server_holds_clients() else "clients",
             "held_out_clients": config.held_out,
             "client_names": {str(c): name for c, name in sorted(self.roster.names.items())},
