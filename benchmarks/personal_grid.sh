@@ -16,10 +16,12 @@ RUNS=${RUNS:-runs}
 PERFIT=${BIN:-.venv/bin}/perfit
 LRS=1e-3,3e-3,1e-2
 TUNE=(--grid personal --lrs "$LRS" --out "$RUNS/tune-personal" --docs "$RUNS/tune-personal/docs" --data "$DATA")
+failed=0  # a failed run (named in the log) does not stop the other groups of a many-hour tuning
 for cells in 'personal/pathological/fit' 'personal/pathological/perfit*' 'personal/dirichlet/fit' \
              'personal/dirichlet/perfit*' 'personal/*/fit-ft' 'personal/*/fedsa' 'personal/*/local' 'personal/*/hetlora*'; do
-    "$PERFIT" bench tune "${TUNE[@]}" --cells "$cells"
+    "$PERFIT" bench tune "${TUNE[@]}" --cells "$cells" || failed=1
 done
+if [ "$failed" = 1 ]; then echo "personal_grid.sh: some tuning runs failed (above); fix them and run this again" >&2; exit 1; fi
 "$PERFIT" bench tune "${TUNE[@]}"   # all finished: this pass writes the whole tuning.json
 TUNING=$RUNS/tune-personal/docs/tuning.json
 CELLS=()
