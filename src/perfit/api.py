@@ -22,10 +22,9 @@ def check_inputs(config: Config) -> None:
     field). Owners' files (`split=owner`) are counted here, not opened: only their clients read them,
     and a bad one stops the run before any output, naming file, line and field."""
     from perfit.client.data import DataError, load_rows, owner_files, partition
-    from perfit.federation.run_directory import CHECKPOINT, check_sources
+    from perfit.federation.run_directory import check_sources
 
-    if not (config.resume and (Path(config.out).expanduser() / CHECKPOINT).is_file()):  # else its checkpoint holds them
-        check_sources(config)  # the runs this one starts from or takes masks from: there and finished
+    check_sources(config)  # the runs this one starts from or takes masks from: there and finished
     if config.split == "owner":
         files = owner_files(config.data)
         if len(files) != config.num_clients:

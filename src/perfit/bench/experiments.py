@@ -162,9 +162,8 @@ PERSONAL_VARIANTS = {
 validation slice chooses among: train from B = 0 (the package's default), score more of the
 client's rows at each pruning step (4 micro-batches), and score those with |g| alone
 (`core.importance.gradient_magnitude`). |g| on one micro-batch is not a candidate: at the quick
-scale its masks followed the data no better than Eq. 2's (r 0.20 against 0.23; 0.43 with 4
-micro-batches), and tuning it would cost 3 runs a split. What each did to the masks is in
-docs/experiments.md (`perfit bench masks` still measures any of them)."""
+scale its masks followed the data no better than Eq. 2's, and tuning it would cost 3 runs a split.
+What each did to the masks is in docs/experiments.md (`perfit bench masks` still measures any)."""
 
 
 def personalization_grid() -> list[Cell]:
@@ -181,9 +180,8 @@ def personalization_grid() -> list[Cell]:
         cells.append(_personal(split, "fedsa", method="fedsa"))
         for label, fields in PERSONAL_VARIANTS.items():
             variant = _personal(split, label, method="perfit", **fields)
-            # trained from B = 0, searched as the paper's PerFIT: its masks are that cell's
-            same_search = label != "perfit" and fields.keys() == {"init"}
-            cells.append(replace(variant, masks=f"personal/{split}/perfit") if same_search else variant)
+            # trained from B = 0, searched as the paper's PerFIT: it keeps that cell's masks
+            cells.append(replace(variant, masks=f"personal/{split}/perfit") if label == "perfit-zero-b" else variant)
         hetero = {"budgets": HETERO_BUDGETS, "init": "symmetric_then_zero_b"}
         cells.append(_personal(split, "perfit-8-12-16", method="perfit", **hetero))
         cells.append(_personal(split, "hetlora-8-12-16", method="hetlora", budgets=HETERO_BUDGETS))

@@ -74,9 +74,9 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
     tuning's `out` (tuning.json's, from `perfit bench tune`); cells without a chosen rate are left out."""
     from perfit.bench.tuning import tuning_name
 
-    cells = (tuning or {}).get("cells", {})
     if "out" not in (tuning or {}):
         return {}
+    cells = tuning["cells"]
     readings: dict[str, dict[str, dict[str, Any]]] = {}
     for cell in personalization_grid():
         entry = cells.get(cell.name, {})
@@ -93,7 +93,7 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
 
 def machine_hours(directory: Path | None) -> float:
     """Wall hours of every finished run under `directory` (the sum of their summaries'
-    `wall_seconds`; each run had the whole machine), 0 where there is none."""
+    `wall_seconds`), 0 where there is none."""
     if directory is None or not Path(directory).is_dir():
         return 0.0
     from perfit.federation.run_directory import read_summary

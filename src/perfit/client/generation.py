@@ -53,35 +53,24 @@ def generate(
 ) -> str:
     """The model's answer to one instruction (greedy when temperature is 0), up to EOS or the start of
     a new Alpaca section; `on_text` receives the text as it is generated."""
-    text = prompt({"instruction": instruction, "context": context})
-    inputs = tokenizer(text, return_tensors="pt")
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     torch.manual_seed(seed)
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=_streamer(tokenizer, on_text) if on_text else None,
-        stop_strings=[STOP],
-        tokenizer=tokenizer,
-        top_p=None,
-        top_k=None,
-        **sampling,
-    )
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return answer.split(STOP)[0].strip()
+    streamer = _streamer(tokenizer, on_text) if on_text else None
+    row = {"instruction": instruction, "context": context}
+    return _answers(model, tokenizer, [row], max_new_tokens, streamer=streamer, **sampling)[0]
 
 
 @torch.no_grad()
 def greedy_answers(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_new_tokens: int) -> list[str]:
     """Greedy answers to several rows (instruction, context) in one left-padded batch: one decoding
-    loop for all of them instead of one per row (on a CPU a batch of 6 took 0.64x and 0.95x the time
-    of 6 answers one at a time: docs/experiments.md). Padding is masked and positions start at each
-    row's first token, so a row gets the answer `generate` gives it alone, up to float rounding
-    between batch shapes."""
-    if not rows:
-        return []
+    loop for all of them instead of one per row (timings: docs/experiments.md). Padding is masked
+    and positions start at each row's first token, so a row gets the answer `generate` gives it
+    alone, up to float rounding between batch shapes."""
+    return _answers(model, tokenizer, rows, max_new_tokens, do_sample=False) if rows else []
+
+
+def _answers(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_new_tokens: int, **options: Any) -> list[str]:
+    """Each row's answer, decoded from one left-padded batch, up to EOS or the next Alpaca section."""
     texts = [prompt({"instruction": row["instruction"], "context": row.get("context", "")}) for row in rows]
     device = next(model.parameters()).device
     inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(device)
@@ -92,9 +81,9 @@ def greedy_answers(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_n
         eos_token_id=tokenizer.eos_token_id,
         stop_strings=[STOP],
         tokenizer=tokenizer,
-        do_sample=False,
         top_p=None,
         top_k=None,
+        **options,
     )
     start = inputs["input_ids"].shape[1]
     return [tokenizer.decode(row[start:], skip_special_tokens=True).split(STOP)[0].strip() for row in output]

@@ -76,9 +76,17 @@ def _source_files(field: str) -> list[str]:
     return files + (["adapters/global/adapter_model.safetensors"] if field == "start_from" else [MASKS])
 
 
+def resumes_from_checkpoint(config: Config) -> bool:
+    """Whether the run continues from a checkpoint in its directory (which then holds what it took
+    from the runs `start_from` and `masks_from` name: they are not read again)."""
+    return bool(config.resume) and (Path(config.out).expanduser() / CHECKPOINT).is_file()
+
+
 def check_sources(config: Config) -> None:
     """FileNotFoundError naming what the runs `start_from` and `masks_from` name lack (checked before
-    a run starts)."""
+    a run starts; a run that resumes from its checkpoint no longer needs them)."""
+    if resumes_from_checkpoint(config):
+        return
     for field in ("start_from", "masks_from"):
         if getattr(config, field):
             source = Path(getattr(config, field)).expanduser().resolve()
@@ -135,6 +143,7 @@ def read_masks(
 
     from perfit.config import SEARCH_BLIND
     from perfit.core.methods import search_init
+    from perfit.federation.validation import mask_problem
 
     source, recorded = _source("masks_from", config, model_fingerprint, partitions)
     ignored = {*SEARCH_BLIND, *RESULT_NEUTRAL, "data", "model", "cache_dir", "out"}
@@ -144,8 +153,6 @@ def read_masks(
         differ.append(f"the search's init: {search_init(recorded)} -> {search_init(config)}")
     if differ:
         raise ValueError(f"masks_from {source}: searched under other settings ({'; '.join(differ)})")
-    from perfit.federation.validation import mask_problem
-
     masks = {int(name.split("_")[1]): m.bool() for name, m in load_file(str(source / MASKS)).items()}
     for client, mask in sorted(masks.items()):  # as a searched mask is checked when it registers
         size = f"{mask.numel()} entries, the layout has {layout.size}" if mask.numel() != layout.size else None

@@ -13,7 +13,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,12 +32,12 @@ from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms
 from perfit.federation.roster import Roster, discover
 from perfit.federation.run_directory import (
-    CHECKPOINT,
     RunDirectory,
     partitions_record,
     read_masks,
     read_start,
     restore_sampler,
+    resumes_from_checkpoint,
     sampler_state,
 )
 from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
@@ -132,7 +131,7 @@ class Federation:
         self.shared = shared_positions(self.layout, config.method)
         self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
         model_path, self.model_fingerprint = self.roster.base_model()
-        resuming = config.resume and (Path(config.out).expanduser() / CHECKPOINT).is_file()  # its adapter is there
+        resuming = resumes_from_checkpoint(config)  # the checkpoint holds the adapter and the masks
         partitions = partitions_record(self.roster.splits, config.held_out)
         if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
             self.global_flat = read_start(config, self.layout, self.model_fingerprint, partitions)
