@@ -15,7 +15,7 @@ DATA=${1:-../shared/data/databricks-dolly-15k.jsonl}
 RUNS=${RUNS:-runs}
 PERFIT=${BIN:-.venv/bin}/perfit
 LRS=1e-3,3e-3,1e-2
-TUNE=(--grid personal --lrs "$LRS" --out "$RUNS/tune-personal" --docs "$RUNS/tune-personal/docs" --data "$DATA")
+TUNE=(--grid personal --lrs "$LRS" --widen 2 --out "$RUNS/tune-personal" --docs "$RUNS/tune-personal/docs" --data "$DATA")
 failed=0  # a failed run (named in the log) does not stop the other groups of a many-hour tuning
 for cells in 'personal/pathological/fit' 'personal/pathological/perfit*' 'personal/dirichlet/fit' \
              'personal/dirichlet/perfit*' 'personal/*/fit-ft' 'personal/*/fedsa' 'personal/*/local' 'personal/*/hetlora*'; do

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.bench.experiments import grid, select
-from perfit.bench.tuning import choose, collect, edge, tuned, tuning_cells, tuning_markdown
+from perfit.bench.tuning import beyond, candidates, choose, collect, edge, tuned, tuning_cells, tuning_markdown
 
 
 def test_choose_lowest_finite_and_ties_to_the_smaller_rate():
@@ -25,6 +25,44 @@ def test_edge_flags_a_choice_at_either_end_of_the_candidates():
     assert edge(3e-4, (3e-4, 1e-3, 3e-3)) == "smallest"
     assert edge(1e-3, (3e-4, 1e-3, 3e-3)) is None
     assert edge(1e-3, (1e-3,)) is None
+
+
+def test_beyond_steps_half_a_decade_on_the_1_3_10_ladder():
+    assert [beyond(lr, "smallest") for lr in (1e-3, 3e-4, 1e-4, 5e-4, 2e-4)] == [3e-4, 1e-4, 3e-5, 3e-4, 1e-4]
+    assert [beyond(lr, "largest") for lr in (1e-2, 3e-2, 3e-3, 5e-4, 2e-3)] == [3e-2, 1e-1, 1e-2, 1e-3, 1e-2]
+    assert (beyond(3.2e-4, "smallest"), beyond(9e-4, "largest")) == (1e-4, 3e-3)  # a step is at least 1.5x
+
+
+def test_candidates_widen_past_the_end_the_choice_sits_at_until_it_is_inside():
+    lrs = (1e-3, 3e-3, 1e-2)
+    assert candidates({}, lrs, widen=2) == lrs  # nothing finished: nothing to widen
+    assert candidates({1e-3: 10.2, 3e-3: 10.0}, lrs, widen=2) == lrs  # 1e-2 still running
+    assert candidates({1e-3: 10.2, 3e-3: 10.0, 1e-2: 10.8}, lrs, widen=2) == lrs  # inside
+    at_smallest = {1e-3: 10.0, 3e-3: 10.5, 1e-2: 13.0}
+    assert candidates(at_smallest, lrs, widen=0) == lrs
+    assert candidates(at_smallest, lrs, widen=2) == (3e-4, *lrs)
+    assert candidates({**at_smallest, 3e-4: 10.1}, lrs, widen=2) == (3e-4, *lrs)  # 1e-3 is now inside
+    assert candidates({**at_smallest, 3e-4: 9.9}, lrs, widen=2) == (1e-4, 3e-4, *lrs)
+    assert candidates({**at_smallest, 3e-4: 9.9, 1e-4: 9.8}, lrs, widen=2) == (1e-4, 3e-4, *lrs)  # at most 2
+    assert candidates({1e-3: 10.4, 3e-3: 10.2, 1e-2: 10.1}, lrs, widen=1) == (*lrs, 3e-2)
+    assert candidates({1e-3: math.nan, 3e-3: math.nan, 1e-2: math.nan}, lrs, widen=2) == lrs  # all diverged
+
+
+def test_collect_chooses_among_the_widened_candidates_once_they_finished(tmp_path):
+    cells = select(grid(), ["table1/pathological/fit"])
+    for lr, ppl in ((1e-3, 10.0), (3e-3, 10.5)):
+        _summary(tmp_path / f"table1/pathological/fit/lr{lr:g}/seed0", ppl)
+    entry = collect(cells, tmp_path, (1e-3, 3e-3), widen=2)["table1/pathological/fit"]
+    assert entry["lrs"] == [3e-4, 1e-3, 3e-3] and "chosen_lr" not in entry  # 3e-4 not run yet
+    runs = tuning_cells(cells, (1e-3, 3e-3), widened={"table1/pathological/fit": tuple(entry["lrs"])})
+    assert [r.name.rsplit("/", 1)[1] for r in runs] == ["lr0.0003", "lr0.001", "lr0.003"]
+    _summary(tmp_path / "table1/pathological/fit/lr0.0003/seed0", 9.0)
+    _summary(tmp_path / "table1/pathological/fit/lr0.0001/seed0", 9.5)
+    entry = collect(cells, tmp_path, (1e-3, 3e-3), widen=2)["table1/pathological/fit"]
+    assert (entry["chosen_lr"], entry["edge"], entry["lrs"]) == (3e-4, None, [1e-4, 3e-4, 1e-3, 3e-3])
+    assert collect(cells, tmp_path, (1e-3, 3e-3))["table1/pathological/fit"]["chosen_lr"] == 1e-3  # widen 0
+    text = tuning_markdown({"table1/pathological/fit": entry}, (1e-3, 3e-3), "perfit bench tune")
+    assert "| table1/pathological/fit | 9.500 | **9.000** | 10.000 | 10.500 | 0.0003 |" in text
 
 
 def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
@@ -53,6 +91,7 @@ def test_collect_chooses_only_when_every_candidate_finished_and_refuses_test_run
     _summary(tmp_path / "table1/pathological/perfit-s0.5/lr0.0003/seed0", 15.5)
     table = collect(cells, tmp_path, (3e-4, 1e-3))
     assert table["table1/pathological/fit"] == {
+        "lrs": [3e-4, 1e-3],
         "validation_ppl": {"0.0003": 15.0, "0.001": 14.2},
         "chosen_lr": 1e-3,
         "edge": "largest",
@@ -61,7 +100,7 @@ def test_collect_chooses_only_when_every_candidate_finished_and_refuses_test_run
     text = tuning_markdown(table, (3e-4, 1e-3), "perfit bench tune")
     assert "| table1/pathological/fit | 15.000 | **14.200** | 0.001 |" in text
     assert "| table1/pathological/perfit-s0.5 | 15.500 | – | pending |" in text
-    assert "may lie beyond it (widen `--lrs`): table1/pathological/fit (largest)." in text
+    assert "may lie beyond it (widen `--lrs` or `--widen`): table1/pathological/fit (largest)." in text
     _summary(tmp_path / "table1/pathological/perfit-s0.5/lr0.001/seed0", 9.0, evaluated_on="held_out")
     with pytest.raises(ValueError, match="not a validation run"):
         collect(cells, tmp_path, (3e-4, 1e-3))
@@ -119,6 +158,31 @@ def test_bench_tune_cli_writes_docs_and_feeds_bench_paper(tmp_path, monkeypatch)
     assert missing.exit_code == 2 and "no tuned learning rate" in missing.output
     bad = runner.invoke(cli.app, [*head, "1e-3,fast", *cells])
     assert bad.exit_code == 2 and "--lrs" in bad.output
+
+
+def test_bench_tune_widens_a_choice_at_the_edge_in_the_same_command(tmp_path, monkeypatch):
+    import perfit.cli.base as cli
+
+    ran = []
+
+    def fake_run(config):  # the validation perplexity falls all the way to 3e-2
+        ppl = 20 - 100 * min(config.lr, 3e-2)
+        _summary(Path(config.out), ppl)
+        ran.append(config.lr)
+        return {"personalized_ppl": ppl, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(cli, "run_federation", fake_run)
+    args = ["bench", "tune", "--out", str(tmp_path / "tune"), "--docs", str(tmp_path / "docs"), "--lrs", "1e-3,3e-3",
+            "--cells", "table1/pathological/fit", "--data", "d.jsonl", "--widen"]  # fmt: skip
+    result = CliRunner().invoke(cli.app, [*args, "2"])
+    assert result.exit_code == 0, result.output
+    assert ran == [1e-3, 3e-3, 1e-2, 3e-2]
+    written = json.loads((tmp_path / "docs/tuning.json").read_text())
+    entry = written["cells"]["table1/pathological/fit"]
+    assert (entry["chosen_lr"], entry["edge"], written["widen"]) == (3e-2, "largest", 2)  # still at the end: said
+    assert "--widen 2" in written["command"]
+    assert CliRunner().invoke(cli.app, [*args, "3"]).exit_code == 0 and ran[4:] == [1e-1]  # one more step
+    assert json.loads((tmp_path / "docs/tuning.json").read_text())["cells"]["table1/pathological/fit"]["edge"] is None
 
 
 def test_bench_tune_names_a_failed_run_exits_1_and_keeps_the_others(tmp_path, monkeypatch):

@@ -6,6 +6,9 @@ The procedure is the same for every method, so no method is tuned harder than an
   personalized perplexity on the 20 % validation slice. The held-out rows that every reported
   result is measured on are never read while tuning;
 - the candidate with the lowest validation perplexity is chosen (a tie goes to the smaller rate);
+- with `widen` > 0, a choice at an end of the candidates is not trusted: the next rate half a decade
+  past that end runs too, and so on until the choice is inside, at most `widen` times per cell (a
+  best rate at the edge says only that the optimum may lie beyond it);
 - `perfit bench paper --tuned docs/tuning.json` then runs the cells at their chosen rates.
 Runs are resumable grid runs (`<out>/<cell>/lr<rate>/seed0`), so tuning can also span sittings.
 """
@@ -31,13 +34,17 @@ def lr_label(lr: float) -> str:
 
 
 def tuning_cells(
-    cells: list[Cell], lrs: tuple[float, ...] = LRS, start_rates: Mapping[str, float] | None = None
+    cells: list[Cell],
+    lrs: tuple[float, ...] = LRS,
+    start_rates: Mapping[str, float] | None = None,
+    widened: Mapping[str, tuple[float, ...]] | None = None,
 ) -> list[Cell]:
     """One validation-mode cell per (cell, candidate rate), seed 0 only; they choose by validation
     perplexity, so they generate no answers for ROUGE-L. A cell that starts from another cell's run
     (`Cell.start`, e.g. FIT + local fine-tuning from FIT's) starts from that cell's tuning run at the
     rate its tuning chose (`start_rates`: cell name -> chosen rate); until it has chosen, the cell
-    has no tuning runs. A PerFIT cell searches its masks once (`_masks_run`)."""
+    has no tuning runs. A PerFIT cell searches its masks once (`_masks_run`). `widened`: cell name ->
+    its candidates where `candidates` has added rates past an end of `lrs` (`collect`'s "lrs")."""
     tuning = {"validation": 1, "rouge_samples": 0}
     runs = []
     for cell in cells:
@@ -46,7 +53,7 @@ def tuning_cells(
             if start not in (start_rates or {}):
                 continue
             start = f"{start}/{lr_label(start_rates[start])}"
-        for lr in lrs:
+        for lr in (widened or {}).get(cell.name, lrs):
             fields = {**cell.fields, "lr": lr, **tuning}
             masks = _masks_run(cell, lr, lrs)
             runs.append(replace(cell, name=tuning_name(cell, lr), fields=fields, seeds=(0,), start=start, masks=masks))
@@ -85,25 +92,59 @@ def edge(chosen: float, lrs: tuple[float, ...]) -> str | None:
     return "largest" if chosen == max(lrs) else "smallest" if chosen == min(lrs) else None
 
 
-def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS) -> dict[str, dict[str, Any]]:
-    """Per cell: the validation perplexity of each finished candidate and, once all have finished,
-    the chosen rate. Reads only the run directories' summaries."""
+def beyond(lr: float, side: str) -> float:
+    """The next rate past `lr` on the half-decade ladder 1, 3, 10, 30 x 10^k that the usual candidates
+    sit on: the largest ladder rate below lr / 1.5 (`side` "smallest") or the smallest above 1.5 lr
+    ("largest"), so a rate off the ladder still steps at least 1.5x."""
+    exponent = math.floor(math.log10(lr))
+    ladder = [float(f"{mantissa}e{e}") for e in range(exponent - 2, exponent + 3) for mantissa in (1, 3)]
+    if side == "largest":
+        return min(rate for rate in ladder if rate > 1.5 * lr)
+    return max(rate for rate in ladder if rate < lr / 1.5)
+
+
+def candidates(measured: Mapping[float, float], lrs: tuple[float, ...], widen: int = 0) -> tuple[float, ...]:
+    """The rates a cell runs, sorted: `lrs`, and, while all of them have finished and the choice is at
+    an end (`edge`), the next rate past that end (`beyond`), at most `widen` times. A pure function of
+    the finished runs' validation perplexities (`measured`: rate -> perplexity)."""
+    rates = sorted(lrs)
+    for _ in range(widen):
+        if any(lr not in measured for lr in rates) or not any(math.isfinite(measured[lr]) for lr in rates):
+            break
+        chosen = choose({lr: measured[lr] for lr in rates})
+        side = edge(chosen, tuple(rates))
+        if side is None:
+            break
+        rates = sorted([*rates, beyond(chosen, side)])
+    return tuple(rates)
+
+
+def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: int = 0) -> dict[str, dict[str, Any]]:
+    """Per cell: its candidates (`lrs`, widened past an end by `candidates`), the validation
+    perplexity of each finished one and, once all have finished, the chosen rate and whether it is
+    still at an end. Reads only the run directories' summaries."""
     from perfit.federation.run_directory import read_summary
 
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
-        measured = {}
-        for lr in lrs:
-            summary_path = out / tuning_name(cell, lr) / "seed0" / "summary.json"
-            if summary_path.is_file():
-                summary = read_summary(summary_path)
-                if summary.get("evaluated_on") != "validation":
-                    raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
-                measured[lr] = float(summary["personalized_ppl"])
-        entry: dict[str, Any] = {"validation_ppl": {f"{lr:g}": ppl for lr, ppl in measured.items()}}
-        if len(measured) == len(lrs):
+        measured: dict[float, float] = {}
+        rates: tuple[float, ...] = ()
+        while (more := candidates(measured, lrs, widen)) != rates:
+            rates = more
+            for lr in rates:
+                summary_path = out / tuning_name(cell, lr) / "seed0" / "summary.json"
+                if lr not in measured and summary_path.is_file():
+                    summary = read_summary(summary_path)
+                    if summary.get("evaluated_on") != "validation":
+                        raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
+                    measured[lr] = float(summary["personalized_ppl"])
+        entry: dict[str, Any] = {
+            "lrs": list(rates),
+            "validation_ppl": {f"{lr:g}": measured[lr] for lr in rates if lr in measured},
+        }
+        if len(measured) == len(rates):
             entry["chosen_lr"] = choose(measured)
-            entry["edge"] = edge(entry["chosen_lr"], lrs)
+            entry["edge"] = edge(entry["chosen_lr"], rates)
         table[cell.name] = entry
     return table
 
@@ -122,7 +163,9 @@ def tuned(cells: list[Cell], path: Path) -> list[Cell]:
 
 
 def tuning_table(table: dict[str, dict[str, Any]], lrs: tuple[float, ...]) -> list[str]:
-    """Markdown rows: one per cell, validation perplexity per candidate, the choice in bold."""
+    """Markdown rows: one per cell, validation perplexity per candidate (`lrs` and every rate a cell
+    was widened to), the choice in bold."""
+    lrs = tuple(sorted({*lrs, *(float(lr) for entry in table.values() for lr in entry["validation_ppl"])}))
     lines = ["| cell | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
     for name, entry in table.items():
         chosen = entry.get("chosen_lr")
@@ -151,7 +194,7 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
     if at_edge:
         lines += [
             "",
-            "Chosen at an end of the candidates, so the best rate may lie beyond it (widen `--lrs`): "
+            "Chosen at an end of the candidates, so the best rate may lie beyond it (widen `--lrs` or `--widen`): "
             + ", ".join(at_edge)
             + ".",
         ]

@@ -127,7 +127,7 @@ def _grid_selection(ctx: typer.Context, patterns: list[str], name: str) -> tuple
         raise typer.Exit(2) from err
 
 
-def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], grid: str) -> dict[str, float]:
+def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], widen: int, grid: str) -> dict[str, float]:
     """The rate each start cell's tuning chose: a cell that starts from another cell's run (`Cell.start`)
     starts from that cell's tuning run at that rate, so it can run only once that tuning has chosen."""
     from perfit.bench.experiments import GRIDS
@@ -136,8 +136,18 @@ def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], grid: str)
     every = {c.name: c for c in GRIDS[grid]()}
     starts = sorted({c.start for c in cells if c.start})
     with errors("tuning", ValueError):
-        table = collect([every[name] for name in starts], out, lrs)
+        table = collect([every[name] for name in starts], out, lrs, widen)
     return {name: entry["chosen_lr"] for name, entry in table.items() if "chosen_lr" in entry}
+
+
+def _tuning_runs(cells: list[Any], out: Path, lrs: tuple[float, ...], widen: int, grid: str) -> list[Any]:
+    """The tuning runs `cells` need now: each candidate, widened past an end where the finished runs
+    ask for it (`bench.tuning.candidates`); a cell with a start cell only once its rate is chosen."""
+    from perfit.bench.tuning import collect, tuning_cells
+
+    with errors("tuning", ValueError):
+        widened = {name: tuple(entry["lrs"]) for name, entry in collect(cells, out, lrs, widen).items()}
+    return tuning_cells(cells, lrs, _start_rates(cells, out, lrs, widen, grid), widened)
 
 
 def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
@@ -241,13 +251,16 @@ def bench_tune(
     docs: Path = typer.Option(Path("docs"), help="Where tuning.md and tuning.json go."),
     list_cells: bool = typer.Option(False, "--list", help="List the tuning runs and their state; run nothing."),
     grid: str = typer.Option("paper", help=GRID_HELP),
+    widen: int = typer.Option(
+        0, min=0, help="A choice at an end of --lrs also runs the rate half a decade past it, up to N times a cell."
+    ),
 ) -> None:
     """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
     the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
     import json
 
     from perfit.bench.experiments import run_grid
-    from perfit.bench.tuning import collect, tuning_cells, tuning_markdown
+    from perfit.bench.tuning import collect, tuning_markdown
     from perfit.federation.run_directory import json_safe
 
     chosen, common = _grid_selection(ctx, cells, grid)
@@ -256,33 +269,30 @@ def bench_tune(
     except ValueError as err:
         console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
         raise typer.Exit(2) from err
-    rates = _start_rates(chosen, out, candidates, grid)
-    runs = tuning_cells(chosen, candidates, rates)
+    runs = _tuning_runs(chosen, out, candidates, widen, grid)
     if list_cells:
         _list_cells(runs, out)
         return
     outcomes: list[tuple[Any, int, str]] = []
-    while runs:  # then the cells whose start's tuning chose its rate meanwhile (FIT + FT after FIT)
+    while runs:  # then what the finished runs asked for: FIT + FT once FIT has chosen, widened rates
         with errors("data"):
             outcomes += run_grid(runs, out, common, base.run_federation, console.print)
         tried = {cell.name for cell, _, _ in outcomes}
-        rates = _start_rates(chosen, out, candidates, grid)
-        runs = [run for run in tuning_cells(chosen, candidates, rates) if run.name not in tried]
+        runs = [run for run in _tuning_runs(chosen, out, candidates, widen, grid) if run.name not in tried]
+    with errors("tuning", ValueError):
+        table = collect(chosen, out, candidates, widen)
+    rates = _start_rates(chosen, out, candidates, widen, grid)
     for cell in chosen:
         if cell.start and cell.start not in rates:
             console.print(f"{cell.name}: waits for the tuning of {cell.start}, the run it starts from")
     _check_failures(outcomes)
-    with errors("tuning", ValueError):
-        table = collect(chosen, out, candidates)
-    command = " ".join(["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}", *(f"--cells '{c}'" for c in cells)])
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "tuning.json").write_text(
-        json.dumps(
-            json_safe({"command": command, "out": str(out.resolve()), "lrs": list(candidates), "cells": table}),
-            indent=2,
-        )
-        + "\n"
+    widening = f" --widen {widen}" if widen else ""
+    command = " ".join(
+        ["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}{widening}", *(f"--cells '{c}'" for c in cells)]
     )
+    docs.mkdir(parents=True, exist_ok=True)
+    document = {"command": command, "out": str(out.resolve()), "lrs": list(candidates), "widen": widen, "cells": table}
+    (docs / "tuning.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command))
     console.print(text)
 
