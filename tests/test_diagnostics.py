@@ -10,6 +10,7 @@ from perfit.core.diagnostics import (
     data_free_mask,
     kept_overlap,
     mean_pairwise_overlap,
+    own_model_advantage,
     pair_correlation,
 )
 
@@ -54,3 +55,13 @@ def test_category_cosines_of_the_clients_histograms():
     assert similarity[0][2] == 0.0  # nothing in common
     assert similarity[0][3] == pytest.approx(4 / 5)  # (2, 1) . (1, 2) / (sqrt 5 * sqrt 5)
     assert similarity[3][0] == similarity[0][3] and similarity[2][2] == pytest.approx(1.0)
+
+
+def test_own_model_advantage_is_own_over_the_others_geometric_mean_per_column():
+    same = [[4.0, 9.0], [4.0, 9.0]]  # one model for everyone (FIT): no advantage
+    assert own_model_advantage(same) == pytest.approx([1.0, 1.0])
+    ppl = [[2.0, 8.0, 1.0], [8.0, 3.0, 4.0], [2.0, 12.0, 2.0]]
+    # client 0's rows: own 2 against sqrt(8 * 2) = 4; client 1's: 3 against sqrt(8 * 12); client 2's: 2 / 2
+    assert own_model_advantage(ppl) == pytest.approx([0.5, 3 / math.sqrt(96), 1.0])
+    with pytest.raises(ValueError, match="square"):
+        own_model_advantage([[1.0, 2.0]])

@@ -182,6 +182,31 @@ def test_search_diagnostics_read_the_masks_a_run_searches(runs, tmp_path):
     assert all(0 < r["mean_pairwise_overlap"] < 1 and r["clients"] == 4 for r in readings)
 
 
+def test_cross_evaluation_scores_every_clients_model_on_every_clients_rows(runs, tmp_path):
+    """The diagonal is the run's own per-client perplexities; FIT gives every client the same model, so
+    no client's own model beats the others'; PerFIT's own / others is the matrix's, per column."""
+    from perfit.bench.diagnostics import cross_evaluation
+    from perfit.core.diagnostics import own_model_advantage
+
+    config, summary = runs[("perfit", "pathological", "")]
+    found = cross_evaluation(Path(config.out))
+    assert found["clients"] == [0, 1, 2, 3] and len(found["ppl"]) == 4
+    reported = [summary["per_client_ppl"][str(c)] for c in range(4)]
+    assert [found["ppl"][k][k] for k in range(4)] == pytest.approx(reported)
+    assert found["diagonal_max_rel_diff"] < 1e-6
+    assert found["own_over_others"] == pytest.approx(own_model_advantage(found["ppl"]))
+    assert len({round(found["ppl"][i][0], 6) for i in range(4)}) > 1  # masked models differ on one client's rows
+    fit_config, _ = runs[("fit", "pathological", "")]
+    out = tmp_path / "cross.json"
+    result = CliRunner().invoke(app, ["bench", "cross", fit_config.out, "--clients", "0,2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(out.read_text())
+    assert fit["clients"] == [0, 2] and fit["own_over_others"] == pytest.approx([1.0, 1.0])
+    assert fit["own_over_global"] == pytest.approx([1.0, 1.0])
+    missing = CliRunner().invoke(app, ["bench", "cross", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no such run directory" in missing.output
+
+
 def test_a_run_keeps_the_masks_another_run_searched_with_the_same_result(runs, tmp_path):
     """`masks_from`: the search reads no learning rate, so a run at another rate that keeps a
     finished run's masks ends exactly as one that searches them again, without searching."""

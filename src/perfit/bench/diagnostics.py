@@ -74,3 +74,50 @@ def search_diagnostics(config: Config) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     categories = [[task.rows[i]["category"] for i in task.split_of(client).train] for client in sorted(masks)]
     return {**diagnose(masks, config, task.layout, category_cosines(categories)), "search_seconds": seconds}
+
+
+def cross_evaluation(run_dir: Path, clients: list[int] | None = None) -> dict[str, Any]:
+    """Every client's final model (and the global one) on every client's held-out rows of a finished
+    run: the rows the run scored (partitions.json's `eval`; the validation slice of a tuning run), so
+    the diagonal is the run's own per-client perplexities, recomputed (`diagonal_max_rel_diff` says
+    how closely). `own_over_others` per client and its geometric mean (`core.diagnostics.
+    own_model_advantage`) say whether each client's own model fits its data better than the other
+    clients' models do; `own_over_global` whether it beats the shared adapter. Research splits only;
+    `clients`: a subset to read (the whole matrix costs clients x (clients + 1) evaluations)."""
+    import math
+    import statistics
+
+    from perfit.artifacts.lora import load_adapter_flat
+    from perfit.client.task import ClientTask
+    from perfit.core.diagnostics import own_model_advantage
+    from perfit.core.metrics import perplexity
+    from perfit.use.export import open_run
+
+    run = open_run(run_dir)
+    if run.config.split == "owner":
+        raise ValueError(f"{run.path}: cross-evaluation needs a research split (every client's rows on this machine)")
+    clients = sorted(clients if clients is not None else run.clients)
+    task = ClientTask(run.config)
+    for client in clients:
+        if list(task.split_of(client).eval) != run.partitions[client]["eval"]:
+            raise ValueError(f"{run.path}: client {client}'s rows differ from partitions.json's (data file changed?)")
+    models = {c: load_adapter_flat(run.adapter_dir(c) / "adapter_model.safetensors", task.layout) for c in clients}
+    models["global"] = load_adapter_flat(run.adapter_dir(None) / "adapter_model.safetensors", task.layout)
+    started = time.perf_counter()
+    ppl = {name: [perplexity(*task.evaluate(j, flat)) for j in clients] for name, flat in models.items()}
+    matrix = [ppl[i] for i in clients]
+    own = own_model_advantage(matrix)
+    reported = run.summary.get("per_client_ppl", {})
+    diagonal = [abs(matrix[k][k] / reported[str(c)] - 1) for k, c in enumerate(clients) if str(c) in reported]
+    return {
+        "run": str(run.path),
+        "method": run.config.method,
+        "clients": clients,
+        "ppl": matrix,
+        "global_ppl": ppl["global"],
+        "own_over_others": own,
+        "mean_own_over_others": math.exp(statistics.fmean(math.log(r) for r in own)),
+        "own_over_global": [matrix[k][k] / ppl["global"][k] for k in range(len(clients))],
+        "diagonal_max_rel_diff": max(diagonal) if diagonal else math.nan,
+        "seconds": time.perf_counter() - started,
+    }

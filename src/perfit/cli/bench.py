@@ -242,6 +242,40 @@ def bench_masks(
         out.write_text(json.dumps(document, indent=2) + "\n")
 
 
+@bench.command("cross")
+def bench_cross(
+    run: Path = typer.Argument(..., help="A finished run directory (a research split)."),
+    clients: str = typer.Option("", help="Comma-separated client ids to read (default: all of the run's)."),
+    out: Path | None = typer.Option(None, help="Also write the readings to this .json file."),
+) -> None:
+    """Does each client's own model fit its data better than the other clients' models do? Scores every
+    client's final model, and the global one, on every client's held-out rows (the rows the run scored)."""
+    import json
+
+    from perfit.bench.diagnostics import cross_evaluation
+
+    try:
+        chosen = [int(c) for c in clients.split(",")] if clients else None
+    except ValueError as err:
+        raise typer.BadParameter(f"--clients {clients!r}: expected ids like 0,3,5") from err
+    with errors("run", ValueError):
+        reading = cross_evaluation(run, chosen)
+    table = Table("client", "own model", "others' (geo. mean)", "own / others", "global", "own / global")
+    for k, client in enumerate(reading["clients"]):
+        own, ratio = reading["ppl"][k][k], reading["own_over_others"][k]
+        table.add_row(
+            str(client), f"{own:.3f}", f"{own / ratio:.3f}", f"{ratio:.4f}",
+            f"{reading['global_ppl'][k]:.3f}", f"{reading['own_over_global'][k]:.4f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"own / others, geometric mean: {reading['mean_own_over_others']:.4f} (1: no client's model is its own); "
+        f"the diagonal reproduces the run's per-client perplexities to {reading['diagonal_max_rel_diff']:.1e}"
+    )
+    if out is not None:
+        out.write_text(json.dumps(reading, indent=2) + "\n")
+
+
 @bench.command("tune", context_settings=EXTRA)
 def bench_tune(
     ctx: typer.Context,

@@ -4,7 +4,11 @@ A mask that personalizes keeps different positions for clients with different da
 how much two clients' kept positions overlap (`kept_overlap`; two random masks of a half budget
 overlap about 50 %), how much each overlaps the mask any client would get without data (the top-k of
 |theta_0|, the seeded adapter every client starts from: `data_free_mask`), and whether mask
-similarity goes with data similarity across client pairs (`pair_correlation`)."""
+similarity goes with data similarity across client pairs (`pair_correlation`).
+
+A mask can differ from client to client and still not personalize the model's function. The test of
+that is cross-evaluation: every client's model on every client's held-out rows
+(`own_model_advantage`)."""
 
 from __future__ import annotations
 
@@ -62,3 +66,19 @@ def category_cosines(categories: list[list[str]]) -> list[list[float]]:
         norm = math.sqrt(sum(c * c for c in counts)) or 1.0
         histograms.append([c / norm for c in counts])
     return [[sum(x * y for x, y in zip(a, b, strict=True)) for b in histograms] for a in histograms]
+
+
+def own_model_advantage(ppl: list[list[float]]) -> list[float]:
+    """Per client j: its own model's perplexity on its held-out rows over the geometric mean of the
+    other clients' models' perplexities on the same rows (`ppl[i][j]`: client i's model on client j's
+    rows). Below 1: its own model fits its data better than the others' do, so personalization
+    reaches the function, not only the mask; exactly 1 where every client has the same model (FIT).
+    A per-column ratio, so clients whose data is harder or easier weigh alike."""
+    size = len(ppl)
+    if size < 2 or any(len(row) != size for row in ppl):
+        raise ValueError(f"need a square matrix of at least 2 clients, got {size} rows")
+    ratios = []
+    for j in range(size):
+        others = [math.log(ppl[i][j]) for i in range(size) if i != j]
+        ratios.append(ppl[j][j] / math.exp(statistics.fmean(others)))
+    return ratios
