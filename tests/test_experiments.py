@@ -482,6 +482,9 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
         "personal/dirichlet/fit": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 8.0}},  # not PerFIT
         "personal/dirichlet/perfit": {"validation_ppl": {"0.001": 9.5}},  # not chosen yet
     }
+    crossed = tmp_path / "personal/dirichlet/perfit-4/lr0.01/seed0"
+    crossed.mkdir(parents=True)
+    (crossed / "cross.json").write_text(json.dumps({"mean_own_over_others": 0.981}))  # `perfit bench cross`
     found = search_readings({"out": str(tmp_path), "cells": cells})
     from perfit.bench.personal import machine_hours
 
@@ -498,6 +501,13 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
                 "mask_pairwise_overlap": 0.6,
                 "mask_data_free_overlap": 0.5,
                 "mask_r": 0.4,
+                "own_over_others": 0.981,
             }
         }
     }
+    from perfit.bench.personal import markdown
+
+    text = "\n".join(
+        markdown({"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}, tmp_path)
+    )
+    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.9810 |" in text

@@ -203,6 +203,8 @@ def test_cross_evaluation_scores_every_clients_model_on_every_clients_rows(runs,
     fit = json.loads(out.read_text())
     assert fit["clients"] == [0, 2] and fit["own_over_others"] == pytest.approx([1.0, 1.0])
     assert fit["own_over_global"] == pytest.approx([1.0, 1.0])
+    assert CliRunner().invoke(app, ["bench", "cross", fit_config.out, "--clients", "1,3"]).exit_code == 0
+    assert json.loads((Path(fit_config.out) / "cross.json").read_text())["clients"] == [1, 3]  # the report's
     missing = CliRunner().invoke(app, ["bench", "cross", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such run directory" in missing.output
 

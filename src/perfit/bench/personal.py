@@ -87,8 +87,16 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
             "lr": entry["chosen_lr"],
             "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],
             **_masks([directory]),
+            "own_over_others": _own_over_others(directory),
         }
     return readings
+
+
+def _own_over_others(run_dir: Path) -> float:
+    """The run's cross-evaluation (`perfit bench cross`, its cross.json) of every client's own model
+    against the other clients' models on its rows; NaN where it has not been run."""
+    path = run_dir / "cross.json"
+    return float(json.loads(path.read_text())["mean_own_over_others"]) if path.is_file() else math.nan
 
 
 def machine_hours(directory: Path | None) -> float:
@@ -190,12 +198,15 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         if searched:
             lines += [
                 "Every PerFIT cell's masks on its seed-0 tuning run at its chosen rate (the runs the variant "
-                "is chosen on):",
+                "is chosen on). own / others: each client's own model against the other clients' models on "
+                "its validation rows, geometric mean over clients (`perfit bench cross`; 1: the masks "
+                "personalize nothing a client's data can tell; – not run):",
                 "",
-                "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r |",
-                "|---|---|---|---|---|---|",
+                "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r | own / others |",
+                "|---|---|---|---|---|---|---|",
                 *(
-                    f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])} | {_mask_numbers(r)} |"
+                    f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])} | {_mask_numbers(r)} "
+                    f"| {_number(r['own_over_others'], 4)} |"
                     for label, r in searched.items()
                 ),
                 "",

@@ -246,7 +246,7 @@ def bench_masks(
 def bench_cross(
     run: Path = typer.Argument(..., help="A finished run directory (a research split)."),
     clients: str = typer.Option("", help="Comma-separated client ids to read (default: all of the run's)."),
-    out: Path | None = typer.Option(None, help="Also write the readings to this .json file."),
+    out: Path | None = typer.Option(None, help="Where the readings go (default RUN/cross.json: the report reads it)."),
 ) -> None:
     """Does each client's own model fit its data better than the other clients' models do? Scores every
     client's final model, and the global one, on every client's held-out rows (the rows the run scored)."""
@@ -272,8 +272,7 @@ def bench_cross(
         f"own / others, geometric mean: {reading['mean_own_over_others']:.4f} (1: no client's model is its own); "
         f"the diagonal reproduces the run's per-client perplexities to {reading['diagonal_max_rel_diff']:.1e}"
     )
-    if out is not None:
-        out.write_text(json.dumps(reading, indent=2) + "\n")
+    (out or run / "cross.json").write_text(json.dumps(reading, indent=2) + "\n")
 
 
 @bench.command("tune", context_settings=EXTRA)
