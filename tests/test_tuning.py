@@ -55,7 +55,7 @@ def test_collect_chooses_among_the_widened_candidates_once_they_finished(tmp_pat
     entry = collect(cells, tmp_path, (1e-3, 3e-3), widen=2)["table1/pathological/fit"]
     assert entry["lrs"] == [3e-4, 1e-3, 3e-3] and "chosen_lr" not in entry  # 3e-4 not run yet
     runs = tuning_cells(cells, (1e-3, 3e-3), widened={"table1/pathological/fit": tuple(entry["lrs"])})
-    assert [r.name.rsplit("/", 1)[1] for r in runs] == ["lr0.0003", "lr0.001", "lr0.003"]
+    assert [r.name.rsplit("/", 1)[1] for r in runs] == ["lr0.001", "lr0.003", "lr0.0003"]  # the given order first
     _summary(tmp_path / "table1/pathological/fit/lr0.0003/seed0", 9.0)
     _summary(tmp_path / "table1/pathological/fit/lr0.0001/seed0", 9.5)
     entry = collect(cells, tmp_path, (1e-3, 3e-3), widen=2)["table1/pathological/fit"]
@@ -262,5 +262,7 @@ def test_a_perfit_cell_searches_once_for_all_its_rates():
         "personal/pathological/perfit-4/lr0.001": "",
         "personal/pathological/perfit-4/lr0.003": str(Path("t/personal/pathological/perfit-4/lr0.001/seed0").resolve()),
     }
+    widened = tuning_cells(cells[:1], (1e-3, 3e-3), widened={cells[0].name: (3e-4, 1e-3, 3e-3)})
+    assert widened[-1].name.endswith("lr0.0003") and widened[-1].config(0, Path("t"), data="d").masks_from == first
     held_out = select(GRIDS["personal"](), ["personal/dirichlet/perfit-zero-b"])[0].config(2, Path("g"), data="d")
     assert held_out.masks_from == str(Path("g/personal/dirichlet/perfit/seed2").resolve())

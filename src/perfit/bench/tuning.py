@@ -53,7 +53,8 @@ def tuning_cells(
             if start not in (start_rates or {}):
                 continue
             start = f"{start}/{lr_label(start_rates[start])}"
-        for lr in (widened or {}).get(cell.name, lrs):
+        extra = [lr for lr in (widened or {}).get(cell.name, ()) if lr not in lrs]
+        for lr in (*lrs, *extra):  # the given order first: a PerFIT cell's first rate searches the masks
             fields = {**cell.fields, "lr": lr, **tuning}
             masks = _masks_run(cell, lr, lrs)
             runs.append(replace(cell, name=tuning_name(cell, lr), fields=fields, seeds=(0,), start=start, masks=masks))
