@@ -262,7 +262,8 @@ def test_a_perfit_cell_searches_once_for_all_its_rates():
         "personal/pathological/perfit-4/lr0.001": "",
         "personal/pathological/perfit-4/lr0.003": str(Path("t/personal/pathological/perfit-4/lr0.001/seed0").resolve()),
     }
-    widened = tuning_cells(cells[:1], (1e-3, 3e-3), widened={cells[0].name: (3e-4, 1e-3, 3e-3)})
+    perfit = [c for c in cells if c.name == "personal/pathological/perfit"]
+    widened = tuning_cells(perfit, (1e-3, 3e-3), widened={perfit[0].name: (3e-4, 1e-3, 3e-3)})
     assert widened[-1].name.endswith("lr0.0003") and widened[-1].config(0, Path("t"), data="d").masks_from == first
     held_out = select(GRIDS["personal"](), ["personal/dirichlet/perfit-zero-b"])[0].config(2, Path("g"), data="d")
     assert held_out.masks_from == str(Path("g/personal/dirichlet/perfit/seed2").resolve())
