@@ -205,6 +205,8 @@ def test_cross_evaluation_scores_every_clients_model_on_every_clients_rows(runs,
     assert fit["own_over_global"] == pytest.approx([1.0, 1.0])
     assert CliRunner().invoke(app, ["bench", "cross", fit_config.out, "--clients", "1,3"]).exit_code == 0
     assert json.loads((Path(fit_config.out) / "cross.json").read_text())["clients"] == [1, 3]  # the report's
+    unknown = CliRunner().invoke(app, ["bench", "cross", fit_config.out, "--clients", "0,7"])
+    assert unknown.exit_code == 2 and "no adapters of clients [7]" in unknown.output
     missing = CliRunner().invoke(app, ["bench", "cross", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such run directory" in missing.output
 

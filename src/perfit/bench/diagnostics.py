@@ -97,6 +97,9 @@ def cross_evaluation(run_dir: Path, clients: list[int] | None = None) -> dict[st
     if run.config.split == "owner":
         raise ValueError(f"{run.path}: cross-evaluation needs a research split (every client's rows on this machine)")
     clients = sorted(clients if clients is not None else run.clients)
+    unknown = sorted(set(clients) - set(run.clients))
+    if unknown:
+        raise ValueError(f"{run.path}: no adapters of clients {unknown}; its clients: {run.clients}")
     task = ClientTask(run.config)
     for client in clients:
         if list(task.split_of(client).eval) != run.partitions[client]["eval"]:
