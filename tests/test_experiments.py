@@ -427,6 +427,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
         "over_best_baseline_every_seed": True,
         "rouge_l_not_below_fit": True,
         "masks_follow_data": False,  # no masks file: not measured, so not met
+        "no_rejected_updates": True,
         "beyond_seed_spread": True,  # -10 % at every seed against FIT, -7 to -9 % against FIT + FT
     }
     assert path["goal_met"] is False
@@ -462,6 +463,16 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     written = json.loads((alone / "personalization.json").read_text())
     assert written["splits"]["pathological"]["goal_met"] is False
     assert written["machine_hours"] == pytest.approx({"held_out": 6 * 3 * 10.0 / 3600, "tuning": 0.0})
+    # a run that counted a round short of a client is named, and no claim rests on it
+    fedsa = "personal/pathological/fedsa"
+    timed_out = [{"client": 5, "reason": "no reply within 3600 s"}]
+    _fake_run(runs / fedsa / "seed2", 12.0, cell=cells[fedsa], rouge_l=0.28, rejected_updates=timed_out)
+    from perfit.bench.personal import markdown
+
+    summary = summarize(load(runs), {"cells": tuning})
+    path = summary["splits"]["pathological"]
+    assert path["cells"]["fedsa"]["degraded_seeds"] == [2] and path["checks"]["no_rejected_updates"] is False
+    assert "rerun them before a claim): fedsa (seeds [2])." in "\n".join(markdown(summary, runs))
 
 
 def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_path, monkeypatch):

@@ -57,12 +57,14 @@ def test_collect_chooses_among_the_widened_candidates_once_they_finished(tmp_pat
     runs = tuning_cells(cells, (1e-3, 3e-3), widened={"table1/pathological/fit": tuple(entry["lrs"])})
     assert [r.name.rsplit("/", 1)[1] for r in runs] == ["lr0.001", "lr0.003", "lr0.0003"]  # the given order first
     _summary(tmp_path / "table1/pathological/fit/lr0.0003/seed0", 9.0)
-    _summary(tmp_path / "table1/pathological/fit/lr0.0001/seed0", 9.5)
+    _summary(tmp_path / "table1/pathological/fit/lr0.0001/seed0", 9.5, rejected=[{"client": 5, "reason": "timeout"}])
     entry = collect(cells, tmp_path, (1e-3, 3e-3), widen=2)["table1/pathological/fit"]
     assert (entry["chosen_lr"], entry["edge"], entry["lrs"]) == (3e-4, None, [1e-4, 3e-4, 1e-3, 3e-3])
     assert collect(cells, tmp_path, (1e-3, 3e-3))["table1/pathological/fit"]["chosen_lr"] == 1e-3  # widen 0
     text = tuning_markdown({"table1/pathological/fit": entry}, (1e-3, 3e-3), "perfit bench tune")
     assert "| table1/pathological/fit | 9.500 | **9.000** | 10.000 | 10.500 | 0.0003 |" in text
+    assert entry["rejected_updates"] == [1e-4]
+    assert "rejected a client's update (a round counted fewer clients): table1/pathological/fit (lr 0.0001)." in text
 
 
 def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
@@ -79,9 +81,10 @@ def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
     assert (config.lr, config.validation, config.method, config.split) == (1e-3, 1, "fit", "pathological")
 
 
-def _summary(path, ppl, evaluated_on="validation"):
+def _summary(path, ppl, evaluated_on="validation", rejected=()):
     path.mkdir(parents=True)
-    (path / "summary.json").write_text(json.dumps({"personalized_ppl": ppl, "evaluated_on": evaluated_on}))
+    summary = {"personalized_ppl": ppl, "evaluated_on": evaluated_on, "rejected_updates": list(rejected)}
+    (path / "summary.json").write_text(json.dumps(summary))
 
 
 def test_collect_chooses_only_when_every_candidate_finished_and_refuses_test_runs(tmp_path):
@@ -93,6 +96,7 @@ def test_collect_chooses_only_when_every_candidate_finished_and_refuses_test_run
     assert table["table1/pathological/fit"] == {
         "lrs": [3e-4, 1e-3],
         "validation_ppl": {"0.0003": 15.0, "0.001": 14.2},
+        "rejected_updates": [],
         "chosen_lr": 1e-3,
         "edge": "largest",
     }

@@ -128,6 +128,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
                 "over_fit": paired_ratio(result, fit),
                 "over_fit_per_seed": {str(s): v for s, v in _per_seed(result, fit).items()},
                 "rouge_l": _rouge(result),
+                "degraded_seeds": result.degraded_seeds,
                 **_masks([run["dir"] for run in result.runs.values()]),
             }
         variant = chosen[split]
@@ -152,6 +153,8 @@ def _goal(method: CellResult, read: dict[str, Any], fit: CellResult, baselines: 
         "over_best_baseline_every_seed": bool(worst) and all(v <= GOAL["over_best_baseline"] for v in worst.values()),
         "rouge_l_not_below_fit": read["rouge_l"] >= _rouge(fit),  # NaN (not measured) compares False
         "masks_follow_data": read["mask_r"] >= GOAL["mask_r"],
+        # every compared run counted every client it sampled (`CellResult.degraded_seeds`)
+        "no_rejected_updates": not any(r.degraded_seeds for r in (method, fit, *baselines)),
         # a claim needs the paired difference beyond its seed spread, against FIT and the strongest baseline
         "beyond_seed_spread": _lower_beyond_spread(method, fit)
         and strongest is not None
@@ -211,6 +214,14 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
                 ),
                 "",
             ]
+        degraded = [
+            f"{label} (seeds {cell['degraded_seeds']})"
+            for label, cell in found["cells"].items()
+            if cell["degraded_seeds"]
+        ]
+        if degraded:
+            lines += ["Runs that rejected a client's update (a round counted fewer clients; rerun them before a "
+                      "claim): " + ", ".join(degraded) + ".", ""]  # fmt: skip
         if found["chosen_variant"] is None:
             lines += ["No PerFIT variant chosen yet (its tuning on seed 0 is not complete): no claim.", ""]
         elif found.get("goal_met") is None:

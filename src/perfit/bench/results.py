@@ -38,6 +38,12 @@ class CellResult:
         return statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan  # a diverged seed
 
     @property
+    def degraded_seeds(self) -> list[int]:
+        """Seeds whose run rejected a client's update (a round counted fewer clients than it sampled: a
+        reply timed out, a client failed): a weaker run than its config says, to rerun before a claim."""
+        return [seed for seed, run in sorted(self.runs.items()) if run["summary"].get("rejected_updates")]
+
+    @property
     def complete(self) -> bool:
         return set(self.runs) == set(self.cell.seeds)
 

@@ -129,6 +129,7 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: i
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
         measured: dict[float, float] = {}
+        rejected: list[float] = []  # rates whose run counted a round short of a client
         rates: tuple[float, ...] = ()
         while (more := candidates(measured, lrs, widen)) != rates:
             rates = more
@@ -139,9 +140,11 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: i
                     if summary.get("evaluated_on") != "validation":
                         raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
                     measured[lr] = float(summary["personalized_ppl"])
+                    rejected += [lr] if summary.get("rejected_updates") else []
         entry: dict[str, Any] = {
             "lrs": list(rates),
             "validation_ppl": {f"{lr:g}": measured[lr] for lr in rates if lr in measured},
+            "rejected_updates": sorted(rejected),
         }
         if len(measured) == len(rates):
             entry["chosen_lr"] = choose(measured)
@@ -191,6 +194,13 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
         "",
         *tuning_table(table, lrs),
     ]
+    rejected = [f"{name} (lr {', '.join(f'{lr:g}' for lr in e['rejected_updates'])})" for name, e in table.items()
+                if e.get("rejected_updates")]  # fmt: skip
+    if rejected:
+        lines += [
+            "",
+            "Runs that rejected a client's update (a round counted fewer clients): " + ", ".join(rejected) + ".",
+        ]
     at_edge = [f"{name} ({entry['edge']})" for name, entry in table.items() if entry.get("edge")]
     if at_edge:
         lines += [
