@@ -119,7 +119,7 @@ def cross_evaluation(run_dir: Path, clients: list[int] | None = None) -> dict[st
         "ppl": matrix,
         "global_ppl": ppl["global"],
         "own_over_others": own,
-        "mean_own_over_others": math.exp(statistics.fmean(math.log(r) for r in own)),
+        "mean_own_over_others": statistics.geometric_mean(own),
         "own_over_global": [matrix[k][k] / ppl["global"][k] for k in range(len(clients))],
         "diagonal_max_rel_diff": max(diagonal) if diagonal else math.nan,
         "seconds": time.perf_counter() - started,

@@ -194,8 +194,11 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
         "",
         *tuning_table(table, lrs),
     ]
-    rejected = [f"{name} (lr {', '.join(f'{lr:g}' for lr in e['rejected_updates'])})" for name, e in table.items()
-                if e.get("rejected_updates")]  # fmt: skip
+    rejected = [
+        f"{name} (lr {', '.join(f'{lr:g}' for lr in entry['rejected_updates'])})"
+        for name, entry in table.items()
+        if entry.get("rejected_updates")
+    ]
     if rejected:
         lines += [
             "",

@@ -77,8 +77,4 @@ def own_model_advantage(ppl: list[list[float]]) -> list[float]:
     size = len(ppl)
     if size < 2 or any(len(row) != size for row in ppl):
         raise ValueError(f"need a square matrix of at least 2 clients, got {size} rows")
-    ratios = []
-    for j in range(size):
-        others = [math.log(ppl[i][j]) for i in range(size) if i != j]
-        ratios.append(ppl[j][j] / math.exp(statistics.fmean(others)))
-    return ratios
+    return [ppl[j][j] / statistics.geometric_mean(ppl[i][j] for i in range(size) if i != j) for j in range(size)]
