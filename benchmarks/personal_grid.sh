@@ -6,8 +6,8 @@
 #    of each split first: every cell's rate, and which PerFIT variant is carried on.
 # 2. The held-out seeds 1-3 at the chosen rates: FIT, the baselines, the paper's PerFIT, the chosen
 #    variant, PerFIT and HetLoRA 8/12/16 (the variants not chosen are not run).
-# 3. `perfit report` with the personalization section: in docs/results.md and .json where the paper grid's
-#    runs are at RUNS/paper, else alone in docs/personalization.md and .json.
+# 3. `perfit report` with the personalization section: in docs/results.md and .json, regenerated whole where
+#    the paper grid's runs are at RUNS/paper, else spliced into the committed ones (their other sections kept).
 # Outputs under RUNS (default runs/): tune-personal/ and personal/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.bench.experiments import GRIDS, grid, run_grid, schedule, select, state
+from perfit.bench.personal import HEADING
 from perfit.bench.report import write_report
 from perfit.bench.results import CellResult, exceeds_spread, headline, load_results, paired_changes
 
@@ -463,6 +464,26 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     written = json.loads((alone / "personalization.json").read_text())
     assert written["splits"]["pathological"]["goal_met"] is False
     assert written["machine_hours"] == pytest.approx({"held_out": 6 * 3 * 10.0 / 3600, "tuning": 0.0})
+    # where a report of the paper grid is there (the committed docs/), the section joins it in place
+    docs = tmp_path / "docs"
+    before = json.loads((docs / "results.json").read_text())
+    (docs / "results.json").write_text(json.dumps({k: v for k, v in before.items() if k != "personal"}))
+    stale = (docs / "results.md").read_text().replace("| perfit (chosen on validation) | 1,2,3 | 10.667 |", "| old |")
+    (docs / "results.md").write_text(stale)
+    args = ["report", "--runs", str(tmp_path / "nothing"), "--out", str(docs), "--personal-runs", str(runs)]
+    result = CliRunner().invoke(app, [*args, "--personal-tuning", str(tmp_path / "tuning.json")])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((docs / "results.json").read_text())
+    assert (
+        merged["headline"] == before["headline"] and merged["personal"]["splits"]["pathological"]["goal_met"] is False
+    )
+    text = (docs / "results.md").read_text()
+    assert "| old |" not in text and text.count("| perfit (chosen on validation) | 1,2,3 | 10.667 |") == 1
+    old, new = stale.split("\n"), text.split("\n")
+    start = old.index(HEADING)
+    after = next(i for i in range(start + 1, len(old)) if old[i].startswith("## "))  # the next section
+    assert new[:start] == old[:start] and new[-(len(old) - after) :] == old[after:]  # the rest kept as it was
+    assert not (docs / "personalization.md").exists()
     # a run that counted a round short of a client is named, and no claim rests on it
     fedsa = "personal/pathological/fedsa"
     timed_out = [{"client": 5, "reason": "no reply within 3600 s"}]
@@ -473,6 +494,20 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     path = summary["splits"]["pathological"]
     assert path["cells"]["fedsa"]["degraded_seeds"] == [2] and path["checks"]["no_rejected_updates"] is False
     assert "rerun them before a claim): fedsa (seeds [2])." in "\n".join(markdown(summary, runs))
+
+
+def test_splice_replaces_the_personalization_section_or_puts_it_before_the_sections_after_it():
+    from perfit.bench.personal import splice
+
+    section = [HEADING, "", "new", ""]
+    document = "# R\n\n## Ablations\n\na\n\n## Learning rate on a validation slice\n\nl\n\n## Every run\n\ne"
+    inserted = splice(document, section)
+    assert inserted == document.replace("## Learning rate", f"{HEADING}\n\nnew\n\n## Learning rate")
+    assert splice(inserted, [HEADING, "", "newer", ""]) == inserted.replace("\nnew\n", "\nnewer\n")
+    assert splice(inserted, section) == inserted  # idempotent
+    assert splice("# R\n\n## Ablations\n", section) == "# R\n\n## Ablations\n\n" + "\n".join(section)
+    at_end = splice(f"# R\n\n{HEADING}\n\nold\n### pathological\n\nold table", section)
+    assert at_end == "# R\n\n" + "\n".join(section)  # its ### subsections go with it
 
 
 def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_path, monkeypatch):

@@ -24,6 +24,12 @@ most 0.95x FIT's and 0.97x the strongest baseline's, its ROUGE-L is no worse tha
 masks' similarity follows the clients' data similarity (r at least 0.5)."""
 
 
+HEADING = "## Does personalization pay at the paper's data per client?"
+FOLLOWING = ("## Mask diagnostics", "## Learning rate on a validation slice", "## At the tuned", "## Every run")
+"""The headings `perfit report` writes after this section in results.md, in order: where a results.md
+has no such section yet, it goes before the first of them that the document has."""
+
+
 def load(runs: Path) -> dict[str, CellResult]:
     return load_results(runs, personalization_grid())
 
@@ -175,7 +181,7 @@ def _number(value: float, digits: int = 3) -> str:
 def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
     """The report's section: one table per split and the goal's verdict, said plainly."""
     lines = [
-        "## Does personalization pay at the paper's data per client?",
+        HEADING,
         "",
         f"The personalization grid (`perfit bench paper --grid personal --out {runs}`): the `medium` preset, "
         "each client holding a client's share of the paper's 100-client split (120 train / 30 held-out "
@@ -254,13 +260,44 @@ def section(runs: Path, tuning_path: Path | None) -> tuple[dict[str, Any], list[
     return summary, lines
 
 
+def splice(document: str, section: list[str]) -> str:
+    """`document` (a results.md) with its personalization section (from HEADING to the next `## `
+    heading) replaced by `section`; where it has none, `section` goes before the first FOLLOWING
+    heading the document has, else at its end. Every other line is kept as it was."""
+    lines = document.split("\n")
+    if HEADING in lines:
+        start = lines.index(HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    else:
+        start = end = next(
+            (i for heading in FOLLOWING for i, line in enumerate(lines) if line.startswith(heading)), len(lines)
+        )
+    return "\n".join(lines[:start] + section + lines[end:])
+
+
 def write(runs: Path, tuning_path: Path | None, out: Path) -> list[Path]:
-    """The section on its own, where the paper grid's runs are not at hand: `personalization.md`
-    and `personalization.json` in `out` (`perfit report --personal-runs ...` without `--runs`)."""
+    """The section where the paper grid's runs are not at hand (`perfit report --personal-runs ...`
+    without `--runs`): spliced into `out`'s results.md, and results.json's `personal` key, where a
+    report of the paper grid is there (the rest of both is kept as it is); else on its own, in
+    `personalization.md` and `.json`. Each file is replaced whole, never left half written."""
     from perfit.federation.run_directory import json_safe
 
     summary, lines = section(runs, tuning_path)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "personalization.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
-    (out / "personalization.md").write_text("\n".join(["# Personalization", "", *lines]))
-    return [out / "personalization.md", out / "personalization.json"]
+    markdown_path, json_path = out / "results.md", out / "results.json"
+    if markdown_path.is_file() and json_path.is_file():
+        document = json.loads(json_path.read_text())
+        document["personal"] = json_safe(summary)
+        texts = {
+            json_path: json.dumps(document, indent=2) + "\n",
+            markdown_path: splice(markdown_path.read_text(), lines),
+        }
+    else:
+        markdown_path, json_path = out / "personalization.md", out / "personalization.json"
+        texts = {json_path: json.dumps(json_safe(summary), indent=2) + "\n"}
+        texts[markdown_path] = "\n".join(["# Personalization", "", *lines])
+    for path, text in texts.items():
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(path)
+    return [markdown_path, json_path]

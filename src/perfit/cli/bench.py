@@ -345,7 +345,8 @@ def report(
     ),
 ) -> None:
     """Tables, figures and headline ratios from the grid's run directories (with only
-    `--personal-runs` at hand: the personalization section alone, in personalization.md)."""
+    `--personal-runs` at hand: its section spliced into `out`'s results.md and .json, the rest kept;
+    in personalization.md and .json where `out` has no report)."""
     from perfit.bench.report import write_report
 
     with errors("report", OSError, ValueError, KeyError):
