@@ -130,6 +130,31 @@ def test_run_grid_skips_finished_resumes_partial_and_restarts_dead(tmp_path):
     assert seen == [(1, 0)] and not (partial / "stale.txt").exists()
 
 
+def test_remaining_seconds_by_kind_then_method_then_all():
+    from perfit.bench.experiments import remaining_seconds
+
+    fit, fit_ft, perfit, fedsa = ((("method", "fit"),), ()), ((("method", "fit"),), ("start_from",)), (
+        (("method", "perfit"),), ()), ((("method", "fedsa"),), ())  # fmt: skip
+    finished = [(fit, 100.0), (fit, 300.0), (fit_ft, 40.0), (perfit, 900.0)]
+    assert remaining_seconds(finished, [fit, fit_ft, perfit]) == 200.0 + 40.0 + 900.0  # each its kind's mean
+    four_runs = (100 + 300 + 40 + 900) / 4
+    assert remaining_seconds(finished, [((("method", "fit"), ("split", "x")), ())]) == 440.0 / 3  # its method's
+    assert remaining_seconds(finished, [fedsa, fedsa]) == 2 * four_runs  # no run of its method: every run's
+    assert remaining_seconds(finished, []) == 0.0 and remaining_seconds([], [fit]) is None
+
+
+def test_progress_counts_finished_runs_and_estimates_the_rest(tmp_path):
+    from perfit.bench.experiments import progress
+
+    cells = select(GRIDS["personal"](), ["personal/pathological/fit", "personal/pathological/fit-ft"])
+    fit, fit_ft = cells
+    _fake_run(fit.run_dir(tmp_path, 1), 10.0, wall=600.0, cell=fit)
+    _fake_run(fit.run_dir(tmp_path, 2), 10.0, wall=800.0, cell=fit)
+    _fake_run(fit_ft.run_dir(tmp_path, 1), 9.0, wall=50.0, cell=fit_ft)
+    runs = len(fit.seeds) + len(fit_ft.seeds)  # the rest: FIT's at 700 s a run, FIT + FT's at 50 s
+    assert progress(cells, tmp_path) == (3, runs, 1450.0, 700.0 * (len(fit.seeds) - 2) + 50.0 * (len(fit_ft.seeds) - 1))
+
+
 def test_a_run_that_starts_from_another_waits_for_it_to_finish(tmp_path):
     """FIT + local fine-tuning starts from FIT's run of the same seed (no federation rerun); the grid
     runs FIT's seed first and reports the fine-tuning cell as waiting while FIT's run is unfinished."""

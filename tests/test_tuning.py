@@ -156,6 +156,7 @@ def test_bench_tune_cli_writes_docs_and_feeds_bench_paper(tmp_path, monkeypatch)
          "--out", str(tmp_path / "grid"), "--list"],
     )  # fmt: skip
     assert listing.exit_code == 0 and "0.001" in listing.output
+    assert "0 of 2 runs finished, 0.0 h of wall time; none finished to estimate the rest from" in listing.output
     missing = runner.invoke(
         cli.app, ["bench", "paper", "--tuned", str(tmp_path / "docs/tuning.json"), "--cells", "table2/*", "--list"]
     )

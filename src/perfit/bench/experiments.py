@@ -228,6 +228,51 @@ def state(cell: Cell, out: Path, seed: int) -> str:
     return "partial" if (directory / "checkpoint.safetensors").is_file() else "todo"
 
 
+def run_kind(cell: Cell) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """What a run's cost depends on: its cell's fields but the learning rate, and which fields name
+    a finished run it builds on (masks kept: no search; a start with no rounds: no federation)."""
+    return tuple(sorted((k, str(v)) for k, v in cell.fields.items() if k != "lr")), tuple(sorted(cell.sources))
+
+
+def remaining_seconds(finished: list[tuple[Any, float]], pending: list[Any]) -> float | None:
+    """The wall seconds `pending` runs (their `run_kind`s) may take, each at the mean wall time of
+    the `finished` (kind, seconds) of its kind, else of its method, else of every finished run;
+    None while no run has finished. A resumable run counts whole: an estimate on the safe side."""
+    if not finished:
+        return None
+
+    def method(kind: Any) -> str:
+        return dict(kind[0]).get("method", "")
+
+    by_kind: dict[Any, list[float]] = {}
+    by_method: dict[str, list[float]] = {}
+    for kind, wall in finished:
+        by_kind.setdefault(kind, []).append(wall)
+        by_method.setdefault(method(kind), []).append(wall)
+    total = 0.0
+    for kind in pending:
+        seconds = by_kind.get(kind) or by_method.get(method(kind)) or [wall for _, wall in finished]
+        total += sum(seconds) / len(seconds)
+    return total
+
+
+def progress(cells: list[Cell], out: Path) -> tuple[int, int, float, float | None]:
+    """(runs finished, runs in all, their wall seconds, the estimate for the rest) of `cells` under
+    `out`, from the finished runs' summaries (`remaining_seconds`)."""
+    from perfit.federation.run_directory import read_summary
+
+    finished, pending = [], []
+    for cell, seed in schedule(cells):
+        if state(cell, out, seed) == "done":
+            finished.append(
+                (run_kind(cell), float(read_summary(cell.run_dir(out, seed) / "summary.json")["wall_seconds"]))
+            )
+        else:
+            pending.append(run_kind(cell))
+    runs = len(finished) + len(pending)
+    return len(finished), runs, sum(wall for _, wall in finished), remaining_seconds(finished, pending)
+
+
 def run_grid(
     cells: list[Cell],
     out: Path,

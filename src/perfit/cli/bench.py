@@ -161,7 +161,7 @@ def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
 
 
 def _list_cells(cells: list[Any], out: Path) -> None:
-    from perfit.bench.experiments import state
+    from perfit.bench.experiments import progress, state
 
     table = Table("cell", "seeds", "state", "fields", "builds on (same seed)")
     for cell in cells:
@@ -169,6 +169,11 @@ def _list_cells(cells: list[Any], out: Path) -> None:
         sources = ", ".join(f"{field}: {name}" for field, name in cell.sources.items())
         table.add_row(cell.name, str(len(cell.seeds)), states, str(cell.fields), sources)
     console.print(table)
+    done, runs, spent, left = progress(cells, out)
+    pace = "none finished to estimate the rest from" if left is None else f"about {left / 3600:.1f} h to go"
+    console.print(f"{done} of {runs} runs finished, {spent / 3600:.1f} h of wall time; {pace}")
+    if left is not None:
+        console.print("(a run to go: the mean wall time of finished runs of its kind; a resumable one counts whole)")
 
 
 @bench.command("paper", context_settings=EXTRA)
