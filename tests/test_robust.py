@@ -1,9 +1,11 @@
-"""Norm bounding of client updates (`core.robust`), worked by hand on tiny vectors."""
+"""Norm bounding of client updates and the cap on their weights (`core.robust`), worked by hand."""
+
+import math
 
 import pytest
 import torch
 
-from perfit.core.robust import bound_changes, change_norms, median
+from perfit.core.robust import bound_changes, change_norms, median, weight_cap
 
 
 def test_median_is_the_middle_or_the_mean_of_the_two_middle_values():
@@ -30,3 +32,10 @@ def test_honest_updates_within_the_multiple_are_untouched():
     returned = [torch.tensor([1.0, 0, 0]), torch.tensor([0, 2.0, 0]), torch.tensor([0, 0, 2.5])]
     bounded, scales, _ = bound_changes(received, returned, multiple=3.0)
     assert scales == [1.0, 1.0, 1.0] and all(a is b for a, b in zip(bounded, returned, strict=True))
+
+
+def test_the_weight_cap_is_the_multiple_of_the_median_registered_rows():
+    assert weight_cap([10, 20, 30, 1000], multiple=2.0) == 50.0  # 2 x the median 25
+    assert weight_cap([120, 120, 120, 10**9], multiple=8.0) == 960.0  # a huge claim cannot raise it
+    assert weight_cap([65, 121, 202], multiple=8.0) > 202  # honest spreads (the paper's splits: <= 4.2x) pass
+    assert weight_cap([10, 20], multiple=0.0) == math.inf  # update_bound 0: off

@@ -22,6 +22,7 @@ TRAIN_FAULTS = (
     "oversize",
     "impostor",
     "bad_examples",
+    "inflated_examples",
 )
 
 
@@ -47,8 +48,14 @@ def _corrupt(reply: Message, fault: str, client: int) -> None:
         metrics["client"] = client + 1
     elif fault == "bad_examples":
         metrics["examples"] = -3
+    elif fault == "inflated_examples":  # more than the rows it registered: to outweigh the round
+        metrics["examples"] = 10**6
     arrays["values"] = Array(values)
 
+
+OVERWEIGHT = 100
+"""The `overweight` client registers its train rows this many times over and claims as many examples
+in every update, honest otherwise: a consistent lie that only the weight cap answers."""
 
 HOSTILE = {"scale100": 100.0, "negate": -1.0}
 """Finite, well-formed updates that pass every check: the client's honest change times this."""
@@ -62,8 +69,8 @@ def _scale_change(reply: Message, received: np.ndarray, factor: float) -> None:
 def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     """perfit's ClientApp, except that client `c` answers with fault `faults[c]`:
     one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
-    `over_budget_mask` (registers a mask holding every position), or one of HOSTILE (a sound-looking
-    update whose change from what the client received is scaled)."""
+    `over_budget_mask` (registers a mask holding every position), `overweight` (OVERWEIGHT), or one
+    of HOSTILE (a sound-looking update whose change from what the client received is scaled)."""
     app = ClientApp()
 
     def _client(context: Context) -> int:
@@ -71,7 +78,11 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
 
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
-        return perfit_client.identify(msg, context)
+        reply = perfit_client.identify(msg, context)
+        if faults.get(_client(context)) == "overweight":
+            rows = reply.content["rows"]
+            rows["train"] = Array(np.tile(rows["train"].numpy(), OVERWEIGHT))
+        return reply
 
     @app.query("search")
     def search(msg: Message, context: Context) -> Message:
@@ -94,6 +105,8 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
             _corrupt(reply, fault, _client(context))
         if fault in HOSTILE:
             _scale_change(reply, received, HOSTILE[fault])
+        if fault == "overweight":
+            reply.content["metrics"]["examples"] = OVERWEIGHT * int(reply.content["metrics"]["examples"])
         return reply
 
     @app.evaluate()

@@ -40,8 +40,11 @@ def server_global(out: Path) -> torch.Tensor:
     return load_file(str(out / "checkpoint.safetensors"))["global"]
 
 
-def expected_global(config: Config, clients: list[int], masks: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Eq. 6 over exactly `clients`' updates in every round, computed here without Flower."""
+def expected_global(
+    config: Config, clients: list[int], masks: dict[int, torch.Tensor], weights: dict[int, float] | None = None
+) -> torch.Tensor:
+    """Eq. 6 over exactly `clients`' updates in every round, computed here without Flower; each
+    weighs its example count, or `weights[client]` where given."""
     task = ClientTask(config)
     current = global_start(task.layout, config)
     for round_number in range(1, config.rounds + 1):
@@ -49,6 +52,7 @@ def expected_global(config: Config, clients: list[int], masks: dict[int, torch.T
         for client in clients:
             result = task.train(client, personalize(current, masks[client]), masks[client], round_number)
             if result.examples:  # as the server does: a client with no loss-carrying rows adds nothing
-                updates.append((masks[client], result.flat * masks[client], float(result.examples)))
+                weight = (weights or {}).get(client, float(result.examples))
+                updates.append((masks[client], result.flat * masks[client], weight))
         current = aggregate(config.aggregation, current, updates)
     return current

@@ -1,17 +1,21 @@
 """A hostile but finite update (100x its honest change, or its negation) passes every check on its
-form; the server's norm bound (`update_bound`) keeps it from dragging the global adapter away."""
+form; the server's norm bound (`update_bound`) keeps it from dragging the global adapter away. A
+client that registers 100x its rows and claims as many examples is honest-looking too; the weight
+cap keeps it from outweighing the round."""
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
+import torch
 
 from perfit.artifacts.lora import layout_for
 from perfit.core.methods import global_start
 from perfit.federation.simulation import run_simulation
 
-from .faulty_clients import faulty_app
-from .helpers import server_global, tiny_config
+from .faulty_clients import OVERWEIGHT, faulty_app
+from .helpers import expected_global, server_global, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +28,7 @@ def runs(tiny_model, small_data, tmp_path_factory):
         ("attack-off", "scale100", 0.0),
         ("attack-on", "scale100", 3.0),
         ("negate-on", "negate", 3.0),
+        ("overweight-on", "overweight", 3.0),
     ):
         out = tmp_path_factory.mktemp("hostile") / name
         config = tiny_config(tiny_model, small_data, out, method="fit", update_bound=bound, min_replies=0)
@@ -33,6 +38,7 @@ def runs(tiny_model, small_data, tmp_path_factory):
         start = global_start(layout_for(config.model, config.dense_rank, config.alpha_value), config)
         moved = float((server_global(out) - start).norm())
         results[name] = {"summary": summary, "record": record, "moved": moved, "global": server_global(out)}
+        results[name]["config"] = config
     return results
 
 
@@ -57,3 +63,23 @@ def test_a_negated_update_is_not_bounded_but_cannot_grow(runs):
     norms = record["change_norms"]
     assert norms["0"] <= 3 * statistics.median(norms.values())  # its norm is an honest one's: inside the bound
     assert runs["negate-on"]["moved"] <= record["update_bound"]
+
+
+def test_a_client_claiming_100x_its_rows_weighs_at_most_the_cap(runs, tiny_model):
+    from perfit.core.methods import fixed_masks
+
+    run = runs["overweight-on"]
+    partitions = json.loads((Path(run["config"].out) / "partitions.json").read_text())
+    rows = {int(c): len(partitions[str(c)]["train"]) for c in range(4)}
+    honest = sorted(rows[c] for c in (1, 2, 3))
+    assert rows[0] == OVERWEIGHT * len(set(partitions["0"]["train"]))  # the claim, as registered
+    cap = 3.0 * statistics.median([rows[0], *honest])  # update_bound 3 x the median claim
+    claimed = run["record"]["weight_capped"]["0"]  # OVERWEIGHT x its rows that carry loss
+    assert set(run["record"]["weight_capped"]) == {"0"} and claimed % OVERWEIGHT == 0 and claimed > cap
+    assert run["summary"]["rejected_updates"] == []  # consistent with its claim: capped, not rejected
+    config = run["config"]
+    masks = fixed_masks(layout_for(config.model, config.dense_rank, config.alpha_value), config, range(4))
+    expected = expected_global(config, [0, 1, 2, 3], masks, weights={0: cap})
+    torch.testing.assert_close(run["global"], expected, atol=1e-5, rtol=0)
+    uncapped = expected_global(config, [0, 1, 2, 3], masks, weights={0: float(claimed)})
+    assert (run["global"] - uncapped).abs().max() > 1e-4  # the claim, taken at its word, would weigh more

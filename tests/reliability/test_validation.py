@@ -22,13 +22,14 @@ REASONS = {
     "oversize": "over the limit",
     "impostor": "claims to be client",
     "bad_examples": "bad example count",
+    "inflated_examples": "more than the",
     "over_budget_mask": "budget is",
 }
 
 
 def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data, tmp_path, caplog):
-    faults = dict(enumerate(REASONS))  # clients 0..9 misbehave, 10 and 11 are sound
-    config = tiny_config(tiny_model, small_data, tmp_path / "run", num_clients=12, clients_per_round=12, min_replies=0)
+    faults = dict(enumerate(REASONS))  # clients 0..10 misbehave, 11 and 12 are sound
+    config = tiny_config(tiny_model, small_data, tmp_path / "run", num_clients=13, clients_per_round=13, min_replies=0)
     with caplog.at_level("WARNING", logger="perfit"):
         summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
     reasons = {}
@@ -41,8 +42,8 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["accepted"] == 2 and record["counted"] is True
     masks = run_masks(tmp_path / "run")
-    assert 9 not in masks  # the over-budget mask was never registered
-    expected = expected_global(config, [10, 11], masks)
+    assert list(REASONS).index("over_budget_mask") not in masks  # the over-budget mask was never registered
+    expected = expected_global(config, [11, 12], masks)
     assert torch.allclose(server_global(tmp_path / "run"), expected, atol=1e-5)
 
 
@@ -61,6 +62,9 @@ def test_update_problem_on_small_arrays():
     assert "2 values" in update_problem(2, {"values": np.zeros(2, dtype=np.float32)}, metrics, 3, registered, 8)
     assert "non-finite" in update_problem(2, {"values": np.array([0, np.nan, 0], "f4")}, metrics, 3, registered, 12)
     assert "example count" in update_problem(2, good, {**metrics, "examples": 2.5}, 3, registered, 12)
+    assert update_problem(2, good, metrics, 3, registered, 12, train_rows=5) is None  # as many as it registered
+    too_many = update_problem(2, good, {**metrics, "examples": 6}, 3, registered, 12, train_rows=5)
+    assert too_many == "claims 6 examples, more than the 5 train rows it registered"
     assert "train loss" in update_problem(2, good, {**metrics, "train_loss": float("inf")}, 3, registered, 12)
     assert mask_problem(4, 4) is None and "budget is 4" in mask_problem(5, 4)
     assert evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": 4}) is None

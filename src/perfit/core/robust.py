@@ -1,9 +1,12 @@
 """Bounding hostile but finite updates: each client's change from what it received is scaled down to
-at most a multiple of the round's median change norm, before Eq. 6 averages it in. Pure functions
-on the values a client received and returned (its mask positions, in flat order)."""
+at most a multiple of the round's median change norm, and its aggregation weight (its example
+count, which only the client can know) is capped at that multiple of the median client's train
+rows, before Eq. 6 averages it in. Pure functions on the values a client received and returned (its
+mask positions, in flat order) and on the row counts the clients registered."""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
@@ -38,3 +41,14 @@ def bound_changes(
         bounded.append(new if scale == 1.0 else (old.double() + scale * (new.double() - old.double())).to(new.dtype))
         scales.append(scale)
     return bounded, scales, bound
+
+
+def weight_cap(registered_rows: list[int], multiple: float) -> float:
+    """The largest aggregation weight (example count) any client's update gets: `multiple` x the
+    median of the train rows the clients registered (math.inf where `multiple` is 0: no cap). Every
+    count is the client's own claim; while fewer than half the clients lie, the median is an honest
+    client's count, so an owner claiming a huge file weighs at most `multiple` median owners instead
+    of the whole round."""
+    if multiple <= 0:
+        return math.inf
+    return multiple * median([float(rows) for rows in registered_rows])

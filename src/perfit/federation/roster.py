@@ -42,6 +42,12 @@ class Roster:
             raise NodesFailed(f"the nodes run different base models: {sorted(models)}")
         return sorted(models)[0]
 
+    def train_rows(self, client: int) -> int:
+        """How many train rows `client`'s node said it holds: the most examples an update of it may
+        count (`validation.update_problem`), and what the weight cap is taken over."""
+        split = self.splits[client]
+        return int(split["train_rows"]) if "train_rows" in split else len(split["train"])
+
 
 def discover(grid: Grid, config: Config) -> Roster:
     """Wait for the run's nodes, ask each which client it is, and build the roster."""

@@ -29,7 +29,7 @@ from perfit.core.aggregate import Accumulator, personalize
 from perfit.core.masks import PackedMasks, decode, gather, scatter
 from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
-from perfit.core.robust import bound_changes, change_norms
+from perfit.core.robust import bound_changes, change_norms, weight_cap
 from perfit.federation.roster import Roster, discover
 from perfit.federation.run_directory import (
     RunDirectory,
@@ -86,6 +86,12 @@ class _Rounds:
     resumed: bool = False
 
 
+ROUND_RECORD = ("change_norms", "update_bound", "bounded", "weight_capped", "client_seconds")
+"""What a train round adds to its metrics.jsonl line, where it has them: each accepted change's norm,
+the round's norm bound, the clients scaled to it and those whose weight was capped, and where each
+client's time went."""
+
+
 @dataclass
 class Federation:
     """One run of FIT or PerFIT over the nodes behind `grid`."""
@@ -98,6 +104,7 @@ class Federation:
     model_fingerprint: str = ""  # of the base model every node runs
     rejected: list[dict[str, Any]] = field(default_factory=list)
     search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
+    weight_cap: float = math.inf  # the largest example count an update weighs (`core.robust.weight_cap`)
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -131,6 +138,7 @@ class Federation:
         self.shared = shared_positions(self.layout, config.method)
         self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
         model_path, self.model_fingerprint = self.roster.base_model()
+        self.weight_cap = weight_cap([self.roster.train_rows(c) for c in self.roster.nodes], config.update_bound)
         resuming = resumes_from_checkpoint(config)  # the checkpoint holds the adapter and the masks
         partitions = partitions_record(self.roster.splits, config.held_out)
         if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
@@ -237,7 +245,7 @@ class Federation:
             "clients": sampled,
             "accepted": train["accepted"],
             "counted": train["counted"],
-            **{k: train[k] for k in ("change_norms", "update_bound", "bounded", "client_seconds") if k in train},
+            **{k: train[k] for k in ROUND_RECORD if k in train},
             "train_loss": train["loss"],
             "bytes_up": up_search + train["bytes_up"],
             "bytes_down": train["bytes_down"],
@@ -390,7 +398,8 @@ class Federation:
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
             mask = self.masks[client] & self.shared
-            problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes)
+            train_rows = self.roster.train_rows(client)
+            problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes, train_rows)
             if problem:
                 self._reject(client, problem)
                 continue
@@ -400,10 +409,15 @@ class Federation:
             timing[str(client)] = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
             losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
         bounds = self._bound(accepted)
-        updates = Accumulator(self.config.aggregation_rule, self.layout.size)
-        for mask, values, examples in accepted.values():
+        updates, capped = Accumulator(self.config.aggregation_rule, self.layout.size), {}
+        for client, (mask, values, examples) in accepted.items():
             dense = scatter(values, mask)
+            if examples > self.weight_cap and self.config.method != "hetlora":
+                log.warning("client %d: weight of %d examples capped at %.4g", client, examples, self.weight_cap)
+                capped[str(client)] = examples
             updates.add(mask, dense, self._weight(dense, examples))
+        if self.config.update_bound > 0:
+            bounds["weight_capped"] = capped
         needed = math.ceil(self.config.min_replies * len(sampled))
         counted = updates.count > 0 and updates.count >= needed
         if counted:
@@ -444,10 +458,11 @@ class Federation:
         return record
 
     def _weight(self, dense: torch.Tensor, examples: int) -> float:
-        """Aggregation weight: the client's example count; HetLoRA's sparsity weight ||B A||_F."""
+        """Aggregation weight: the client's example count, at most the weight cap; HetLoRA's sparsity
+        weight ||B A||_F."""
         if self.config.method == "hetlora":
             return max(lora_update_norm(self.layout, dense), 1e-12)
-        return float(examples)
+        return float(min(examples, self.weight_cap))
 
     def _evaluate(
         self, clients: list[int], round_number: int, finetune: int = 0, final: bool = False

@@ -24,9 +24,11 @@ def update_problem(
     mask_positions: int,
     registered_mask: np.ndarray | None,
     payload_bytes: int,
+    train_rows: int | None = None,
 ) -> str | None:
     """Why a train reply must not be averaged in: identity, payload size, the mask (it is registered
-    once and cannot change), the values' dtype, shape and finiteness, and the example count."""
+    once and cannot change), the values' dtype, shape and finiteness, and the example count (a whole
+    number, at most the `train_rows` the client registered: it is the update's aggregation weight)."""
     claimed = metrics.get("client")
     if claimed is None or int(claimed) != client:
         return f"reply claims to be client {claimed!r}, sent to client {client}"
@@ -52,6 +54,8 @@ def update_problem(
     examples = metrics.get("examples")
     if not isinstance(examples, int | float) or examples < 0 or not float(examples).is_integer():
         return f"bad example count {examples!r}"
+    if train_rows is not None and examples > train_rows:
+        return f"claims {int(examples)} examples, more than the {train_rows} train rows it registered"
     loss = metrics.get("train_loss")
     if examples and (not isinstance(loss, int | float) or not math.isfinite(loss)):
         return f"bad train loss {loss!r}"
