@@ -39,3 +39,5 @@ def test_the_weight_cap_is_the_multiple_of_the_median_registered_rows():
     assert weight_cap([120, 120, 120, 10**9], multiple=8.0) == 960.0  # a huge claim cannot raise it
     assert weight_cap([65, 121, 202], multiple=8.0) > 202  # honest spreads (the paper's splits: <= 4.2x) pass
     assert weight_cap([10, 20], multiple=0.0) == math.inf  # update_bound 0: off
+    assert weight_cap([0, 0, 40], multiple=8.0) == 320.0  # owners with eval rows only do not pull it to 0
+    assert weight_cap([0, 0], multiple=8.0) == math.inf

@@ -48,7 +48,8 @@ def weight_cap(registered_rows: list[int], multiple: float) -> float:
     median of the train rows the clients registered (math.inf where `multiple` is 0: no cap). Every
     count is the client's own claim; while fewer than half the clients lie, the median is an honest
     client's count, so an owner claiming a huge file weighs at most `multiple` median owners instead
-    of the whole round."""
-    if multiple <= 0:
+    of the whole round. Clients without train rows take no part in an average, nor in its median."""
+    training = [float(rows) for rows in registered_rows if rows > 0]
+    if multiple <= 0 or not training:
         return math.inf
-    return multiple * median([float(rows) for rows in registered_rows])
+    return multiple * median(training)
