@@ -36,4 +36,6 @@ for split in SPLITS:
 PY
 )
 "$PERFIT" bench paper --grid personal --tuned "$TUNING" --out "$RUNS/personal" --data "$DATA" "${CELLS[@]}"
-"$PERFIT" report --runs "$RUNS/paper" --personal-runs "$RUNS/personal" --personal-tuning "$TUNING"
+TUNED=()  # a whole regeneration keeps the paper grid's tuned section where its runs are here too
+if [ -d "$RUNS/paper-tuned" ]; then TUNED=(--tuned-runs "$RUNS/paper-tuned"); fi
+"$PERFIT" report --runs "$RUNS/paper" "${TUNED[@]}" --personal-runs "$RUNS/personal" --personal-tuning "$TUNING"

@@ -51,6 +51,23 @@ def test_owner_files_and_their_split(owners_dir, tmp_path):
     assert owner_files(str(owners_dir / "globex.jsonl")) == [owners_dir / "globex.jsonl"]
     with pytest.raises(DataError, match="no \\*.jsonl owner files"):
         owner_files(str(tmp_path))
+    prefixed = tmp_path / "prefixed"  # by whole file name 'acme-eu.jsonl' < 'acme.jsonl' ('-' < '.')
+    prefixed.mkdir()
+    for name in ("acme", "acme-eu", "acme_x"):
+        (prefixed / f"{name}.jsonl").write_text("")
+    from perfit.federation.roster import Roster, number_owners
+
+    roster = Roster()  # the server numbers owners by name; client k must read the k-th file
+    number_owners(
+        roster,
+        {name: [(i, {"train_rows": 1, "eval_rows": 1})] for i, name in enumerate(["acme_x", "acme-eu", "acme"])},
+        3,
+    )
+    assert (
+        [f.stem for f in owner_files(str(prefixed))]
+        == [roster.names[k] for k in range(3)]
+        == ["acme", "acme-eu", "acme_x"]
+    )
     split = owner_split(60, Config(split="owner", seed=1))
     assert (len(split.train), len(split.eval)) == (48, 12)  # 80/20, by hand
     assert sorted(split.train + split.eval) == list(range(60))

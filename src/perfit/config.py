@@ -139,11 +139,11 @@ class Config:
     """Server-side bound on updates: each accepted update's change from what its client received
     is scaled down to at most this multiple of the round's median change norm before Eq. 6, so
     fewer than half of a round's clients cannot drag the global adapter further than that; and an
-    update weighs at most this multiple of the median client's registered train rows, so a client
-    claiming a huge file cannot outweigh the round; 0: both off. The default leaves honest rounds
-    unchanged, with a margin over the widest honest spread of change norms measured, of optimizer
-    steps the paper's splits sample, and of their clients' rows (at most 4.2x the median;
-    docs/reliability.md)."""
+    update weighs at most this multiple of the (lower) median client's registered train rows, so a
+    client claiming a huge file cannot outweigh the round (HetLoRA weighs by ||B A||_F, not rows);
+    0: both off. The default leaves honest rounds unchanged, with a margin over the widest honest
+    spread of change norms measured, of optimizer steps the paper's splits sample, and of their
+    clients' rows (at most 4.1x the lower median; docs/reliability.md)."""
     min_replies: float = 0.5
     """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""

@@ -79,9 +79,9 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
         reply = perfit_client.identify(msg, context)
-        if faults.get(_client(context)) == "overweight":
+        if faults.get(_client(context)) == "overweight":  # distinct indices: repeating its own would not count
             rows = reply.content["rows"]
-            rows["train"] = Array(np.tile(rows["train"].numpy(), OVERWEIGHT))
+            rows["train"] = Array(np.arange(OVERWEIGHT * rows["train"].numpy().size, dtype=np.int64) + 10**7)
         return reply
 
     @app.query("search")

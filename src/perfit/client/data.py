@@ -172,12 +172,14 @@ class ClientSplit:
 
 
 def owner_files(data: str) -> list[Path]:
-    """The owners' files of `split=owner`: every `*.jsonl` in the directory `data`, sorted by name
-    (client k is the k-th; its name is the file's stem), or `data` itself when it is one file (a
-    Deployment Engine node's own file, from its node config)."""
+    """The owners' files of `split=owner`: every `*.jsonl` in the directory `data`, in the order of
+    their names (client k is the k-th; its name is the file's stem), or `data` itself when it is one
+    file (a Deployment Engine node's own file, from its node config). Sorted by stem, the order the
+    server numbers owners in (`federation.roster.number_owners`): by whole file name `acme-eu.jsonl`
+    would come before `acme.jsonl` ('-' < '.'), and the two owners would train on each other's file."""
     path = Path(data).expanduser()
     if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
+        files = sorted(path.glob("*.jsonl"), key=lambda file: file.stem)
         if not files:
             raise DataError(f"{path}: no *.jsonl owner files in this directory")
         return files

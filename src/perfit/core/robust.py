@@ -45,11 +45,13 @@ def bound_changes(
 
 def weight_cap(registered_rows: list[int], multiple: float) -> float:
     """The largest aggregation weight (example count) any client's update gets: `multiple` x the
-    median of the train rows the clients registered (math.inf where `multiple` is 0: no cap). Every
-    count is the client's own claim; while fewer than half the clients lie, the median is an honest
-    client's count, so an owner claiming a huge file weighs at most `multiple` median owners instead
-    of the whole round. Clients without train rows take no part in an average, nor in its median."""
-    training = [float(rows) for rows in registered_rows if rows > 0]
+    lower median of the train rows the clients registered (math.inf where `multiple` is 0: no cap).
+    Every count is the client's own claim; while fewer than half the clients lie, the lower median
+    is an honest client's count, so an owner claiming a huge file weighs at most `multiple` median
+    owners instead of the whole round. (The lower median, unlike the change norms' median: with two
+    owners the mean of the two counts would let one lie raise the cap as far as it likes.) Clients
+    without train rows take no part in an average, nor in its median."""
+    training = [rows for rows in registered_rows if rows > 0]
     if multiple <= 0 or not training:
         return math.inf
-    return multiple * median(training)
+    return multiple * float(statistics.median_low(training))

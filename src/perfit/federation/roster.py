@@ -43,10 +43,11 @@ class Roster:
         return sorted(models)[0]
 
     def train_rows(self, client: int) -> int:
-        """How many train rows `client`'s node said it holds: the most examples an update of it may
-        count (`validation.update_problem`), and what the weight cap is taken over."""
+        """How many train rows `client`'s node said it holds (a research split's distinct row
+        indices: a repeated index is no more rows): the most examples an update of it may count
+        (`validation.update_problem`), and what the weight cap is taken over."""
         split = self.splits[client]
-        return int(split["train_rows"]) if "train_rows" in split else len(split["train"])
+        return int(split["train_rows"]) if "train_rows" in split else len(set(split["train"]))
 
 
 def discover(grid: Grid, config: Config) -> Roster:

@@ -138,7 +138,8 @@ class Federation:
         self.shared = shared_positions(self.layout, config.method)
         self.roster = discover(self.grid, config)  # the clients open and validate their data; before any output
         model_path, self.model_fingerprint = self.roster.base_model()
-        self.weight_cap = weight_cap([self.roster.train_rows(c) for c in self.roster.nodes], config.update_bound)
+        registered = [self.roster.train_rows(c) for c in config.participants if c in self.roster.nodes]
+        self.weight_cap = weight_cap(registered, config.update_bound)
         resuming = resumes_from_checkpoint(config)  # the checkpoint holds the adapter and the masks
         partitions = partitions_record(self.roster.splits, config.held_out)
         if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
@@ -407,16 +408,17 @@ class Federation:
                 continue  # a client without train rows has nothing to contribute
             accepted[client] = (mask, torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
             timing[str(client)] = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
-            losses.append((float(metrics["train_loss"]), float(metrics["examples"])))
+            losses.append((float(metrics["train_loss"]), min(float(metrics["examples"]), self.weight_cap)))
         bounds = self._bound(accepted)
         updates, capped = Accumulator(self.config.aggregation_rule, self.layout.size), {}
+        by_examples = self.config.method != "hetlora"  # HetLoRA weighs by ||B A||_F, not by a claim
         for client, (mask, values, examples) in accepted.items():
             dense = scatter(values, mask)
-            if examples > self.weight_cap and self.config.method != "hetlora":
+            if by_examples and examples > self.weight_cap:
                 log.warning("client %d: weight of %d examples capped at %.4g", client, examples, self.weight_cap)
                 capped[str(client)] = examples
             updates.add(mask, dense, self._weight(dense, examples))
-        if self.config.update_bound > 0:
+        if accepted and by_examples and self.config.update_bound > 0:
             bounds["weight_capped"] = capped
         needed = math.ceil(self.config.min_replies * len(sampled))
         counted = updates.count > 0 and updates.count >= needed
