@@ -4,6 +4,7 @@
 #   benchmarks/personal_grid.sh [DOLLY_JSONL]      (default ../shared/data/databricks-dolly-15k.jsonl)
 # 1. Tuning on seed 0's validation slice (`perfit bench tune --grid personal`), FIT and the PerFIT variants
 #    of each split first: every cell's rate, and which PerFIT variant is carried on.
+#    Then `perfit bench cross` on the paper's PerFIT and the chosen variant at their chosen rates.
 # 2. The held-out seeds 1-3 at the chosen rates: FIT, the baselines, the paper's PerFIT, the chosen
 #    variant, PerFIT and HetLoRA 8/12/16 (the variants not chosen are not run).
 # 3. `perfit report` with the personalization section: in docs/results.md and .json, regenerated whole where
@@ -24,6 +25,11 @@ done
 if [ "$failed" = 1 ]; then echo "personal_grid.sh: some tuning runs failed (above); fix them and run this again" >&2; exit 1; fi
 "$PERFIT" bench tune "${TUNE[@]}"   # all finished: this pass writes the whole tuning.json
 TUNING=$RUNS/tune-personal/docs/tuning.json
+# Cross-evaluation of the PerFIT runs the claim compares (RUN/cross.json, which the report reads).
+while read -r run; do  # a reading that fails is named and left out; the report shows it as not run
+    "$PERFIT" bench cross "$run" > /dev/null || echo "personal_grid.sh: perfit bench cross $run failed" >&2
+done < <(${BIN:-.venv/bin}/python -c 'import json, sys; from perfit.bench.personal import cross_targets
+for run in cross_targets(json.load(open(sys.argv[1]))): print(run)' "$TUNING")
 CELLS=()
 while read -r cell; do CELLS+=(--cells "$cell"); done < <(${BIN:-.venv/bin}/python - "$TUNING" <<'PY'
 import json, sys

@@ -582,3 +582,30 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
         markdown({"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}, tmp_path)
     )
     assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.9810 |" in text
+
+
+def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(tmp_path):
+    from perfit.bench.experiments import PERSONAL_VARIANTS
+    from perfit.bench.personal import cross_targets
+
+    rates = {"perfit": 3e-3, "perfit-zero-b": 3e-3, "perfit-4": 1e-2, "perfit-gradient-4": 1e-3}
+    best = {"pathological": "perfit-4", "dirichlet": "perfit"}  # the lowest validation perplexity per split
+    cells = {
+        f"personal/{split}/{label}": {
+            "chosen_lr": rates[label],
+            "validation_ppl": {f"{rates[label]:g}": 9.0 if label == best[split] else 10.0},
+        }
+        for split in best
+        for label in PERSONAL_VARIANTS
+    }
+    cells["personal/pathological/fit"] = {"chosen_lr": 3e-3, "validation_ppl": {"0.003": 8.0}}  # not PerFIT
+    tuning = {"out": str(tmp_path), "cells": cells}
+    expected = [
+        tmp_path / "personal/pathological/perfit/lr0.003/seed0",
+        tmp_path / "personal/pathological/perfit-4/lr0.01/seed0",
+        tmp_path / "personal/dirichlet/perfit/lr0.003/seed0",  # chosen there: once
+    ]
+    assert cross_targets(tuning) == expected
+    (expected[1]).mkdir(parents=True)
+    (expected[1] / "cross.json").write_text("{}")  # already read: not again
+    assert cross_targets(tuning) == [expected[0], expected[2]]

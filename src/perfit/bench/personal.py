@@ -74,21 +74,27 @@ def _masks(directories: list[Path]) -> dict[str, float]:
     return {name: statistics.fmean(d[key] for d in found) if found else math.nan for name, key in MASK_READINGS.items()}
 
 
-def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per split, every PerFIT cell's seed-0 tuning run at its chosen rate (the runs the variant is
-    chosen on; no held-out row): its validation perplexity and its masks' readings. Needs the
-    tuning's `out` (tuning.json's, from `perfit bench tune`); cells without a chosen rate are left out."""
+def _chosen_tuning_runs(tuning: dict[str, Any] | None) -> list[tuple[Any, dict[str, Any], Path]]:
+    """(cell, its tuning.json entry, its seed-0 tuning run at its chosen rate) of every PerFIT cell
+    with a chosen rate; none without the tuning's `out` (tuning.json's, from `perfit bench tune`)."""
     from perfit.bench.tuning import tuning_name
 
     if "out" not in (tuning or {}):
-        return {}
-    cells = tuning["cells"]
-    readings: dict[str, dict[str, dict[str, Any]]] = {}
+        return []
+    chosen = []
     for cell in personalization_grid():
-        entry = cells.get(cell.name, {})
-        if cell.fields.get("method") != "perfit" or "chosen_lr" not in entry:
-            continue
-        directory = Path(tuning["out"]) / tuning_name(cell, entry["chosen_lr"]) / "seed0"
+        entry = tuning["cells"].get(cell.name, {})
+        if cell.fields.get("method") == "perfit" and "chosen_lr" in entry:
+            chosen.append((cell, entry, Path(tuning["out"]) / tuning_name(cell, entry["chosen_lr"]) / "seed0"))
+    return chosen
+
+
+def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per split, every PerFIT cell's seed-0 tuning run at its chosen rate (the runs the variant is
+    chosen on; no held-out row): its validation perplexity and its masks' readings. Cells without a
+    chosen rate are left out."""
+    readings: dict[str, dict[str, dict[str, Any]]] = {}
+    for cell, entry, directory in _chosen_tuning_runs(tuning):
         readings.setdefault(cell.split, {})[cell.label] = {
             "lr": entry["chosen_lr"],
             "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],
@@ -96,6 +102,19 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
             "own_over_others": _own_over_others(directory),
         }
     return readings
+
+
+def cross_targets(tuning: dict[str, Any]) -> list[Path]:
+    """The tuning runs `perfit bench cross` should read for the report's claim (about 10 minutes
+    each at 2 threads): per split, the paper's PerFIT and the variant chosen on validation, each at
+    its chosen rate, where the run has no cross.json yet. Does a client's own model fit its rows
+    better than the other clients' models do, in the runs the claim compares?"""
+    chosen = chosen_variants(tuning.get("cells"))
+    return [
+        directory
+        for cell, _, directory in _chosen_tuning_runs(tuning)
+        if cell.label in ("perfit", chosen[cell.split]) and not (directory / "cross.json").is_file()
+    ]
 
 
 def _own_over_others(run_dir: Path) -> float:
