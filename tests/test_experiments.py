@@ -138,8 +138,12 @@ def test_remaining_seconds_by_kind_then_method_then_all():
     finished = [(fit, 100.0), (fit, 300.0), (fit_ft, 40.0), (perfit, 900.0)]
     assert remaining_seconds(finished, [fit, fit_ft, perfit]) == 200.0 + 40.0 + 900.0  # each its kind's mean
     four_runs = (100 + 300 + 40 + 900) / 4
-    assert remaining_seconds(finished, [((("method", "fit"), ("split", "x")), ())]) == 440.0 / 3  # its method's
+    other_fit = ((("method", "fit"), ("split", "x")), ())
+    assert remaining_seconds(finished, [other_fit]) == 200.0  # its method's federations, not its fine-tuning
+    assert remaining_seconds(finished, [((("method", "fit"),), ("masks_from",))]) == 440.0 / 3  # its method's
     assert remaining_seconds(finished, [fedsa, fedsa]) == 2 * four_runs  # no run of its method: every run's
+    other_ft = ((("method", "fit"), ("rouge_samples", "6")), ("start_from",))
+    assert remaining_seconds(finished, [other_ft]) == 40.0  # a fine-tuning run like the fine-tuning runs
     assert remaining_seconds(finished, []) == 0.0 and remaining_seconds([], [fit]) is None
 
 

@@ -236,22 +236,23 @@ def run_kind(cell: Cell) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
 
 def remaining_seconds(finished: list[tuple[Any, float]], pending: list[Any]) -> float | None:
     """The wall seconds `pending` runs (their `run_kind`s) may take, each at the mean wall time of
-    the `finished` (kind, seconds) of its kind, else of its method, else of every finished run;
-    None while no run has finished. A resumable run counts whole: an estimate on the safe side."""
+    the `finished` (kind, seconds) of its kind, else of its method building on the same runs (FIT +
+    FT's fine-tuning from FIT's run is not a federation), else of its method, else of every finished
+    run; None while no run has finished. A resumable run counts whole: an estimate on the safe side."""
     if not finished:
         return None
 
-    def method(kind: Any) -> str:
-        return dict(kind[0]).get("method", "")
+    def coarser(kind: Any) -> tuple[Any, ...]:
+        method = dict(kind[0]).get("method", "")
+        return kind, (method, kind[1]), method
 
-    by_kind: dict[Any, list[float]] = {}
-    by_method: dict[str, list[float]] = {}
+    groups: dict[Any, list[float]] = {}
     for kind, wall in finished:
-        by_kind.setdefault(kind, []).append(wall)
-        by_method.setdefault(method(kind), []).append(wall)
+        for key in coarser(kind):
+            groups.setdefault(key, []).append(wall)
     total = 0.0
     for kind in pending:
-        seconds = by_kind.get(kind) or by_method.get(method(kind)) or [wall for _, wall in finished]
+        seconds = next((groups[key] for key in coarser(kind) if key in groups), [wall for _, wall in finished])
         total += sum(seconds) / len(seconds)
     return total
 
