@@ -12,6 +12,7 @@ from perfit.core.diagnostics import (
     mean_pairwise_overlap,
     own_model_advantage,
     pair_correlation,
+    position_sharing,
 )
 
 T, F = True, False
@@ -31,6 +32,17 @@ def test_mean_pairwise_overlap_over_ordered_pairs():
     a, b, c = torch.tensor([T, T, F, F]), torch.tensor([T, F, T, F]), torch.tensor([T, T, F, F])
     # a-b 1/2, a-c 1, b-c 1/2, and the same the other way round (equal budgets): mean 2/3
     assert mean_pairwise_overlap([a, b, c]) == pytest.approx(2 / 3)
+
+
+def test_position_sharing_counts_the_clients_keeping_each_kept_position():
+    a, b, c, d = (torch.tensor(m) for m in ([T, T, F, F], [T, F, T, F], [T, T, T, F], [F, F, F, T]))
+    # holders per position: 3, 2, 2, 1 -> a: (3 + 2) / 2, b: (3 + 2) / 2, c: (3 + 2 + 2) / 3, d: 1 / 1
+    sharers, alone = position_sharing([a, b, c, d])
+    assert sharers == pytest.approx((2.5 + 2.5 + 7 / 3 + 1.0) / 4)
+    assert alone == pytest.approx((0 + 0 + 0 + 1.0) / 4)  # only d keeps a position no other client keeps
+    assert position_sharing([a, a]) == (2.0, 0.0)  # identical masks: every value the mean of both
+    with pytest.raises(ValueError):
+        position_sharing([])
 
 
 def test_data_free_mask_keeps_the_largest_magnitudes_per_group():

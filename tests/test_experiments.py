@@ -549,7 +549,8 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
 
     def readings(directory):
         seen.append(Path(directory))
-        return {"mean_pairwise_overlap": 0.6, "overlap_with_data_free_mask": 0.5, "mask_vs_data_similarity_r": 0.4}
+        return {"mean_pairwise_overlap": 0.6, "overlap_with_data_free_mask": 0.5, "mask_vs_data_similarity_r": 0.4,
+                "kept_alone": 0.02}  # fmt: skip
 
     monkeypatch.setattr(perfit.bench.diagnostics, "mask_diagnostics", readings)
     cells = {
@@ -576,6 +577,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
                 "mask_pairwise_overlap": 0.6,
                 "mask_data_free_overlap": 0.5,
                 "mask_r": 0.4,
+                "mask_alone": 0.02,
                 "own_over_others": 0.981,
             }
         }
@@ -585,7 +587,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
     text = "\n".join(
         markdown({"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}, tmp_path)
     )
-    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.9810 |" in text
+    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.020 | 0.9810 |" in text
 
 
 def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(tmp_path):

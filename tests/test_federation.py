@@ -156,6 +156,10 @@ def test_mask_diagnostics_of_a_perfit_run(runs):
     pairs = [kept_overlap(a, b) for a, b in itertools.permutations(masks, 2)]
     assert found["mean_pairwise_overlap"] == pytest.approx(sum(pairs) / 12)  # the run's own masks, 4 x 3 pairs
     assert 0 < found["mean_pairwise_overlap"] < 1 and 0 < found["overlap_with_data_free_mask"] <= 1
+    assert found["mean_sharers"] == pytest.approx(1 + 3 * found["mean_pairwise_overlap"])  # 4 clients
+    holders = torch.stack(masks).sum(0)
+    alone = sum(float((holders[m] == 1).double().mean()) for m in masks) / 4
+    assert found["kept_alone"] == pytest.approx(alone) and 0 <= alone < 1
     r = found["mask_vs_data_similarity_r"]
     assert r != r or -1 <= r <= 1  # NaN where every pair's data overlap is the same
     fit_config, _ = runs[("fit", "pathological", "")]

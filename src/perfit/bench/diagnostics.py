@@ -22,8 +22,15 @@ def diagnose(
     """The mean pairwise overlap of the clients' kept positions, each mask's mean overlap with the
     data-free mask (top-k of |theta_0| at the client's budget), and the correlation, over client
     pairs, of mask overlap with data similarity (rows and columns in sorted client order; None where
-    the split gives no measure of it: NaN)."""
-    from perfit.core.diagnostics import data_free_mask, kept_overlap, mean_pairwise_overlap, pair_correlation
+    the split gives no measure of it: NaN); and how many clients share each
+    of a client's kept positions (`core.diagnostics.position_sharing`)."""
+    from perfit.core.diagnostics import (
+        data_free_mask,
+        kept_overlap,
+        mean_pairwise_overlap,
+        pair_correlation,
+        position_sharing,
+    )
     from perfit.core.layout import budget_groups, initial_adapter
     from perfit.core.methods import search_init
 
@@ -33,11 +40,14 @@ def diagnose(
     free_masks = {b: data_free_mask(theta, budget_groups(layout, config.scope, b)) for b in set(budgets.values())}
     free = [kept_overlap(masks[c], free_masks[budgets[c]]) for c in clients]
     overlap = [[kept_overlap(masks[a], masks[b]) for b in clients] for a in clients]
+    sharers, alone = position_sharing([masks[c] for c in clients])
     return {
         "clients": len(clients),
         "mean_pairwise_overlap": mean_pairwise_overlap([masks[c] for c in clients]),
         "overlap_with_data_free_mask": sum(free) / len(free),
         "mask_vs_data_similarity_r": pair_correlation(overlap, data_similarity) if data_similarity else float("nan"),
+        "mean_sharers": sharers,
+        "kept_alone": alone,
     }
 
 

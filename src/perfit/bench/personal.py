@@ -62,6 +62,7 @@ MASK_READINGS = {
     "mask_pairwise_overlap": "mean_pairwise_overlap",
     "mask_data_free_overlap": "overlap_with_data_free_mask",
     "mask_r": "mask_vs_data_similarity_r",
+    "mask_alone": "kept_alone",
 }
 """The report's names for `bench.diagnostics.diagnose`'s readings of a run's masks."""
 
@@ -206,15 +207,18 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         "each client holding a client's share of the paper's 100-client split (120 train / 30 held-out "
         "rows), 10 clients, 3 a round, 10 rounds, batch 64; every method at its rate chosen on seed 0's "
         "validation slice; held-out seeds 1-3, each ratio paired by seed. ROUGE-L: greedy answers to 6 "
-        "held-out rows per client. r: correlation of mask overlap with category overlap over client pairs.",
+        "held-out rows per client. r: correlation of mask overlap with category overlap over client pairs. "
+        "kept alone: the share of a client's kept positions no other client keeps (Eq. 6 averages every "
+        "other value over the clients keeping it).",
         "",
     ]
     for split, found in summary["splits"].items():
         lines += [
             f"### {split}",
             "",
-            "| method | seeds | pers. ppl | / FIT | ROUGE-L | mask overlap | with data-free mask | mask r |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | seeds | pers. ppl | / FIT | ROUGE-L | mask overlap | with data-free mask | mask r "
+            "| kept alone |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for label, cell in found["cells"].items():
             marker = " (chosen on validation)" if label == found["chosen_variant"] else ""
@@ -230,8 +234,9 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
                 "its validation rows, geometric mean over clients (`perfit bench cross`; 1: the masks "
                 "personalize nothing a client's data can tell; – not run):",
                 "",
-                "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r | own / others |",
-                "|---|---|---|---|---|---|---|",
+                "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r | kept alone "
+                "| own / others |",
+                "|---|---|---|---|---|---|---|---|",
                 *(
                     f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])} | {_mask_numbers(r)} "
                     f"| {_number(r['own_over_others'], 4)} |"

@@ -6,6 +6,9 @@ overlap about 50 %), how much each overlaps the mask any client would get withou
 |theta_0|, the seeded adapter every client starts from: `data_free_mask`), and whether mask
 similarity goes with data similarity across client pairs (`pair_correlation`).
 
+Under Eq. 6 (`shared`) a client's value at a kept position is the mean over every client keeping
+it, so masks that overlap leave each client few values of its own (`position_sharing`).
+
 A mask can differ from client to client and still not personalize the model's function. The test of
 that is cross-evaluation: every client's model on every client's held-out rows
 (`own_model_advantage`)."""
@@ -33,6 +36,21 @@ def mean_pairwise_overlap(masks: list[torch.Tensor]) -> float:
     """Mean `kept_overlap` over every ordered pair of distinct clients."""
     pairs = [kept_overlap(a, b) for a, b in itertools.permutations(masks, 2)]
     return statistics.fmean(pairs) if pairs else float("nan")
+
+
+def position_sharing(masks: list[torch.Tensor]) -> tuple[float, float]:
+    """(sharers, kept alone): per client, the mean number of clients (itself included) that keep
+    each of its kept positions, and the share of its kept positions no other client keeps; each
+    averaged over clients. Eq. 6 averages a kept value over its sharers: N sharers of N clients
+    leave every client the global values, and only the positions a client keeps alone are its own.
+    The sharers are 1 + (N - 1) x `mean_pairwise_overlap` (each other client adds its overlap); the
+    share kept alone is what that mean does not tell."""
+    if not masks:
+        raise ValueError("position sharing of no masks")
+    holders = torch.stack([mask.bool() for mask in masks]).sum(0)
+    sharers = [float(holders[mask.bool()].double().mean()) for mask in masks]
+    alone = [float((holders[mask.bool()] == 1).double().mean()) for mask in masks]
+    return statistics.fmean(sharers), statistics.fmean(alone)
 
 
 def data_free_mask(theta: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
