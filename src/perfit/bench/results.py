@@ -89,9 +89,13 @@ def paired_changes(a: CellResult, b: CellResult) -> list[float]:
 
 
 def exceeds_spread(a: CellResult, b: CellResult) -> bool:
-    """Whether `a` differs from `b` beyond the seed spread, paired by seed: two or more common seeds,
-    every per-seed change of the same sign, and |mean change| > the sample std of the changes."""
-    changes = paired_changes(a, b)
+    """Whether `a` differs from `b` beyond the seed spread, paired by seed (`changes_beyond_spread`)."""
+    return changes_beyond_spread(paired_changes(a, b))
+
+
+def changes_beyond_spread(changes: list[float]) -> bool:
+    """Whether paired per-seed changes agree beyond their spread: two or more, every one of the same
+    sign (a NaN agrees with none), and |mean change| > the sample std of the changes."""
     if len(changes) < 2 or not (all(c > 0 for c in changes) or all(c < 0 for c in changes)):
         return False
     return abs(statistics.fmean(changes)) > statistics.stdev(changes)
