@@ -58,6 +58,10 @@ def test_shared_positions_per_method():
     assert not shared_positions(LAYOUT, "local").any()
     for method in ("fit", "perfit", "hetlora"):
         assert shared_positions(LAYOUT, method).all()
+    from perfit.core.methods import NODE_KEPT
+
+    for method in ("fit", "perfit", "hetlora", "fedsa", "local"):  # the methods that cannot resume in simulation
+        assert (method in NODE_KEPT) == (not shared_positions(LAYOUT, method).all())
 
 
 def test_lora_update_norm_is_frobenius_of_b_times_a():

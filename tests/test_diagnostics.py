@@ -51,7 +51,7 @@ def test_data_free_mask_keeps_the_largest_magnitudes_per_group():
     assert data_free_mask(theta, [(0, 3, 1), (3, 6, 2)]).tolist() == [F, T, F, T, F, T]
 
 
-def test_pair_correlation_reads_the_upper_triangle():
+def test_pair_correlation_reads_each_pair_in_both_directions():
     masks = [[1, 0.9, 0.1], [0.9, 1, 0.2], [0.1, 0.2, 1]]
     data = [[1, 0.8, 0.0], [0.8, 1, 0.1], [0.0, 0.1, 1]]
     # pairs (0,1) (0,2) (1,2): masks 0.9 0.1 0.2, data 0.8 0.0 0.1: the same shape, r = 1
@@ -59,6 +59,11 @@ def test_pair_correlation_reads_the_upper_triangle():
     flipped = [[1, 0.1, 0.9], [0.1, 1, 0.8], [0.9, 0.8, 1]]
     assert pair_correlation(masks, flipped) < -0.9
     assert math.isnan(pair_correlation([[1, 0.5], [0.5, 1]], [[1, 0.2], [0.2, 1]]))  # one pair
+    # unequal budgets: client 1's kept positions lie 0.9 in client 0's, client 0's only 0.1 in 1's
+    lopsided = [[1, 0.1, 0.2], [0.9, 1, 0.4], [0.2, 0.4, 1]]
+    data3 = [[1, 0.5, 0.2], [0.5, 1, 0.4], [0.2, 0.4, 1]]
+    assert pair_correlation(lopsided, data3) == pytest.approx(1.0)  # pairs 0.5 0.2 0.4 both sides
+    assert pair_correlation([[1, 0.1, 0.2], [0.1, 1, 0.4], [0.2, 0.4, 1]], data3) < 0.2  # one triangle's reading
 
 
 def test_category_cosines_of_the_clients_histograms():

@@ -4,6 +4,7 @@ ratios and the seed-spread rule on hand-made summaries, and one real cell end to
 import dataclasses
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,32 @@ def test_progress_counts_finished_runs_and_estimates_the_rest(tmp_path):
     _fake_run(fit_ft.run_dir(tmp_path, 1), 9.0, wall=50.0, cell=fit_ft)
     runs = len(fit.seeds) + len(fit_ft.seeds)  # the rest: FIT's at 700 s a run, FIT + FT's at 50 s
     assert progress(cells, tmp_path) == (3, runs, 1450.0, 700.0 * (len(fit.seeds) - 2) + 50.0 * (len(fit_ft.seeds) - 1))
+
+
+def test_a_partial_run_of_a_method_whose_clients_keep_values_restarts_instead_of_resuming(tmp_path):
+    """FedSA-LoRA's B lives on the simulated nodes only: resuming from the server's checkpoint would
+    start every client's B again from 0 in the middle of the run, silently."""
+    from perfit.config import Config
+    from perfit.federation.simulation import run_simulation
+
+    cell = select(GRIDS["personal"](), ["personal/pathological/fedsa"])[0]
+    partial = cell.run_dir(tmp_path, 1)
+    partial.mkdir(parents=True)
+    (partial / "checkpoint.safetensors").write_bytes(b"x")
+    seen, lines = [], []
+
+    def runner(config):
+        seen.append((config.seed, config.resume, (Path(config.out) / "checkpoint.safetensors").exists()))
+        return {"personalized_ppl": 9.0, "wall_seconds": 1.0}
+
+    run_grid([replace(cell, seeds=(1,))], tmp_path, {"data": "d.jsonl"}, runner, report=lines.append)
+    assert seen == [(1, 0, False)]  # from round 1, the old checkpoint gone
+    assert "restarting (a simulation cannot resume the values its clients kept)" in lines[0]
+    (partial / "checkpoint.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    (partial / "checkpoint.safetensors").write_bytes(b"x")
+    config = Config(method="fedsa", resume=1, out=str(partial), data="d.jsonl")
+    with pytest.raises(ValueError, match="a simulated fedsa run cannot resume"):
+        run_simulation(config)  # `perfit run --resume` says so before anything starts
 
 
 def test_a_run_that_starts_from_another_waits_for_it_to_finish(tmp_path):

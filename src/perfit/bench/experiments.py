@@ -283,11 +283,15 @@ def run_grid(
 ) -> list[tuple[Cell, int, str]]:
     """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
     raises is reported as `failed: ...` and the grid goes on with the next one."""
+    from perfit.core.methods import NODE_KEPT
     from perfit.federation.run_directory import config_changes
 
     done = []
     for cell, seed in schedule(cells):
         status = state(cell, out, seed)
+        if status == "partial" and cell.fields.get("method") in NODE_KEPT:  # its nodes' values went with it
+            report(f"{cell.name} seed {seed}: restarting (a simulation cannot resume the values its clients kept)")
+            status = "todo"
         config = cell.config(seed, out, **common, resume=int(status == "partial"))
         if status == "done":
             changes = config_changes(Path(config.out), config) if (Path(config.out) / "config.toml").is_file() else []
@@ -310,7 +314,7 @@ def run_grid(
             report(f"{cell.name} seed {seed}: {what}")
             done.append((cell, seed, f"failed: {what}"))
             continue
-        if status == "todo" and Path(config.out).exists():  # a run that died before its first checkpoint
+        if status == "todo" and Path(config.out).exists():  # died before its first checkpoint, or restarts
             shutil.rmtree(config.out)
         report(f"{cell.name} seed {seed}: {'resuming' if status == 'partial' else 'running'}")
         try:

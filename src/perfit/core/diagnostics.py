@@ -65,10 +65,15 @@ def data_free_mask(theta: torch.Tensor, groups: list[tuple[int, int, int]]) -> t
 
 def pair_correlation(mask_similarity: list[list[float]], data_similarity: list[list[float]]) -> float:
     """Pearson correlation, over the pairs of distinct clients, between two similarity matrices;
-    NaN when either side is constant or there are fewer than two pairs."""
+    NaN when either side is constant or there are fewer than two pairs. A pair reads the mean of
+    its two directions: `kept_overlap` at unequal budgets (ranks 8/12/16) is not symmetric, and
+    one triangle alone would measure each pair against the budget of whichever client comes first."""
     size = len(mask_similarity)
-    xs = [mask_similarity[i][j] for i in range(size) for j in range(i + 1, size)]
-    ys = [data_similarity[i][j] for i in range(size) for j in range(i + 1, size)]
+
+    def pairs(matrix: list[list[float]]) -> list[float]:
+        return [(matrix[i][j] + matrix[j][i]) / 2 for i in range(size) for j in range(i + 1, size)]
+
+    xs, ys = pairs(mask_similarity), pairs(data_similarity)
     if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return float("nan")
     return statistics.correlation(xs, ys)

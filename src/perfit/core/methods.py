@@ -64,6 +64,13 @@ def shared_positions(layout: Layout, method: str) -> torch.Tensor:
     return torch.ones(layout.size, dtype=torch.bool)
 
 
+NODE_KEPT = ("fedsa", "local")
+"""The methods whose clients keep values the server never sees (`shared_positions` is not all of the
+adapter): FedSA-LoRA's B, all of a `local` adapter. A run of theirs can resume from the server's
+checkpoint only where the nodes kept those values too (a state-dir); a simulation's nodes lose them
+with its process."""
+
+
 def lora_update_norm(layout: Layout, flat: torch.Tensor) -> float:
     """||Delta W||_F over all modules, Delta W = B A per module (HetLoRA's sparsity of an update)."""
     total = 0.0

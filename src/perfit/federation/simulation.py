@@ -113,12 +113,22 @@ def run_simulation(
 ) -> dict[str, Any]:
     """Run one federation to completion and return its summary (also in `<out>/summary.json`).
 
-    `client_app` replaces perfit's ClientApp (e.g. a wrapped one that injects faults in tests).
+    `client_app` replaces perfit's ClientApp (e.g. a wrapped one that injects faults in tests). A
+    run of a method whose clients keep private values (`core.methods.NODE_KEPT`) does not resume:
+    the simulated nodes kept those values in memory only.
 
     Each simulated client gets `cpus_per_client` cores (torch threads): on 2 cores one 2-thread
     client process runs a round as fast as two 1-thread ones, with one model copy in memory instead
     of two (docs/speed.md).
     """
+    from perfit.core.methods import NODE_KEPT
+    from perfit.federation.run_directory import resumes_from_checkpoint
+
+    if config.method in NODE_KEPT and resumes_from_checkpoint(config):
+        raise ValueError(
+            f"{config.out}: a simulated {config.method} run cannot resume: its clients' private values (kept "
+            "only by the nodes, never the server) went with the stopped process; run it again without resume"
+        )
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import ray
