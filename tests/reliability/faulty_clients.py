@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from perfit.federation import client_app as perfit_client
@@ -23,6 +23,8 @@ TRAIN_FAULTS = (
     "impostor",
     "bad_examples",
     "inflated_examples",
+    "nan_client",
+    "list_seconds",
 )
 
 
@@ -50,6 +52,10 @@ def _corrupt(reply: Message, fault: str, client: int) -> None:
         metrics["examples"] = -3
     elif fault == "inflated_examples":  # more than the rows it registered: to outweigh the round
         metrics["examples"] = 10**6
+    elif fault == "nan_client":  # metrics of types perfit never sends: the server must not crash on them
+        metrics["client"] = float("nan")
+    elif fault == "list_seconds":
+        metrics["compute_seconds"] = [1.0, 2.0]
     arrays["values"] = Array(values)
 
 
@@ -69,7 +75,8 @@ def _scale_change(reply: Message, received: np.ndarray, factor: float) -> None:
 def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     """perfit's ClientApp, except that client `c` answers with fault `faults[c]`:
     one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
-    `over_budget_mask` (registers a mask holding every position), `overweight` (OVERWEIGHT), or one
+    `over_budget_mask` (registers a mask holding every position), `no_mask` (a search reply without
+    one), `overflow_nll` (an evaluation past float range), `overweight` (OVERWEIGHT), or one
     of HOSTILE (a sound-looking update whose change from what the client received is scaled)."""
     app = ClientApp()
 
@@ -87,6 +94,8 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     @app.query("search")
     def search(msg: Message, context: Context) -> Message:
         reply = perfit_client.search(msg, context)
+        if faults.get(_client(context)) == "no_mask":
+            return Message(RecordDict({"metrics": reply.content["metrics"]}), reply_to=msg)
         if faults.get(_client(context)) == "over_budget_mask":
             size = reply.content["arrays"]["mask"].numpy().size * 8
             reply.content["arrays"] = ArrayRecord({"mask": Array(np.packbits(np.ones(size, dtype=np.uint8)))})
@@ -113,6 +122,9 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         if faults.get(_client(context)) == "raise":
             raise RuntimeError("injected client failure")
-        return perfit_client.evaluate(msg, context)
+        reply = perfit_client.evaluate(msg, context)
+        if faults.get(_client(context)) == "overflow_nll":  # exp(1e6) is past float range
+            reply.content["metrics"]["nll"], reply.content["metrics"]["tokens"] = 1e6, 1
+        return reply
 
     return app

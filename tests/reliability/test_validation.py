@@ -2,6 +2,7 @@
 reason, and the round aggregates exactly the sound updates (Flower simulation, real messages)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,15 +24,22 @@ REASONS = {
     "impostor": "claims to be client",
     "bad_examples": "bad example count",
     "inflated_examples": "more than the",
+    "nan_client": "malformed reply (ValueError",
+    "list_seconds": "malformed reply (TypeError",
+    "no_mask": "malformed reply (KeyError",
     "over_budget_mask": "budget is",
 }
 
 
 def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data, tmp_path, caplog):
-    faults = dict(enumerate(REASONS))  # clients 0..10 misbehave, 11 and 12 are sound
-    config = tiny_config(tiny_model, small_data, tmp_path / "run", num_clients=13, clients_per_round=13, min_replies=0)
+    faults = dict(enumerate(REASONS))  # each misbehaves; then one whose evaluation overflows, and 2 sound
+    overflow, sound = len(faults), [len(faults) + 1, len(faults) + 2]
+    clients = len(faults) + 3
+    config = tiny_config(
+        tiny_model, small_data, tmp_path / "run", num_clients=clients, clients_per_round=clients, min_replies=0
+    )
     with caplog.at_level("WARNING", logger="perfit"):
-        summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
+        summary = run_simulation(config, num_cpus=2, client_app=faulty_app({**faults, overflow: "overflow_nll"}))
     reasons = {}
     for entry in summary["rejected_updates"]:
         reasons.setdefault(entry["client"], entry["reason"])
@@ -40,11 +48,16 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data
         assert f"client {client}: update rejected" in caplog.text
     assert set(reasons) == set(faults)  # the sound clients were never rejected
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["accepted"] == 2 and record["counted"] is True
+    assert record["accepted"] == 3 and record["counted"] is True
     masks = run_masks(tmp_path / "run")
-    assert list(REASONS).index("over_budget_mask") not in masks  # the over-budget mask was never registered
-    expected = expected_global(config, [11, 12], masks)
+    for fault in ("over_budget_mask", "no_mask"):  # never registered
+        assert list(REASONS).index(fault) not in masks
+    expected = expected_global(config, [overflow, *sound], masks)
     assert torch.allclose(server_global(tmp_path / "run"), expected, atol=1e-5)
+    # a perplexity past float range is infinite and counts: the run's mean is no longer finite (summary.json
+    # writes both as null, read back as NaN), where the mean of the other clients would flatter the run
+    assert math.isnan(summary["per_client_ppl"][str(overflow)]) and math.isnan(summary["personalized_ppl"])
+    assert math.isfinite(summary["per_client_ppl"][str(sound[0])])
 
 
 def test_update_problem_on_small_arrays():
@@ -67,6 +80,10 @@ def test_update_problem_on_small_arrays():
     assert too_many == "claims 6 examples, more than the 5 train rows it registered"
     assert "train loss" in update_problem(2, good, {**metrics, "train_loss": float("inf")}, 3, registered, 12)
     assert mask_problem(4, 4) is None and "budget is 4" in mask_problem(5, 4)
+    from perfit.federation.validation import last_line
+
+    assert last_line("Traceback ...\nValueError: bad file\n") == "ValueError: bad file"
+    assert last_line("  ") == "(no reason given)"
     assert evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": 4}) is None
     assert "NLL" in evaluation_problem(1, {"client": 1, "nll": float("nan"), "tokens": 4})
     assert "token count" in evaluation_problem(1, {"client": 1, "nll": 3.0, "tokens": -1})

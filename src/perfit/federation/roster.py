@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from perfit.config import Config
+from perfit.federation.validation import last_line
 
 NODE_WAIT_SECONDS = 120.0
 """How long the server waits for the run's nodes to connect (simulation nodes register shortly after
@@ -64,7 +65,7 @@ def discover(grid: Grid, config: Config) -> Roster:
     roster, errors, named = Roster(), [], {}
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
-            errors.append(reply.error.reason.strip().splitlines()[-1])
+            errors.append(last_line(reply.error.reason))
             continue
         info = reply.content["info"]
         roster.node_models[reply.metadata.src_node_id] = (str(info["model"]), str(info["model_fingerprint"]))

@@ -40,7 +40,7 @@ from perfit.federation.run_directory import (
     resumes_from_checkpoint,
     sampler_state,
 )
-from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
+from perfit.federation.validation import evaluation_problem, last_line, mask_problem, update_problem
 
 log = logging.getLogger("perfit")
 app = ServerApp()
@@ -326,7 +326,7 @@ class Federation:
                     offline[client] = pending[client]
                 elif reply.has_error():
                     failed.add(client)
-                    self._reject(client, f"client error: {reply.error.reason.strip().splitlines()[-1]}")
+                    self._reject(client, f"client error: {last_line(reply.error.reason)}")
                 else:
                     replies[client] = reply
             if offline and away_since is None:
@@ -358,15 +358,15 @@ class Federation:
         replies = self._exchange({c: self._message(c, "query.search", None, 0) for c in todo})
         uploaded = 0
         for client, reply in replies.items():
-            arrays = reply.content["arrays"]
-            uploaded += array_bytes(arrays)
-            if "metrics" in reply.content:
-                self.search_seconds += float(reply.content["metrics"].get("seconds", 0.0))
             try:
+                arrays = reply.content["arrays"]
+                uploaded += array_bytes(arrays)
                 mask = decode(arrays["mask"].numpy(), self.layout.size)
-            except (KeyError, ValueError) as err:
-                self._reject(client, f"bad mask: {err}")
+                seconds = float(reply.content["metrics"].get("seconds", 0.0)) if "metrics" in reply.content else 0.0
+            except Exception as err:  # no mask, a mask of the wrong size or type: that client's, not the run's
+                self._malformed(client, err)
                 continue
+            self.search_seconds += seconds
             problem = mask_problem(int(mask.sum()), self.layout.budget(self.config.client_rank_budget(client)))
             if problem:
                 self._reject(client, problem)
@@ -393,22 +393,12 @@ class Federation:
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
         accepted, losses, bytes_up, timing = {}, [], 0, {}
         for client, reply in replies.items():
-            payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
-            bytes_up += payload_bytes
-            arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
-            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-            registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
-            mask = self.masks[client] & self.shared
-            train_rows = self.roster.train_rows(client)
-            problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes, train_rows)
-            if problem:
-                self._reject(client, problem)
-                continue
-            if int(metrics["examples"]) == 0:
-                continue  # a client without train rows has nothing to contribute
-            accepted[client] = (mask, torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
-            timing[str(client)] = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
-            losses.append((float(metrics["train_loss"]), min(float(metrics["examples"]), self.weight_cap)))
+            try:
+                payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
+                bytes_up += payload_bytes
+                self._read_update(client, reply, payload_bytes, accepted, timing, losses)
+            except Exception as err:  # a reply of the wrong record types or shapes: that client's, not the run's
+                self._malformed(client, err)
         bounds = self._bound(accepted)
         updates, capped = Accumulator(self.config.aggregation_rule, self.layout.size), {}
         by_examples = self.config.method != "hetlora"  # HetLoRA weighs by ||B A||_F, not by a claim
@@ -437,6 +427,39 @@ class Federation:
             "client_seconds": timing,
             **bounds,
         }
+
+    def _read_update(
+        self,
+        client: int,
+        reply: Message,
+        payload_bytes: int,
+        accepted: dict[int, tuple[torch.Tensor, torch.Tensor, int]],
+        timing: dict[str, dict[str, float]],
+        losses: list[tuple[float, float]],
+    ) -> None:
+        """Check one train reply (`validation.update_problem`): rejected and logged, or added to
+        `accepted` (mask, values, examples), with its timing and its loss."""
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
+        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+        registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
+        mask = self.masks[client] & self.shared
+        train_rows = self.roster.train_rows(client)
+        problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes, train_rows)
+        if problem:
+            self._reject(client, problem)
+            return
+        if int(metrics["examples"]) == 0:
+            return  # a client without train rows has nothing to contribute
+        seconds = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
+        loss = (float(metrics["train_loss"]), min(float(metrics["examples"]), self.weight_cap))
+        accepted[client] = (mask, torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
+        timing[str(client)] = seconds
+        losses.append(loss)
+
+    def _malformed(self, client: int, err: Exception) -> None:
+        """A reply whose records do not have the types and shapes perfit sends (a hostile or broken
+        client): rejected and logged like any bad reply, instead of ending the run."""
+        self._reject(client, f"malformed reply ({type(err).__name__}: {err})")
 
     def _bound(self, accepted: dict[int, tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, Any]:
         """Scale each accepted change from what its client received down to at most `update_bound` x
@@ -475,18 +498,25 @@ class Federation:
         replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune, final)
         per_client, nll_total, token_total, rouge = {}, 0.0, 0, {}
         for client, reply in sorted(replies.items()):
-            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-            problem = evaluation_problem(client, metrics)
+            try:
+                metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+                problem = evaluation_problem(client, metrics)
+                if not problem:
+                    nll, tokens = float(metrics["nll"]), int(metrics["tokens"])
+                    count = int(metrics.get("rouge_l_count", 0))
+                    answers = float(metrics["rouge_l_sum"]) / count if count > 0 else None
+            except Exception as err:  # metrics of the wrong types: that client's, not the run's
+                self._malformed(client, err)
+                continue
             if problem:
                 self._reject(client, problem)
                 continue
-            nll, tokens = float(metrics["nll"]), int(metrics["tokens"])
             per_client[client] = perplexity(nll, tokens)
             nll_total += nll
             token_total += tokens
-            if int(metrics.get("rouge_l_count", 0)) > 0:
-                rouge[client] = float(metrics["rouge_l_sum"]) / int(metrics["rouge_l_count"])
-        measured = [v for v in per_client.values() if math.isfinite(v)]
+            if answers is not None:
+                rouge[client] = answers
+        measured = [v for v in per_client.values() if not math.isnan(v)]  # a diverged client's inf counts
         result = {
             "personalized_ppl": sum(measured) / len(measured) if measured else float("nan"),
             "overall_ppl": perplexity(nll_total, token_total),

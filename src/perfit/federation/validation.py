@@ -12,6 +12,13 @@ import numpy as np
 PAYLOAD_SLACK_BYTES = 1 << 20  # metadata and record overhead allowed above the values themselves
 
 
+def last_line(reason: str) -> str:
+    """The last line of a client's error reason (its exception's message), or a placeholder for an
+    empty one: what the server logs and records."""
+    lines = str(reason).strip().splitlines()
+    return lines[-1] if lines else "(no reason given)"
+
+
 def payload_limit_bytes(mask_positions: int) -> int:
     """The largest train reply accepted from a client holding `mask_positions` positions."""
     return 4 * mask_positions + PAYLOAD_SLACK_BYTES
