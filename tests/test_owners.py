@@ -124,3 +124,44 @@ def test_owner_mode_counts_the_files_and_a_bad_file_stops_the_run(tiny_model, ow
     assert result.exit_code == 2, result.output
     assert "globex.jsonl:61:field'response'ismissing" in compact  # found by globex's own client
     assert not out.exists()
+
+
+def test_discovery_refuses_two_nodes_claiming_one_client_and_waits_for_no_node_forever(monkeypatch):
+    """The roster asks every node which client it is, within the reply timeout; two research nodes
+    with the same partition-id would overwrite each other's rows and replies."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_task_id", "_node_id"):  # the server's identity, which Flower's runtime sets
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+    from perfit.federation.roster import NodesFailed, discover
+
+    def reply(node: int, client: int):
+        rows = {
+            "train": SimpleNamespace(numpy=lambda: np.arange(3)),
+            "eval": SimpleNamespace(numpy=lambda: np.arange(1)),
+        }
+        info = {"client": client, "model": "m", "model_fingerprint": "f"}
+        return SimpleNamespace(
+            has_error=lambda: False, content={"info": info, "rows": rows}, metadata=SimpleNamespace(src_node_id=node)
+        )
+
+    class Grid:
+        def __init__(self, clients):
+            self.clients, self.timeouts = clients, []
+
+        def get_node_ids(self):
+            return list(range(len(self.clients)))
+
+        def send_and_receive(self, messages, timeout=None):
+            self.timeouts.append(timeout)
+            return [reply(node, client) for node, client in enumerate(self.clients)]
+
+    config = Config(num_clients=2, clients_per_round=2, reply_timeout_seconds=42.0)
+    grid = Grid([0, 1])
+    assert sorted(discover(grid, config).nodes) == [0, 1] and grid.timeouts == [42.0]
+    with pytest.raises(NodesFailed, match="two nodes claim client 1"):
+        discover(Grid([1, 1]), config)

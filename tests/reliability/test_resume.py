@@ -163,3 +163,28 @@ def test_resume_takes_the_same_file_by_another_path_and_names_a_changed_field(sm
     other.write_text(small_data.read_text())
     with pytest.raises(ValueError, match=r"changed: data: .* -> '.*other\.jsonl'\)"):
         RunDirectory(Config(data=str(other), out=str(run), resume=1))
+
+
+def test_a_resumed_run_needs_the_same_clients_and_a_fresh_one_drops_an_older_runs_state(small_data, tmp_path):
+    from perfit.config import Config
+    from perfit.federation.run_directory import CHECKPOINT, RunDirectory, partitions_record
+
+    run = tmp_path / "run"
+    out = RunDirectory(Config(data=str(small_data), out=str(run)))
+    splits = {
+        0: {"name": "acme", "train_rows": 8, "eval_rows": 2},
+        1: {"name": "globex", "train_rows": 4, "eval_rows": 1},
+    }
+    out.write_partitions(splits, [])
+    resumed = RunDirectory(Config(data=str(small_data), out=str(run), resume=1))
+    resumed.check_same_partitions(partitions_record(splits, []))  # the same owners: nothing said
+    renamed = {0: splits[0], 1: {**splits[1], "name": "initech"}}  # owner 1 replaced between crash and resume
+    with pytest.raises(ValueError, match=r"cannot resume: the nodes now hold other clients .*changed: 1\)"):
+        resumed.check_same_partitions(partitions_record(renamed, []))
+    with pytest.raises(ValueError, match=r"changed: 2\)"):  # one more client
+        resumed.check_same_partitions(partitions_record({**splits, 2: splits[1]}, []))
+    for stale in (CHECKPOINT, "summary.json", "masks.safetensors", "adapters/global/adapter_model.safetensors"):
+        (run / stale).parent.mkdir(parents=True, exist_ok=True)
+        (run / stale).write_bytes(b"an older run's")
+    RunDirectory(Config(data=str(small_data), out=str(run), lr=1e-3))  # a fresh run into the same directory
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "metrics.jsonl", "partitions.json"]

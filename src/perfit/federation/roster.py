@@ -63,7 +63,7 @@ def discover(grid: Grid, config: Config) -> Roster:
     content = RecordDict({"run": ConfigRecord(config.to_dict())})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     roster, errors, named = Roster(), [], {}
-    for reply in grid.send_and_receive(messages):
+    for reply in grid.send_and_receive(messages, timeout=config.reply_timeout_seconds):  # a node that never answers
         if reply.has_error():
             errors.append(last_line(reply.error.reason))
             continue
@@ -73,6 +73,8 @@ def discover(grid: Grid, config: Config) -> Roster:
             named.setdefault(str(info["name"]), []).append((reply.metadata.src_node_id, info))
             continue
         client = int(info["client"])
+        if client in roster.nodes:
+            raise NodesFailed(f"two nodes claim client {client} (partition-id): each client is one node")
         roster.nodes[client] = reply.metadata.src_node_id
         rows = reply.content["rows"]
         roster.splits[client] = {part: rows[part].numpy().tolist() for part in ("train", "eval")}

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,9 @@ class RunDirectory:
             self._check_resumable(config)
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in (CHECKPOINT, "summary.json", MASKS):  # a fresh start never finds an older run's state
+            (self.path / stale).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "adapters", ignore_errors=True)
         (self.path / "config.toml").write_text(config.to_toml())
         self.metrics_path.write_text("")
 
@@ -208,6 +212,20 @@ class RunDirectory:
         kept = [r for r in records if not r.get("final") and r["round"] <= state["round"]]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return tensors, state
+
+    def check_same_partitions(self, partitions: dict[str, Any]) -> None:
+        """A resumed run's nodes must be the clients its checkpoint knows (the same ids, names and
+        rows): every mask, weight and kept value in it is per client id. ValueError naming the
+        clients that changed (an owner renamed or replaced, another partition)."""
+        path = self.path / "partitions.json"
+        now = json.loads(json.dumps(partitions))  # as it would be written: string keys, lists
+        recorded = json.loads(path.read_text()) if path.is_file() else now
+        changed = [key for key in sorted({*recorded, *now}) if recorded.get(key) != now.get(key)]
+        if changed:
+            raise ValueError(
+                f"{self.path}: cannot resume: the nodes now hold other clients than the checkpoint's "
+                f"(changed: {', '.join(changed)}); run it again without resume"
+            )
 
     def write_partitions(self, splits: dict[int, dict[str, list[int]]], held_out: list[int]) -> None:
         """partitions.json (`partitions_record`)."""

@@ -140,6 +140,12 @@ class Federation:
         model_path, self.model_fingerprint = self.roster.base_model()
         registered = [self.roster.train_rows(c) for c in config.participants if c in self.roster.nodes]
         self.weight_cap = weight_cap(registered, config.update_bound)
+        if config.update_bound > 0 and config.clients_per_round < 3:
+            log.warning(
+                "update_bound with %d clients a round: the median of two change norms is their mean, so the "
+                "bound cannot hold one hostile client of two",
+                config.clients_per_round,
+            )
         resuming = resumes_from_checkpoint(config)  # the checkpoint holds the adapter and the masks
         partitions = partitions_record(self.roster.splits, config.held_out)
         if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
@@ -148,6 +154,8 @@ class Federation:
             for client, mask in read_masks(config, self.layout, self.model_fingerprint, partitions).items():
                 self.masks[client] = mask
         self.out = RunDirectory(config)
+        if resuming:  # the checkpoint's masks, weights and private values are per client id
+            self.out.check_same_partitions(partitions)
         self.out.write_partitions(self.roster.splits, config.held_out)
         fixed = fixed_masks(self.layout, config, config.participants)
         if fixed is not None:  # no search, nothing to register or checkpoint
@@ -270,6 +278,7 @@ class Federation:
             "bytes_down": totals["bytes_down"],
             "seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
             "rejected": self.rejected,
+            "search_seconds": self.search_seconds,
         }
         self.out.save_checkpoint(tensors, state)
 
@@ -281,6 +290,7 @@ class Federation:
                 self.masks.set_packed(int(name.removeprefix("mask_")), packed.numpy())
         self.confirmed = set(self.masks) if self.config.method != "perfit" else set()
         self.rejected = list(state["rejected"])
+        self.search_seconds = float(state.get("search_seconds", 0.0))  # checkpoints before it was kept: 0
         log.info("resuming %s after round %d", self.out.path, state["round"])
         totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
         totals["seconds_before_resume"] = state["seconds"]
