@@ -26,6 +26,7 @@ this node is, `num-partitions` (optional) must equal the run's num_clients, and 
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -95,12 +96,18 @@ def _keep(store: NodeStore, task: ClientTask, flat: torch.Tensor, mask: torch.Te
 
 
 def _write_adapter(store: NodeStore, task: ClientTask, flat: torch.Tensor) -> None:
-    """At the end of a run: the owner's personalized adapter, in PEFT format, in the node's state-dir."""
+    """At the end of a run: the owner's personalized adapter, in PEFT format, in the node's state-dir.
+    Written beside it and then moved into place, so a kill leaves the previous adapter or the new one."""
     if store.directory is not None:
         config = task.config
-        save_adapter(
-            store.directory / "adapter", task.layout, flat, config.dense_rank, config.alpha_value, task.model_path
-        )
+        final, staging, old = (store.directory / name for name in ("adapter", ".adapter.new", ".adapter.old"))
+        shutil.rmtree(staging, ignore_errors=True)
+        save_adapter(staging, task.layout, flat, config.dense_rank, config.alpha_value, task.model_path)
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def identify(msg: Message, context: Context) -> Message:

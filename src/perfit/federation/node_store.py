@@ -54,7 +54,7 @@ class NodeStore:
         if self.directory is not None:
             from safetensors.numpy import save_file
 
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the owner's private values: its own
             staging = self.directory / f".{name}.safetensors.tmp"
             save_file({"value": np.ascontiguousarray(value)}, str(staging))
             os.replace(staging, self._path(name))
