@@ -76,7 +76,8 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     """perfit's ClientApp, except that client `c` answers with fault `faults[c]`:
     one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
     `over_budget_mask` (registers a mask holding every position), `no_mask` (a search reply without
-    one), `overflow_nll` (an evaluation past float range), `overweight` (OVERWEIGHT), or one
+    one), `overflow_nll` (an evaluation past float range), `forget_mask` / `other_mask` (the node
+    loses its mask, or holds another, before each train message), `overweight` (OVERWEIGHT), or one
     of HOSTILE (a sound-looking update whose change from what the client received is scaled)."""
     app = ClientApp()
 
@@ -106,6 +107,11 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
         fault = faults.get(_client(context))
         if fault == "raise":
             raise RuntimeError("injected client failure")
+        if fault == "forget_mask" and "mask" in context.state:  # as a node restarted without its state
+            del context.state["mask"]
+        if fault == "other_mask" and "mask" in context.state:  # a mask searched again, and differently
+            packed = context.state["mask"]["value"].numpy()
+            context.state["mask"] = ArrayRecord({"value": Array(np.roll(packed, 1))})
         if fault == "hang":
             time.sleep(hang_seconds)
         received = msg.content["arrays"]["values"].numpy().copy()

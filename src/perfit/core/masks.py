@@ -7,6 +7,7 @@ been sent once, bit-packed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, MutableMapping
 
 import numpy as np
@@ -30,6 +31,17 @@ def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def encode(mask: torch.Tensor) -> np.ndarray:
     """Bit-pack a boolean mask: ceil(n / 8) bytes."""
     return np.packbits(mask.cpu().numpy().astype(np.uint8))
+
+
+MASK_LOST = "perfit: mask lost"
+"""How a node's error reply begins when it holds no mask, or another than the server registered (it
+restarted without its state): the server sends the message again with the registered mask."""
+
+
+def digest(packed: np.ndarray) -> str:
+    """A short fingerprint of a bit-packed mask (sha256, 16 hex digits): what the server sends with
+    every message so that a node can tell that the mask it holds is the one the server registered."""
+    return hashlib.sha256(np.ascontiguousarray(packed, dtype=np.uint8).tobytes()).hexdigest()[:16]
 
 
 def decode(packed: np.ndarray, size: int) -> torch.Tensor:

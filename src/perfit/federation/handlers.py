@@ -37,7 +37,7 @@ from perfit.artifacts.base_model import model_fingerprint
 from perfit.artifacts.lora import save_adapter
 from perfit.client.task import ClientTask, client_task
 from perfit.config import from_mapping
-from perfit.core.masks import decode, encode, gather, scatter
+from perfit.core.masks import MASK_LOST, decode, digest, encode, gather, scatter
 from perfit.federation.node_store import NodeStore
 from perfit.federation.node_worker import process_age_seconds
 
@@ -62,12 +62,19 @@ def _task(msg: Message, context: Context) -> ClientTask:
 
 
 def _mask(task: ClientTask, client: int, store: NodeStore, msg: Message | None = None) -> torch.Tensor:
-    """The client's static mask: fixed for FIT and the baselines, else searched once and kept by the
-    node (or, after a server resume, the registered mask the server sends back)."""
+    """The client's static mask: fixed for FIT and the baselines, else searched once (`query.search`)
+    and kept by the node, or the registered mask the server sends back (after a resume, or when
+    the node lost it). A train or evaluation message names the registered mask's digest; a node
+    holding no mask or another one never searches again there (a search need not give the same mask
+    twice, e.g. on a GPU): it raises MASK_LOST, and the server sends the mask."""
     if task.fixed is not None:
         return task.fixed[client]
     if msg is not None and "registered" in msg.content:
         store.put("mask", msg.content["registered"]["mask"].numpy())
+    step = msg.content["round"] if msg is not None and "round" in msg.content else {}
+    expected = step.get("mask_digest")
+    if expected is not None and ("mask" not in store or digest(store.get("mask")) != expected):
+        raise RuntimeError(f"{MASK_LOST}: client {client}'s node holds no mask or another than the registered one")
     if "mask" not in store:
         store.put("mask", encode(task.search(client)))
     return decode(store.get("mask"), task.layout.size)

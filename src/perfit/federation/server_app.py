@@ -26,7 +26,7 @@ from perfit.artifacts.base_model import model_config
 from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
 from perfit.core.aggregate import Accumulator, personalize
-from perfit.core.masks import PackedMasks, decode, gather, scatter
+from perfit.core.masks import MASK_LOST, PackedMasks, decode, digest, gather, scatter
 from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms, weight_cap
@@ -307,6 +307,8 @@ class Federation:
         final: bool = False,
     ) -> Message:
         step = ConfigRecord({"round": round_number, "finetune": finetune, "client": client, "final": int(final)})
+        if isinstance(self.masks, PackedMasks) and client in self.masks:  # the node checks that it holds this mask
+            step["mask_digest"] = digest(self.masks.packed(client))
         content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
         if arrays is not None:
             content["arrays"] = arrays
@@ -322,18 +324,20 @@ class Federation:
         until the node is back, for at most NODE_RETURN_SECONDS."""
         timeout = self.config.reply_timeout_seconds
         deadline = time.monotonic() + timeout
-        replies, failed, pending, away_since = {}, set(), dict(messages), None
+        replies, failed, pending, away_since, resent = {}, set(), dict(messages), None, set()
         while pending:
             answered = self.grid.send_and_receive(list(pending.values()), timeout=max(deadline - time.monotonic(), 0))
             by_id = {message.metadata.message_id: client for client, message in pending.items()}
             by_node = {message.metadata.dst_node_id: client for client, message in pending.items()}
-            offline = {}
+            offline, lost = {}, {}
             for reply in answered:
                 client = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
                 if client is None:
                     log.warning("reply from unknown node %s ignored", reply.metadata.src_node_id)
                 elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                     offline[client] = pending[client]
+                elif reply.has_error() and MASK_LOST in reply.error.reason and client not in resent:
+                    lost[client] = pending[client]  # a node that restarted without its state: send it the mask
                 elif reply.has_error():
                     failed.add(client)
                     self._reject(client, f"client error: {last_line(reply.error.reason)}")
@@ -341,14 +345,21 @@ class Federation:
                     replies[client] = reply
             if offline and away_since is None:
                 away_since = time.monotonic()
-            if not offline or time.monotonic() + 1.0 > min(deadline, away_since + NODE_RETURN_SECONDS):
+            if offline and time.monotonic() + 1.0 > min(deadline, away_since + NODE_RETURN_SECONDS):
                 for client in sorted(offline):
                     failed.add(client)
                     self._reject(client, "node unavailable (offline)")
+                offline = {}
+            if not offline and not lost:
                 break
-            log.info("nodes of clients %s offline; sending again while they return", sorted(offline))
-            time.sleep(1.0)
-            pending = {c: _again(message) for c, message in offline.items()}
+            if offline:
+                log.info("nodes of clients %s offline; sending again while they return", sorted(offline))
+                time.sleep(1.0)
+            pending = {c: _again(message) for c, message in {**offline, **lost}.items()}
+            for client in lost:
+                log.warning("client %d: its node lost the mask it registered; sending it again", client)
+                pending[client].content["registered"] = ArrayRecord({"mask": Array(self.masks.packed(client))})
+                resent.add(client)
         for client in sorted(set(messages) - set(replies) - failed):
             self._reject(client, f"no reply within {timeout:g} s")
         self.confirmed.update(c for c in replies if c in self.masks)
