@@ -30,6 +30,11 @@ def test_kept_values_outlive_the_process_in_a_folder_only_the_node_user_reads(tm
     assert [p.name for p in store.directory.iterdir()] == ["personal.safetensors"]  # no staging file left
     other = NodeStore(_context(tmp_path / "state"), config.replace(lr=1e-2))  # another run: its own folder
     assert other.get("personal") is None
+    first = NodeStore(_context(tmp_path / "state"), config, nonce="a1")
+    first.put("personal", np.ones(2, dtype=np.float32))
+    assert NodeStore(_context(tmp_path / "state"), config, nonce="a1").get("personal").tolist() == [1.0, 1.0]
+    again = NodeStore(_context(tmp_path / "state"), config, nonce="b2")  # the same config started afresh
+    assert again.get("personal") is None  # does not take over the finished run's B
 
 
 def test_the_final_adapter_is_replaced_whole(tmp_path):

@@ -57,6 +57,11 @@ def _kill_after_round(args: list[str], out: Path, round_number: int) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _checkpoint_state(out: Path) -> dict:
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as handle:
+        return json.loads(handle.metadata()["state"])
+
+
 def test_killed_run_resumes_to_the_same_result(tiny_model, small_data, tmp_path):
     reference = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "reference", **CHANGES), num_cpus=2)
     out = tmp_path / "killed"
@@ -64,9 +69,12 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, small_data, tmp_path)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items() if k != "resume"]
     _kill_after_round(args, out, 2)
     assert _checkpoint_round(out) == 2 and not (out / "summary.json").exists()
+    nonce = _checkpoint_state(out)["nonce"]  # the run's id for its nodes' kept state
 
     result = CliRunner().invoke(app, ["run", "--resume", str(out)])
     assert result.exit_code == 0, result.output
+    assert len(nonce) == 16 and _checkpoint_state(out)["nonce"] == nonce  # the resumed run is the same run
+    assert _checkpoint_state(tmp_path / "reference")["nonce"] != nonce  # another run: another id
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["resumed_at_round"] == 3 and reference["resumed_at_round"] is None
     assert resumed["personalized_ppl"] == pytest.approx(reference["personalized_ppl"], rel=1e-4)

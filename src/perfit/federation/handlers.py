@@ -61,6 +61,13 @@ def _task(msg: Message, context: Context) -> ClientTask:
     return client_task(from_mapping(settings))
 
 
+def _nonce(msg: Message) -> str:
+    """The run's id the server sends with every message after the identify query (none from an older
+    server: the state is keyed by the config alone, as before)."""
+    step = msg.content.get("round", {})
+    return str(step.get("run_nonce", ""))
+
+
 def _mask(task: ClientTask, client: int, store: NodeStore, msg: Message | None = None) -> torch.Tensor:
     """The client's static mask: fixed for FIT and the baselines, else searched once (`query.search`)
     and kept by the node, or the registered mask the server sends back (after a resume, or when
@@ -138,7 +145,7 @@ def identify(msg: Message, context: Context) -> Message:
 def search(msg: Message, context: Context) -> Message:
     client = _client_id(context, msg)
     task = _task(msg, context)
-    store = NodeStore(context, task.config)
+    store = NodeStore(context, task.config, _nonce(msg))
     state_before = "mask" in store
     started = time.perf_counter()
     mask = _mask(task, client, store)
@@ -158,7 +165,7 @@ def train(msg: Message, context: Context, started: float | None = None, startup:
         started, startup = time.time(), process_age_seconds()
     client = _client_id(context, msg)
     task = _task(msg, context)
-    store = NodeStore(context, task.config)
+    store = NodeStore(context, task.config, _nonce(msg))
     mask = _mask(task, client, store, msg)
     task.examples(client, "train")  # the model, the tokenizer and the rows, loaded once per process
     compute_started = time.time()
@@ -174,7 +181,7 @@ def train(msg: Message, context: Context, started: float | None = None, startup:
 def evaluate(msg: Message, context: Context) -> Message:
     client = _client_id(context, msg)
     task = _task(msg, context)
-    store = NodeStore(context, task.config)
+    store = NodeStore(context, task.config, _nonce(msg))
     mask = _mask(task, client, store, msg)
     flat = _start(msg, store, task, mask)
     metrics = {"client": client}

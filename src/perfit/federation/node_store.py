@@ -33,10 +33,14 @@ class NodeStore:
     """A node's kept arrays by name: in Flower's node state, and under `<state-dir>/run-<key>/` when
     the node config gives a `state-dir`."""
 
-    def __init__(self, context: Context, config: Config) -> None:
+    def __init__(self, context: Context, config: Config, nonce: str = "") -> None:
+        """`nonce`: the run's own id, drawn by the server at a fresh start and kept in its checkpoint, so
+        that a resumed run finds its state and a run started afresh with the same config does not
+        take over a finished one's (its B, its mask)."""
         self.state = context.state
         state_dir = context.node_config.get(STATE_DIR)
-        self.directory = Path(str(state_dir)).expanduser() / f"run-{run_key(config)}" if state_dir else None
+        key = run_key(config) + (f"-{nonce}" if nonce else "")
+        self.directory = Path(str(state_dir)).expanduser() / f"run-{key}" if state_dir else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.state or (self.directory is not None and self._path(name).is_file())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class Federation:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
     weight_cap: float = math.inf  # the largest example count an update weighs (`core.robust.weight_cap`)
+    nonce: str = ""  # this run's id for its nodes' kept state: drawn at a fresh start, kept in the checkpoint
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class Federation:
         """The round loop's start: round 1, or after the last checkpointed round when resuming."""
         config = self.config
         progress = _Rounds(first=1, last=config.rounds, sampler=random.Random(config.seed))
+        self.nonce = secrets.token_hex(8)  # a resume takes the checkpoint's instead
         checkpoint = self.out.load_checkpoint() if config.resume else None
         if checkpoint is not None:
             progress.first, progress.sampler, progress.totals = self._restore(*checkpoint)
@@ -279,6 +282,7 @@ class Federation:
             "seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
             "rejected": self.rejected,
             "search_seconds": self.search_seconds,
+            "nonce": self.nonce,
         }
         self.out.save_checkpoint(tensors, state)
 
@@ -291,6 +295,7 @@ class Federation:
         self.confirmed = set(self.masks) if self.config.method != "perfit" else set()
         self.rejected = list(state["rejected"])
         self.search_seconds = float(state.get("search_seconds", 0.0))  # checkpoints before it was kept: 0
+        self.nonce = str(state.get("nonce", ""))  # an older checkpoint's nodes keyed their state by config only
         log.info("resuming %s after round %d", self.out.path, state["round"])
         totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
         totals["seconds_before_resume"] = state["seconds"]
@@ -306,7 +311,15 @@ class Federation:
         finetune: int = 0,
         final: bool = False,
     ) -> Message:
-        step = ConfigRecord({"round": round_number, "finetune": finetune, "client": client, "final": int(final)})
+        step = ConfigRecord(
+            {
+                "round": round_number,
+                "finetune": finetune,
+                "client": client,
+                "final": int(final),
+                "run_nonce": self.nonce,
+            }
+        )
         if isinstance(self.masks, PackedMasks) and client in self.masks:  # the node checks that it holds this mask
             step["mask_digest"] = digest(self.masks.packed(client))
         content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
