@@ -60,20 +60,26 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data
     assert math.isfinite(summary["per_client_ppl"][str(sound[0])])
 
 
+@pytest.fixture(scope="module")
+def honest_two_rounds(tiny_model, small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("honest")
+    return run_simulation(tiny_config(tiny_model, small_data, out, rounds=2), num_cpus=2), out
+
+
 @pytest.mark.parametrize("fault", ["forget_mask", "other_mask"])
 def test_a_node_that_lost_its_mask_gets_it_again_and_never_searches_anew(
-    tiny_model, small_data, tmp_path, fault, caplog
+    tiny_model, small_data, tmp_path, fault, caplog, honest_two_rounds
 ):
     """A PerFIT node that restarted without its state (or searched again, differently) holds no mask or
     another than the one the server registered: the message's digest tells it, it says so, and the
     server sends the message again with the registered mask; the run ends as an honest one does."""
-    honest = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "honest", rounds=2), num_cpus=2)
+    honest, honest_out = honest_two_rounds
     config = tiny_config(tiny_model, small_data, tmp_path / "lost", rounds=2)
     with caplog.at_level("WARNING", logger="perfit"):
         summary = run_simulation(config, num_cpus=2, client_app=faulty_app({0: fault}))
     assert "client 0: its node lost the mask it registered; sending it again" in caplog.text
     assert summary["rejected_updates"] == []  # no round lost the client
-    assert torch.equal(server_global(tmp_path / "lost"), server_global(tmp_path / "honest"))
+    assert torch.equal(server_global(tmp_path / "lost"), server_global(honest_out))
     assert summary["per_client_ppl"] == pytest.approx(honest["per_client_ppl"])
 
 
