@@ -126,42 +126,68 @@ def test_owner_mode_counts_the_files_and_a_bad_file_stops_the_run(tiny_model, ow
     assert not out.exists()
 
 
-def test_discovery_refuses_two_nodes_claiming_one_client_and_waits_for_no_node_forever(monkeypatch):
-    """The roster asks every node which client it is, within the reply timeout; two research nodes
-    with the same partition-id would overwrite each other's rows and replies."""
-    from types import SimpleNamespace
+class _IdentifyGrid:
+    """A Grid whose nodes only answer the identify query: node k is client `clients[k]`, 3 train rows,
+    its kept values on disk where `keeps_state`."""
 
-    import numpy as np
+    def __init__(self, clients: list[int], keeps_state: int = 0):
+        self.clients, self.keeps_state, self.timeouts = clients, keeps_state, []
+
+    def get_node_ids(self):
+        return list(range(len(self.clients)))
+
+    def send_and_receive(self, messages, timeout=None):
+        from types import SimpleNamespace
+
+        import numpy as np
+
+        self.timeouts.append(timeout)
+        rows = {part: SimpleNamespace(numpy=lambda n=n: np.arange(n)) for part, n in (("train", 3), ("eval", 1))}
+        info = {"model": "m", "model_fingerprint": "f", "keeps_state": self.keeps_state}
+        return [
+            SimpleNamespace(
+                has_error=lambda: False,
+                content={"info": {**info, "client": c}, "rows": rows},
+                metadata=SimpleNamespace(src_node_id=node),
+            )
+            for node, c in enumerate(self.clients)
+        ]
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     for name in ("_run_id", "_task_id", "_node_id"):  # the server's identity, which Flower's runtime sets
         monkeypatch.setattr(TaskIdentity, name, 1)
 
+
+def test_discovery_refuses_two_nodes_claiming_one_client_and_waits_for_no_node_forever(server_identity):
+    """The roster asks every node which client it is, within the reply timeout; two research nodes
+    with the same partition-id would overwrite each other's rows and replies."""
     from perfit.federation.roster import NodesFailed, discover
 
-    def reply(node: int, client: int):
-        rows = {
-            "train": SimpleNamespace(numpy=lambda: np.arange(3)),
-            "eval": SimpleNamespace(numpy=lambda: np.arange(1)),
-        }
-        info = {"client": client, "model": "m", "model_fingerprint": "f"}
-        return SimpleNamespace(
-            has_error=lambda: False, content={"info": info, "rows": rows}, metadata=SimpleNamespace(src_node_id=node)
-        )
-
-    class Grid:
-        def __init__(self, clients):
-            self.clients, self.timeouts = clients, []
-
-        def get_node_ids(self):
-            return list(range(len(self.clients)))
-
-        def send_and_receive(self, messages, timeout=None):
-            self.timeouts.append(timeout)
-            return [reply(node, client) for node, client in enumerate(self.clients)]
-
     config = Config(num_clients=2, clients_per_round=2, reply_timeout_seconds=42.0)
-    grid = Grid([0, 1])
-    assert sorted(discover(grid, config).nodes) == [0, 1] and grid.timeouts == [42.0]
+    grid = _IdentifyGrid([0, 1])
+    roster = discover(grid, config)
+    assert sorted(roster.nodes) == [0, 1] and grid.timeouts == [42.0]
+    assert roster.forgetful([0, 1]) == [0, 1] and discover(_IdentifyGrid([0, 1], 1), config).forgetful([0, 1]) == []
     with pytest.raises(NodesFailed, match="two nodes claim client 1"):
-        discover(Grid([1, 1]), config)
+        discover(_IdentifyGrid([1, 1]), config)
+
+
+@pytest.mark.parametrize("method", ["fedsa", "local"])
+def test_the_server_resumes_no_run_whose_nodes_lost_their_private_values(tiny_model, tmp_path, server_identity, method):
+    """A `flwr run` simulation, or SuperNodes without a state-dir, keep FedSA-LoRA's B (all of a local
+    adapter) in memory only: resuming would start every client's from scratch mid-run, silently."""
+    from perfit.federation.roster import NodesFailed
+    from perfit.federation.server_app import Federation
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"x")
+    config = Config(method=method, model=str(tiny_model), num_clients=2, clients_per_round=2, resume=1, out=str(out))
+    with pytest.raises(NodesFailed, match=r"cannot resume a \w+ run: the nodes of clients \[0, 1\]"):
+        Federation(_IdentifyGrid([0, 1]), config)._setup()
+    with pytest.raises(FileNotFoundError, match="no run to resume"):  # nodes with a state-dir: it goes on,
+        Federation(_IdentifyGrid([0, 1], keeps_state=1), config)._setup()  # to this fake run's missing config

@@ -38,7 +38,7 @@ from perfit.artifacts.lora import save_adapter
 from perfit.client.task import ClientTask, client_task
 from perfit.config import from_mapping
 from perfit.core.masks import MASK_LOST, decode, digest, encode, gather, scatter
-from perfit.federation.node_store import NodeStore
+from perfit.federation.node_store import STATE_DIR, NodeStore
 from perfit.federation.node_worker import process_age_seconds
 
 LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
@@ -127,11 +127,13 @@ def _write_adapter(store: NodeStore, task: ClientTask, flat: torch.Tensor) -> No
 def identify(msg: Message, context: Context) -> Message:
     """Which client this node is and which rows it holds: an owner's node its name and the counts of
     its train / eval rows (never the rows); a research split's node its partition id and its rows'
-    indices into the shared file."""
+    indices into the shared file. Every node also says which base model it runs and whether what it
+    keeps is on disk (a state-dir) or in memory only."""
     client = _client_id(context)
     task = _task(msg, context)
     split = task.split_of(client)  # opens and validates the node's data: errors name file, line, field
     model = {"model": task.model_path, "model_fingerprint": model_fingerprint(task.model_path)}
+    model["keeps_state"] = int(bool(context.node_config.get(STATE_DIR)))  # its kept values outlive a restart
     if task.owners:
         name = str(context.node_config.get("name", task.owner_name(client)))
         counts = {"train_rows": len(split.train), "eval_rows": len(split.eval)}

@@ -34,6 +34,7 @@ class Roster:
     names: dict[int, str] = field(default_factory=dict)  # client id -> owner name (split=owner)
     splits: dict[int, dict[str, Any]] = field(default_factory=dict)  # client id -> its partitions.json entry
     node_models: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (its model path, fingerprint)
+    keeps_state: dict[int, bool] = field(default_factory=dict)  # node -> whether its kept values are on disk
 
     def base_model(self) -> tuple[str, str]:
         """(path, fingerprint) of the base model as the nodes found it; every node must run the same
@@ -42,6 +43,11 @@ class Roster:
         if len({fingerprint for _, fingerprint in models}) != 1:
             raise NodesFailed(f"the nodes run different base models: {sorted(models)}")
         return sorted(models)[0]
+
+    def forgetful(self, clients: list[int]) -> list[int]:
+        """The clients among `clients` whose node keeps its values in memory only (no state-dir: a
+        simulated node, or a SuperNode without one), which a restart or a new run loses."""
+        return [c for c in clients if c in self.nodes and not self.keeps_state.get(self.nodes[c], False)]
 
     def train_rows(self, client: int) -> int:
         """How many train rows `client`'s node said it holds (a research split's distinct row
@@ -69,6 +75,7 @@ def discover(grid: Grid, config: Config) -> Roster:
             continue
         info = reply.content["info"]
         roster.node_models[reply.metadata.src_node_id] = (str(info["model"]), str(info["model_fingerprint"]))
+        roster.keeps_state[reply.metadata.src_node_id] = bool(info.get("keeps_state", 0))
         if owners:
             named.setdefault(str(info["name"]), []).append((reply.metadata.src_node_id, info))
             continue

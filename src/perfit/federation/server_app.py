@@ -28,10 +28,10 @@ from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
 from perfit.core.aggregate import Accumulator, personalize
 from perfit.core.masks import MASK_LOST, PackedMasks, decode, digest, gather, scatter
-from perfit.core.methods import FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
+from perfit.core.methods import NODE_KEPT, FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms, weight_cap
-from perfit.federation.roster import Roster, discover
+from perfit.federation.roster import NodesFailed, Roster, discover
 from perfit.federation.run_directory import (
     RunDirectory,
     partitions_record,
@@ -149,6 +149,12 @@ class Federation:
                 config.clients_per_round,
             )
         resuming = resumes_from_checkpoint(config)  # the checkpoint holds the adapter and the masks
+        forgetful = self.roster.forgetful(config.participants) if config.method in NODE_KEPT else []
+        if resuming and forgetful:  # their private values did not outlive the stopped run
+            raise NodesFailed(
+                f"cannot resume a {config.method} run: the nodes of clients {forgetful} keep their private "
+                "values in memory only (no state-dir), so the stopped run took them along; run it again without resume"
+            )
         partitions = partitions_record(self.roster.splits, config.held_out)
         if config.start_from and not resuming:  # another finished run's global adapter instead of the seeded one
             self.global_flat = read_start(config, self.layout, self.model_fingerprint, partitions)
