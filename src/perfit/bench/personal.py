@@ -79,11 +79,16 @@ MASK_READINGS = {
 """The report's names for `bench.diagnostics.diagnose`'s readings of a run's masks."""
 
 
-def _masks(directories: list[Path]) -> dict[str, float]:
-    """The mask readings (MASK_READINGS) averaged over the runs that searched masks; NaN without one."""
+def _readings(directories: list[Path]) -> list[dict[str, Any] | None]:
+    """Each run's mask readings (`bench.diagnostics.mask_diagnostics`; None for a run without masks)."""
     from perfit.bench.diagnostics import mask_diagnostics
 
-    found = [d for directory in directories if (d := mask_diagnostics(directory))]
+    return [mask_diagnostics(directory) for directory in directories]
+
+
+def _masks(readings: list[dict[str, Any] | None]) -> dict[str, float]:
+    """The mask readings (MASK_READINGS) averaged over the runs that searched masks; NaN without one."""
+    found = [d for d in readings if d]
     return {name: statistics.fmean(d[key] for d in found) if found else math.nan for name, key in MASK_READINGS.items()}
 
 
@@ -111,7 +116,7 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
         readings.setdefault(cell.split, {})[cell.label] = {
             "lr": entry["chosen_lr"],
             "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],
-            **_masks([directory]),
+            **_masks(_readings([directory])),
             "own_over_others": _own_over_others(directory),
         }
     return readings
@@ -156,10 +161,13 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
     for split in SPLITS:
         fit = results[f"personal/{split}/fit"]
         baselines = [results[f"personal/{split}/{b}"] for b in PERSONALIZED_BASELINES]
-        cells = {}
+        cells, mask_readings = {}, {}
         for result in results.values():
             if result.cell.split != split or not result.runs:
                 continue
+            mask_readings[result.cell.label] = dict(
+                zip(result.runs, _readings([r["dir"] for r in result.runs.values()]), strict=True)
+            )
             cells[result.cell.label] = {
                 "seeds": sorted(result.runs),
                 "personalized_ppl": result.mean,
@@ -167,12 +175,14 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
                 "over_fit_per_seed": {str(s): v for s, v in _per_seed(result, fit).items()},
                 "rouge_l": _rouge(result),
                 "degraded_seeds": result.degraded_seeds,
-                **_masks([run["dir"] for run in result.runs.values()]),
+                **_masks(list(mask_readings[result.cell.label].values())),
             }
         variant = chosen[split]
         split_out: dict[str, Any] = {"cells": cells, "chosen_variant": variant, "goal_met": None}
         if variant is not None:
-            split_out.update(_goal(results[f"personal/{split}/{variant}"], fit, baselines))
+            split_out.update(
+                _goal(results[f"personal/{split}/{variant}"], fit, baselines, mask_readings.get(variant, {}))
+            )
         out["splits"][split] = split_out
     out["goal_met"] = _both_splits(out["splits"])
     return out
@@ -189,34 +199,29 @@ def _both_splits(splits: dict[str, dict[str, Any]]) -> bool | None:
     return None if None in verdicts else True
 
 
-def _ppl(result: CellResult, seed: int) -> float:
-    value = result.ppl.get(seed)
-    return float(value) if value is not None else math.nan  # a diverged run's perplexity is null
-
-
-def _goal(method: CellResult, fit: CellResult, baselines: list[CellResult]) -> dict[str, Any]:
+def _goal(
+    method: CellResult, fit: CellResult, baselines: list[CellResult], masks: dict[int, dict[str, Any] | None]
+) -> dict[str, Any]:
     """The goal's checks for `method`, seed by seed over every held-out seed. Not measurable (goal_met
     None, the missing seeds named) until the method, FIT and every personalized baseline have
     finished all of them: a run not there could be the one that fails. At each seed the strongest
     baseline is the one the method beats least there; a NaN (a diverged run, a reading not made)
-    fails its check."""
-    from perfit.bench.diagnostics import mask_diagnostics
-
+    fails its check. `masks`: the method's mask readings by seed, as `summarize` read them."""
     compared = (method, fit, *baselines)
     missing = {r.cell.label: sorted(set(HELD_OUT_SEEDS) - set(r.runs)) for r in compared}
     missing = {label: seeds for label, seeds in missing.items() if seeds}
     if missing:
         return {"missing_seeds": missing, "checks": None, "goal_met": None}
     seeds = HELD_OUT_SEEDS
-    over_fit = {s: _ppl(method, s) / _ppl(fit, s) for s in seeds}
-    per_baseline = [[_ppl(method, s) / _ppl(b, s) for b in baselines] for s in seeds]
+    over_fit = {s: method.ppl[s] / fit.ppl[s] for s in seeds}  # a diverged run's perplexity reads as NaN
+    per_baseline = [[method.ppl[s] / b.ppl[s] for b in baselines] for s in seeds]
     worst = {s: max(r) if all(map(math.isfinite, r)) else math.nan for s, r in zip(seeds, per_baseline, strict=True)}
 
     def rouge(result: CellResult, seed: int) -> float:
         return float(result.runs[seed]["summary"].get("rouge_l", math.nan))
 
     def mask_r(seed: int) -> float:
-        reading = mask_diagnostics(method.runs[seed]["dir"])
+        reading = masks.get(seed)
         return reading["mask_vs_data_similarity_r"] if reading else math.nan
 
     checks = {

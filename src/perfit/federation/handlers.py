@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,11 +62,16 @@ def _task(msg: Message, context: Context) -> ClientTask:
     return client_task(from_mapping(settings))
 
 
+def _step(msg: Message | None) -> Any:
+    """The message's round record (round, client, the run's id, the registered mask's digest); empty
+    for the identify query and the node's own search."""
+    return msg.content["round"] if msg is not None and "round" in msg.content else {}
+
+
 def _nonce(msg: Message) -> str:
     """The run's id the server sends with every message after the identify query (none from an older
     server: the state is keyed by the config alone, as before)."""
-    step = msg.content.get("round", {})
-    return str(step.get("run_nonce", ""))
+    return str(_step(msg).get("run_nonce", ""))
 
 
 def _mask(task: ClientTask, client: int, store: NodeStore, msg: Message | None = None) -> torch.Tensor:
@@ -78,8 +84,7 @@ def _mask(task: ClientTask, client: int, store: NodeStore, msg: Message | None =
         return task.fixed[client]
     if msg is not None and "registered" in msg.content:
         store.put("mask", msg.content["registered"]["mask"].numpy())
-    step = msg.content["round"] if msg is not None and "round" in msg.content else {}
-    expected = step.get("mask_digest")
+    expected = _step(msg).get("mask_digest")
     if expected is not None and ("mask" not in store or digest(store.get("mask")) != expected):
         raise RuntimeError(f"{MASK_LOST}: client {client}'s node holds no mask or another than the registered one")
     if "mask" not in store:
