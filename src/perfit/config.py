@@ -143,7 +143,7 @@ class Config:
     client claiming a huge file cannot outweigh the round (HetLoRA weighs by ||B A||_F, not rows);
     0: both off. The default leaves honest rounds unchanged, with a margin over the widest honest
     spread of change norms measured, of optimizer steps the paper's splits sample, and of their
-    clients' rows (at most 4.1x the lower median; docs/reliability.md)."""
+    clients' rows (docs/reliability.md)."""
     min_replies: float = 0.5
     """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""
