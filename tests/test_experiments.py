@@ -160,9 +160,10 @@ def test_progress_counts_finished_runs_and_estimates_the_rest(tmp_path):
     assert progress(cells, tmp_path) == (3, runs, 1450.0, 700.0 * (len(fit.seeds) - 2) + 50.0 * (len(fit_ft.seeds) - 1))
 
 
-def test_a_partial_run_of_a_method_whose_clients_keep_values_restarts_instead_of_resuming(tmp_path):
-    """FedSA-LoRA's B lives on the simulated nodes only: resuming from the server's checkpoint would
-    start every client's B again from 0 in the middle of the run, silently."""
+def test_a_partial_run_of_a_method_whose_clients_keep_values_resumes_only_with_its_nodes_state(tmp_path):
+    """FedSA-LoRA's B lives on the simulated nodes only (`<run>/nodes/`): a partial run that has it
+    resumes; one stopped before nodes kept their values on disk restarts, since resuming from the
+    server's checkpoint would start every client's B again from 0 in the middle of the run, silently."""
     from perfit.config import Config
     from perfit.federation.simulation import run_simulation
 
@@ -176,14 +177,19 @@ def test_a_partial_run_of_a_method_whose_clients_keep_values_restarts_instead_of
         seen.append((config.seed, config.resume, (Path(config.out) / "checkpoint.safetensors").exists()))
         return {"personalized_ppl": 9.0, "wall_seconds": 1.0}
 
-    run_grid([replace(cell, seeds=(1,))], tmp_path, {"data": "d.jsonl"}, runner, report=lines.append)
+    grid = [replace(cell, seeds=(1,))]
+    run_grid(grid, tmp_path, {"data": "d.jsonl"}, runner, report=lines.append)
     assert seen == [(1, 0, False)]  # from round 1, the old checkpoint gone
-    assert "restarting (a simulation cannot resume the values its clients kept)" in lines[0]
-    (partial / "checkpoint.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    assert "restarting (stopped before its nodes kept their values on disk)" in lines[0]
+    partial.mkdir(parents=True)
     (partial / "checkpoint.safetensors").write_bytes(b"x")
     config = Config(method="fedsa", resume=1, out=str(partial), data="d.jsonl")
-    with pytest.raises(ValueError, match="a simulated fedsa run cannot resume"):
+    with pytest.raises(ValueError, match="a simulated fedsa run cannot resume without its nodes' kept values"):
         run_simulation(config)  # `perfit run --resume` says so before anything starts
+    (partial / "nodes").mkdir()
+    seen.clear()
+    run_grid(grid, tmp_path, {"data": "d.jsonl"}, runner, report=lines.append)
+    assert seen == [(1, 1, True)]  # its nodes' values are on disk: it resumes
 
 
 def test_a_run_that_starts_from_another_waits_for_it_to_finish(tmp_path):

@@ -89,6 +89,46 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, small_data, tmp_path)
         assert ours.get("clients") == theirs.get("clients")  # the sampler continued where it stopped
 
 
+def test_a_fedsa_run_stopped_after_its_nodes_trained_a_round_resumes_to_the_same_result(
+    tiny_model, small_data, tmp_path, monkeypatch
+):
+    """FedSA-LoRA's B never leaves its node. The server stops after round 4's training, before its
+    checkpoint: the nodes of round 4, which all trained in earlier rounds too, have kept a B newer
+    than the checkpoint knows. The resumed run trains round 4 again from the B each node kept after
+    its previous round (the version the checkpoint names), so it ends as the uninterrupted run; a
+    node that continued from its newest B would have trained round 4 twice."""
+    from perfit.federation.server_app import Federation
+
+    changes = {**CHANGES, "method": "fedsa"}
+    reference = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "reference", **changes), num_cpus=2)
+    assert not (tmp_path / "reference" / "nodes").exists()  # a finished run's nodes state goes
+    out = tmp_path / "stopped"
+    checkpoint = Federation._checkpoint
+
+    def stop_before_round_4s(self, round_number, *args):
+        if round_number == 4:
+            raise RuntimeError("stopped before round 4's checkpoint")
+        checkpoint(self, round_number, *args)
+
+    monkeypatch.setattr(Federation, "_checkpoint", stop_before_round_4s)
+    with pytest.raises(RuntimeError, match="stopped before round 4's checkpoint"):
+        run_simulation(tiny_config(tiny_model, small_data, out, **changes), num_cpus=2)
+    monkeypatch.setattr(Federation, "_checkpoint", checkpoint)
+    assert _checkpoint_round(out) == 3 and _checkpoint_state(out)["kept_rounds"]
+    kept = sorted(p.name for p in (out / "nodes").glob("client-*/run-*/personal@4.safetensors"))
+    assert len(kept) == changes["clients_per_round"]  # round 4's nodes trained it and kept their new B
+    stopped = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])  # logged, not checkpointed
+    assert stopped["round"] == 4
+    sampled = stopped["clients"]
+    assert all(_checkpoint_state(out)["kept_rounds"].get(str(c), 0) > 0 for c in sampled)  # trained before
+
+    resumed = run_simulation(tiny_config(tiny_model, small_data, out, **changes, resume=1), num_cpus=2)
+    assert resumed["resumed_at_round"] == 4 and resumed["rejected_updates"] == []
+    for client, value in reference["per_client_ppl"].items():
+        assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)
+    assert not (out / "nodes").exists()
+
+
 @pytest.mark.parametrize("how", ["ctrl-c to the process group", "SIGTERM to the run's process"])
 def test_a_stopped_run_ends_at_once_records_no_round_of_dead_clients_and_resumes(
     tiny_model, small_data, tmp_path, request, how
@@ -191,7 +231,8 @@ def test_a_resumed_run_needs_the_same_clients_and_a_fresh_one_drops_an_older_run
         resumed.check_same_partitions(partitions_record(renamed, []))
     with pytest.raises(ValueError, match=r"changed: 2\)"):  # one more client
         resumed.check_same_partitions(partitions_record({**splits, 2: splits[1]}, []))
-    for stale in (CHECKPOINT, "summary.json", "masks.safetensors", "adapters/global/adapter_model.safetensors"):
+    stale_files = ("adapters/global/adapter_model.safetensors", "nodes/client-0/run-a1/personal@3.safetensors")
+    for stale in (CHECKPOINT, "summary.json", "masks.safetensors", *stale_files):
         (run / stale).parent.mkdir(parents=True, exist_ok=True)
         (run / stale).write_bytes(b"an older run's")
     RunDirectory(Config(data=str(small_data), out=str(run), lr=1e-3))  # a fresh run into the same directory

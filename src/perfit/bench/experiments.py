@@ -284,15 +284,15 @@ def run_grid(
     """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
     raises is reported as `failed: ...` and the grid goes on with the next one."""
     from perfit.core.methods import NODE_KEPT
-    from perfit.federation.run_directory import config_changes
+    from perfit.federation.run_directory import NODES, config_changes
 
     done = []
     for cell, seed in schedule(cells):
         status = state(cell, out, seed)
-        if status == "partial" and cell.fields.get("method") in NODE_KEPT:  # its nodes' values went with it
-            report(f"{cell.name} seed {seed}: restarting (a simulation cannot resume the values its clients kept)")
-            status = "todo"
         config = cell.config(seed, out, **common, resume=int(status == "partial"))
+        if status == "partial" and cell.fields.get("method") in NODE_KEPT and not (Path(config.out) / NODES).is_dir():
+            report(f"{cell.name} seed {seed}: restarting (stopped before its nodes kept their values on disk)")
+            status, config = "todo", config.replace(resume=0)
         if status == "done":
             changes = config_changes(Path(config.out), config) if (Path(config.out) / "config.toml").is_file() else []
             if changes:  # e.g. `--tuned` into a directory of default-rate runs: neither rerun nor count them

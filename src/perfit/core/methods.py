@@ -67,8 +67,8 @@ def shared_positions(layout: Layout, method: str) -> torch.Tensor:
 NODE_KEPT = ("fedsa", "local")
 """The methods whose clients keep values the server never sees (`shared_positions` is not all of the
 adapter): FedSA-LoRA's B, all of a `local` adapter. A run of theirs can resume from the server's
-checkpoint only where the nodes kept those values too (a state-dir); a simulation's nodes lose them
-with its process."""
+checkpoint only where the nodes kept those values too: a state-dir, which `perfit run` gives each
+simulated node under `<out>/nodes/` (`federation.simulation`)."""
 
 
 def lora_update_norm(layout: Layout, flat: torch.Tensor) -> float:

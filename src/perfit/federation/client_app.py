@@ -11,12 +11,14 @@ with `worker=0`) the handlers run here. The messages and the node config are des
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from perfit.federation import node_worker
+from perfit.federation.node_store import STATE_DIR
 
 app = ClientApp()
 
@@ -50,3 +52,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _run("evaluate", msg, context)
+
+
+class KeepingNodes(ClientApp):
+    """A ClientApp (perfit's, or a test's) whose simulated nodes each keep their state on disk, in
+    `<nodes>/client-<partition-id>/`, as a Deployment Engine node with a `state-dir` does, so that what
+    they keep outlives the simulation's process. The messages run in the simulation's own worker
+    processes (`worker=0`)."""
+
+    def __init__(self, inner: ClientApp, nodes: str) -> None:
+        super().__init__()
+        self.inner, self.nodes = inner, nodes
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        node = f"client-{context.node_config['partition-id']}"
+        context.node_config.update({STATE_DIR: str(Path(self.nodes) / node), "worker": 0})
+        return self.inner(message, context)

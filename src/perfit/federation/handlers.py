@@ -12,7 +12,9 @@ config of its own):
 - `query.search`: run Alg. 1 once, keep the mask in the node's state, send it bit-packed.
 - `train`: values at the mask positions in, local masked training, values at the mask positions out.
   Methods that keep part of the adapter on the client (FedSA-LoRA's B, `local`) exchange only the
-  shared positions and keep the rest in the node state (`personal`); it never leaves the node.
+  shared positions and keep the rest in the node state (`personal`, by the round that trained it:
+  `node_store`); it never leaves the node. Train and evaluation messages name the version to
+  continue from (`round.kept_round`).
 - `evaluate`: personalized NLL of the received adapter on the client's held-out rows, after
   `finetune` local epochs when the server asks for them (final evaluation of FIT + FT, `local`).
 
@@ -39,7 +41,7 @@ from perfit.artifacts.lora import save_adapter
 from perfit.client.task import ClientTask, client_task
 from perfit.config import from_mapping
 from perfit.core.masks import MASK_LOST, decode, digest, encode, gather, scatter
-from perfit.federation.node_store import STATE_DIR, NodeStore
+from perfit.federation.node_store import KEPT_LOST, STATE_DIR, NodeStore
 from perfit.federation.node_worker import process_age_seconds
 
 LOCAL_PATHS = ("data", "model")  # node config keys that override the run config on this node
@@ -99,19 +101,34 @@ def _reply(msg: Message, metrics: dict, **arrays: np.ndarray) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _kept_round(msg: Message) -> int | None:
+    """The round of the client's last train reply the server received: the version of its kept
+    values the node continues from (0 before its first; None from an older server: the newest)."""
+    value = _step(msg).get("kept_round")
+    return None if value is None else int(value)
+
+
 def _start(msg: Message, store: NodeStore, task: ClientTask, mask: torch.Tensor) -> torch.Tensor:
     """The received values at the shared mask positions, the node's own kept values elsewhere."""
     values = torch.from_numpy(msg.content["arrays"]["values"].numpy().copy())
     received = scatter(values, mask & task.shared)
-    kept = store.get("personal")
+    kept, version = None, _kept_round(msg)
+    if not bool(task.shared.all()) and version != 0:
+        kept = store.get_version("personal", version)
+        if kept is None and version is not None:
+            client = _step(msg).get("client")
+            raise RuntimeError(f"{KEPT_LOST}: client {client}'s node holds no values kept after round {version}")
     personal = None if kept is None else scatter(torch.from_numpy(kept.copy()), mask)
     return task.starting_point(received, personal) * mask
 
 
-def _keep(store: NodeStore, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor) -> None:
-    """Keep the trained adapter on the node when part of it is not shared."""
+def _keep(
+    store: NodeStore, task: ClientTask, flat: torch.Tensor, mask: torch.Tensor, version: int, keep_from: int | None
+) -> None:
+    """Keep the trained adapter on the node, as version `version`, when part of it is not shared;
+    versions below `keep_from` (the one this round started from) are no longer needed."""
     if not bool(task.shared.all()):
-        store.put("personal", gather(flat, mask).numpy().astype(np.float32))
+        store.put_version("personal", gather(flat, mask).numpy().astype(np.float32), version, keep_from)
 
 
 def _write_adapter(store: NodeStore, task: ClientTask, flat: torch.Tensor) -> None:
@@ -176,9 +193,10 @@ def train(msg: Message, context: Context, started: float | None = None, startup:
     mask = _mask(task, client, store, msg)
     task.examples(client, "train")  # the model, the tokenizer and the rows, loaded once per process
     compute_started = time.time()
-    result = task.train(client, _start(msg, store, task, mask), mask, int(msg.content["round"]["round"]))
+    round_number = int(msg.content["round"]["round"])
+    result = task.train(client, _start(msg, store, task, mask), mask, round_number)
     compute = time.time() - compute_started
-    _keep(store, task, result.flat, mask)
+    _keep(store, task, result.flat, mask, round_number, _kept_round(msg))
     values = gather(result.flat, mask & task.shared).numpy().astype(np.float32)
     metrics = {"client": client, "examples": result.examples, "train_loss": result.loss, "steps": result.steps}
     seconds = {"startup_seconds": startup, "setup_seconds": compute_started - started, "compute_seconds": compute}
@@ -196,7 +214,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if epochs:  # local fine-tuning before the final evaluation; the result stays on the node
         result = task.train(client, flat, mask, task.config.rounds + 1, epochs=epochs)
         flat = result.flat
-        _keep(store, task, flat, mask)
+        _keep(store, task, flat, mask, task.config.rounds + 1, _kept_round(msg))
         metrics["finetune_loss"] = result.loss
     if int(msg.content["round"].get("final", 0)):
         _write_adapter(store, task, flat)

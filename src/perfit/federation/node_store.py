@@ -5,7 +5,15 @@ owner's personalized adapter.
 Flower keeps a node's `Context.state` in memory only, so a SuperNode restart loses it. With a
 `state-dir` in its node config a node also writes each value to disk, atomically (write a temporary
 file, then rename it over the old one: a kill leaves the previous value or the new one, never half
-of either), under a folder keyed by the run, and reads it back when its memory has lost it."""
+of either), under a folder keyed by the run, and reads it back when its memory has lost it.
+
+Values a run advances each round (FedSA-LoRA's B, a `local` adapter) are kept by version: the round
+whose training produced them. The server names, in each message, the round of the client's last
+train reply it received (`kept_round`), and the node continues from exactly that version. A server
+resumed from its checkpoint reruns the round it stopped in; a node that already trained that round
+(and kept a newer version) still starts it from the version the checkpoint knows, so the resumed run
+is the uninterrupted one. A node asked for a version it no longer holds (its state-dir emptied, or
+another machine's) says so (KEPT_LOST) instead of training on from a reset value."""
 
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from flwr.app import Array, ArrayRecord, Context
 from perfit.config import RESULT_NEUTRAL, Config
 
 STATE_DIR = "state-dir"  # the node config key
+KEPT_LOST = "perfit: kept values lost"  # a node's error reply: it no longer holds the version asked for
 
 
 def run_key(config: Config) -> str:
@@ -44,6 +53,37 @@ class NodeStore:
 
     def __contains__(self, name: str) -> bool:
         return name in self.state or (self.directory is not None and self._path(name).is_file())
+
+    def versions(self, name: str) -> list[int]:
+        """The versions of `name` this node holds (in memory or on disk), in order."""
+        prefix = f"{name}@"
+        found = {key for key in self.state if key.startswith(prefix)}
+        if self.directory is not None and self.directory.is_dir():
+            found.update(path.stem for path in self.directory.glob(f"{prefix}*.safetensors"))
+        return sorted(int(key.removeprefix(prefix)) for key in found)
+
+    def put_version(self, name: str, value: np.ndarray, version: int, keep_from: int | None = None) -> None:
+        """Keep `value` as version `version` of `name`; versions below `keep_from` are dropped (the
+        server will never ask for them again), all older ones where `keep_from` is None."""
+        self.put(f"{name}@{version}", value)
+        for older in self.versions(name):
+            if older < (version if keep_from is None else min(keep_from, version)):
+                self.drop(f"{name}@{older}")
+
+    def get_version(self, name: str, version: int | None = None) -> np.ndarray | None:
+        """Version `version` of `name` (the newest where None); None when the node does not hold it."""
+        if version is None:
+            held = self.versions(name)
+            if not held:
+                return None
+            version = held[-1]
+        return self.get(f"{name}@{version}")
+
+    def drop(self, name: str) -> None:
+        if name in self.state:
+            del self.state[name]
+        if self.directory is not None:
+            self._path(name).unlink(missing_ok=True)
 
     def get(self, name: str) -> np.ndarray | None:
         """The kept array, from memory or (after a restart) from disk; None before it is kept."""

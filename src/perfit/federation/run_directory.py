@@ -69,6 +69,7 @@ def partitions_record(splits: dict[int, dict[str, list[int]]], held_out: list[in
 
 
 MASKS = "masks.safetensors"
+NODES = "nodes"  # a simulation's nodes keep their state here while the run is unfinished (`simulation`)
 
 
 def _source_files(field: str) -> list[str]:
@@ -176,7 +177,8 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in (CHECKPOINT, "summary.json", MASKS):  # a fresh start never finds an older run's state
             (self.path / stale).unlink(missing_ok=True)
-        shutil.rmtree(self.path / "adapters", ignore_errors=True)
+        for folder in ("adapters", NODES):
+            shutil.rmtree(self.path / folder, ignore_errors=True)
         (self.path / "config.toml").write_text(config.to_toml())
         self.metrics_path.write_text("")
 

@@ -107,6 +107,9 @@ class Federation:
     search_seconds: float = 0.0  # clients' compute time in Alg. 1, summed
     weight_cap: float = math.inf  # the largest example count an update weighs (`core.robust.weight_cap`)
     nonce: str = ""  # this run's id for its nodes' kept state: drawn at a fresh start, kept in the checkpoint
+    # the round of each client's last train reply received: the version of the values its node kept
+    # that it continues from (`node_store`); None after a resume from a checkpoint that predates it
+    kept_rounds: dict[int, int] | None = field(default_factory=dict)
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -289,6 +292,7 @@ class Federation:
             "rejected": self.rejected,
             "search_seconds": self.search_seconds,
             "nonce": self.nonce,
+            "kept_rounds": None if self.kept_rounds is None else {str(c): r for c, r in self.kept_rounds.items()},
         }
         self.out.save_checkpoint(tensors, state)
 
@@ -302,6 +306,8 @@ class Federation:
         self.rejected = list(state["rejected"])
         self.search_seconds = float(state.get("search_seconds", 0.0))  # checkpoints before it was kept: 0
         self.nonce = str(state.get("nonce", ""))  # an older checkpoint's nodes keyed their state by config only
+        kept = state.get("kept_rounds")  # an older checkpoint's: the nodes continue from their newest values
+        self.kept_rounds = None if kept is None else {int(c): int(r) for c, r in kept.items()}
         log.info("resuming %s after round %d", self.out.path, state["round"])
         totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
         totals["seconds_before_resume"] = state["seconds"]
@@ -326,6 +332,8 @@ class Federation:
                 "run_nonce": self.nonce,
             }
         )
+        if self.kept_rounds is not None:
+            step["kept_round"] = self.kept_rounds.get(client, 0)
         if isinstance(self.masks, PackedMasks) and client in self.masks:  # the node checks that it holds this mask
             step["mask_digest"] = digest(self.masks.packed(client))
         content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
@@ -431,6 +439,8 @@ class Federation:
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
         """Send, check every reply, bound the accepted changes, then Eq. 6."""
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
+        if self.kept_rounds is not None:  # each node that replied kept what it trained, accepted here or not
+            self.kept_rounds.update(dict.fromkeys(replies, round_number))
         accepted, losses, bytes_up, timing = {}, [], 0, {}
         for client, reply in replies.items():
             try:

@@ -113,21 +113,24 @@ def run_simulation(
 ) -> dict[str, Any]:
     """Run one federation to completion and return its summary (also in `<out>/summary.json`).
 
-    `client_app` replaces perfit's ClientApp (e.g. a wrapped one that injects faults in tests). A
-    run of a method whose clients keep private values (`core.methods.NODE_KEPT`) does not resume:
-    the simulated nodes kept those values in memory only.
+    `client_app` replaces perfit's ClientApp (e.g. a wrapped one that injects faults in tests). The
+    nodes of a method whose clients keep values the server never sees (`core.methods.NODE_KEPT`)
+    keep them on disk, in `<out>/nodes/`, so that the run resumes exactly; the folder goes once the
+    run has finished.
 
     Each simulated client gets `cpus_per_client` cores (torch threads): on 2 cores one 2-thread
     client process runs a round as fast as two 1-thread ones, with one model copy in memory instead
     of two (docs/speed.md).
     """
     from perfit.core.methods import NODE_KEPT
-    from perfit.federation.run_directory import resumes_from_checkpoint
+    from perfit.federation.run_directory import NODES, resumes_from_checkpoint
 
-    if config.method in NODE_KEPT and resumes_from_checkpoint(config):
+    out = Path(config.out).expanduser().resolve()
+    keeping = config.method in NODE_KEPT
+    if keeping and resumes_from_checkpoint(config) and not (out / NODES).is_dir():
         raise ValueError(
-            f"{config.out}: a simulated {config.method} run cannot resume: its clients' private values (kept "
-            "only by the nodes, never the server) went with the stopped process; run it again without resume"
+            f"{config.out}: a simulated {config.method} run cannot resume without its nodes' kept values "
+            f"({out / NODES} is missing: the run stopped before perfit kept them on disk); run it again without resume"
         )
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -140,10 +143,12 @@ def run_simulation(
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    from perfit.federation.client_app import KeepingNodes
     from perfit.federation.client_app import app as perfit_client_app
     from perfit.federation.run_directory import read_summary
     from perfit.federation.server_app import app as server_app
 
+    app = client_app or perfit_client_app
     run = Run.create_empty(run_id=1)
     run.primary_task_id = 1
     run.federation_id = NOOP_FEDERATION_ID
@@ -169,7 +174,7 @@ def run_simulation(
             _run_simulation(
                 num_supernodes=config.num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=client_app or perfit_client_app,
+                client_app=KeepingNodes(app, str(out / NODES)) if keeping else app,
                 server_app=server_app,
                 backend_name="ray",
                 backend_config=backend,
@@ -179,4 +184,6 @@ def run_simulation(
     finally:
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
-    return read_summary(Path(config.out).expanduser().resolve() / "summary.json")
+    summary = read_summary(out / "summary.json")
+    shutil.rmtree(out / NODES, ignore_errors=True)  # finished: nothing resumes from it
+    return summary
