@@ -126,6 +126,7 @@ def test_a_killed_supernode_restarts_with_what_it_kept(tiny_model, small_data, t
         assert summary["per_client_ppl"][client] == pytest.approx(value, rel=1e-4), client
     for k in range(3):  # each node keeps its B and, at the end, its owner's adapter in PEFT format
         (kept,) = (state / f"node-{k}").glob("run-*")
-        assert (kept / "personal.safetensors").is_file()
+        versions = {int(path.stem.split("@")[1]) for path in kept.glob("personal@*.safetensors")}
+        assert versions and versions <= {1, 2, 3}  # B by the round that trained it
         assert (kept / "adapter" / "adapter_model.safetensors").is_file()
         assert json.loads((kept / "adapter" / "adapter_config.json").read_text())["r"] == 4
