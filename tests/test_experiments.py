@@ -309,18 +309,21 @@ def test_headline_ratios_and_seed_spread(tmp_path):
         "table1/{s}/perfit-s0.66": (8.9, 9.5),
         "table2/{s}/perfit-8-12-16": (6.0, 6.2),
         "baselines/{s}/local": (11.0, 11.0),
-        "baselines/{s}/fedsa": (8.0, 8.4),  # the best baseline; fit-ft not run
+        "baselines/{s}/fedsa": (8.0, 8.4),  # the best baseline
     }
     for split in ("pathological", "dirichlet"):
         for name, seeds in values.items():
             for seed, ppl in enumerate(seeds):
                 _fake_run(tmp_path / name.format(s=split) / f"seed{seed}", ppl)
+    for seed, ppl in enumerate((9.0, 9.1)):  # FIT + FT run under the pathological split only
+        _fake_run(tmp_path / "baselines/pathological/fit-ft" / f"seed{seed}", ppl)
     results = load_results(tmp_path)
     head = headline(results)
     for split in ("pathological", "dirichlet"):
         assert head["perfit_over_fit"][split] == pytest.approx(7.2 / 10.1)
         assert head["hetero_over_fit"][split] == pytest.approx(6.1 / 10.1)
-        assert head["perfit_over_best_baseline"][split] == pytest.approx(7.2 / 8.2)
+    assert head["perfit_over_best_baseline"]["pathological"] == pytest.approx(7.2 / 8.2)
+    assert math.isnan(head["perfit_over_best_baseline"]["dirichlet"])  # FIT + FT not run: no strongest yet
     fit, best = results["table1/pathological/fit"], results["table1/pathological/perfit-s0.5"]
     assert fit.std == pytest.approx(0.1414213, rel=1e-5)
     assert exceeds_spread(fit, best)  # 2.9 apart, spreads 0.14 + 0.28
@@ -364,6 +367,9 @@ def test_headline_compares_only_the_seeds_both_cells_finished(tmp_path):
     }.items():
         for seed, ppl in enumerate(seeds):
             _fake_run(tmp_path / name / f"seed{seed}", ppl)
+    head = headline(load_results(tmp_path))
+    assert math.isnan(head["perfit_over_best_baseline"]["pathological"])  # FIT + FT not run: it could be the strongest
+    _fake_run(tmp_path / "baselines/pathological/fit-ft/seed0", 20.0)
     head = headline(load_results(tmp_path))
     assert head["perfit_over_fit"]["pathological"] == pytest.approx(0.9)  # 9 / 10, not 9 / mean(10, 14)
     assert head["hetero_over_fit"]["pathological"] == pytest.approx(1.1)

@@ -344,7 +344,8 @@ def _headline(head) -> list[str]:
         "`perfit_over_best_baseline`: best PerFIT over the strongest of local only, FIT + local fine-tuning and",
         "FedSA-LoRA; `perfit_zero_b_over_fit`: PerFIT s=0.5 trained from B = 0 after the search at the symmetric",
         "init (the change the init ablation pointed to, perfit's default init since this grid) over FIT, and",
-        "`perfit_zero_b_over_best_baseline` the same over the strongest baseline. The quality bar is <= 0.75",
+        "`perfit_zero_b_over_best_baseline` the same over the strongest baseline (nan while a baseline has no",
+        "seed in common with it: that one could be the strongest). The quality bar is <= 0.75",
         "(pathological) and <= 0.78 (Dirichlet) over FIT.",
         "",
     ]

@@ -147,9 +147,12 @@ def headline(results: dict[str, CellResult]) -> dict[str, dict[str, float]]:
 
 
 def _over_strongest(result: CellResult | None, baselines: list[CellResult]) -> float:
-    """`result` over the strongest baseline: the largest of its paired ratios to each (nan if none)."""
-    against = [paired_ratio(result, b) for b in baselines] if result is not None else []
-    against = [v for v in against if math.isfinite(v)]
+    """`result` over the strongest baseline: the largest of its paired ratios to each. nan while a
+    baseline shares no finished seed with `result` (it could be the strongest); a baseline that
+    diverged (no finite ratio) is not the strongest."""
+    if result is None or any(not set(result.runs) & set(b.runs) for b in baselines):
+        return math.nan
+    against = [v for v in (paired_ratio(result, b) for b in baselines) if math.isfinite(v)]
     return max(against) if against else math.nan
 
 
