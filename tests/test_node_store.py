@@ -54,6 +54,9 @@ def test_the_final_adapter_is_replaced_whole(tmp_path):
 def test_kept_values_are_versioned_by_round_and_pruned_below_the_one_the_server_names(tmp_path):
     """A node keeps each round's values (FedSA-LoRA's B) as a version, so that a round the server reruns
     after a resume starts from the version the server's checkpoint names, not from a newer one."""
+    older = NodeStore(_context(tmp_path / "old"), Config(method="fedsa"), nonce="a1")
+    older.put("personal", np.full(2, 1.0, dtype=np.float32))  # kept unversioned, by an older perfit
+    assert older.get_version("personal").tolist() == [1.0, 1.0]  # what an older server's resume continues from
     store = NodeStore(_context(tmp_path / "state"), Config(method="fedsa"), nonce="a1")
     assert store.get_version("personal") is None and store.versions("personal") == []
     store.put_version("personal", np.full(2, 3.0, dtype=np.float32), 3, keep_from=0)

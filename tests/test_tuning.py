@@ -50,8 +50,8 @@ def test_candidates_widen_past_the_end_the_choice_sits_at_until_it_is_inside():
 
 def test_collect_chooses_among_the_widened_candidates_once_they_finished(tmp_path):
     cells = select(grid(), ["table1/pathological/fit"])
-    for lr, ppl in ((1e-3, 10.0), (3e-3, 10.5)):
-        _summary(tmp_path / f"table1/pathological/fit/lr{lr:g}/seed0", ppl)
+    _summary(tmp_path / "table1/pathological/fit/lr0.001/seed0", 10.0)
+    _summary(tmp_path / "table1/pathological/fit/lr0.003/seed0", 10.5, kept_lost=[{"client": 2, "round": 3}])
     entry = collect(cells, tmp_path, (1e-3, 3e-3), widen=2)["table1/pathological/fit"]
     assert entry["lrs"] == [3e-4, 1e-3, 3e-3] and "chosen_lr" not in entry  # 3e-4 not run yet
     runs = tuning_cells(cells, (1e-3, 3e-3), widened={"table1/pathological/fit": tuple(entry["lrs"])})
@@ -63,8 +63,8 @@ def test_collect_chooses_among_the_widened_candidates_once_they_finished(tmp_pat
     assert collect(cells, tmp_path, (1e-3, 3e-3))["table1/pathological/fit"]["chosen_lr"] == 1e-3  # widen 0
     text = tuning_markdown({"table1/pathological/fit": entry}, (1e-3, 3e-3), "perfit bench tune")
     assert "| table1/pathological/fit | 9.500 | **9.000** | 10.000 | 10.500 | 0.0003 |" in text
-    assert entry["rejected_updates"] == [1e-4]
-    assert "rejected a client's update (a round counted fewer clients): table1/pathological/fit (lr 0.0001)." in text
+    assert entry["rejected_updates"] == [1e-4, 3e-3]  # a client's update rejected, a node's kept values restarted
+    assert "restarted a node's kept values: table1/pathological/fit (lr 0.0001, 0.003)." in text
 
 
 def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
@@ -81,9 +81,10 @@ def test_tuning_cells_run_each_candidate_in_validation_mode_at_seed_0():
     assert (config.lr, config.validation, config.method, config.split) == (1e-3, 1, "fit", "pathological")
 
 
-def _summary(path, ppl, evaluated_on="validation", rejected=()):
+def _summary(path, ppl, evaluated_on="validation", rejected=(), kept_lost=()):
     path.mkdir(parents=True)
     summary = {"personalized_ppl": ppl, "evaluated_on": evaluated_on, "rejected_updates": list(rejected)}
+    summary["kept_lost"] = list(kept_lost)
     (path / "summary.json").write_text(json.dumps(summary))
 
 

@@ -5,6 +5,7 @@ fault table) to the simulation's worker processes."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -77,8 +78,10 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
     `over_budget_mask` (registers a mask holding every position), `no_mask` (a search reply without
     one), `overflow_nll` (an evaluation past float range), `forget_mask` / `other_mask` (the node
-    loses its mask, or holds another, before each train message), `overweight` (OVERWEIGHT), or one
-    of HOSTILE (a sound-looking update whose change from what the client received is scaled)."""
+    loses its mask, or holds another, before each train message), `forget_kept` (the node loses the
+    values it kept, FedSA-LoRA's B, before each train message), `raise_in_round_2` (train raises in
+    round 2 only), `overweight` (OVERWEIGHT), or one of HOSTILE (a sound-looking update whose change
+    from what the client received is scaled)."""
     app = ClientApp()
 
     def _client(context: Context) -> int:
@@ -105,8 +108,13 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         fault = faults.get(_client(context))
-        if fault == "raise":
+        if fault == "raise" or (fault == "raise_in_round_2" and int(msg.content["round"]["round"]) == 2):
             raise RuntimeError("injected client failure")
+        if fault == "forget_kept":  # as a node restarted with its state-dir emptied
+            for name in [key for key in context.state if key.startswith("personal@")]:
+                del context.state[name]
+            for path in Path(str(context.node_config["state-dir"])).glob("run-*/personal@*.safetensors"):
+                path.unlink()
         if fault == "forget_mask" and "mask" in context.state:  # as a node restarted without its state
             del context.state["mask"]
         if fault == "other_mask" and "mask" in context.state:  # a mask searched again, and differently

@@ -2,6 +2,7 @@
 with the same figures as an uninterrupted run with the same seed."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -127,6 +128,27 @@ def test_a_fedsa_run_stopped_after_its_nodes_trained_a_round_resumes_to_the_same
     for client, value in reference["per_client_ppl"].items():
         assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)
     assert not (out / "nodes").exists()
+
+
+def test_a_node_that_lost_its_kept_values_starts_them_afresh_and_the_run_names_it(tiny_model, small_data, tmp_path):
+    """FedSA-LoRA: client 2's node loses its B before each train message (a state-dir emptied): it
+    says so, the server sends the message again for a fresh B and names it in `kept_lost`, and the
+    client stays in the run. Client 3 fails round 2: its node kept nothing then, so the server still
+    names round 1 as its version (its final evaluation finds it), not the round it failed."""
+    from .faulty_clients import faulty_app
+
+    config = tiny_config(tiny_model, small_data, tmp_path / "run", **{**CHANGES, "method": "fedsa"})
+    faults = {2: "forget_kept", 3: "raise_in_round_2"}
+    summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rounds if not r.get("final")] == [[2, 3], [2, 3], [0, 1], [1, 2]]
+    assert summary["kept_lost"] == [  # client 2, each time it trains again after a round of its own
+        {"client": 2, "round": 2, "kept_round": 1},
+        {"client": 2, "round": 4, "kept_round": 2},
+    ]
+    assert [r["client"] for r in summary["rejected_updates"]] == [3]  # round 2's injected failure only
+    assert sorted(summary["per_client_ppl"]) == ["0", "1", "2", "3"]
+    assert all(math.isfinite(v) for v in summary["per_client_ppl"].values())
 
 
 @pytest.mark.parametrize("how", ["ctrl-c to the process group", "SIGTERM to the run's process"])

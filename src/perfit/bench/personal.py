@@ -300,8 +300,8 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
             if cell["degraded_seeds"]
         ]
         if degraded:
-            lines += ["Runs that rejected a client's update (a round counted fewer clients; rerun them before a "
-                      "claim): " + ", ".join(degraded) + ".", ""]  # fmt: skip
+            lines += ["Runs that rejected a client's update (a round counted fewer clients) or restarted a node's "
+                      "kept values; rerun them before a claim: " + ", ".join(degraded) + ".", ""]  # fmt: skip
         if found["chosen_variant"] is None:
             lines += ["No PerFIT variant chosen yet (its tuning on seed 0 is not complete): no claim.", ""]
         elif found.get("goal_met") is None:

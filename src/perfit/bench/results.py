@@ -13,7 +13,7 @@ from typing import Any
 
 from perfit.bench.experiments import PERSONALIZED_BASELINES, SPLITS, Cell, grid
 from perfit.config import from_toml
-from perfit.federation.run_directory import read_summary
+from perfit.federation.run_directory import degraded, read_summary
 
 
 @dataclass
@@ -40,8 +40,9 @@ class CellResult:
     @property
     def degraded_seeds(self) -> list[int]:
         """Seeds whose run rejected a client's update (a round counted fewer clients than it sampled: a
-        reply timed out, a client failed): a weaker run than its config says, to rerun before a claim."""
-        return [seed for seed, run in sorted(self.runs.items()) if run["summary"].get("rejected_updates")]
+        reply timed out, a client failed) or restarted a node's kept values (`run_directory.degraded`):
+        a weaker run than its config says, to rerun before a claim."""
+        return [seed for seed, run in sorted(self.runs.items()) if degraded(run["summary"])]
 
     @property
     def complete(self) -> bool:

@@ -124,7 +124,7 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: i
     """Per cell: its candidates (`lrs`, widened past an end by `candidates`), the validation
     perplexity of each finished one and, once all have finished, the chosen rate and whether it is
     still at an end. Reads only the run directories' summaries."""
-    from perfit.federation.run_directory import read_summary
+    from perfit.federation.run_directory import degraded, read_summary
 
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
@@ -140,7 +140,7 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: i
                     if summary.get("evaluated_on") != "validation":
                         raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
                     measured[lr] = float(summary["personalized_ppl"])
-                    rejected += [lr] if summary.get("rejected_updates") else []
+                    rejected += [lr] if degraded(summary) else []
         entry: dict[str, Any] = {
             "lrs": list(rates),
             "validation_ppl": {f"{lr:g}": measured[lr] for lr in rates if lr in measured},
@@ -202,7 +202,9 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
     if rejected:
         lines += [
             "",
-            "Runs that rejected a client's update (a round counted fewer clients): " + ", ".join(rejected) + ".",
+            "Runs that rejected a client's update (a round counted fewer clients) or restarted a node's kept values: "
+            + ", ".join(rejected)
+            + ".",
         ]
     at_edge = [f"{name} ({entry['edge']})" for name, entry in table.items() if entry.get("edge")]
     if at_edge:

@@ -12,8 +12,10 @@ whose training produced them. The server names, in each message, the round of th
 train reply it received (`kept_round`), and the node continues from exactly that version. A server
 resumed from its checkpoint reruns the round it stopped in; a node that already trained that round
 (and kept a newer version) still starts it from the version the checkpoint knows, so the resumed run
-is the uninterrupted one. A node asked for a version it no longer holds (its state-dir emptied, or
-another machine's) says so (KEPT_LOST) instead of training on from a reset value."""
+is the uninterrupted one. A node asked for a version it no longer holds (restarted without a
+state-dir, its state-dir emptied, or another machine's) says so (KEPT_LOST) instead of training on
+from a reset value; the server then tells it to start afresh and names it in the run's summary
+(`kept_lost`)."""
 
 from __future__ import annotations
 
@@ -74,9 +76,7 @@ class NodeStore:
         """Version `version` of `name` (the newest where None); None when the node does not hold it."""
         if version is None:
             held = self.versions(name)
-            if not held:
-                return None
-            version = held[-1]
+            return self.get(f"{name}@{held[-1]}") if held else self.get(name)  # unversioned: an older perfit's
         return self.get(f"{name}@{version}")
 
     def drop(self, name: str) -> None:

@@ -49,6 +49,12 @@ def config_changes(run_dir: Path, config: Config) -> list[str]:
     ]
 
 
+def degraded(summary: dict[str, Any]) -> bool:
+    """Whether a finished run is weaker than its config says: a client's update was rejected (a round
+    counted fewer clients than it sampled), or a node lost the values it kept and started them afresh."""
+    return bool(summary.get("rejected_updates") or summary.get("kept_lost"))
+
+
 def read_summary(path: Path) -> dict[str, Any]:
     """A summary.json as written by `write_summary`, with the perplexities it stored as null (NaN or
     inf: a diverged run) read back as NaN, so tables, ratios and the learning-rate choice treat them

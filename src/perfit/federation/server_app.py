@@ -31,6 +31,7 @@ from perfit.core.masks import MASK_LOST, PackedMasks, decode, digest, gather, sc
 from perfit.core.methods import NODE_KEPT, FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms, weight_cap
+from perfit.federation.node_store import KEPT_LOST
 from perfit.federation.roster import NodesFailed, Roster, discover
 from perfit.federation.run_directory import (
     RunDirectory,
@@ -110,6 +111,7 @@ class Federation:
     # the round of each client's last train reply received: the version of the values its node kept
     # that it continues from (`node_store`); None after a resume from a checkpoint that predates it
     kept_rounds: dict[int, int] | None = field(default_factory=dict)
+    kept_lost: list[dict[str, int]] = field(default_factory=list)  # nodes that lost them: restarted afresh
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -224,6 +226,7 @@ class Federation:
             "rounds": config.rounds,
             "dense_rank": config.dense_rank,
             "rejected_updates": self.rejected,
+            "kept_lost": self.kept_lost,
             **({"masks_from": config.masks_from} if config.masks_from else {}),  # searched there, not here
             "client_adapters": "server" if self._server_holds_clients() else "clients",
             "held_out_clients": config.held_out,
@@ -290,6 +293,7 @@ class Federation:
             "bytes_down": totals["bytes_down"],
             "seconds": totals["seconds_before_resume"] + time.perf_counter() - started,
             "rejected": self.rejected,
+            "kept_lost": self.kept_lost,
             "search_seconds": self.search_seconds,
             "nonce": self.nonce,
             "kept_rounds": None if self.kept_rounds is None else {str(c): r for c, r in self.kept_rounds.items()},
@@ -304,6 +308,7 @@ class Federation:
                 self.masks.set_packed(int(name.removeprefix("mask_")), packed.numpy())
         self.confirmed = set(self.masks) if self.config.method != "perfit" else set()
         self.rejected = list(state["rejected"])
+        self.kept_lost = list(state.get("kept_lost", []))
         self.search_seconds = float(state.get("search_seconds", 0.0))  # checkpoints before it was kept: 0
         self.nonce = str(state.get("nonce", ""))  # an older checkpoint's nodes keyed their state by config only
         kept = state.get("kept_rounds")  # an older checkpoint's: the nodes continue from their newest values
@@ -351,12 +356,12 @@ class Federation:
         until the node is back, for at most NODE_RETURN_SECONDS."""
         timeout = self.config.reply_timeout_seconds
         deadline = time.monotonic() + timeout
-        replies, failed, pending, away_since, resent = {}, set(), dict(messages), None, set()
+        replies, failed, pending, away_since, resent, restarted = {}, set(), dict(messages), None, set(), set()
         while pending:
             answered = self.grid.send_and_receive(list(pending.values()), timeout=max(deadline - time.monotonic(), 0))
             by_id = {message.metadata.message_id: client for client, message in pending.items()}
             by_node = {message.metadata.dst_node_id: client for client, message in pending.items()}
-            offline, lost = {}, {}
+            offline, lost, forgot = {}, {}, {}
             for reply in answered:
                 client = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
                 if client is None:
@@ -365,6 +370,8 @@ class Federation:
                     offline[client] = pending[client]
                 elif reply.has_error() and MASK_LOST in reply.error.reason and client not in resent:
                     lost[client] = pending[client]  # a node that restarted without its state: send it the mask
+                elif reply.has_error() and KEPT_LOST in reply.error.reason and client not in restarted:
+                    forgot[client] = pending[client]  # its own values are gone: it starts them afresh, named
                 elif reply.has_error():
                     failed.add(client)
                     self._reject(client, f"client error: {last_line(reply.error.reason)}")
@@ -377,20 +384,32 @@ class Federation:
                     failed.add(client)
                     self._reject(client, "node unavailable (offline)")
                 offline = {}
-            if not offline and not lost:
+            if not offline and not lost and not forgot:
                 break
             if offline:
                 log.info("nodes of clients %s offline; sending again while they return", sorted(offline))
                 time.sleep(1.0)
-            pending = {c: _again(message) for c, message in {**offline, **lost}.items()}
+            pending = {c: _again(message) for c, message in {**offline, **lost, **forgot}.items()}
             for client in lost:
                 log.warning("client %d: its node lost the mask it registered; sending it again", client)
                 pending[client].content["registered"] = ArrayRecord({"mask": Array(self.masks.packed(client))})
                 resent.add(client)
+            for client in forgot:
+                self._start_afresh(client, pending[client].content["round"])
+                restarted.add(client)
         for client in sorted(set(messages) - set(replies) - failed):
             self._reject(client, f"no reply within {timeout:g} s")
         self.confirmed.update(c for c in replies if c in self.masks)
         return replies
+
+    def _start_afresh(self, client: int, step: ConfigRecord) -> None:
+        """A node that no longer holds the values it kept (FedSA-LoRA's B) after the round the message
+        names: it is sent the message again to start them from their initial value, and the run's
+        summary names it (`kept_lost`), since its client's result is no longer the uninterrupted one."""
+        kept = int(step["kept_round"])
+        log.warning("client %d: its node lost the values it kept after round %d; it starts them afresh", client, kept)
+        self.kept_lost.append({"client": client, "round": int(step["round"]), "kept_round": kept})
+        step["kept_round"] = 0
 
     def _reject(self, client: int, reason: str) -> None:
         log.warning("client %d: update rejected: %s", client, reason)
