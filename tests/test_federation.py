@@ -275,3 +275,29 @@ def test_rouge_l_at_the_final_evaluation(tiny_model, small_data, tmp_path):
     task, final = ClientTask(config), load_file(str(Path(config.out) / "checkpoint.safetensors"))["global"]
     for client, value in summary["per_client_rouge_l"].items():
         assert value == pytest.approx(sum(task.rouge_l(int(client), final)) / 2, abs=1e-9)
+
+
+def test_the_run_table_names_a_run_weaker_than_its_config():
+    """`perfit run` ends with a table; a run that rejected updates or restarted a node's kept values
+    says so under it, where a user reads the result (the log's warnings scroll away)."""
+    from rich.console import Console
+
+    from perfit.cli.base import summary_table
+
+    def summary(method, **extra):
+        ppl = {"personalized_ppl": 9.0, "overall_ppl": 9.5, "trainable_params_per_client": {"0": 10}}
+        costs = {"bytes_up_total": 0, "bytes_down_total": 0, "wall_seconds": 1, "out": "r"}
+        return {"method": method, **ppl, **costs, **extra}
+
+    def shown(*summaries):
+        console = Console(record=True, width=200)
+        console.print(summary_table(list(summaries)))
+        return console.export_text()
+
+    assert "rejected" not in shown(summary("fit", rejected_updates=[], kept_lost=[]))
+    text = shown(
+        summary("fit"),
+        summary("fedsa", rejected_updates=[{"client": 3, "reason": "x"}], kept_lost=[{"client": 2, "round": 2}] * 2),
+    )
+    assert "fedsa: 1 client update(s) rejected, 2 time(s) a node lost the values it kept" in text
+    assert "fit:" not in text

@@ -104,4 +104,16 @@ def summary_table(summaries: list[dict[str, Any]]) -> Table:
             f"{s['wall_seconds']:.0f} s",
             _shown_path(s["out"]),
         )
+    table.caption = "\n".join(filter(None, map(_weaker_than_configured, summaries))) or None
     return table
+
+
+def _weaker_than_configured(summary: dict[str, Any]) -> str:
+    """A line naming what made the run weaker than its config says (the log and summary.json have
+    each case), or "" for a run without any."""
+    rejected, lost = summary.get("rejected_updates") or [], summary.get("kept_lost") or []
+    parts = [f"{len(rejected)} client update(s) rejected"] if rejected else []
+    parts += [f"{len(lost)} time(s) a node lost the values it kept and started them afresh"] if lost else []
+    if not parts:
+        return ""
+    return f"{summary['method']}: {', '.join(parts)} (summary.json: rejected_updates, kept_lost)"
