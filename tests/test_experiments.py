@@ -555,7 +555,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     summary = summarize(load(runs), {"cells": tuning})
     path = summary["splits"]["pathological"]
     assert path["cells"]["fedsa"]["degraded_seeds"] == [2] and path["checks"]["no_rejected_updates"] is False
-    assert "rerun them before a claim): fedsa (seeds [2])." in "\n".join(markdown(summary, runs))
+    assert "rerun them before a claim: fedsa (seeds [2])." in "\n".join(markdown(summary, runs))
 
 
 def test_splice_replaces_the_personalization_section_or_puts_it_before_the_sections_after_it():
