@@ -25,22 +25,32 @@ done
 if [ "$failed" = 1 ]; then echo "personal_grid.sh: some tuning runs failed (above); fix them and run this again" >&2; exit 1; fi
 "$PERFIT" bench tune "${TUNE[@]}"   # all finished: this pass writes the whole tuning.json
 TUNING=$RUNS/tune-personal/docs/tuning.json
-# Cross-evaluation of the PerFIT runs the claim compares (RUN/cross.json, which the report reads).
-while read -r run; do  # a reading that fails is named and left out; the report shows it as not run
-    "$PERFIT" bench cross "$run" > /dev/null || echo "personal_grid.sh: perfit bench cross $run failed" >&2
-done < <(${BIN:-.venv/bin}/python -c 'import json, sys; from perfit.bench.personal import cross_targets
+PYTHON=${BIN:-.venv/bin}/python
+# What the tuning chose, read before anything runs on it: a failure here stops the script (`set -e`
+# stops at a failed command substitution, not at a failed `< <(...)`, which would run no cross-evaluation
+# and hand `bench paper` no cells: the whole grid's held-out runs, every variant).
+targets=$("$PYTHON" -c 'import json, sys; from perfit.bench.personal import cross_targets
 for run in cross_targets(json.load(open(sys.argv[1]))): print(run)' "$TUNING")
-CELLS=()
-while read -r cell; do CELLS+=(--cells "$cell"); done < <(${BIN:-.venv/bin}/python - "$TUNING" <<'PY'
+held_out=$("$PYTHON" - "$TUNING" <<'PY'
 import json, sys
-from perfit.bench.experiments import PERSONAL_VARIANTS, SPLITS
+from perfit.bench.experiments import SPLITS
 from perfit.bench.personal import chosen_variants
 chosen = chosen_variants(json.load(open(sys.argv[1]))["cells"])
+if None in chosen.values():
+    sys.exit(f"personal_grid.sh: no PerFIT variant chosen for {[s for s, v in chosen.items() if v is None]} in {sys.argv[1]}")
 for split in SPLITS:
-    for label in ("fit", "fit-ft", "local", "fedsa", "perfit", chosen[split], "perfit-8-12-16", "hetlora-8-12-16"):
+    for label in dict.fromkeys(("fit", "fit-ft", "local", "fedsa", "perfit", chosen[split], "perfit-8-12-16", "hetlora-8-12-16")):
         print(f"personal/{split}/{label}")
 PY
 )
+# Cross-evaluation of the PerFIT runs the claim compares (RUN/cross.json, which the report reads).
+while read -r run; do  # a reading that fails is named and left out; the report shows it as not run
+    [ -n "$run" ] || continue
+    "$PERFIT" bench cross "$run" > /dev/null || echo "personal_grid.sh: perfit bench cross $run failed" >&2
+done <<< "$targets"
+CELLS=()
+for cell in $held_out; do CELLS+=(--cells "$cell"); done
+if [ "${#CELLS[@]}" = 0 ]; then echo "personal_grid.sh: no held-out cells from $TUNING" >&2; exit 1; fi
 "$PERFIT" bench paper --grid personal --tuned "$TUNING" --out "$RUNS/personal" --data "$DATA" "${CELLS[@]}"
 TUNED=()  # a whole regeneration keeps the paper grid's tuned section where its runs are here too
 if [ -d "$RUNS/paper-tuned" ]; then TUNED=(--tuned-runs "$RUNS/paper-tuned"); fi

@@ -1,0 +1,116 @@
+"""benchmarks/personal_grid.sh, the personalization grid's driver, with a stand-in `perfit` that
+records its calls: what the script asks for after the tuning (the cross-evaluations, the held-out
+cells of the chosen variant, the report) is checked in seconds, not at the end of a 20-hour grid."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from perfit.bench.experiments import GRIDS
+from perfit.bench.tuning import tuning_name
+
+REPO = Path(__file__).resolve().parents[1]
+BEST = {"pathological": "perfit-4", "dirichlet": "perfit-zero-b"}  # the variant each split's tuning favours
+
+
+def _tuning(runs: Path) -> Path:
+    """A finished tuning.json: every cell at 3e-3, the variant of BEST lowest in its split."""
+    cells = {}
+    for cell in GRIDS["personal"]():
+        split, label = cell.name.split("/")[1:]
+        best = 10.0 if label == BEST[split] else 10.5
+        cells[cell.name] = {"validation_ppl": {"0.001": 11.0, "0.003": best, "0.01": 12.0}, "chosen_lr": 0.003}
+    tuning = runs / "tune-personal" / "docs" / "tuning.json"
+    tuning.parent.mkdir(parents=True)
+    tuning.write_text(json.dumps({"out": str(runs / "tune-personal"), "cells": cells}))
+    return tuning
+
+
+def _grid(tmp_path: Path, fail_on: str = "") -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run the script with a `perfit` that logs its arguments (one JSON list a call) and fails the
+    tuning call whose --cells is `fail_on`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # this venv's, by its own path
+    (bin_dir / "python").chmod(0o755)
+    fake = bin_dir / "perfit"
+    fake.write_text(
+        f'#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n'
+        f"sys.exit(1 if {fail_on!r} and {fail_on!r} in sys.argv else 0)\n"
+    )
+    fake.chmod(0o755)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "BIN": str(bin_dir), "RUNS": str(runs)}
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "personal_grid.sh"), "data.jsonl"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    logged = [json.loads(line) for line in calls.read_text().splitlines()] if calls.is_file() else []
+    return done, logged
+
+
+def _option(call: list[str], name: str) -> list[str]:
+    return [call[i + 1] for i, arg in enumerate(call) if arg == name]
+
+
+def test_after_the_tuning_the_script_runs_the_chosen_variant_the_baselines_and_the_report(tmp_path):
+    tuning = _tuning(tmp_path / "runs")
+    done, calls = _grid(tmp_path)
+    assert done.returncode == 0, done.stderr
+    tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
+    assert [_option(c, "--cells") for c in tunes][0] == ["personal/pathological/fit"]
+    assert len(tunes) == 9 and _option(tunes[-1], "--cells") == []  # each group, then the whole grid
+    crosses = [c[2] for c in calls if c[:2] == ["bench", "cross"]]
+    out = tmp_path / "runs" / "tune-personal"
+    expected = {
+        str(out / tuning_name(cell, 0.003) / "seed0")
+        for cell in GRIDS["personal"]()
+        if cell.name.split("/")[2] in ("perfit", BEST[cell.name.split("/")[1]])
+    }
+    assert sorted(crosses) == sorted(expected) and len(crosses) == 4  # the paper's PerFIT and the chosen one
+    (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
+    assert _option(paper, "--tuned") == [str(tuning)] and _option(paper, "--grid") == ["personal"]
+    held_out = {label: set() for label in BEST}
+    for name in _option(paper, "--cells"):
+        split, label = name.split("/")[1:]
+        held_out[split].add(label)
+    for split, chosen in BEST.items():  # the variants not chosen are not run
+        assert held_out[split] == {
+            "fit",
+            "fit-ft",
+            "local",
+            "fedsa",
+            "perfit",
+            chosen,
+            "perfit-8-12-16",
+            "hetlora-8-12-16",
+        }
+    assert calls[-1][0] == "report" and _option(calls[-1], "--personal-tuning") == [str(tuning)]
+    assert _option(calls[-1], "--personal-runs") == [str(tmp_path / "runs" / "personal")]
+
+
+def test_a_failed_tuning_group_stops_the_script_before_the_held_out_runs(tmp_path):
+    _tuning(tmp_path / "runs")
+    done, calls = _grid(tmp_path, fail_on="personal/*/fedsa")
+    assert done.returncode == 1 and "some tuning runs failed" in done.stderr
+    assert len([c for c in calls if c[:2] == ["bench", "tune"]]) == 8  # the other groups still ran
+    assert not [c for c in calls if c[0] == "report" or c[:2] in (["bench", "paper"], ["bench", "cross"])]
+
+
+def test_a_tuning_it_cannot_read_or_without_a_chosen_variant_stops_it_before_any_held_out_run(tmp_path):
+    """Before, a failed read inside `< <(...)` went unnoticed: no cross-evaluation, and `bench paper`
+    without --cells, which runs every variant's held-out seeds."""
+    tuning = _tuning(tmp_path / "runs")
+    document = json.loads(tuning.read_text())
+    del document["cells"]["personal/dirichlet/perfit-gradient-4"]["chosen_lr"]  # a variant not tuned to the end
+    tuning.write_text(json.dumps(document))
+    done, calls = _grid(tmp_path)
+    assert done.returncode != 0 and "no PerFIT variant chosen for ['dirichlet']" in done.stderr
+    assert not [c for c in calls if c[0] == "report" or c[:2] in (["bench", "paper"], ["bench", "cross"])]
+    broken = tmp_path / "broken"
+    _tuning(broken / "runs").write_text("{not json")
+    broken_done, broken_calls = _grid(broken)
+    assert broken_done.returncode != 0 and "JSONDecodeError" in broken_done.stderr
+    assert [c[:2] for c in broken_calls if c[0] != "bench" or c[1] != "tune"] == []
