@@ -41,6 +41,9 @@ def test_presets_and_overrides(tmp_path):
         ({"device": "cuda:x"}, "'device'"),
         ({"torch_compile": "yes"}, "'torch_compile'"),
         ({"torch_compile": 2}, "'torch_compile'"),
+        ({"trim": -1}, "'trim'"),
+        ({"trim": 1, "method": "hetlora"}, "'trim'"),  # zero-padding has no per-position holders to trim
+        ({"trim": 1, "aggregation": "literal"}, "'trim'"),
     ],
 )
 def test_bad_config_names_the_field(values, needle):

@@ -106,3 +106,19 @@ def test_a_node_continues_from_the_version_the_server_names_and_says_when_it_los
     assert start(0) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # before its first round: nothing kept
     with pytest.raises(RuntimeError, match=f"{KEPT_LOST}: client 3's node holds no values kept after round 2"):
         start(2)  # pruned (below 5): the node says so
+
+
+def test_a_field_added_later_keeps_the_key_of_a_run_started_before_it_at_its_default():
+    """A node upgraded in the middle of a run (or resuming one) must find what it kept: `trim` at its
+    default leaves the key as perfit computed it before the field existed; set, it names another run."""
+    import hashlib
+
+    from perfit.config import RESULT_NEUTRAL
+    from perfit.federation.node_store import run_key
+
+    config = Config(method="fedsa", lr=1e-3)
+    before = {
+        k: v for k, v in config.to_dict().items() if k not in (*RESULT_NEUTRAL, "data", "model", "cache_dir", "trim")
+    }
+    assert run_key(config) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert run_key(config.replace(trim=1)) != run_key(config)

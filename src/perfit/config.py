@@ -23,7 +23,7 @@ RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device", "masks_from")
 
 SEARCH_BLIND = (
     "lr", "rounds", "clients_per_round", "local_epochs", "finetune_epochs", "batch_size", "aggregation",
-    "update_bound", "min_replies", "reply_timeout_seconds", "rouge_samples", "eval_every", "eval_clients",
+    "update_bound", "trim", "min_replies", "reply_timeout_seconds", "rouge_samples", "eval_every", "eval_clients",
     "init", "start_from",
 )  # fmt: skip
 """Fields the search never reads: runs that differ only in these (and RESULT_NEUTRAL, local paths)
@@ -144,6 +144,14 @@ class Config:
     0: both off. The default leaves honest rounds unchanged, with a margin over the widest honest
     spread of change norms measured, of optimizer steps the paper's splits sample, and of their
     clients' rows (docs/reliability.md)."""
+    trim: int = 0
+    """Coordinate-wise trimmed mean (`core.aggregate.trimmed_mean`): at every position the server
+    leaves out the `trim` largest and `trim` smallest values the round's clients sent there before
+    Eq. 6's weighted mean, so that while at most `trim` of a position's holders are hostile the
+    result stays between honest values; `update_bound` alone only limits how far one client moves
+    a round. 0: Eq. 6 as the paper. It changes honest rounds too (each mean drops 2 x trim values),
+    measured in docs/reliability.md; `shared` aggregation only (not HetLoRA's zero-padding). The
+    server then holds a round's updates at once (one adapter-sized vector per client)."""
     min_replies: float = 0.5
     """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""
@@ -223,6 +231,7 @@ class Config:
             "min_replies": 0.0 <= self.min_replies <= 1.0,
             "rouge_samples": self.rouge_samples >= 0,
             "update_bound": self.update_bound == 0 or self.update_bound >= 1.0,
+            "trim": self.trim == 0 or (self.trim >= 1 and self.aggregation_rule == "shared"),
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,
             "resume": self.resume in (0, 1),

@@ -64,7 +64,10 @@ OVERWEIGHT = 100
 """The `overweight` client registers its train rows this many times over and claims as many examples
 in every update, honest otherwise: a consistent lie that only the weight cap answers."""
 
-HOSTILE = {"scale100": 100.0, "negate": -1.0}
+HEAVY = "heavy_scale100"
+"""`overweight` and `scale100` at once: one owner at both limits, the norm bound's and the weight cap's."""
+
+HOSTILE = {"scale100": 100.0, "negate": -1.0, HEAVY: 100.0}
 """Finite, well-formed updates that pass every check: the client's honest change times this."""
 
 
@@ -81,7 +84,7 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     loses its mask, or holds another, before each train message), `forget_kept` (the node loses the
     values it kept, FedSA-LoRA's B, before each train message), `raise_in_round_2` (train raises in
     round 2 only), `overweight` (OVERWEIGHT), or one of HOSTILE (a sound-looking update whose change
-    from what the client received is scaled)."""
+    from what the client received is scaled; HEAVY is also `overweight`)."""
     app = ClientApp()
 
     def _client(context: Context) -> int:
@@ -90,7 +93,7 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
         reply = perfit_client.identify(msg, context)
-        if faults.get(_client(context)) == "overweight":  # distinct indices: repeating its own would not count
+        if faults.get(_client(context)) in ("overweight", HEAVY):  # distinct indices: repeating its own would not count
             rows = reply.content["rows"]
             rows["train"] = Array(np.arange(OVERWEIGHT * rows["train"].numpy().size, dtype=np.int64) + 10**7)
         return reply
@@ -128,7 +131,7 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
             _corrupt(reply, fault, _client(context))
         if fault in HOSTILE:
             _scale_change(reply, received, HOSTILE[fault])
-        if fault == "overweight":
+        if fault in ("overweight", HEAVY):
             reply.content["metrics"]["examples"] = OVERWEIGHT * int(reply.content["metrics"]["examples"])
         return reply
 

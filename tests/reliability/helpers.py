@@ -56,3 +56,11 @@ def expected_global(
                 updates.append((masks[client], result.flat * masks[client], weight))
         current = aggregate(config.aggregation, current, updates)
     return current
+
+
+def first_round_values(config: Config, clients: list[int], masks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each client's honest update of round 1 (its values, zeros outside its mask), computed here
+    without Flower from the seeded start."""
+    task = ClientTask(config)
+    start = global_start(task.layout, config)
+    return {c: task.train(c, personalize(start, masks[c]), masks[c], 1).flat * masks[c] for c in clients}

@@ -1,7 +1,8 @@
 """A hostile but finite update (100x its honest change, or its negation) passes every check on its
 form; the server's norm bound (`update_bound`) keeps it from dragging the global adapter away. A
 client that registers 100x its rows and claims as many examples is honest-looking too; the weight
-cap keeps it from outweighing the round."""
+cap keeps it from outweighing the round. One owner at both limits still moves a round its way; the
+trimmed mean (`trim`) keeps every position between the honest clients' values."""
 
 import json
 import statistics
@@ -14,24 +15,29 @@ from perfit.artifacts.lora import layout_for
 from perfit.core.methods import global_start
 from perfit.federation.simulation import run_simulation
 
-from .faulty_clients import OVERWEIGHT, faulty_app
-from .helpers import expected_global, server_global, tiny_config
+from .faulty_clients import HEAVY, OVERWEIGHT, faulty_app
+from .helpers import expected_global, first_round_values, server_global, tiny_config
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, small_data, tmp_path_factory):
-    """One round of FIT, 4 clients: honest or with client 0 hostile, the bound off (0) or at 3."""
+    """One round of FIT, 4 clients: honest or with client 0 hostile, the bound off (0) or at 3, the
+    trimmed mean off (0) or at 1."""
     results = {}
-    for name, fault, bound in (
-        ("honest-off", None, 0.0),
-        ("honest-on", None, 3.0),
-        ("attack-off", "scale100", 0.0),
-        ("attack-on", "scale100", 3.0),
-        ("negate-on", "negate", 3.0),
-        ("overweight-on", "overweight", 3.0),
+    for name, fault, bound, trim in (
+        ("honest-off", None, 0.0, 0),
+        ("honest-on", None, 3.0, 0),
+        ("attack-off", "scale100", 0.0, 0),
+        ("attack-on", "scale100", 3.0, 0),
+        ("negate-on", "negate", 3.0, 0),
+        ("overweight-on", "overweight", 3.0, 0),
+        ("heavy-on", HEAVY, 3.0, 0),
+        ("heavy-trim", HEAVY, 3.0, 1),
+        ("honest-trim", None, 3.0, 1),
     ):
         out = tmp_path_factory.mktemp("hostile") / name
-        config = tiny_config(tiny_model, small_data, out, method="fit", update_bound=bound, min_replies=0)
+        changes = dict(method="fit", update_bound=bound, trim=trim, min_replies=0)
+        config = tiny_config(tiny_model, small_data, out, **changes)
         faults = {0: fault} if fault else {}
         summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
         record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -82,3 +88,24 @@ def test_a_client_claiming_100x_its_rows_weighs_at_most_the_cap(runs, tiny_model
     torch.testing.assert_close(run["global"], expected, atol=1e-5, rtol=0)
     uncapped = expected_global(config, [0, 1, 2, 3], masks, weights={0: float(claimed)})
     assert (run["global"] - uncapped).abs().max() > 1e-4  # the claim, taken at its word, would weigh more
+
+
+def test_one_owner_at_both_limits_moves_a_round_its_way_unless_the_mean_is_trimmed(runs):
+    """Client 0 claims 100x its rows and sends 100x its change: bounded to 3x the median change and
+    capped at 3x the median weight, it still weighs 9 honest changes against the other three's 3.
+    The trimmed mean (trim 1 of 4 holders) leaves every position between the three honest clients'
+    values of the round, recomputed here without Flower, and moves the adapter about as far as an
+    honest trimmed round."""
+    from perfit.core.methods import fixed_masks
+
+    heavy, trimmed, honest = runs["heavy-on"], runs["heavy-trim"], runs["honest-trim"]
+    assert set(heavy["record"]["bounded"]) == {"0"} and set(heavy["record"]["weight_capped"]) == {"0"}
+    assert heavy["moved"] > 2 * runs["honest-on"]["moved"]  # 2.8x measured
+    assert trimmed["summary"]["rejected_updates"] == []  # well-formed: trimmed, not rejected
+    config = trimmed["config"]
+    masks = fixed_masks(layout_for(config.model, config.dense_rank, config.alpha_value), config, range(4))
+    values = torch.stack(list(first_round_values(config, [1, 2, 3], masks).values()))
+    low, high = values.min(0).values, values.max(0).values
+    assert bool(((trimmed["global"] >= low - 1e-5) & (trimmed["global"] <= high + 1e-5)).all())
+    assert not bool(((heavy["global"] >= low - 1e-5) & (heavy["global"] <= high + 1e-5)).all())
+    assert trimmed["moved"] < 1.5 * honest["moved"]

@@ -26,7 +26,7 @@ from rich.progress import Progress
 from perfit.artifacts.base_model import model_config
 from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
-from perfit.core.aggregate import Accumulator, personalize
+from perfit.core.aggregate import personalize, round_aggregator
 from perfit.core.masks import MASK_LOST, PackedMasks, decode, digest, gather, scatter
 from perfit.core.methods import NODE_KEPT, FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
@@ -456,7 +456,7 @@ class Federation:
         return self._exchange(messages), bytes_down
 
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
-        """Send, check every reply, bound the accepted changes, then Eq. 6."""
+        """Send, check every reply, bound the accepted changes, then Eq. 6 (or its trimmed mean)."""
         replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
         if self.kept_rounds is not None:  # each node that replied kept what it trained, accepted here or not
             self.kept_rounds.update(dict.fromkeys(replies, round_number))
@@ -469,7 +469,7 @@ class Federation:
             except Exception as err:  # a reply of the wrong record types or shapes: that client's, not the run's
                 self._malformed(client, err)
         bounds = self._bound(accepted)
-        updates, capped = Accumulator(self.config.aggregation_rule, self.layout.size), {}
+        updates, capped = round_aggregator(self.config.aggregation_rule, self.layout.size, self.config.trim), {}
         by_examples = self.config.method != "hetlora"  # HetLoRA weighs by ||B A||_F, not by a claim
         for client, (mask, values, examples) in accepted.items():
             dense = scatter(values, mask)
