@@ -8,12 +8,14 @@ default `update_bound` 8), FIT and PerFIT: honest, or with client 0 hostile (it 
 rows, claims as many examples and sends 100x its change: `tests/reliability/faulty_clients.HEAVY`),
 each with the plain Eq. 6 (trim 0) and the trimmed mean (trim 1). Prints each run's mean
 personalized perplexity over the honest clients (1-7) and how far the global adapter moved from its
-seeded start. A finished run (its summary.json under OUT) is read, not run again."""
+seeded start, and for PerFIT the share of the positions a round covers that 2 of its clients or
+fewer hold (never trimmed). A finished run (its summary.json under OUT) is read, not run again."""
 
 import json
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from tests.reliability.faulty_clients import HEAVY, faulty_app
 
@@ -46,6 +48,12 @@ for method, name, faults, trim in RUNS:
     moved = float((load_file(str(out / "checkpoint.safetensors"))["global"] - start).norm())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     bounded = sorted({c for r in records for c in r.get("bounded", {})})
+    if method == "perfit":
+        masks = {int(k.split("_")[1]): v.bool() for k, v in load_file(str(out / "masks.safetensors")).items()}
+        for record in (r for r in records if not r.get("final")):
+            holders = torch.stack([masks[c] for c in record["clients"]]).sum(0)
+            few = float(((holders > 0) & (holders <= 2)).sum() / (holders > 0).sum())
+            print(f"{out.name} round {record['round']}: {few:.1%} of the positions it covers have 2 holders or fewer")
     rows.append((method, name, trim, sum(honest) / len(honest), moved, bounded, summary["wall_seconds"]))
 print("| method | clients | trim | honest clients' mean ppl | global adapter moved | clients bounded | wall s |")
 print("|---|---|---|---|---|---|---|")

@@ -95,6 +95,16 @@ def test_trimmed_mean_on_a_worked_example():
     assert torch.equal(trimmed_mean(previous, updates, trim=0), aggregate_shared(previous, updates))
 
 
+def test_trimmed_mean_drops_equal_values_the_same_way_in_any_order_of_the_updates():
+    from perfit.core.aggregate import trimmed_mean
+
+    ones = torch.ones(1, dtype=torch.bool)
+    updates = [(ones, torch.tensor([v]), w) for v, w in ((1.0, 10.0), (1.0, 1.0), (5.0, 1.0), (9.0, 1.0))]
+    # by (value, weight): (1, 1) and (9, 1) are dropped, whichever of the two 1s came first
+    for ordered in (updates, updates[::-1], [updates[1], updates[0], *updates[2:]]):
+        assert trimmed_mean(torch.zeros(1), ordered, trim=1).item() == pytest.approx(15 / 11)
+
+
 def _trimmed_by_hand(previous, updates, trim):
     """The same rule, one position at a time over sorted (value, weight) pairs."""
     result = previous.clone().double()

@@ -72,3 +72,12 @@ def test_a_renamed_field_is_read_by_its_former_name():
     assert from_mapping({"alpha": 0.1}).dirichlet_alpha == 0.1  # an older run's config.toml
     with pytest.raises(ValueError, match="unknown config field"):
         from_mapping({"dirichlet": 0.1})
+
+
+def test_a_later_field_at_its_default_is_not_sent_so_an_older_node_still_reads_the_run():
+    from perfit.config import LATER_FIELDS
+
+    message = Config().to_message()
+    assert set(message) == set(Config().to_dict()) - set(LATER_FIELDS)  # the fields an older perfit knows
+    assert from_mapping(message) == Config()
+    assert Config(trim=1).to_message()["trim"] == 1 and from_mapping(Config(trim=1).to_message()).trim == 1

@@ -21,6 +21,13 @@ DEFAULT_DATA = "databricks/databricks-dolly-15k"
 # precision whatever its device; `--dtype fp32` or `bf16` pins it.
 RESULT_NEUTRAL = ("resume", "torch_compile", "onednn", "device", "masks_from")
 
+LATER_FIELDS = {"trim": 0}
+"""Fields added after nodes first read a run's settings from its messages and kept state under
+their key, with their defaults. At its default such a field is left out of what the server sends
+(`Config.to_message`) and of a node's state key (`federation.node_store.run_key`): a node that runs
+an older perfit (which refuses unknown fields) still reads the run, and a node upgraded in the
+middle of a run still finds what it kept."""
+
 SEARCH_BLIND = (
     "lr", "rounds", "clients_per_round", "local_epochs", "finetune_epochs", "batch_size", "aggregation",
     "update_bound", "trim", "min_replies", "reply_timeout_seconds", "rouge_samples", "eval_every", "eval_clients",
@@ -146,12 +153,15 @@ class Config:
     clients' rows (docs/reliability.md)."""
     trim: int = 0
     """Coordinate-wise trimmed mean (`core.aggregate.trimmed_mean`): at every position the server
-    leaves out the `trim` largest and `trim` smallest values the round's clients sent there before
-    Eq. 6's weighted mean, so that while at most `trim` of a position's holders are hostile the
-    result stays between honest values; `update_bound` alone only limits how far one client moves
-    a round. 0: Eq. 6 as the paper. It changes honest rounds too (each mean drops 2 x trim values),
-    measured in docs/reliability.md; `shared` aggregation only (not HetLoRA's zero-padding). The
-    server then holds a round's updates at once (one adapter-sized vector per client)."""
+    leaves out the `trim` largest and `trim` smallest values the round's clients sent there (at
+    most (c - 1) // 2 each of a position's c holders) before Eq. 6's weighted mean. While a
+    position's hostile holders number no more than that, the result there stays between honest
+    values, however far and heavily they pull; `update_bound` alone only limits how far one client
+    moves a round. A position of 2 holders is never trimmed. 0: Eq. 6 as the paper. It changes
+    honest rounds too (each mean drops up to 2 x trim values), measured in docs/reliability.md;
+    `shared` aggregation only (not HetLoRA's zero-padding). The server then holds a round's updates
+    at once (an adapter-sized vector and mask per client, and about 50 bytes per client and
+    position of one chunk while it sorts them)."""
     min_replies: float = 0.5
     """Fraction of a round's sampled clients whose updates must be accepted for the round to count;
     otherwise the global adapter is left unchanged (the round is logged as not counted)."""
@@ -322,6 +332,10 @@ class Config:
     # ---- conversions ----
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_message(self) -> dict[str, Any]:
+        """The settings the server sends its nodes: every field, but LATER_FIELDS at their defaults."""
+        return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     def to_toml(self) -> str:
         lines = []

@@ -56,18 +56,20 @@ class Accumulator:
         return result
 
 
-def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk: int = 1 << 20) -> torch.Tensor:
+def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk: int = 1 << 18) -> torch.Tensor:
     """Eq. 6 (`shared`) made robust by coordinate-wise trimming (Yin et al., 2018, "Byzantine-robust
     distributed learning"): at every position, of the values its holders sent, the `trim` largest
     and the `trim` smallest are left out, with their weights, before the weighted mean. A position
     held by c clients drops min(trim, (c - 1) // 2) at each end, so at least one value is kept (3
-    holders and trim 1: their median). The rule and the reason: while at most `trim` of a
-    position's holders are hostile, the result there lies between the smallest and the largest
-    honest value, however far and however heavily the hostile ones pull; the norm bound and the
-    weight cap (`core.robust`) only limit how far. With 2 holders (or 1) nothing is trimmed: no
-    rule can tell which of two is honest. A position held by no client keeps its previous value.
-    Holds every update at once (the server's streaming `Accumulator` does not), and works through
-    `chunk` positions at a time."""
+    holders and trim 1: their median). The rule and the reason: while a position's hostile
+    holders number no more than the values dropped at each end, the result there lies between the
+    smallest and the largest honest value, however far and however heavily they pull; the norm
+    bound and the weight cap (`core.robust`) only limit how far. With 2 holders (or 1) nothing is
+    trimmed: no rule can tell which of two is honest. A position held by no client keeps its
+    previous value. Values are ordered by (value, weight), so equal values of unequal weight drop
+    the same way whatever order the updates come in (the order replies arrive). Holds every update
+    at once (the server's streaming `Accumulator` does not), and works through `chunk` positions
+    at a time."""
     if trim < 0:
         raise ValueError(f"trim must be >= 0, got {trim}")
     if not updates:
@@ -81,10 +83,12 @@ def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk
     values = torch.stack([v for _, v, _ in updates])
     result = previous.clone()
     ranks = torch.arange(len(updates)).unsqueeze(1)
+    by_weight = weights.argsort(stable=True)  # ties in value then go in order of weight
     for start in range(0, previous.numel(), chunk):
         held, value = masks[:, start : start + chunk], values[:, start : start + chunk].double()
         count = held.sum(0)
-        order = torch.where(held, value, torch.inf).argsort(dim=0, stable=True)  # holders first, ascending
+        keyed = torch.where(held, value, torch.inf)[by_weight]  # holders first, ascending
+        order = by_weight[keyed.argsort(dim=0, stable=True)]
         rank = torch.empty_like(order).scatter_(0, order, ranks.expand_as(order))
         dropped = torch.clamp(torch.div(count - 1, 2, rounding_mode="floor"), min=0).clamp(max=trim)
         kept = held & (rank >= dropped) & (rank < count - dropped)

@@ -33,18 +33,11 @@ STATE_DIR = "state-dir"  # the node config key
 KEPT_LOST = "perfit: kept values lost"  # a node's error reply: it no longer holds the version asked for
 
 
-LATER_FIELDS = {"trim": 0}
-"""Config fields added after nodes first kept state, with their defaults: at the default a field is
-left out of the key, so a node upgraded in the middle of a run still finds what it kept."""
-
-
 def run_key(config: Config) -> str:
     """A run's identity for its nodes' state: every field that shapes the result (a resumed run,
     with the same config, finds the same state); node-local paths aside."""
     local = (*RESULT_NEUTRAL, "data", "model", "cache_dir")
-    fields = {
-        k: v for k, v in config.to_dict().items() if k not in local and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
-    }
+    fields = {k: v for k, v in config.to_message().items() if k not in local}  # LATER_FIELDS: as before them
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -66,7 +66,7 @@ def discover(grid: Grid, config: Config) -> Roster:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(node_ids)} of {len(needed)} nodes connected")
         time.sleep(0.1)
-    content = RecordDict({"run": ConfigRecord(config.to_dict())})
+    content = RecordDict({"run": ConfigRecord(config.to_message())})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     roster, errors, named = Roster(), [], {}
     for reply in grid.send_and_receive(messages, timeout=config.reply_timeout_seconds):  # a node that never answers

@@ -341,7 +341,7 @@ class Federation:
             step["kept_round"] = self.kept_rounds.get(client, 0)
         if isinstance(self.masks, PackedMasks) and client in self.masks:  # the node checks that it holds this mask
             step["mask_digest"] = digest(self.masks.packed(client))
-        content = RecordDict({"run": ConfigRecord(self.config.to_dict()), "round": step})
+        content = RecordDict({"run": ConfigRecord(self.config.to_message()), "round": step})
         if arrays is not None:
             content["arrays"] = arrays
         if client in self.masks and client not in self.confirmed:  # after a resume: the node lost its state
