@@ -42,8 +42,10 @@ def test_presets_and_overrides(tmp_path):
         ({"torch_compile": "yes"}, "'torch_compile'"),
         ({"torch_compile": 2}, "'torch_compile'"),
         ({"trim": -1}, "'trim'"),
-        ({"trim": 1, "method": "hetlora"}, "'trim'"),  # zero-padding has no per-position holders to trim
-        ({"trim": 1, "aggregation": "literal"}, "'trim'"),
+        ({"trim": 1, "method": "hetlora"}, "'trim'.*shared aggregation"),  # zero-padding: no holders to trim
+        ({"trim": 1, "aggregation": "literal"}, "'trim'.*shared aggregation"),
+        ({"trim": 1, "method": "local"}, "'trim'.*aggregates nothing"),
+        ({"trim": 1, "num_clients": 2, "clients_per_round": 2}, "'trim'.*round of 2 clients"),
     ],
 )
 def test_bad_config_names_the_field(values, needle):

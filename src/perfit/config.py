@@ -241,7 +241,7 @@ class Config:
             "min_replies": 0.0 <= self.min_replies <= 1.0,
             "rouge_samples": self.rouge_samples >= 0,
             "update_bound": self.update_bound == 0 or self.update_bound >= 1.0,
-            "trim": self.trim == 0 or (self.trim >= 1 and self.aggregation_rule == "shared"),
+            "trim": self.trim >= 0,
             "reply_timeout_seconds": self.reply_timeout_seconds > 0,
             "lora_alpha": self.lora_alpha >= 0,
             "resume": self.resume in (0, 1),
@@ -250,9 +250,22 @@ class Config:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"config field {name!r}: invalid value {getattr(self, name)!r}")
+        if self.trim and (problem := self._trim_problem()):
+            raise ValueError(f"config field 'trim': {problem}")
         budgets = self.budget_list
         if any(b < 1 for b in budgets):
             raise ValueError(f"config field 'budgets': ranks must be >= 1, got {self.budgets!r}")
+
+    def _trim_problem(self) -> str | None:
+        """Why a trimmed mean cannot protect this run, where it cannot: a setting that would trim
+        nothing is refused rather than run as if it did."""
+        if not self.federated:
+            return "`local` aggregates nothing to trim"
+        if self.aggregation_rule != "shared":
+            return f"a trimmed mean needs the shared aggregation, not {self.aggregation_rule!r} (zero-padding)"
+        if self.clients_per_round < 3:
+            return f"a round of {self.clients_per_round} clients has no value to leave out (a position needs 3 holders)"
+        return None
 
     # ---- derived values (never stored, so they cannot disagree with the fields) ----
     @property
