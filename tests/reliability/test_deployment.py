@@ -164,10 +164,12 @@ def test_two_rounds_on_deployment_engine(tiny_model, small_data, tmp_path):
 def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     """Three owners, each SuperNode with its own private file (40 / 60 / 120 rows; one without
     `category`, one in Alpaca's fields), `split=owner`, 2 rounds of PerFIT over TLS with node
-    authentication. The run config's `data` names no file, and its `model` a directory holding only the
+    authentication, all three a round with the trimmed mean (`trim` 1, what docs/deployment.md
+    advises owners who do not trust each other; a field older nodes never knew, sent since it is
+    set). The run config's `data` names no file, and its `model` a directory holding only the
     model's config.json: the server side has no path to any data and no weights (the nodes have the
     model's weights at their own path, from their node config)."""
-    flags = {**TINY_RUN, "split": "owner", "num_clients": 3, "clients_per_round": 2, "rounds": 2, "seed": 1}
+    flags = {**TINY_RUN, "split": "owner", "num_clients": 3, "clients_per_round": 3, "rounds": 2, "seed": 1, "trim": 1}
     nowhere, config_only = tmp_path / "no-data-on-the-server", tmp_path / "config-only-model"
     config_only.mkdir()
     shutil.copy(tiny_model / "config.json", config_only / "config.json")
@@ -189,6 +191,7 @@ def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
             "name": name, "train_rows": rows - rows // 5, "eval_rows": rows // 5, "held_out": False
         }  # fmt: skip
     assert str(owners_dir) not in (out / "config.toml").read_text()
+    assert "trim = 1" in (out / "config.toml").read_text().splitlines()
     assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]  # the server read no weights
     assert summary["model"] == str(tiny_model)  # the nodes' base model, as they found it
     for name in OWNER_SIZES:  # each owner leaves with their adapter, on their own node, served by its worker
