@@ -163,6 +163,8 @@ def test_the_round_aggregator_trims_only_where_asked_and_only_shared():
         trimmed.add(*update)
     assert trimmed.count == 4
     assert torch.equal(trimmed.result(previous), trimmed_mean(previous, updates, 1))
+    # left out: client 0 at pos0 (of 2 held), 1 at pos1 (of 2), 2 at pos1 (of 3), 3 at pos0 (of 2)
+    assert trimmed.dropped_shares == pytest.approx([0.5, 0.5, 1 / 3, 0.5])
     with pytest.raises(ValueError, match="shared aggregation"):
         round_aggregator("literal", 4, trim=1)
     with pytest.raises(ValueError, match="negative"):

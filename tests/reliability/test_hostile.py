@@ -109,3 +109,5 @@ def test_one_owner_at_both_limits_moves_a_round_its_way_unless_the_mean_is_trimm
     assert bool(((trimmed["global"] >= low - 1e-5) & (trimmed["global"] <= high + 1e-5)).all())
     assert not bool(((heavy["global"] >= low - 1e-5) & (heavy["global"] <= high + 1e-5)).all())
     assert trimmed["moved"] < 1.5 * honest["moved"]
+    shares = trimmed["record"]["trimmed"]  # each client's share of positions left out, in the round's line
+    assert shares["0"] > 0.9 and max(shares[c] for c in "123") < 0.6, shares

@@ -57,6 +57,13 @@ class Accumulator:
 
 
 def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk: int = 1 << 18) -> torch.Tensor:
+    """The trimmed mean alone (`trimmed_mean_and_drops`)."""
+    return trimmed_mean_and_drops(previous, updates, trim, chunk)[0]
+
+
+def trimmed_mean_and_drops(
+    previous: torch.Tensor, updates: list[Update], trim: int, chunk: int = 1 << 18
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 6 (`shared`) made robust by coordinate-wise trimming (Yin et al., 2018, "Byzantine-robust
     distributed learning"): at every position, of the values its holders sent, the `trim` largest
     and the `trim` smallest are left out, with their weights, before the weighted mean. A position
@@ -69,7 +76,11 @@ def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk
     previous value. Values are ordered by (value, weight), so equal values of unequal weight drop
     the same way whatever order the updates come in (the order replies arrive). Holds every update
     at once (the server's streaming `Accumulator` does not), and works through `chunk` positions
-    at a time."""
+    at a time.
+
+    Returns (the aggregate, how many of each update's positions were left out). An honest client
+    is left out where its value happens to be extreme; one that is left out almost everywhere sent
+    values far from the others' (the server logs each client's share: `trimmed`)."""
     if trim < 0:
         raise ValueError(f"trim must be >= 0, got {trim}")
     if not updates:
@@ -84,6 +95,7 @@ def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk
     result = previous.clone()
     ranks = torch.arange(len(updates)).unsqueeze(1)
     by_weight = weights.argsort(stable=True)  # ties in value then go in order of weight
+    drops = torch.zeros(len(updates), dtype=torch.int64)
     for start in range(0, previous.numel(), chunk):
         held, value = masks[:, start : start + chunk], values[:, start : start + chunk].double()
         count = held.sum(0)
@@ -92,19 +104,22 @@ def trimmed_mean(previous: torch.Tensor, updates: list[Update], trim: int, chunk
         rank = torch.empty_like(order).scatter_(0, order, ranks.expand_as(order))
         dropped = torch.clamp(torch.div(count - 1, 2, rounding_mode="floor"), min=0).clamp(max=trim)
         kept = held & (rank >= dropped) & (rank < count - dropped)
+        drops += (held & ~kept).sum(1)
         weight = (weights.unsqueeze(1) * kept).sum(0)
         mean = (weights.unsqueeze(1) * kept * value).sum(0) / weight.clamp(min=1e-300)
         covered = weight > 0
         result[start : start + chunk][covered] = mean[covered].to(previous.dtype)
-    return result
+    return result, drops
 
 
 class TrimmedMean:
     """`trimmed_mean` behind the Accumulator's interface (`add`, `count`, `result`), for the server's
-    round: it keeps each update until the round's result is asked for."""
+    round: it keeps each update until the round's result is asked for; then `dropped_shares` holds,
+    in the order the updates were added, the share of each one's positions that was left out."""
 
     def __init__(self, size: int, trim: int) -> None:
         self.size, self.trim, self.updates = size, trim, []
+        self.dropped_shares: list[float] = []
 
     @property
     def count(self) -> int:
@@ -118,7 +133,10 @@ class TrimmedMean:
         self.updates.append((mask.bool(), values * mask, float(weight)))
 
     def result(self, previous: torch.Tensor) -> torch.Tensor:
-        return trimmed_mean(previous, self.updates, self.trim)
+        result, drops = trimmed_mean_and_drops(previous, self.updates, self.trim)
+        held = [max(int(mask.sum()), 1) for mask, _, _ in self.updates]
+        self.dropped_shares = [int(d) / h for d, h in zip(drops, held, strict=True)]
+        return result
 
 
 def round_aggregator(mode: str, size: int, trim: int = 0) -> Accumulator | TrimmedMean:

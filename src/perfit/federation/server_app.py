@@ -26,7 +26,7 @@ from rich.progress import Progress
 from perfit.artifacts.base_model import model_config
 from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
-from perfit.core.aggregate import personalize, round_aggregator
+from perfit.core.aggregate import TrimmedMean, personalize, round_aggregator
 from perfit.core.masks import MASK_LOST, PackedMasks, decode, digest, gather, scatter
 from perfit.core.methods import NODE_KEPT, FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
 from perfit.core.metrics import perplexity
@@ -88,7 +88,7 @@ class _Rounds:
     resumed: bool = False
 
 
-ROUND_RECORD = ("change_norms", "update_bound", "bounded", "weight_capped", "client_seconds")
+ROUND_RECORD = ("change_norms", "update_bound", "bounded", "weight_capped", "trimmed", "client_seconds")
 """What a train round adds to its metrics.jsonl line, where it has them: each accepted change's norm,
 the round's norm bound, the clients scaled to it and those whose weight was capped, and where each
 client's time went."""
@@ -483,6 +483,8 @@ class Federation:
         counted = updates.count > 0 and updates.count >= needed
         if counted:
             self.global_flat = updates.result(self.global_flat)
+            if isinstance(updates, TrimmedMean):  # each client's share left out: near 1, far from the others
+                bounds["trimmed"] = dict(zip(map(str, accepted), updates.dropped_shares, strict=True))
         else:
             log.warning("round %d not counted: %d accepted updates, %d needed", round_number, updates.count, needed)
         weight = sum(w for _, w in losses)
