@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tests.reliability.faulty_clients import HEAVY, faulty_app
+from tests.reliability.helpers import run_masks, server_global
 
 from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import layout_for
@@ -45,11 +45,11 @@ for method, name, faults, trim in RUNS:
         summary = run_simulation(config, num_cpus=2, client_app=faulty_app(faults))
     honest = [v for c, v in summary["per_client_ppl"].items() if c != "0"]
     start = global_start(layout_for(resolve_model(config), config.dense_rank, config.alpha_value), config)
-    moved = float((load_file(str(out / "checkpoint.safetensors"))["global"] - start).norm())
+    moved = float((server_global(out) - start).norm())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     bounded = sorted({c for r in records for c in r.get("bounded", {})})
     if method == "perfit":
-        masks = {int(k.split("_")[1]): v.bool() for k, v in load_file(str(out / "masks.safetensors")).items()}
+        masks = run_masks(out)
         for record in (r for r in records if not r.get("final")):
             holders = torch.stack([masks[c] for c in record["clients"]]).sum(0)
             few = float(((holders > 0) & (holders <= 2)).sum() / (holders > 0).sum())
