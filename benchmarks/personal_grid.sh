@@ -2,6 +2,7 @@
 # The personalization grid end to end (issue 31, docs/experiments.md): does a PerFIT method beat FIT and
 # every baseline at the paper's data per client? Resumable: run it again to continue where it stopped.
 #   benchmarks/personal_grid.sh [DOLLY_JSONL]      (default ../shared/data/databricks-dolly-15k.jsonl)
+#   LANES=2 benchmarks/personal_grid.sh ...        (runs two at a time, each on half the cores: `--lanes`)
 # 1. Tuning on seed 0's validation slice (`perfit bench tune --grid personal`), FIT and the PerFIT variants
 #    of each split first: every cell's rate, and which PerFIT variant is carried on.
 #    Then `perfit bench cross` on the paper's PerFIT and the chosen variant at their chosen rates.
@@ -17,11 +18,16 @@ RUNS=${RUNS:-runs}
 PERFIT=${BIN:-.venv/bin}/perfit
 LRS=1e-3,3e-3,1e-2
 TUNE=(--grid personal --lrs "$LRS" --widen 2 --out "$RUNS/tune-personal" --docs "$RUNS/tune-personal/docs" --data "$DATA")
+LANES=${LANES:-1}
 failed=0  # a failed run (named in the log) does not stop the other groups of a many-hour tuning
-for cells in 'personal/pathological/fit' 'personal/pathological/perfit*' 'personal/dirichlet/fit' \
-             'personal/dirichlet/perfit*' 'personal/*/fit-ft' 'personal/*/fedsa' 'personal/*/local' 'personal/*/hetlora*'; do
-    "$PERFIT" bench tune "${TUNE[@]}" --cells "$cells" || failed=1
-done
+if [ "$LANES" -gt 1 ]; then  # the lanes take the cells in the grid's order, each with the runs it builds on
+    "$PERFIT" bench tune "${TUNE[@]}" --lanes "$LANES" || failed=1
+else
+    for cells in 'personal/pathological/fit' 'personal/pathological/perfit*' 'personal/dirichlet/fit' \
+                 'personal/dirichlet/perfit*' 'personal/*/fit-ft' 'personal/*/fedsa' 'personal/*/local' 'personal/*/hetlora*'; do
+        "$PERFIT" bench tune "${TUNE[@]}" --cells "$cells" || failed=1
+    done
+fi
 if [ "$failed" = 1 ]; then echo "personal_grid.sh: some tuning runs failed (above); fix them and run this again" >&2; exit 1; fi
 "$PERFIT" bench tune "${TUNE[@]}"   # all finished: this pass writes the whole tuning.json
 TUNING=$RUNS/tune-personal/docs/tuning.json
@@ -51,7 +57,7 @@ done <<< "$targets"
 CELLS=()
 for cell in $held_out; do CELLS+=(--cells "$cell"); done
 if [ "${#CELLS[@]}" = 0 ]; then echo "personal_grid.sh: no held-out cells from $TUNING" >&2; exit 1; fi
-"$PERFIT" bench paper --grid personal --tuned "$TUNING" --out "$RUNS/personal" --data "$DATA" "${CELLS[@]}"
+"$PERFIT" bench paper --grid personal --tuned "$TUNING" --out "$RUNS/personal" --data "$DATA" --lanes "$LANES" "${CELLS[@]}"
 TUNED=()  # a whole regeneration keeps the paper grid's tuned section where its runs are here too
 if [ -d "$RUNS/paper-tuned" ]; then TUNED=(--tuned-runs "$RUNS/paper-tuned"); fi
 "$PERFIT" report --runs "$RUNS/paper" "${TUNED[@]}" --personal-runs "$RUNS/personal" --personal-tuning "$TUNING"

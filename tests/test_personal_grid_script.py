@@ -28,9 +28,9 @@ def _tuning(runs: Path) -> Path:
     return tuning
 
 
-def _grid(tmp_path: Path, fail_on: str = "") -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    """Run the script with a `perfit` that logs its arguments (one JSON list a call) and fails the
-    tuning call whose --cells is `fail_on`."""
+def _grid(tmp_path: Path, fail_on: str = "", lanes: int = 1) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run the script (LANES=`lanes`) with a `perfit` that logs its arguments (one JSON list a call)
+    and fails the tuning call whose --cells is `fail_on`."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # this venv's, by its own path
@@ -42,7 +42,7 @@ def _grid(tmp_path: Path, fail_on: str = "") -> tuple[subprocess.CompletedProces
     )
     fake.chmod(0o755)
     runs = tmp_path / "runs"
-    env = {**os.environ, "BIN": str(bin_dir), "RUNS": str(runs)}
+    env = {**os.environ, "BIN": str(bin_dir), "RUNS": str(runs), "LANES": str(lanes)}
     done = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "personal_grid.sh"), "data.jsonl"],
         env=env, capture_output=True, text=True, timeout=120,
@@ -72,6 +72,7 @@ def test_after_the_tuning_the_script_runs_the_chosen_variant_the_baselines_and_t
     assert sorted(crosses) == sorted(expected) and len(crosses) == 4  # the paper's PerFIT and the chosen one
     (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
     assert _option(paper, "--tuned") == [str(tuning)] and _option(paper, "--grid") == ["personal"]
+    assert _option(paper, "--lanes") == ["1"]
     held_out = {label: set() for label in BEST}
     for name in _option(paper, "--cells"):
         split, label = name.split("/")[1:]
@@ -114,3 +115,14 @@ def test_a_tuning_it_cannot_read_or_without_a_chosen_variant_stops_it_before_any
     broken_done, broken_calls = _grid(broken)
     assert broken_done.returncode != 0 and "JSONDecodeError" in broken_done.stderr
     assert [c[:2] for c in broken_calls if c[0] != "bench" or c[1] != "tune"] == []
+
+
+def test_in_lanes_the_tuning_is_one_call_over_every_cell_and_the_held_out_runs_take_the_lanes(tmp_path):
+    _tuning(tmp_path / "runs")
+    done, calls = _grid(tmp_path, lanes=2)
+    assert done.returncode == 0, done.stderr
+    tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
+    assert len(tunes) == 2 and _option(tunes[0], "--lanes") == ["2"] and _option(tunes[0], "--cells") == []
+    assert _option(tunes[1], "--lanes") == []  # the pass that writes the whole tuning.json runs nothing
+    (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
+    assert _option(paper, "--lanes") == ["2"] and len(_option(paper, "--cells")) == 16

@@ -160,6 +160,42 @@ def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
         raise typer.Exit(1)
 
 
+LANES_HELP = (
+    "Run the cells N at a time, each lane a process on its own share of the cores (bench.lanes; "
+    "its log in OUT/lanes/); 1: in this process."
+)
+
+
+def _in_lanes(lanes: int, cells: list[Any], out: Path, command: list[str], lane_args: Any = None) -> None:
+    """Run `perfit <command> --cells ...` for `cells` in `lanes` lanes (`bench.lanes`); exit 1 naming
+    each unit that failed, 130 when stopped. `lane_args(k)`: extra arguments for lane k's processes."""
+    import sys
+
+    from perfit.bench.lanes import lane_cores, run_lanes, units
+    from perfit.federation.simulation import CLIENT_CPUS, usable_cores
+
+    try:
+        cores = lane_cores(lanes, usable_cores())
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from err
+
+    def lane_command(unit: list[str], k: int) -> list[str]:
+        selected = [arg for name in unit for arg in ("--cells", name)]
+        return [sys.executable, "-m", "perfit", *command, *(lane_args(k) if lane_args else []), *selected]
+
+    try:
+        ended = run_lanes(units(cells), lane_command, cores, CLIENT_CPUS, out / "lanes", console.print)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    failed = [unit for unit, status in ended if status != 0]
+    for unit in failed:
+        console.print(f"[red]failed: {', '.join(unit)}[/red] (its lane's log in {out / 'lanes'})")
+    if failed:
+        console.print(f"[red]{len(failed)} unit(s) failed[/red]; fix the cause and run the same command again")
+        raise typer.Exit(1)
+
+
 def _list_cells(cells: list[Any], out: Path) -> None:
     from perfit.bench.experiments import progress, state
 
@@ -186,6 +222,7 @@ def bench_paper(
     ),
     list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
     grid: str = typer.Option("paper", help=GRID_HELP),
+    lanes: int = typer.Option(1, min=1, help=LANES_HELP),
 ) -> None:
     """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
     from perfit.bench.experiments import run_grid
@@ -199,7 +236,10 @@ def bench_paper(
     if list_cells:
         _list_cells(chosen, out)
         return
-    with errors("data"):
+    if lanes > 1:
+        tuning = ["--tuned", str(tuned)] if tuned is not None else []
+        _in_lanes(lanes, chosen, out, ["bench", "paper", "--out", str(out), "--grid", grid, *tuning, *ctx.args])
+    with errors("data"):  # after lanes: every run is finished, and this pass says so
         _check_failures(run_grid(chosen, out, common, base.run_federation, console.print))
     console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
 
@@ -293,6 +333,7 @@ def bench_tune(
     widen: int = typer.Option(
         0, min=0, help="A choice at an end of --lrs also runs the rate half a decade past it, up to N times a cell."
     ),
+    lanes: int = typer.Option(1, min=1, help=LANES_HELP),
 ) -> None:
     """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
     the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
@@ -312,6 +353,10 @@ def bench_tune(
     if list_cells:
         _list_cells(runs, out)
         return
+    if lanes > 1:  # each lane writes its part's tables aside; this process then writes the whole
+        tune = ["bench", "tune", "--out", str(out), "--grid", grid, "--lrs", lrs, "--widen", str(widen), *ctx.args]
+        _in_lanes(lanes, chosen, out, tune, lambda k: ["--docs", str(out / "lanes" / f"docs{k}")])
+        runs = _tuning_runs(chosen, out, candidates, widen, grid)
     outcomes: list[tuple[Any, int, str]] = []
     while runs:  # then what the finished runs asked for: FIT + FT once FIT has chosen, widened rates
         with errors("data"):

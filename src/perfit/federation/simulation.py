@@ -21,6 +21,18 @@ from typing import Any
 
 from perfit.config import Config
 
+CLIENT_CPUS = 2
+"""Cores (torch threads) a simulated client gets by default: on 2 cores one 2-thread client runs a
+round as fast as two 1-thread ones, with one model copy in memory instead of two (docs/speed.md)."""
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its CPU affinity: a container's or a lane's share), else
+    all of the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
 
 def _visible_gpus() -> int:
     import torch
@@ -109,7 +121,7 @@ def _stop_at_once_on_signals(out: str, ray_dir: str, ours: bool) -> Iterator[Non
 
 
 def run_simulation(
-    config: Config, num_cpus: int | None = None, cpus_per_client: int = 2, client_app: Any = None
+    config: Config, num_cpus: int | None = None, cpus_per_client: int = CLIENT_CPUS, client_app: Any = None
 ) -> dict[str, Any]:
     """Run one federation to completion and return its summary (also in `<out>/summary.json`).
 
@@ -118,9 +130,8 @@ def run_simulation(
     keep them on disk, in `<out>/nodes/`, so that the run resumes exactly; the folder goes once the
     run has finished.
 
-    Each simulated client gets `cpus_per_client` cores (torch threads): on 2 cores one 2-thread
-    client process runs a round as fast as two 1-thread ones, with one model copy in memory instead
-    of two (docs/speed.md).
+    Each simulated client gets `cpus_per_client` cores (torch threads, `CLIENT_CPUS`) of the
+    `num_cpus` (default: the cores this process may use, `usable_cores`).
     """
     from perfit.core.methods import NODE_KEPT
     from perfit.federation.run_directory import NODES, resumes_from_checkpoint
@@ -155,7 +166,7 @@ def run_simulation(
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
     ray_dir = tempfile.mkdtemp(prefix="perfit-ray-")  # Ray's session files stay out of ~ and of the repo
-    cpus = num_cpus or os.cpu_count() or 1
+    cpus = num_cpus or len(usable_cores())
     gpus = client_gpus(config, cpus // min(cpus_per_client, cpus))
     backend = {
         "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": gpus},
