@@ -157,11 +157,23 @@ def test_bench_paper_and_tune_in_two_lanes_end_to_end(tiny_model, small_data, tm
     assert "seed 0: running" not in done.output  # the lanes ran them, not this process
     logs = [(grid / "lanes" / f"lane{k}.log").read_text() for k in (0, 1)]
     assert all(log.count("--- ") == 1 and log.count("seed 0: running") == 1 for log in logs)  # one cell a lane
+    again = runner.invoke(
+        app, ["bench", "paper", "--out", str(grid), "--lanes", "2", *selected, *_tiny(tiny_model, small_data)]
+    )
+    assert again.exit_code == 0 and "started" not in again.output  # finished cells start no lane
     tune, docs = tmp_path / "tune", tmp_path / "docs"
     tuned = runner.invoke(app, ["bench", "tune", "--out", str(tune), "--docs", str(docs), "--lrs", "1e-3",
                                 "--lanes", "2", *selected, *_tiny(tiny_model, small_data)])  # fmt: skip
     assert tuned.exit_code == 0, tuned.output
     table = json.loads((docs / "tuning.json").read_text())["cells"]
     assert sorted(table) == sorted(CELLS) and all(entry["chosen_lr"] == 1e-3 for entry in table.values())
+    assert tuned.output.count("started") == 2 and (tune / "lanes" / "docs0" / "tuning.json").is_file()
+    more = runner.invoke(app, ["bench", "tune", "--out", str(tune), "--docs", str(docs), "--lrs", "1e-3,3e-3",
+                               "--lanes", "2", "--cells", CELLS[0], *_tiny(tiny_model, small_data)])  # fmt: skip
+    assert more.exit_code == 0 and more.output.count("started") == 1  # the cell with a new rate to try
+    assert json.loads((docs / "tuning.json").read_text())["cells"][CELLS[0]]["validation_ppl"].keys() == {
+        "0.001",
+        "0.003",
+    }
     too_many = runner.invoke(app, ["bench", "paper", "--out", str(grid), "--lanes", "99", *selected])
     assert too_many.exit_code == 2 and "--lanes 99: between 1 and the" in too_many.output

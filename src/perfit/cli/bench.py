@@ -166,9 +166,12 @@ LANES_HELP = (
 )
 
 
-def _in_lanes(lanes: int, cells: list[Any], out: Path, command: list[str], lane_args: Any = None) -> None:
-    """Run `perfit <command> --cells ...` for `cells` in `lanes` lanes (`bench.lanes`); exit 1 naming
-    each unit that failed, 130 when stopped. `lane_args(k)`: extra arguments for lane k's processes."""
+def _in_lanes(
+    lanes: int, cells: list[Any], out: Path, command: list[str], unfinished: set[str], lane_args: Any = None
+) -> None:
+    """Run `perfit <command> --cells ...` in `lanes` lanes (`bench.lanes`) for each unit of `cells`
+    with a cell in `unfinished`; exit 1 naming each unit that failed, 130 when stopped.
+    `lane_args(k)`: extra arguments for lane k's processes."""
     import sys
 
     from perfit.bench.lanes import lane_cores, run_lanes, units
@@ -185,7 +188,8 @@ def _in_lanes(lanes: int, cells: list[Any], out: Path, command: list[str], lane_
         return [sys.executable, "-m", "perfit", *command, *(lane_args(k) if lane_args else []), *selected]
 
     try:
-        ended = run_lanes(units(cells), lane_command, cores, CLIENT_CPUS, out / "lanes", console.print)
+        work = [unit for unit in units(cells) if unfinished.intersection(unit)]  # a resumed grid: the rest
+        ended = run_lanes(work, lane_command, cores, CLIENT_CPUS, out / "lanes", console.print)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     failed = [unit for unit, status in ended if status != 0]
@@ -237,8 +241,12 @@ def bench_paper(
         _list_cells(chosen, out)
         return
     if lanes > 1:
+        from perfit.bench.experiments import state
+
         tuning = ["--tuned", str(tuned)] if tuned is not None else []
-        _in_lanes(lanes, chosen, out, ["bench", "paper", "--out", str(out), "--grid", grid, *tuning, *ctx.args])
+        command = ["bench", "paper", "--out", str(out), "--grid", grid, *tuning, *ctx.args]
+        unfinished = {cell.name for cell in chosen if any(state(cell, out, seed) != "done" for seed in cell.seeds)}
+        _in_lanes(lanes, chosen, out, command, unfinished)
     with errors("data"):  # after lanes: every run is finished, and this pass says so
         _check_failures(run_grid(chosen, out, common, base.run_federation, console.print))
     console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
@@ -354,8 +362,11 @@ def bench_tune(
         _list_cells(runs, out)
         return
     if lanes > 1:  # each lane writes its part's tables aside; this process then writes the whole
+        from perfit.bench.experiments import state
+
         tune = ["bench", "tune", "--out", str(out), "--grid", grid, "--lrs", lrs, "--widen", str(widen), *ctx.args]
-        _in_lanes(lanes, chosen, out, tune, lambda k: ["--docs", str(out / "lanes" / f"docs{k}")])
+        unfinished = {run.name.rsplit("/", 1)[0] for run in runs if state(run, out, 0) != "done"}
+        _in_lanes(lanes, chosen, out, tune, unfinished, lambda k: ["--docs", str(out / "lanes" / f"docs{k}")])
         runs = _tuning_runs(chosen, out, candidates, widen, grid)
     outcomes: list[tuple[Any, int, str]] = []
     while runs:  # then what the finished runs asked for: FIT + FT once FIT has chosen, widened rates
