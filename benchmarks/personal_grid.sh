@@ -4,7 +4,7 @@
 #   benchmarks/personal_grid.sh [DOLLY_JSONL]      (default ../shared/data/databricks-dolly-15k.jsonl)
 #   LANES=2 benchmarks/personal_grid.sh ...        (runs two at a time, each on half the cores: `--lanes`)
 # 1. Tuning on seed 0's validation slice (`perfit bench tune --grid personal`), FIT and the PerFIT variants
-#    of each split first: every cell's rate, and which PerFIT variant is carried on.
+#    of each split first (in lanes: the grid's order): every cell's rate, and which PerFIT variant is carried on.
 #    Then `perfit bench cross` on the paper's PerFIT and the chosen variant at their chosen rates.
 # 2. The held-out seeds 1-3 at the chosen rates: FIT, the baselines, the paper's PerFIT, the chosen
 #    variant, PerFIT and HetLoRA 8/12/16 (the variants not chosen are not run).

@@ -2,6 +2,7 @@
 the lanes run every unit once, N at a time, each on its own cores; a stop reaches every lane; and
 `perfit bench paper / tune --lanes 2` end to end on the tiny model."""
 
+import fcntl
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.bench.experiments import GRIDS, Cell, select
-from perfit.bench.lanes import lane_cores, lane_env, run_lanes, units
+from perfit.bench.lanes import RUNNING_ELSEWHERE, STOP_SIGNALS, lane_cores, lane_env, lock_path, run_lanes, units
 from perfit.federation.simulation import usable_cores
 
 STAND_IN = textwrap.dedent(
@@ -27,7 +28,7 @@ STAND_IN = textwrap.dedent(
             f.write(json.dumps({"unit": unit, "lane": lane, "what": what, "pid": os.getpid(), "at": time.time(),
                                 "omp": os.environ.get("OMP_NUM_THREADS"),
                                 "cores": sorted(os.sched_getaffinity(0))}) + "\\n")
-    signal.signal(signal.SIGINT, lambda *_: (write("stopped"), sys.exit(0)))
+    signal.signal(signal.SIGINT, signal.SIG_IGN if unit == "stubborn" else lambda *_: (write("stopped"), sys.exit(0)))
     write("started")
     time.sleep(seconds)
     write("ended")
@@ -75,16 +76,28 @@ def test_the_cores_split_into_equal_lanes_and_each_lane_runs_a_clients_share_of_
 
 
 def test_the_lanes_run_every_unit_once_two_at_a_time_each_on_its_own_cores(tmp_path):
-    record, lanes = tmp_path / "record.jsonl", _two_lanes()
-    work = [["u0"], ["u1"], ["bad"], ["u3"], ["u4"]]
+    record, lanes, logs = tmp_path / "record.jsonl", _two_lanes(), tmp_path / "lanes"
+    work = [["u0"], ["u1"], ["bad"], ["u3"], ["u4"], ["held"]]
+    logs.mkdir()
+    handlers = [signal.getsignal(signum) for signum in STOP_SIGNALS]
     reported = []
-    ended = run_lanes(work, _stand_in(record, 0.6), lanes, 2, tmp_path / "lanes", reported.append)
-    assert sorted(unit[0] for unit, _ in ended) == ["bad", "u0", "u1", "u3", "u4"]
-    assert {unit[0]: status for unit, status in ended} == {"u0": 0, "u1": 0, "bad": 3, "u3": 0, "u4": 0}
+    with open(lock_path(logs, ["held"]), "w") as held:  # another command on the same grid is running "held"
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ended = run_lanes(work, _stand_in(record, 0.6), lanes, 2, logs, reported.append)
+    assert [signal.getsignal(signum) for signum in STOP_SIGNALS] == handlers  # put back
+    assert sorted(unit[0] for unit, _ in ended) == ["bad", "held", "u0", "u1", "u3", "u4"]
+    assert {unit[0]: status for unit, status in ended} == {
+        "u0": 0,
+        "u1": 0,
+        "bad": 3,
+        "u3": 0,
+        "u4": 0,
+        "held": RUNNING_ELSEWHERE,
+    }
     rows = _records(record)
     starts = {r["unit"]: r for r in rows if r["what"] == "started"}
     ends = {r["unit"]: r for r in rows if r["what"] == "ended"}
-    assert sorted(starts) == sorted(ends) == ["bad", "u0", "u1", "u3", "u4"]  # each once
+    assert sorted(starts) == sorted(ends) == ["bad", "u0", "u1", "u3", "u4"]  # each once; "held" not here
     for start in starts.values():
         assert start["cores"] == lanes[start["lane"]] and start["omp"] == "1"
     running = [
@@ -96,7 +109,7 @@ def test_the_lanes_run_every_unit_once_two_at_a_time_each_on_its_own_cores(tmp_p
     assert sum(log.count("--- ") for log in logs) == 5
 
 
-def test_a_stop_reaches_every_running_lane_and_starts_no_other_unit(tmp_path):
+def test_a_stop_reaches_every_running_lane_and_a_second_one_kills_what_is_left(tmp_path):
     record = tmp_path / "record.jsonl"
     driver = textwrap.dedent(
         f"""
@@ -106,7 +119,7 @@ def test_a_stop_reaches_every_running_lane_and_starts_no_other_unit(tmp_path):
         stand_in = {STAND_IN!r}
         command = lambda unit, k: [sys.executable, "-c", stand_in, {str(record)!r}, unit[0], str(k), "60"]
         try:
-            run_lanes([["u0"], ["u1"], ["u2"]], command, {_two_lanes()!r}, 2, Path({str(tmp_path / "lanes")!r}))
+            run_lanes([["u0"], ["stubborn"], ["u2"]], command, {_two_lanes()!r}, 2, Path({str(tmp_path / "lanes")!r}))
         except KeyboardInterrupt:
             sys.exit(130)
         """
@@ -115,21 +128,34 @@ def test_a_stop_reaches_every_running_lane_and_starts_no_other_unit(tmp_path):
         [sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        deadline = time.monotonic() + 60
-        while len([r for r in _records(record) if r["what"] == "started"]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_for(lambda: len([r for r in _records(record) if r["what"] == "started"]) == 2)
+        with open(lock_path(tmp_path / "lanes", ["u0"]), "w") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lane's process holds its unit
         parent.send_signal(signal.SIGTERM)
+        _wait_for(lambda: [r["unit"] for r in _records(record) if r["what"] == "stopped"] == ["u0"])
+        time.sleep(1)
+        assert parent.poll() is None  # waits for the lane that ignores SIGINT
+        parent.send_signal(signal.SIGTERM)  # the second stop kills it
         output, _ = parent.communicate(timeout=60)
     finally:
         parent.kill()
     assert parent.returncode == 130, output
     rows = _records(record)
-    assert sorted(r["unit"] for r in rows if r["what"] == "started") == ["u0", "u1"]  # u2 never started
-    assert sorted(r["unit"] for r in rows if r["what"] == "stopped") == ["u0", "u1"]
+    assert sorted(r["unit"] for r in rows if r["what"] == "started") == ["stubborn", "u0"]  # u2 never started
+    assert [r["unit"] for r in rows if r["what"] != "started"] == [
+        "u0"
+    ]  # stopped; "stubborn" neither stopped nor ended
     assert "1 unit(s) not started" in output
     for pid in {r["pid"] for r in rows}:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _wait_for(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
 
 
 def _tiny(tiny_model: Path, small_data: Path) -> list[str]:

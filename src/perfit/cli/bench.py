@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +162,18 @@ def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
 
 
 LANES_HELP = (
-    "Run the cells N at a time, each lane a process on its own share of the cores (bench.lanes; "
-    "its log in OUT/lanes/); 1: in this process."
+    "Run the cells N at a time, each lane a process on its own share of the cores (every GPU it sees), "
+    "a cell with the cells it builds on, all its seeds (bench.lanes; logs in OUT/lanes/); 1: in this process."
 )
 
 
 def _in_lanes(
-    lanes: int, cells: list[Any], out: Path, command: list[str], unfinished: set[str], lane_args: Any = None
+    lanes: int,
+    cells: list[Any],
+    out: Path,
+    command: list[str],
+    unfinished: set[str],
+    lane_args: Callable[[int], list[str]] | None = None,
 ) -> None:
     """Run `perfit <command> --cells ...` in `lanes` lanes (`bench.lanes`) for each unit of `cells`
     with a cell in `unfinished`; exit 1 naming each unit that failed, 130 when stopped.

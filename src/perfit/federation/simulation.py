@@ -22,8 +22,10 @@ from typing import Any
 from perfit.config import Config
 
 CLIENT_CPUS = 2
-"""Cores (torch threads) a simulated client gets by default: on 2 cores one 2-thread client runs a
-round as fast as two 1-thread ones, with one model copy in memory instead of two (docs/speed.md)."""
+"""Cores (torch threads) a simulated client gets by default: within one run on 2 cores, one 2-thread
+client runs a quick-preset round as fast as two 1-thread clients, with one model copy in memory
+instead of two (docs/speed.md). Two whole runs side by side at 1 thread each are another matter
+(`perfit bench paper --lanes`, docs/experiments.md)."""
 
 
 def usable_cores() -> list[int]:
