@@ -145,7 +145,7 @@ def test_a_stop_reaches_every_running_lane_and_a_second_one_kills_what_is_left(t
     assert [r["unit"] for r in rows if r["what"] != "started"] == [
         "u0"
     ]  # stopped; "stubborn" neither stopped nor ended
-    assert "1 unit(s) not started" in output
+    assert "1 unit(s) not started" in output and "stubborn: FAILED (exit -9" in output  # killed, and waited for
     for pid in {r["pid"] for r in rows}:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -91,6 +91,7 @@ class _Lanes:
         self.command, self.cores, self.client_cpus, self.logs, self.report = command, cores, client_cpus, logs, report
         self.running: dict[int, subprocess.Popen] = {}
         self.ended: list[tuple[list[str], int]] = []
+        self.done = [False] * len(cores)
 
     def _start(self, unit: list[str], k: int) -> subprocess.Popen | None:
         """Lane k's process for `unit`, holding the unit's lock; None where another command holds it."""
@@ -109,6 +110,18 @@ class _Lanes:
 
     def lane(self, k: int) -> None:
         """Take units until none is left or the lanes stop."""
+        try:
+            self._take_units(k)
+        finally:
+            self.done[k] = True
+
+    def wait(self) -> None:
+        """Until every lane is done. Polled with sleeps: a stop signal interrupts a sleep safely,
+        where one that interrupts `Thread.join` can leave the thread reported as ended while it runs."""
+        while not all(self.done):
+            time.sleep(0.2)
+
+    def _take_units(self, k: int) -> None:
         while True:
             with self.lock:  # a unit leaves the queue only as its process starts: a stop loses none
                 if self.stopping.is_set() or not self.queue:
@@ -148,12 +161,6 @@ class _Lanes:
                         process.send_signal(signum)
 
 
-def _join(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.5)  # with a timeout: a stop signal is handled while waiting
-
-
 def run_lanes(
     work: Sequence[list[str]],
     command: Callable[[list[str], int], list[str]],
@@ -175,14 +182,14 @@ def run_lanes(
     try:
         for thread in threads:
             thread.start()
-        _join(threads)
+        lanes.wait()
     except KeyboardInterrupt:
         lanes.signal_running(signal.SIGINT)  # each run keeps its checkpoint and exits
         try:
-            _join(threads)
+            lanes.wait()
         except KeyboardInterrupt:
             lanes.signal_running(signal.SIGKILL)
-            _join(threads)
+            lanes.wait()
         report(f"stopped: {len(lanes.queue)} unit(s) not started; the same command resumes the grid")
         raise
     finally:
