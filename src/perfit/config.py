@@ -372,7 +372,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one step of 64; the search scores T_p = 5 steps of one micro-batch each (the default). lr 3e-3:
     # chosen on a validation slice of the clients' train rows by `perfit bench tune` at this preset, the
     # same for FIT and both PerFIT inits (docs/tuning.md); on the held-out rows it lowers their
-    # personalized perplexity against 3e-4 at both seeds measured: FIT 10-12 %, PerFIT 6-8 % (README).
+    # personalized perplexity against 3e-4 at both seeds measured: FIT 10-12 %, PerFIT 6-8 %
+    # (docs/results.md, "At the tuned learning rates").
     "quick": {
         "num_clients": 8,
         "clients_per_round": 4,
