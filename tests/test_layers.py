@@ -15,7 +15,13 @@ import perfit
 
 PACKAGE = Path(perfit.__file__).parent
 ORDER = ["config", "core", "artifacts", "client", "federation", "use", "api", "bench", "cli"]
-SERVER_SIDE = ("federation.server_app", "federation.roster", "federation.run_directory", "federation.validation")
+SERVER_SIDE = (
+    "federation.server_app",
+    "federation.exchange",
+    "federation.roster",
+    "federation.run_directory",
+    "federation.validation",
+)
 
 
 def _module(path: Path) -> str:
