@@ -331,7 +331,7 @@ def section(runs: Path, tuning_path: Path | None) -> tuple[dict[str, Any], list[
     lines = markdown(summary, runs)
     lines += [
         "Run time (the sum of the runs' wall times; runs beside other work take longer, and a run in one of two "
-        "lanes on 2 cores about 1.7x a 2-thread run, with two at once): "
+        "lanes on 2 cores longer than a 2-thread run, with two at once): "
         f"{hours['held_out']:.1f} h held-out runs, {hours['tuning']:.1f} h tuning.",
         "",
     ]
