@@ -32,8 +32,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+COULD_NOT_START = -1
+"""A unit's status when its process could not be started (e.g. out of memory or file handles)."""
 RUNNING_ELSEWHERE = -2
-"""A unit's status when another command on the same grid holds its lock (-1: could not start)."""
+"""A unit's status when another command on the same grid holds its lock."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Each stops the lanes as Ctrl-C does (a closed terminal too: lanes must not outlive the command)."""
 
@@ -131,7 +133,7 @@ class _Lanes:
                     process = self._start(unit, k)
                 except OSError as err:  # cannot start a process: the unit failed, the lane goes on
                     self.report(f"lane {k}: {', '.join(unit)}: FAILED to start ({err})")
-                    self.ended.append((unit, -1))
+                    self.ended.append((unit, COULD_NOT_START))
                     continue
                 if process is None:  # failed here: this command must not run it either
                     self.report(f"lane {k}: {', '.join(unit)}: FAILED (another command is running it)")
@@ -171,9 +173,9 @@ def run_lanes(
 ) -> list[tuple[list[str], int]]:
     """Run `command(unit, lane)` for every unit of `work`, one lane per set of `cores`, each lane
     taking the next unit when its last one ends; returns (unit, exit status) in the order they
-    ended (-1: could not start, `RUNNING_ELSEWHERE`). A stop signal is passed on to the running lanes as SIGINT and they
-    are waited for (a second one kills them); units not started are left out, and the
-    KeyboardInterrupt is raised again."""
+    ended (or `COULD_NOT_START`, `RUNNING_ELSEWHERE`). A stop signal is passed on to the running
+    lanes as SIGINT and they are waited for (a second one kills them); units not started are left
+    out, and the KeyboardInterrupt is raised again."""
     logs.mkdir(parents=True, exist_ok=True)
     lanes = _Lanes(work, command, cores, client_cpus, logs, report)
     threads = [threading.Thread(target=lanes.lane, args=(k,), daemon=True) for k in range(len(cores))]
