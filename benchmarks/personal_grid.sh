@@ -10,14 +10,20 @@
 #    variant, PerFIT and HetLoRA 8/12/16 (the variants not chosen are not run).
 # 3. `perfit report` with the personalization section: in docs/results.md and .json, regenerated whole where
 #    the paper grid's runs are at RUNS/paper, else spliced into the committed ones (their other sections kept).
-# Outputs under RUNS (default runs/): tune-personal/ and personal/.
+# Outputs under RUNS (default runs/): tune-personal/ and personal/. Each finished run's small files are
+# kept under RECORD (default docs/runs/, committed: `--record`, bench.record), and put back from there into
+# an empty RUNS on a fresh machine; the tuning values whose runs were lost before the record existed come
+# from RECORD/tune-personal.transcribed.json (`--transcribed`, marked † in tuning.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/databricks-dolly-15k.jsonl}
 RUNS=${RUNS:-runs}
+RECORD=${RECORD:-docs/runs}
 PERFIT=${BIN:-.venv/bin}/perfit
 LRS=1e-3,3e-3,1e-2
-TUNE=(--grid personal --lrs "$LRS" --widen 2 --out "$RUNS/tune-personal" --docs "$RUNS/tune-personal/docs" --data "$DATA")
+TUNE=(--grid personal --lrs "$LRS" --widen 2 --out "$RUNS/tune-personal" --docs "$RUNS/tune-personal/docs" --data "$DATA"
+      --record "$RECORD/tune-personal")
+if [ -f "$RECORD/tune-personal.transcribed.json" ]; then TUNE+=(--transcribed "$RECORD/tune-personal.transcribed.json"); fi
 LANES=${LANES:-1}
 failed=0  # a failed run (named in the log) does not stop the other groups of a many-hour tuning
 if [ "$LANES" -gt 1 ]; then  # the lanes take the cells in the grid's order, each with the runs it builds on
@@ -54,10 +60,12 @@ while read -r run; do  # a reading that fails is named and left out; the report 
     [ -n "$run" ] || continue
     "$PERFIT" bench cross "$run" > /dev/null || echo "personal_grid.sh: perfit bench cross $run failed" >&2
 done <<< "$targets"
+if [ -n "$targets" ]; then "$PERFIT" bench tune "${TUNE[@]}" > /dev/null; fi  # runs nothing: keeps the cross.json files
 CELLS=()
 for cell in $held_out; do CELLS+=(--cells "$cell"); done
 if [ "${#CELLS[@]}" = 0 ]; then echo "personal_grid.sh: no held-out cells from $TUNING" >&2; exit 1; fi
-"$PERFIT" bench paper --grid personal --tuned "$TUNING" --out "$RUNS/personal" --data "$DATA" --lanes "$LANES" "${CELLS[@]}"
+"$PERFIT" bench paper --grid personal --tuned "$TUNING" --out "$RUNS/personal" --data "$DATA" --lanes "$LANES" \
+    --record "$RECORD/personal" "${CELLS[@]}"
 TUNED=()  # a whole regeneration keeps the paper grid's tuned section where its runs are here too
 if [ -d "$RUNS/paper-tuned" ]; then TUNED=(--tuned-runs "$RUNS/paper-tuned"); fi
 "$PERFIT" report --runs "$RUNS/paper" "${TUNED[@]}" --personal-runs "$RUNS/personal" --personal-tuning "$TUNING"

@@ -166,6 +166,23 @@ def test_mask_diagnostics_of_a_perfit_run(runs):
     assert mask_diagnostics(Path(fit_config.out)) is None  # no search, no masks file
 
 
+def test_a_runs_record_keeps_its_mask_readings_without_its_masks(runs, tmp_path):
+    """A grid's record keeps no masks file (`bench.record`): a run put back from it reads the same
+    mask diagnostics from the readings written when it was kept."""
+    import json
+
+    from perfit.bench.diagnostics import MASK_READINGS_FILE, mask_diagnostics
+    from perfit.bench.record import keep
+
+    config, _ = runs[("perfit", "pathological", "")]
+    run = Path(config.out)
+    assert keep(run, run.parent, tmp_path / "record")
+    kept = tmp_path / "record" / run.name
+    assert (kept / MASK_READINGS_FILE).is_file() and not (kept / "masks.safetensors").exists()
+    assert json.dumps(mask_diagnostics(kept)) == json.dumps(mask_diagnostics(run))  # NaN included
+    (run / MASK_READINGS_FILE).unlink()
+
+
 def test_search_diagnostics_read_the_masks_a_run_searches(runs, tmp_path):
     """`perfit bench masks` runs only the searches: the same masks, so the same readings, as the
     finished run's; another score gives other masks."""

@@ -43,6 +43,7 @@ def _grid(tmp_path: Path, fail_on: str = "", lanes: int = 1) -> tuple[subprocess
     fake.chmod(0o755)
     runs = tmp_path / "runs"
     env = {**os.environ, "BIN": str(bin_dir), "RUNS": str(runs), "LANES": str(lanes)}
+    env["RECORD"] = str(tmp_path / "record")
     done = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "personal_grid.sh"), "data.jsonl"],
         env=env, capture_output=True, text=True, timeout=120,
@@ -61,7 +62,11 @@ def test_after_the_tuning_the_script_runs_the_chosen_variant_the_baselines_and_t
     assert done.returncode == 0, done.stderr
     tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
     assert [_option(c, "--cells") for c in tunes][0] == ["personal/pathological/fit"]
-    assert len(tunes) == 9 and _option(tunes[-1], "--cells") == []  # each group, then the whole grid
+    assert len(tunes) == 10 and _option(tunes[-1], "--cells") == []  # each group, the whole grid, its record
+    assert {tuple(_option(c, "--record")) for c in tunes} == {(str(tmp_path / "record" / "tune-personal"),)}
+    assert all(_option(c, "--transcribed") == [] for c in tunes)  # none in this record
+    last_tune = max(i for i, c in enumerate(calls) if c[:2] == ["bench", "tune"])
+    assert last_tune > max(i for i, c in enumerate(calls) if c[:2] == ["bench", "cross"])
     crosses = [c[2] for c in calls if c[:2] == ["bench", "cross"]]
     out = tmp_path / "runs" / "tune-personal"
     expected = {
@@ -72,7 +77,7 @@ def test_after_the_tuning_the_script_runs_the_chosen_variant_the_baselines_and_t
     assert sorted(crosses) == sorted(expected) and len(crosses) == 4  # the paper's PerFIT and the chosen one
     (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
     assert _option(paper, "--tuned") == [str(tuning)] and _option(paper, "--grid") == ["personal"]
-    assert _option(paper, "--lanes") == ["1"]
+    assert _option(paper, "--lanes") == ["1"] and _option(paper, "--record") == [str(tmp_path / "record" / "personal")]
     held_out = {label: set() for label in BEST}
     for name in _option(paper, "--cells"):
         split, label = name.split("/")[1:]
@@ -119,10 +124,14 @@ def test_a_tuning_it_cannot_read_or_without_a_chosen_variant_stops_it_before_any
 
 def test_in_lanes_the_tuning_is_one_call_over_every_cell_and_the_held_out_runs_take_the_lanes(tmp_path):
     _tuning(tmp_path / "runs")
+    transcribed = tmp_path / "record" / "tune-personal.transcribed.json"
+    transcribed.parent.mkdir()
+    transcribed.write_text("{}")
     done, calls = _grid(tmp_path, lanes=2)
     assert done.returncode == 0, done.stderr
     tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
-    assert len(tunes) == 2 and _option(tunes[0], "--lanes") == ["2"] and _option(tunes[0], "--cells") == []
+    assert len(tunes) == 3 and _option(tunes[0], "--lanes") == ["2"] and _option(tunes[0], "--cells") == []
     assert _option(tunes[1], "--lanes") == []  # the pass that writes the whole tuning.json runs nothing
+    assert all(_option(c, "--transcribed") == [str(transcribed)] for c in tunes)  # the record's, where it has one
     (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
     assert _option(paper, "--lanes") == ["2"] and len(_option(paper, "--cells")) == 16

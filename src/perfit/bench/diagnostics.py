@@ -5,6 +5,7 @@ minutes, not a federation, to compare search variants before spending a grid on 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ def diagnose(
     }
 
 
+MASK_READINGS_FILE = "masks.json"
+"""A finished PerFIT run's `mask_diagnostics`, written beside its masks (`keep_mask_readings`): the
+readings outlive the masks file, which a grid's record does not keep (megabytes; `bench.record`)."""
+
+
+def keep_mask_readings(run_dir: Path) -> bool:
+    """Write a finished run's mask readings to MASK_READINGS_FILE once; False where it has no masks."""
+    path = Path(run_dir) / MASK_READINGS_FILE
+    if path.is_file() or not (Path(run_dir) / "masks.safetensors").is_file():
+        return path.is_file()
+    path.write_text(json.dumps(mask_diagnostics(run_dir), indent=2) + "\n")
+    return True
+
+
 def mask_diagnostics(run_dir: Path) -> dict[str, Any] | None:
     """`diagnose` for a finished PerFIT run with searched masks, data similarity the cosine of the
     clients' category histograms (category overlap under the pathological split, the proportions'
@@ -61,8 +76,9 @@ def mask_diagnostics(run_dir: Path) -> dict[str, Any] | None:
     from perfit.bench.figures import category_similarity
 
     masks_file = Path(run_dir) / "masks.safetensors"
-    if not masks_file.is_file():
-        return None
+    if not masks_file.is_file():  # a run put back from a record keeps its readings, not its masks
+        readings = Path(run_dir) / MASK_READINGS_FILE
+        return json.loads(readings.read_text()) if readings.is_file() else None
     config = from_toml(Path(run_dir) / "config.toml")
     layout = layout_for(read_summary(Path(run_dir) / "summary.json")["model"], config.dense_rank, config.alpha_value)
     masks = {int(k.split("_")[1]): v.bool() for k, v in load_file(str(masks_file)).items()}

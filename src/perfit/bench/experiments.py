@@ -280,9 +280,11 @@ def run_grid(
     common: dict[str, Any],
     runner: Callable[[Config], dict[str, Any]],
     report: Callable[[str], None] = print,
+    record: Path | None = None,
 ) -> list[tuple[Cell, int, str]]:
     """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
-    raises is reported as `failed: ...` and the grid goes on with the next one."""
+    raises is reported as `failed: ...` and the grid goes on with the next one. `record`: where each
+    finished run's small files are kept as it ends (`bench.record`)."""
     from perfit.core.methods import NODE_KEPT
     from perfit.federation.run_directory import NODES, config_changes
 
@@ -326,5 +328,9 @@ def run_grid(
         ppl = summary.get("personalized_ppl")
         ppl_text = f"{ppl:.3f}" if ppl is not None and math.isfinite(ppl) else "n/a (diverged)"
         report(f"{cell.name} seed {seed}: personalized ppl {ppl_text} in {summary['wall_seconds']:.0f} s")
+        if record is not None:
+            from perfit.bench.record import keep
+
+            keep(Path(config.out), out, record)
         done.append((cell, seed, "ran"))
     return done

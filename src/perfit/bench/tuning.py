@@ -120,16 +120,24 @@ def candidates(measured: Mapping[float, float], lrs: tuple[float, ...], widen: i
     return tuple(rates)
 
 
-def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: int = 0) -> dict[str, dict[str, Any]]:
+def collect(
+    cells: list[Cell],
+    out: Path,
+    lrs: tuple[float, ...] = LRS,
+    widen: int = 0,
+    transcribed: Mapping[str, Mapping[float, float]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Per cell: its candidates (`lrs`, widened past an end by `candidates`), the validation
     perplexity of each finished one and, once all have finished, the chosen rate and whether it is
-    still at an end. Reads only the run directories' summaries."""
+    still at an end. Reads only the run directories' summaries, and for a rate without a finished run
+    the value `transcribed` gives (`read_transcribed`; listed in the entry's "transcribed")."""
     from perfit.federation.run_directory import degraded, read_summary
 
     table: dict[str, dict[str, Any]] = {}
     for cell in cells:
         measured: dict[float, float] = {}
         rejected: list[float] = []  # rates whose run counted a round short of a client
+        copied: list[float] = []  # rates whose value is transcribed, not read off a run here
         rates: tuple[float, ...] = ()
         while (more := candidates(measured, lrs, widen)) != rates:
             rates = more
@@ -141,16 +149,66 @@ def collect(cells: list[Cell], out: Path, lrs: tuple[float, ...] = LRS, widen: i
                         raise ValueError(f"{summary_path}: not a validation run (evaluated_on is missing or held_out)")
                     measured[lr] = float(summary["personalized_ppl"])
                     rejected += [lr] if degraded(summary) else []
+                elif lr not in measured and lr in (transcribed or {}).get(cell.name, {}):
+                    measured[lr] = float(transcribed[cell.name][lr])
+                    copied.append(lr)
         entry: dict[str, Any] = {
             "lrs": list(rates),
             "validation_ppl": {f"{lr:g}": measured[lr] for lr in rates if lr in measured},
             "rejected_updates": sorted(rejected),
         }
+        if copied:
+            entry["transcribed"] = [f"{lr:g}" for lr in sorted(copied)]
         if len(measured) == len(rates):
             entry["chosen_lr"] = choose(measured)
             entry["edge"] = edge(entry["chosen_lr"], rates)
         table[cell.name] = entry
     return table
+
+
+def read_transcribed(path: Path) -> tuple[str, dict[str, dict[float, float]]]:
+    """(source, cell name -> rate -> validation perplexity) from a JSON file of tuning results whose
+    runs are gone (`{"source": ..., "cells": {"<cell>": {"<rate>": <ppl>}}}`), e.g. copied from the
+    lab notebook after the runs' machine was lost. `source` says where each value was read; a value
+    that is not a positive number, or a rate that is not one, is a ValueError naming it."""
+    try:
+        document = json.loads(Path(path).read_text())
+        source, cells = document["source"], document["cells"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a transcribed tuning file ({type(err).__name__}: {err})") from err
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"{path}: field source: say where the values were read")
+    table: dict[str, dict[float, float]] = {}
+    for name, values in cells.items():
+        for rate, ppl in values.items():
+            try:
+                lr, value = float(rate), float(ppl)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: cells.{name}.{rate}: not a rate and a perplexity ({err})") from err
+            if not (lr > 0 and math.isfinite(value) and value > 0):
+                raise ValueError(f"{path}: cells.{name}.{rate}: {ppl!r} is not a perplexity at a positive rate")
+            table.setdefault(name, {})[lr] = value
+    return source, table
+
+
+def still_to_run(runs: list[Cell], transcribed: Mapping[str, Mapping[float, float]], out: Path) -> list[Cell]:
+    """The tuning runs (`tuning_cells`) to run: a rate with a transcribed value (`read_transcribed`)
+    does not run again, unless a run still to go builds on it (`Cell.sources`: FIT + FT starts from
+    FIT's run, a PerFIT run keeps another run's masks), which needs its files."""
+
+    def finished(run: Cell) -> bool:
+        return (run.run_dir(out, 0) / "summary.json").is_file()
+
+    def copied(run: Cell) -> bool:
+        return float(run.fields["lr"]) in transcribed.get(run.name.rsplit("/", 1)[0], {}) and not finished(run)
+
+    keep = {run.name for run in runs if not copied(run)}
+    while True:
+        needed = {name for run in runs if run.name in keep and not finished(run) for name in run.sources.values()}
+        needed -= keep
+        if not needed:
+            return [run for run in runs if run.name in keep]
+        keep |= needed
 
 
 def tuned(cells: list[Cell], path: Path) -> list[Cell]:
@@ -176,14 +234,16 @@ def tuning_table(table: dict[str, dict[str, Any]], lrs: tuple[float, ...]) -> li
         cells = []
         for lr in lrs:
             ppl = entry["validation_ppl"].get(f"{lr:g}")
-            text = "–" if ppl is None else f"{ppl:.3f}"
+            text = "–" if ppl is None else f"{ppl:.3f}" + ("†" if f"{lr:g}" in entry.get("transcribed", ()) else "")
             cells.append(f"**{text}**" if chosen == lr else text)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'pending' if chosen is None else f'{chosen:g}'} |")
     return lines
 
 
-def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], command: str) -> str:
-    """docs/tuning.md."""
+def tuning_markdown(
+    table: dict[str, dict[str, Any]], lrs: tuple[float, ...], command: str, transcribed_source: str = ""
+) -> str:
+    """docs/tuning.md; `transcribed_source`: where the transcribed values (†) were read."""
     lines = [
         "# Learning rates chosen on a validation slice (`perfit bench tune`)",
         "",
@@ -206,6 +266,8 @@ def tuning_markdown(table: dict[str, dict[str, Any]], lrs: tuple[float, ...], co
             + ", ".join(rejected)
             + ".",
         ]
+    if any(entry.get("transcribed") for entry in table.values()):
+        lines += ["", f"†: transcribed, not read off a run here (the run is gone): {transcribed_source}."]
     at_edge = [f"{name} ({entry['edge']})" for name, entry in table.items() if entry.get("edge")]
     if at_edge:
         lines += [

@@ -42,7 +42,13 @@ def _grid_selection(ctx: typer.Context, patterns: list[str], name: str) -> tuple
         raise typer.Exit(2) from err
 
 
-def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], widen: int, grid: str) -> dict[str, float]:
+RECORD_HELP = (
+    "A directory committed with the project that keeps each finished run's small files (bench.record): "
+    "runs it holds are put back into OUT instead of run again on a fresh machine."
+)
+
+
+def _start_rates(cells: list[Any], out: Path, tuning: dict[str, Any], grid: str) -> dict[str, float]:
     """The rate each start cell's tuning chose: a cell that starts from another cell's run (`Cell.start`)
     starts from that cell's tuning run at that rate, so it can run only once that tuning has chosen."""
     from perfit.bench.experiments import GRIDS
@@ -51,18 +57,37 @@ def _start_rates(cells: list[Any], out: Path, lrs: tuple[float, ...], widen: int
     every = {c.name: c for c in GRIDS[grid]()}
     starts = sorted({c.start for c in cells if c.start})
     with errors("tuning", ValueError):
-        table = collect([every[name] for name in starts], out, lrs, widen)
+        table = collect([every[name] for name in starts], out, **tuning)
     return {name: entry["chosen_lr"] for name, entry in table.items() if "chosen_lr" in entry}
 
 
-def _tuning_runs(cells: list[Any], out: Path, lrs: tuple[float, ...], widen: int, grid: str) -> list[Any]:
+def _tuning_runs(cells: list[Any], out: Path, tuning: dict[str, Any], grid: str) -> list[Any]:
     """The tuning runs `cells` need now: each candidate, widened past an end where the finished runs
-    ask for it (`bench.tuning.candidates`); a cell with a start cell only once its rate is chosen."""
+    ask for it (`bench.tuning.candidates`); a cell with a start cell only once its rate is chosen.
+    `tuning`: `collect`'s lrs, widen and transcribed values."""
     from perfit.bench.tuning import collect, tuning_cells
 
     with errors("tuning", ValueError):
-        widened = {name: tuple(entry["lrs"]) for name, entry in collect(cells, out, lrs, widen).items()}
-    return tuning_cells(cells, lrs, _start_rates(cells, out, lrs, widen, grid), widened)
+        widened = {name: tuple(entry["lrs"]) for name, entry in collect(cells, out, **tuning).items()}
+    return tuning_cells(cells, tuning["lrs"], _start_rates(cells, out, tuning, grid), widened)
+
+
+def _restore(runs: Callable[[], list[Any]], out: Path, record: Path | None) -> None:
+    """Put back the finished runs `record` holds (`bench.record.restore`) until no more come back (a
+    restored run can add runs: FIT's choice adds FIT + FT's tuning runs), then keep what OUT has."""
+    from perfit.bench.experiments import schedule
+    from perfit.bench.record import keep_all, restore
+
+    if record is None:
+        return
+    while True:
+        restored, again = restore(schedule(runs()), out, record)
+        for directory in again:
+            console.print(f"{directory}: recorded, but a run still to go needs its files: runs again")
+        if not restored:
+            break
+        console.print(f"{len(restored)} finished run(s) put back from {record}")
+    keep_all(out, record)
 
 
 def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
@@ -147,6 +172,7 @@ def bench_paper(
     list_cells: bool = typer.Option(False, "--list", help="List the cells and their state; run nothing."),
     grid: str = typer.Option("paper", help=GRID_HELP),
     lanes: int = typer.Option(1, min=1, help=LANES_HELP),
+    record: Path | None = typer.Option(None, help=RECORD_HELP),
 ) -> None:
     """The paper's experiments at laptop scale (Tables 1-2, baselines, figures, ablations); resumable."""
     from perfit.bench.experiments import run_grid
@@ -160,15 +186,18 @@ def bench_paper(
     if list_cells:
         _list_cells(chosen, out)
         return
+    with errors("record", OSError, ValueError):
+        _restore(lambda: chosen, out, record)
     if lanes > 1:
         from perfit.bench.experiments import state
 
         tuning = ["--tuned", str(tuned)] if tuned is not None else []
-        command = ["bench", "paper", "--out", str(out), "--grid", grid, *tuning, *ctx.args]
+        kept = ["--record", str(record)] if record is not None else []
+        command = ["bench", "paper", "--out", str(out), "--grid", grid, *tuning, *kept, *ctx.args]
         unfinished = {cell.name for cell in chosen if any(state(cell, out, seed) != "done" for seed in cell.seeds)}
         _in_lanes(lanes, chosen, out, command, unfinished)
     with errors("data"):  # after lanes: every run is finished, and this pass says so
-        _check_failures(run_grid(chosen, out, common, base.run_federation, console.print))
+        _check_failures(run_grid(chosen, out, common, base.run_federation, console.print, record))
     console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
 
 
@@ -185,13 +214,19 @@ def bench_tune(
         0, min=0, help="A choice at an end of --lrs also runs the rate half a decade past it, up to N times a cell."
     ),
     lanes: int = typer.Option(1, min=1, help=LANES_HELP),
+    record: Path | None = typer.Option(None, help=RECORD_HELP),
+    transcribed: Path | None = typer.Option(
+        None,
+        help="A JSON file of validation perplexities whose runs are gone ({'source': ..., 'cells': {cell: {rate: "
+        "ppl}}}): those rates count without running again, unless a run still to go builds on them; marked †.",
+    ),
 ) -> None:
     """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
     the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
     import json
 
     from perfit.bench.experiments import run_grid
-    from perfit.bench.tuning import collect, tuning_markdown
+    from perfit.bench.tuning import collect, read_transcribed, still_to_run, tuning_markdown
     from perfit.federation.run_directory import json_safe
 
     chosen, common = _grid_selection(ctx, cells, grid)
@@ -200,38 +235,62 @@ def bench_tune(
     except ValueError as err:
         console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
         raise typer.Exit(2) from err
-    runs = _tuning_runs(chosen, out, candidates, widen, grid)
+    source, copied = "", {}
+    if transcribed is not None:
+        with errors("transcribed", OSError, ValueError):
+            source, copied = read_transcribed(transcribed)
+    tuning = {"lrs": candidates, "widen": widen, "transcribed": copied}
+    given = {flag: path for flag, path in (("record", record), ("transcribed", transcribed)) if path is not None}
+
+    def every_run() -> list[Any]:
+        return _tuning_runs(chosen, out, tuning, grid)
+
+    def to_run() -> list[Any]:
+        return still_to_run(every_run(), copied, out)
+
     if list_cells:
-        _list_cells(runs, out)
+        _list_cells(to_run(), out)
         return
+    with errors("record", OSError, ValueError):
+        _restore(to_run, out, record)
+    runs = to_run()
     if lanes > 1:  # each lane writes its part's tables aside; this process then writes the whole
         from perfit.bench.experiments import state
 
         tune = ["bench", "tune", "--out", str(out), "--grid", grid, "--lrs", lrs, "--widen", str(widen), *ctx.args]
+        tune += [arg for flag, path in given.items() for arg in (f"--{flag}", str(path))]
         unfinished = {run.name.rsplit("/", 1)[0] for run in runs if state(run, out, 0) != "done"}
         _in_lanes(lanes, chosen, out, tune, unfinished, lambda k: ["--docs", str(out / "lanes" / f"docs{k}")])
-        runs = _tuning_runs(chosen, out, candidates, widen, grid)
+        runs = to_run()
     outcomes: list[tuple[Any, int, str]] = []
     while runs:  # then what the finished runs asked for: FIT + FT once FIT has chosen, widened rates
         with errors("data"):
-            outcomes += run_grid(runs, out, common, base.run_federation, console.print)
+            outcomes += run_grid(runs, out, common, base.run_federation, console.print, record)
         tried = {cell.name for cell, _, _ in outcomes}
-        runs = [run for run in _tuning_runs(chosen, out, candidates, widen, grid) if run.name not in tried]
+        runs = [run for run in to_run() if run.name not in tried]
     with errors("tuning", ValueError):
-        table = collect(chosen, out, candidates, widen)
-    rates = _start_rates(chosen, out, candidates, widen, grid)
+        table = collect(chosen, out, **tuning)
+    rates = _start_rates(chosen, out, tuning, grid)
     for cell in chosen:
         if cell.start and cell.start not in rates:
             console.print(f"{cell.name}: waits for the tuning of {cell.start}, the run it starts from")
     _check_failures(outcomes)
     widening = f" --widen {widen}" if widen else ""
     command = " ".join(
-        ["perfit bench tune", *ctx.args, f"--out {out} --lrs {lrs}{widening}", *(f"--cells '{c}'" for c in cells)]
+        [
+            "perfit bench tune",
+            *ctx.args,
+            f"--out {out} --lrs {lrs}{widening}",
+            *(f"--{flag} {path}" for flag, path in given.items()),
+            *(f"--cells '{c}'" for c in cells),
+        ]
     )
     docs.mkdir(parents=True, exist_ok=True)
     document = {"command": command, "out": str(out.resolve()), "lrs": list(candidates), "widen": widen, "cells": table}
+    if source:
+        document["transcribed_source"] = source
     (docs / "tuning.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
-    (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command))
+    (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command, source))
     console.print(text)
 
 
