@@ -17,7 +17,8 @@ def _finished(directory: Path, ppl: float = 10.0, big: bool = True) -> Path:
     """A finished run's files: the small ones, and where `big` a checkpoint and an adapter."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.toml").write_text("seed = 0\n")
-    (directory / "summary.json").write_text(json.dumps({"personalized_ppl": ppl, "evaluated_on": "validation"}))
+    summary = {"personalized_ppl": ppl, "evaluated_on": "validation", "wall_seconds": 60.0}
+    (directory / "summary.json").write_text(json.dumps(summary))
     (directory / "metrics.jsonl").write_text('{"round": 1}\n')
     if big:
         (directory / "checkpoint.safetensors").write_bytes(b"\0" * 64)
@@ -164,8 +165,12 @@ def test_bench_tune_with_a_record_runs_nothing_again_on_a_fresh_machine(tmp_path
     first, _ = tune("a")
     assert sorted(ran) == [("fit", 1e-3), ("fit", 3e-3), ("fit-ft", 1e-3), ("fit-ft", 3e-3)]
     assert (record / "personal/pathological/fit-ft/lr0.003/seed0/summary.json").is_file()
+    listing = CliRunner().invoke(cli.app, ["bench", "tune", "--grid", "personal", "--out", str(tmp_path / "b"),
+                                           "--lrs", "1e-3,3e-3", "--cells", "personal/pathological/fit*",
+                                           "--record", str(record), "--list"])  # fmt: skip
+    assert listing.exit_code == 0 and "4 of 4 runs finished" in listing.output  # what the record holds counts
     second, output = tune("b")
-    assert len(ran) == 4 and "finished run(s) put back" in output
+    assert len(ran) == 4
     assert second["cells"] == first["cells"]
     moved = (tmp_path / "b/personal/pathological/fit-ft/lr0.001/seed0/config.toml").read_text()
     assert f'start_from = "{tmp_path / "b/personal/pathological/fit/lr0.003/seed0"}"' in moved  # where it now is

@@ -183,11 +183,11 @@ def bench_paper(
 
         with errors("tuning", OSError, ValueError):
             chosen = with_tuned_lr(chosen, tuned)
+    with errors("record", OSError, ValueError):  # before --list too: it lists what is left to run
+        _restore(lambda: chosen, out, record)
     if list_cells:
         _list_cells(chosen, out)
         return
-    with errors("record", OSError, ValueError):
-        _restore(lambda: chosen, out, record)
     if lanes > 1:
         from perfit.bench.experiments import state
 
@@ -248,11 +248,11 @@ def bench_tune(
     def to_run() -> list[Any]:
         return still_to_run(every_run(), copied, out)
 
+    with errors("record", OSError, ValueError):  # before --list too: it lists what is left to run
+        _restore(to_run, out, record)
     if list_cells:
         _list_cells(to_run(), out)
         return
-    with errors("record", OSError, ValueError):
-        _restore(to_run, out, record)
     runs = to_run()
     if lanes > 1:  # each lane writes its part's tables aside; this process then writes the whole
         from perfit.bench.experiments import state
