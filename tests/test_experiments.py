@@ -612,15 +612,20 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
                 "mask_r": 0.4,
                 "mask_alone": 0.02,
                 "own_over_others": 0.981,
+                "transcribed": False,
             }
         }
     }
     from perfit.bench.personal import markdown
 
-    text = "\n".join(
-        markdown({"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}, tmp_path)
-    )
-    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.020 | 0.9810 |" in text
+    summary = {"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}
+    text = "\n".join(markdown(summary, tmp_path))
+    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.020 | 0.9810 |" in text and "†" not in text
+    cells["personal/dirichlet/perfit-4"]["transcribed"] = ["0.001", "0.01"]  # its run is gone: the value is copied
+    found = search_readings({"out": str(tmp_path), "cells": cells})
+    summary = {**summary, "search_readings": found, "transcribed_source": "the notebook"}
+    text = "\n".join(markdown(summary, tmp_path))
+    assert "| perfit-4 | 0.01 | 8.500† |" in text and "†: transcribed" in text and "(the notebook)" in text
 
 
 def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(tmp_path):

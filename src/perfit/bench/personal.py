@@ -116,6 +116,7 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
         readings.setdefault(cell.split, {})[cell.label] = {
             "lr": entry["chosen_lr"],
             "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],
+            "transcribed": f"{entry['chosen_lr']:g}" in entry.get("transcribed", ()),  # its run is gone
             **_masks(_readings([directory])),
             "own_over_others": _own_over_others(directory),
         }
@@ -157,6 +158,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
     readings; the chosen variant and the goal's checks for it (None where not yet measurable); every
     PerFIT cell's masks on its tuning run (`search_readings`). `tuning`: a tuning.json's content."""
     out: dict[str, Any] = {"goal": GOAL, "splits": {}, "search_readings": search_readings(tuning)}
+    out["transcribed_source"] = (tuning or {}).get("transcribed_source", "")
     chosen = chosen_variants((tuning or {}).get("cells"))
     for split in SPLITS:
         fit = results[f"personal/{split}/fit"]
@@ -288,12 +290,15 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
                 "| own / others |",
                 "|---|---|---|---|---|---|---|---|",
                 *(
-                    f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])} | {_mask_numbers(r)} "
-                    f"| {_number(r['own_over_others'], 4)} |"
+                    f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])}{'†' if r.get('transcribed') else ''} "
+                    f"| {_mask_numbers(r)} | {_number(r['own_over_others'], 4)} |"
                     for label, r in searched.items()
                 ),
                 "",
             ]
+            if any(r.get("transcribed") for r in searched.values()):
+                lines += [f"†: transcribed; the run is gone, and its masks and cross-evaluation with it "
+                          f"({summary.get('transcribed_source', '')}).", ""]  # fmt: skip
         degraded = [
             f"{label} (seeds {cell['degraded_seeds']})"
             for label, cell in found["cells"].items()
