@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.bench.experiments import Cell, personalization_grid, schedule, select
-from perfit.bench.record import KEPT, is_copy, keep, keep_all, restore
+from perfit.bench.record import KEPT, RESTORED, is_copy, keep, keep_all, restore
 from perfit.bench.tuning import collect, read_transcribed, still_to_run, tuning_cells, tuning_markdown
 
 
@@ -34,7 +34,7 @@ def test_keep_copies_a_finished_runs_small_files_only(tmp_path):
     assert keep(run, out, record)
     kept = record / "g/s/fit/seed0"
     assert sorted(p.name for p in kept.iterdir()) == ["config.toml", "cross.json", "metrics.jsonl", "summary.json"]
-    assert is_copy(kept) and not is_copy(run)
+    assert not is_copy(kept) and not is_copy(run)  # a copy is what `restore` puts back
     unfinished = out / "g/s/fedsa/seed0"
     unfinished.mkdir(parents=True)
     (unfinished / "checkpoint.safetensors").write_bytes(b"\0")
@@ -42,7 +42,11 @@ def test_keep_copies_a_finished_runs_small_files_only(tmp_path):
     assert keep_all(out, record) == 1
     with pytest.raises(ValueError, match="not a run under"):
         keep(_finished(tmp_path / "elsewhere"), out, record)
-    assert set(KEPT) >= {"summary.json", "config.toml", "partitions.json", "metrics.jsonl", "masks.json"}
+    (run / "partitions.json").write_text("{}")  # what a run it builds on is checked against
+    hidden = _finished(out / "g/s/.seed1.restoring.7")  # a copy another process is putting back
+    assert keep_all(out, record) == 1 and (record / "g/s/fit/seed0/partitions.json").is_file()
+    assert not (record / "g/s" / hidden.name).exists() and "partitions.json" in KEPT
+    assert not [p for p in kept.iterdir() if p.name.startswith(".")]  # each file renamed into place
 
 
 def _chain() -> list[Cell]:
@@ -76,12 +80,36 @@ def test_restore_puts_back_recorded_runs_but_runs_again_a_source_a_run_to_go_nee
     restored, again = restore(schedule([fit, ft, more]), out, record)
     assert again == [ft.run_dir(out, 1)] and (fit.run_dir(out, 1) / "checkpoint.safetensors").is_file()
 
-    # a partial run of a recorded one gives way to the record's finished run
+    # a partial run is never thrown away: it resumes; one that died before its first checkpoint gives way
     out3 = tmp_path / "runs3"
     fit.run_dir(out3, 1).mkdir(parents=True)
     (fit.run_dir(out3, 1) / "checkpoint.safetensors").write_bytes(b"\0")
+    restored, again = restore(schedule([fit]), out3, record)
+    assert restored == [] == again and (fit.run_dir(out3, 1) / "checkpoint.safetensors").is_file()
+    (fit.run_dir(out3, 1) / "checkpoint.safetensors").unlink()
     restored, _ = restore(schedule([fit]), out3, record)
     assert restored == [fit.run_dir(out3, 1)] and is_copy(fit.run_dir(out3, 1))
+    assert not [p for p in fit.run_dir(out3, 1).parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_restored_run_names_where_it_and_its_sources_now_are(tmp_path, monkeypatch):
+    """A record made under another checkout, with a relative grid directory: the restored config names
+    the runs it built on under the new grid directory, as `Cell.config` does, so it counts as finished."""
+    from perfit.config import from_toml
+    from perfit.federation.run_directory import config_changes
+
+    cell = next(c for c in personalization_grid() if c.name == "personal/dirichlet/fit-ft")
+    old = cell.config(2, Path("/elsewhere/checkout/runs/personal"), data="d.jsonl")
+    kept = _finished(tmp_path / "record" / cell.name / "seed2", big=False)
+    (kept / "config.toml").write_text(old.to_toml())
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs/personal")  # relative, as benchmarks/personal_grid.sh passes it
+    restored, _ = restore([(cell, 2)], out, tmp_path / "record")
+    config = from_toml(restored[0] / "config.toml")
+    assert config.start_from == str((tmp_path / "runs/personal/personal/dirichlet/fit/seed2").resolve())
+    fit = next(c for c in personalization_grid() if c.name == "personal/dirichlet/fit")
+    _finished(fit.run_dir(out, 2))  # the run it starts from, here: the same config as the grid asks for
+    assert config_changes(restored[0], cell.config(2, out, data="d.jsonl")) == []
 
 
 TRANSCRIBED = {
@@ -99,6 +127,8 @@ def test_transcribed_rates_count_without_running_unless_a_run_to_go_builds_on_th
     assert "chosen_lr" not in table["personal/pathological/perfit-zero-b"]
     runs = tuning_cells(cells, lrs)
     left = {run.name for run in still_to_run(runs, TRANSCRIBED, tmp_path)}
+    only = {run.name for run in still_to_run(runs, {}, tmp_path, {"personal/pathological/perfit-zero-b"})}
+    assert only == {run.name for run in runs if "zero-b" in run.name} | {"personal/pathological/perfit/lr0.001"}
     # the paper's PerFIT is transcribed, but PerFIT from B = 0 keeps its first rate's masks: that one runs
     assert "personal/pathological/perfit/lr0.001" in left
     assert not {"personal/pathological/perfit/lr0.003", "personal/pathological/fit/lr0.003"} & left
@@ -185,6 +215,16 @@ def test_bench_tune_with_a_record_runs_nothing_again_on_a_fresh_machine(tmp_path
     assert fit["transcribed"] == ["0.001"] and fit["validation_ppl"]["0.003"] == 17.0  # the run here counts
     assert third["transcribed_source"] == "the notebook" and "--transcribed" in third["command"]
 
+    # FIT + FT's cells alone (the script's groups without lanes): FIT's run they start from still runs
+    record = tmp_path / "record3"
+    args = ["bench", "tune", "--grid", "personal", "--out", str(tmp_path / "d"), "--docs", str(tmp_path / "d/docs"),
+            "--lrs", "1e-3,3e-3", "--cells", "personal/pathological/fit-ft", "--data", "d.jsonl",
+            "--record", str(record), "--transcribed", str(transcribed)]  # fmt: skip
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(ran[7:]) == [("fit", 3e-3), ("fit-ft", 1e-3), ("fit-ft", 3e-3)]
+    assert list(json.loads((tmp_path / "d/docs/tuning.json").read_text())["cells"]) == ["personal/pathological/fit-ft"]
+
 
 def test_bench_paper_with_a_record_runs_nothing_again_on_a_fresh_machine(tmp_path, monkeypatch):
     import perfit.cli.base as cli
@@ -207,3 +247,18 @@ def test_bench_paper_with_a_record_runs_nothing_again_on_a_fresh_machine(tmp_pat
     assert len(ran) == 3 and all("/a/" in path for path in ran)  # three seeds, once
     assert sorted(p.name for p in (record / "personal/dirichlet/fit").iterdir()) == ["seed1", "seed2", "seed3"]
     assert is_copy(tmp_path / "b/personal/dirichlet/fit/seed2")
+
+
+def test_a_run_waits_for_a_source_that_is_only_a_copy_from_the_record(tmp_path):
+    """A copy holds no adapter: a run starting from it would fail in its first second; it waits instead."""
+    from perfit.bench.experiments import run_grid
+
+    cells = {c.name: c for c in personalization_grid()}
+    fit, ft = cells["personal/dirichlet/fit"], cells["personal/dirichlet/fit-ft"]
+    (_finished(fit.run_dir(tmp_path, 1), big=False) / RESTORED).write_text("put back\n")
+    ran = []
+    outcome = run_grid([ft], tmp_path, {"data": "d.jsonl"}, lambda config: ran.append(config) or {}, lambda _: None)
+    assert ran == [] and outcome[0][2].startswith("failed: waits for")
+    (fit.run_dir(tmp_path, 1) / RESTORED).unlink()  # the run itself, with its adapter
+    outcome = run_grid([ft], tmp_path, {"data": "d.jsonl"}, lambda c: ran.append(c) or {"wall_seconds": 1}, print)
+    assert len(ran) == 1 and outcome[0][2] == "ran"

@@ -6,6 +6,7 @@ minutes, not a federation, to compare search variants before spending a grid on 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,9 @@ def keep_mask_readings(run_dir: Path) -> bool:
     path = Path(run_dir) / MASK_READINGS_FILE
     if path.is_file() or not (Path(run_dir) / "masks.safetensors").is_file():
         return path.is_file()
-    path.write_text(json.dumps(mask_diagnostics(run_dir), indent=2) + "\n")
+    staging = path.with_name(f".{path.name}.{os.getpid()}")  # another process never reads half of it
+    staging.write_text(json.dumps(mask_diagnostics(run_dir), indent=2) + "\n")
+    os.replace(staging, path)
     return True
 
 

@@ -274,6 +274,13 @@ def progress(cells: list[Cell], out: Path) -> tuple[int, int, float, float | Non
     return len(finished), runs, sum(wall for _, wall in finished), remaining_seconds(finished, pending)
 
 
+def _finished_with_files(run_dir: Path) -> bool:
+    """A finished run that another can build on: not a copy from a record without its large files."""
+    from perfit.bench.record import is_copy
+
+    return (run_dir / "summary.json").is_file() and not is_copy(run_dir)
+
+
 def run_grid(
     cells: list[Cell],
     out: Path,
@@ -309,7 +316,7 @@ def run_grid(
             getattr(config, field)
             for field, name in cell.sources.items()
             if status != "partial"
-            and ((name, seed) in failed_here or not (Path(getattr(config, field)) / "summary.json").is_file())
+            and ((name, seed) in failed_here or not _finished_with_files(Path(getattr(config, field))))
         ]
         if waits:
             what = f"waits for {', '.join(waits)} (the run it builds on) to finish"
@@ -331,6 +338,9 @@ def run_grid(
         if record is not None:
             from perfit.bench.record import keep
 
-            keep(Path(config.out), out, record)
+            try:
+                keep(Path(config.out), out, record)
+            except Exception as err:  # the run is finished; the next command with the record keeps it
+                report(f"{cell.name} seed {seed}: not kept in {record} ({type(err).__name__}: {err})")
         done.append((cell, seed, "ran"))
     return done

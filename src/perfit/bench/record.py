@@ -12,10 +12,13 @@ masks) is therefore not restored but run again, with the run that needs it (`res
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from perfit.federation.run_directory import CHECKPOINT
 
 KEPT = ("config.toml", "summary.json", "partitions.json", "metrics.jsonl", "cross.json", "masks.json")
 """The files a record keeps of a run: what tuning, progress and the report read (kilobytes), the
@@ -31,7 +34,8 @@ def _relative(run_dir: Path, out: Path) -> Path:
 
 def keep(run_dir: Path, out: Path, record: Path) -> bool:
     """Copy a finished run's KEPT files into `record`, at its path under `out`; False (nothing
-    copied) for a run without a summary.json, i.e. unfinished."""
+    copied) for a run without a summary.json, i.e. unfinished. Each file is written aside and renamed
+    into place: a lane reading the record never sees half a file."""
     from perfit.bench.diagnostics import keep_mask_readings
 
     if not (Path(run_dir) / "summary.json").is_file():
@@ -41,18 +45,27 @@ def keep(run_dir: Path, out: Path, record: Path) -> bool:
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         if (Path(run_dir) / name).is_file():
-            shutil.copy2(Path(run_dir) / name, target / name)
+            staging = target / f".{name}.{os.getpid()}"
+            shutil.copy2(Path(run_dir) / name, staging)
+            os.replace(staging, target / name)
     return True
 
 
 def keep_all(out: Path, record: Path) -> int:
-    """`keep` every finished run under `out` (a cross-evaluation written since included); their number."""
-    return sum(keep(summary.parent, out, record) for summary in sorted(Path(out).rglob("summary.json")))
+    """`keep` every finished run under `out` (a cross-evaluation written since included); their number.
+    Hidden directories (a copy being put back by another process) are passed over."""
+    summaries = sorted(Path(out).rglob("summary.json"))
+    hidden = [s for s in summaries if any(part.startswith(".") for part in s.relative_to(out).parts)]
+    return sum(keep(summary.parent, out, record) for summary in summaries if summary not in hidden)
+
+
+RESTORED = ".restored"
+"""The mark `restore` leaves in a run directory it put back: a copy without the run's large files."""
 
 
 def is_copy(run_dir: Path) -> bool:
-    """Whether a run directory holds nothing but KEPT files: a copy from a record, not a run."""
-    return all(path.name in KEPT for path in Path(run_dir).rglob("*") if path.is_file())
+    """Whether a run directory is a copy put back from a record (`restore`), not the run itself."""
+    return (Path(run_dir) / RESTORED).is_file()
 
 
 def restore(runs: Iterable[tuple[Any, int]], out: Path, record: Path) -> tuple[list[Path], list[Path]]:
@@ -62,7 +75,8 @@ def restore(runs: Iterable[tuple[Any, int]], out: Path, record: Path) -> tuple[l
     To run again: a recorded run that a run still to go builds on (`Cell.sources`), since the
     record does not keep the large files that run reads. It is not restored, and a copy restored
     earlier (`is_copy`) is removed; it counts as still to go, so the runs it builds on are held back
-    too. A run in `out` with its large files is never touched."""
+    too. A run in `out` with its large files, or a partial one (a checkpoint), is never touched.
+    A copy is put together aside and renamed into place."""
     runs = list(runs)
 
     def name(cell: Any, seed: int) -> tuple[str, int]:
@@ -91,29 +105,32 @@ def restore(runs: Iterable[tuple[Any, int]], out: Path, record: Path) -> tuple[l
             if key in recorded:
                 rerun.append(directory)
         elif key in recorded and not finished(directory):
-            if directory.exists():  # a partial run of the same config: the record's finished one wins
+            if (directory / CHECKPOINT).is_file():  # a partial run resumes: its work is never thrown away
+                continue
+            if directory.exists():  # died before its first checkpoint: nothing to lose
                 shutil.rmtree(directory)
-            shutil.copytree(Path(record) / c.name / f"seed{s}", directory)
-            _moved(directory, Path(c.name) / f"seed{s}", out)
+            staging = directory.with_name(f".{directory.name}.restoring.{os.getpid()}")
+            shutil.copytree(Path(record) / c.name / f"seed{s}", staging)
+            (staging / RESTORED).write_text(f"put back from {Path(record) / c.name / f'seed{s}'}\n")
+            _moved(staging, c, s, directory, out)
+            os.replace(staging, directory)
             restored.append(directory)
     return restored, rerun
 
 
-def _moved(run_dir: Path, relative: Path, out: Path) -> None:
-    """Point a restored run's config.toml at where it now is: its `out`, and the runs it built on
-    (`start_from`, `masks_from`) where they were under the same grid directory, at their place under
-    `out`; a later command then finds it run with the config it asks for (a checkout may sit elsewhere)."""
+def _moved(config_dir: Path, cell: Any, seed: int, run_dir: Path, out: Path) -> None:
+    """Point a restored run's config.toml (in `config_dir`) at where it now is: its `out` (`run_dir`),
+    and the runs it built on (`start_from`, `masks_from`) at their place under `out`, as
+    `Cell.config` names them; a later command then finds it run with the config it asks for,
+    whichever directory the checkout or the grid sits in."""
     from perfit.config import from_toml
 
-    path = Path(run_dir) / "config.toml"
+    path = Path(config_dir) / "config.toml"
     if not path.is_file():
         return
     config = from_toml(path)
-    was = Path(config.out)
-    root = was.parents[len(relative.parts) - 1] if was.parts[-len(relative.parts) :] == relative.parts else None
     changes = {"out": str(Path(run_dir).resolve())}
-    for field in ("start_from", "masks_from"):
-        value = getattr(config, field)
-        if value and root is not None and Path(value).is_relative_to(root):
-            changes[field] = str((Path(out) / Path(value).relative_to(root)).resolve())
+    for field, source in cell.sources.items():
+        if getattr(config, field):
+            changes[field] = str((Path(out) / source / f"seed{seed}").resolve())
     path.write_text(config.replace(**changes).to_toml())

@@ -191,18 +191,26 @@ def read_transcribed(path: Path) -> tuple[str, dict[str, dict[float, float]]]:
     return source, table
 
 
-def still_to_run(runs: list[Cell], transcribed: Mapping[str, Mapping[float, float]], out: Path) -> list[Cell]:
-    """The tuning runs (`tuning_cells`) to run: a rate with a transcribed value (`read_transcribed`)
-    does not run again, unless a run still to go builds on it (`Cell.sources`: FIT + FT starts from
-    FIT's run, a PerFIT run keeps another run's masks), which needs its files."""
+def still_to_run(
+    runs: list[Cell],
+    transcribed: Mapping[str, Mapping[float, float]],
+    out: Path,
+    selected: set[str] | None = None,
+) -> list[Cell]:
+    """The tuning runs (`tuning_cells`) to run: a rate with a transcribed value (`read_transcribed`),
+    or a run of a cell outside `selected` (cell names; None: all), does not run, unless a run still to
+    go builds on it (`Cell.sources`: FIT + FT starts from FIT's run, a PerFIT run keeps another run's
+    masks), which needs its files."""
 
     def finished(run: Cell) -> bool:
         return (run.run_dir(out, 0) / "summary.json").is_file()
 
-    def copied(run: Cell) -> bool:
-        return float(run.fields["lr"]) in transcribed.get(run.name.rsplit("/", 1)[0], {}) and not finished(run)
+    def left_out(run: Cell) -> bool:
+        base = run.name.rsplit("/", 1)[0]
+        copied = float(run.fields["lr"]) in transcribed.get(base, {}) and not finished(run)
+        return copied or (selected is not None and base not in selected)
 
-    keep = {run.name for run in runs if not copied(run)}
+    keep = {run.name for run in runs if not left_out(run)}
     while True:
         needed = {name for run in runs if run.name in keep and not finished(run) for name in run.sources.values()}
         needed -= keep

@@ -72,9 +72,10 @@ def _tuning_runs(cells: list[Any], out: Path, tuning: dict[str, Any], grid: str)
     return tuning_cells(cells, tuning["lrs"], _start_rates(cells, out, tuning, grid), widened)
 
 
-def _restore(runs: Callable[[], list[Any]], out: Path, record: Path | None) -> None:
+def _restore(runs: Callable[[], list[Any]], out: Path, record: Path | None, keep: bool = True) -> None:
     """Put back the finished runs `record` holds (`bench.record.restore`) until no more come back (a
-    restored run can add runs: FIT's choice adds FIT + FT's tuning runs), then keep what OUT has."""
+    restored run can add runs: FIT's choice adds FIT + FT's tuning runs), then, where `keep`, keep
+    what OUT has (not for --list, which writes nothing to the record)."""
     from perfit.bench.experiments import schedule
     from perfit.bench.record import keep_all, restore
 
@@ -87,7 +88,8 @@ def _restore(runs: Callable[[], list[Any]], out: Path, record: Path | None) -> N
         if not restored:
             break
         console.print(f"{len(restored)} finished run(s) put back from {record}")
-    keep_all(out, record)
+    if keep:
+        keep_all(out, record)
 
 
 def _check_failures(outcomes: list[tuple[Any, int, str]]) -> None:
@@ -184,7 +186,7 @@ def bench_paper(
         with errors("tuning", OSError, ValueError):
             chosen = with_tuned_lr(chosen, tuned)
     with errors("record", OSError, ValueError):  # before --list too: it lists what is left to run
-        _restore(lambda: chosen, out, record)
+        _restore(lambda: chosen, out, record, keep=not list_cells)
     if list_cells:
         _list_cells(chosen, out)
         return
@@ -242,14 +244,21 @@ def bench_tune(
     tuning = {"lrs": candidates, "widen": widen, "transcribed": copied}
     given = {flag: path for flag, path in (("record", record), ("transcribed", transcribed)) if path is not None}
 
-    def every_run() -> list[Any]:
-        return _tuning_runs(chosen, out, tuning, grid)
+    from perfit.bench.experiments import GRIDS
+
+    every = {c.name: c for c in GRIDS[grid]()}
+    selected = {c.name for c in chosen}
+    needs = set(selected)  # a cell's tuning runs may need those of the cells it builds on
+    while more := {n for name in needs for n in every[name].sources.values()} - needs:
+        needs |= more
+    with_sources = [*chosen, *(c for c in every.values() if c.name in needs - selected)]
+    with_sources.sort(key=lambda c: list(every).index(c.name))  # the grid's order: a source before its user
 
     def to_run() -> list[Any]:
-        return still_to_run(every_run(), copied, out)
+        return still_to_run(_tuning_runs(with_sources, out, tuning, grid), copied, out, selected)
 
     with errors("record", OSError, ValueError):  # before --list too: it lists what is left to run
-        _restore(to_run, out, record)
+        _restore(to_run, out, record, keep=not list_cells)
     if list_cells:
         _list_cells(to_run(), out)
         return
