@@ -649,10 +649,14 @@ def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(
         tmp_path / "personal/pathological/perfit-4/lr0.01/seed0",
         tmp_path / "personal/dirichlet/perfit/lr0.003/seed0",  # chosen there: once
     ]
+    assert cross_targets(tuning) == []  # no run here yet: nothing to read
+    for directory in expected:
+        directory.mkdir(parents=True)
+        (directory / "summary.json").write_text("{}")
     assert cross_targets(tuning) == expected
-    (expected[1]).mkdir(parents=True)
     (expected[1] / "cross.json").write_text("{}")  # already read: not again
-    assert cross_targets(tuning) == [expected[0], expected[2]]
+    (expected[2] / ".restored").write_text("")  # a copy from a record: no adapters to read
+    assert cross_targets(tuning) == [expected[0]]
 
 
 def _personal_runs(runs: Path, values: dict[str, tuple[tuple[float, ...], tuple[float, ...]]]) -> None:

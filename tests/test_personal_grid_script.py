@@ -22,9 +22,13 @@ def _tuning(runs: Path) -> Path:
         split, label = cell.name.split("/")[1:]
         best = 10.0 if label == BEST[split] else 10.5
         cells[cell.name] = {"validation_ppl": {"0.001": 11.0, "0.003": best, "0.01": 12.0}, "chosen_lr": 0.003}
-    tuning = runs / "tune-personal" / "docs" / "tuning.json"
-    tuning.parent.mkdir(parents=True)
-    tuning.write_text(json.dumps({"out": str(runs / "tune-personal"), "cells": cells}))
+        run = runs / "tune-personal" / tuning_name(cell, 0.003) / "seed0"  # the run a cross-evaluation reads
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text("{}")
+    for docs in ("docs-first", "docs"):  # the headline cells' tuning.json, then the whole grid's
+        tuning = runs / "tune-personal" / docs / "tuning.json"
+        tuning.parent.mkdir(parents=True)
+        tuning.write_text(json.dumps({"out": str(runs / "tune-personal"), "cells": cells}))
     return tuning
 
 
@@ -56,17 +60,30 @@ def _option(call: list[str], name: str) -> list[str]:
     return [call[i + 1] for i, arg in enumerate(call) if arg == name]
 
 
-def test_after_the_tuning_the_script_runs_the_chosen_variant_the_baselines_and_the_report(tmp_path):
+def _labels(call: list[str]) -> dict[str, set[str]]:
+    labels: dict[str, set[str]] = {split: set() for split in BEST}
+    for name in _option(call, "--cells"):
+        split, label = name.split("/")[1:]
+        labels[split].add(label)
+    return labels
+
+
+def test_the_headline_runs_first_then_the_rest_of_the_tuning_the_held_out_runs_and_the_report(tmp_path):
     tuning = _tuning(tmp_path / "runs")
     done, calls = _grid(tmp_path)
     assert done.returncode == 0, done.stderr
+    kinds = [c[1] if c[0] == "bench" else c[0] for c in calls]
     tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
     assert [_option(c, "--cells") for c in tunes][0] == ["personal/pathological/fit"]
-    assert len(tunes) == 10 and _option(tunes[-1], "--cells") == []  # each group, the whole grid, its record
+    assert len(tunes) == 11 and _option(tunes[-1], "--cells") == []  # 5 + 3 groups, 2 tuning.json passes, the record
     assert {tuple(_option(c, "--record")) for c in tunes} == {(str(tmp_path / "record" / "tune-personal"),)}
     assert all(_option(c, "--transcribed") == [] for c in tunes)  # none in this record
-    last_tune = max(i for i, c in enumerate(calls) if c[:2] == ["bench", "tune"])
-    assert last_tune > max(i for i, c in enumerate(calls) if c[:2] == ["bench", "cross"])
+    first, whole = [c for c in calls if c[:2] == ["bench", "paper"]]
+    # the headline's held-out runs come before the baselines are tuned: FIT, FIT + FT, PerFIT, the chosen one
+    assert kinds.index("paper") < calls.index(["bench", "tune", *tunes[6][2:]])
+    assert _option(tunes[6], "--cells") == ["personal/*/fedsa"]
+    assert _option(first, "--tuned") == [str(tmp_path / "runs/tune-personal/docs-first/tuning.json")]
+    assert _labels(first) == {split: {"fit", "fit-ft", "perfit", chosen} for split, chosen in BEST.items()}
     crosses = [c[2] for c in calls if c[:2] == ["bench", "cross"]]
     out = tmp_path / "runs" / "tune-personal"
     expected = {
@@ -75,24 +92,14 @@ def test_after_the_tuning_the_script_runs_the_chosen_variant_the_baselines_and_t
         if cell.name.split("/")[2] in ("perfit", BEST[cell.name.split("/")[1]])
     }
     assert sorted(crosses) == sorted(expected) and len(crosses) == 4  # the paper's PerFIT and the chosen one
-    (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
-    assert _option(paper, "--tuned") == [str(tuning)] and _option(paper, "--grid") == ["personal"]
-    assert _option(paper, "--lanes") == ["1"] and _option(paper, "--record") == [str(tmp_path / "record" / "personal")]
-    held_out = {label: set() for label in BEST}
-    for name in _option(paper, "--cells"):
-        split, label = name.split("/")[1:]
-        held_out[split].add(label)
+    last_tune = max(i for i, c in enumerate(calls) if c[:2] == ["bench", "tune"])
+    assert last_tune > max(i for i, c in enumerate(calls) if c[:2] == ["bench", "cross"])
+    assert _option(whole, "--tuned") == [str(tuning)] and _option(whole, "--grid") == ["personal"]
+    assert _option(whole, "--lanes") == ["1"] and _option(whole, "--record") == [str(tmp_path / "record" / "personal")]
     for split, chosen in BEST.items():  # the variants not chosen are not run
-        assert held_out[split] == {
-            "fit",
-            "fit-ft",
-            "local",
-            "fedsa",
-            "perfit",
-            chosen,
-            "perfit-8-12-16",
-            "hetlora-8-12-16",
-        }
+        assert _labels(whole)[split] == {
+            "fit", "fit-ft", "local", "fedsa", "perfit", chosen, "perfit-8-12-16", "hetlora-8-12-16"
+        }  # fmt: skip
     assert calls[-1][0] == "report" and _option(calls[-1], "--personal-tuning") == [str(tuning)]
     assert _option(calls[-1], "--personal-runs") == [str(tmp_path / "runs" / "personal")]
 
@@ -101,8 +108,12 @@ def test_a_failed_tuning_group_stops_the_script_before_the_held_out_runs(tmp_pat
     _tuning(tmp_path / "runs")
     done, calls = _grid(tmp_path, fail_on="personal/*/fedsa")
     assert done.returncode == 1 and "some tuning runs failed" in done.stderr
-    assert len([c for c in calls if c[:2] == ["bench", "tune"]]) == 8  # the other groups still ran
-    assert not [c for c in calls if c[0] == "report" or c[:2] in (["bench", "paper"], ["bench", "cross"])]
+    assert len([c for c in calls if c[:2] == ["bench", "tune"]]) == 9  # the other groups still ran
+    assert not [c for c in calls if c[0] == "report" or c[:2] == ["bench", "cross"]]
+    assert len([c for c in calls if c[:2] == ["bench", "paper"]]) == 1  # only the headline's held-out runs
+    (tmp_path / "again").mkdir()
+    done, calls = _grid(tmp_path / "again", fail_on="personal/*/fit-ft")
+    assert done.returncode == 1 and not [c for c in calls if c[:2] == ["bench", "paper"]]  # no headline yet
 
 
 def test_a_tuning_it_cannot_read_or_without_a_chosen_variant_stops_it_before_any_held_out_run(tmp_path):
@@ -111,18 +122,20 @@ def test_a_tuning_it_cannot_read_or_without_a_chosen_variant_stops_it_before_any
     tuning = _tuning(tmp_path / "runs")
     document = json.loads(tuning.read_text())
     del document["cells"]["personal/dirichlet/perfit-gradient-4"]["chosen_lr"]  # a variant not tuned to the end
-    tuning.write_text(json.dumps(document))
+    for docs in ("docs-first", "docs"):
+        (tuning.parent.parent / docs / "tuning.json").write_text(json.dumps(document))
     done, calls = _grid(tmp_path)
     assert done.returncode != 0 and "no PerFIT variant chosen for ['dirichlet']" in done.stderr
     assert not [c for c in calls if c[0] == "report" or c[:2] in (["bench", "paper"], ["bench", "cross"])]
     broken = tmp_path / "broken"
-    _tuning(broken / "runs").write_text("{not json")
+    for path in (_tuning(broken / "runs"), broken / "runs/tune-personal/docs-first/tuning.json"):
+        path.write_text("{not json")
     broken_done, broken_calls = _grid(broken)
     assert broken_done.returncode != 0 and "JSONDecodeError" in broken_done.stderr
     assert [c[:2] for c in broken_calls if c[0] != "bench" or c[1] != "tune"] == []
 
 
-def test_in_lanes_the_tuning_is_one_call_over_every_cell_and_the_held_out_runs_take_the_lanes(tmp_path):
+def test_in_lanes_each_part_of_the_tuning_is_one_call_and_the_held_out_runs_take_the_lanes(tmp_path):
     _tuning(tmp_path / "runs")
     transcribed = tmp_path / "record" / "tune-personal.transcribed.json"
     transcribed.parent.mkdir()
@@ -130,8 +143,9 @@ def test_in_lanes_the_tuning_is_one_call_over_every_cell_and_the_held_out_runs_t
     done, calls = _grid(tmp_path, lanes=2)
     assert done.returncode == 0, done.stderr
     tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
-    assert len(tunes) == 3 and _option(tunes[0], "--lanes") == ["2"] and _option(tunes[0], "--cells") == []
-    assert _option(tunes[1], "--lanes") == []  # the pass that writes the whole tuning.json runs nothing
+    assert len(tunes) == 5 and [_option(c, "--lanes") for c in tunes] == [["2"], [], ["2"], [], []]
+    assert _option(tunes[0], "--cells")[-1] == "personal/*/fit-ft" and len(_option(tunes[2], "--cells")) == 3
     assert all(_option(c, "--transcribed") == [str(transcribed)] for c in tunes)  # the record's, where it has one
-    (paper,) = [c for c in calls if c[:2] == ["bench", "paper"]]
-    assert _option(paper, "--lanes") == ["2"] and len(_option(paper, "--cells")) == 16
+    first, whole = [c for c in calls if c[:2] == ["bench", "paper"]]
+    assert _option(first, "--lanes") == _option(whole, "--lanes") == ["2"]
+    assert len(_option(first, "--cells")) == 8 and len(_option(whole, "--cells")) == 16

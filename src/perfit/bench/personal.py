@@ -126,13 +126,19 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
 def cross_targets(tuning: dict[str, Any]) -> list[Path]:
     """The tuning runs `perfit bench cross` should read for the report's claim (about 10 minutes
     each at 2 threads): per split, the paper's PerFIT and the variant chosen on validation, each at
-    its chosen rate, where the run has no cross.json yet. Does a client's own model fit its rows
+    its chosen rate, where the run is here with its adapters (not a copy from a record, `bench.record`,
+    nor gone: a transcribed value) and has no cross.json yet. Does a client's own model fit its rows
     better than the other clients' models do, in the runs the claim compares?"""
+    from perfit.bench.record import is_copy
+
     chosen = chosen_variants(tuning.get("cells"))
     return [
         directory
         for cell, _, directory in _chosen_tuning_runs(tuning)
-        if cell.label in ("perfit", chosen[cell.split]) and not (directory / "cross.json").is_file()
+        if cell.label in ("perfit", chosen[cell.split])
+        and (directory / "summary.json").is_file()
+        and not is_copy(directory)
+        and not (directory / "cross.json").is_file()
     ]
 
 
