@@ -254,8 +254,71 @@ def test_a_resumed_run_needs_the_same_clients_and_a_fresh_one_drops_an_older_run
     with pytest.raises(ValueError, match=r"changed: 2\)"):  # one more client
         resumed.check_same_partitions(partitions_record({**splits, 2: splits[1]}, []))
     stale_files = ("adapters/global/adapter_model.safetensors", "nodes/client-0/run-a1/personal@3.safetensors")
-    for stale in (CHECKPOINT, "summary.json", "masks.safetensors", *stale_files):
+    for stale in (CHECKPOINT, "final.jsonl", "summary.json", "masks.safetensors", *stale_files):
         (run / stale).parent.mkdir(parents=True, exist_ok=True)
         (run / stale).write_bytes(b"an older run's")
     RunDirectory(Config(data=str(small_data), out=str(run), lr=1e-3))  # a fresh run into the same directory
     assert sorted(p.name for p in run.iterdir()) == ["config.toml", "metrics.jsonl", "partitions.json"]
+
+
+def test_final_replies_kept_are_this_runs_and_a_line_cut_short_is_dropped(small_data, tmp_path):
+    from perfit.config import Config
+    from perfit.federation.run_directory import FINAL_REPLIES, RunDirectory
+
+    run = RunDirectory(Config(data=str(small_data), out=str(tmp_path / "run")))
+    assert run.kept_final_replies("n1") == ({}, 0.0)
+    run.keep_final_reply(0, "n1", {"nll": 3.0, "tokens": 2}, 5.0)
+    run.keep_final_reply(1, "n0", {"nll": 9.0, "tokens": 9}, 99.0)  # an older run's, same directory
+    run.keep_final_reply(2, "n1", {"nll": 4.0, "tokens": 2}, 7.5)
+    path = run.path / FINAL_REPLIES
+    path.write_text(path.read_text() + '{"client": 3, "nonce": "n1", "metr')  # killed while writing
+    kept, seconds = run.kept_final_replies("n1")
+    assert kept == {0: {"nll": 3.0, "tokens": 2}, 2: {"nll": 4.0, "tokens": 2}} and seconds == 7.5
+    run.keep_final_reply(3, "n1", {"nll": 5.0, "tokens": 1}, 8.0)  # on a line of its own
+    assert sorted(run.kept_final_replies("n1")[0]) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["local", "fit-ft"])
+def test_a_run_stopped_in_its_final_evaluation_resumes_with_the_clients_still_to_go(
+    tiny_model, small_data, tmp_path, monkeypatch, method
+):
+    """A `local` run trains only in its final evaluation (about an hour at the personalization
+    grid's scale), FIT + FT fine-tunes there: the server keeps each reply as it arrives, so a run
+    stopped after two clients' replies asks only the other two again, under the same nonce, and
+    ends with the uninterrupted run's figures."""
+    from perfit.federation.server_app import Federation
+
+    changes = {**CHANGES, "clients_per_round": 2}
+    changes.update({"method": "local", "rounds": 2} if method == "local" else {"rounds": 2, "finetune_epochs": 1})
+    reference = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "reference", **changes), num_cpus=2)
+    out = tmp_path / "stopped"
+    keep, sent = Federation._keep_final_reply, []
+
+    def stop_after_two(self, client, reply):
+        keep(self, client, reply)
+        if len(self.out.kept_final_replies(self.nonce)[0]) == 2:
+            raise RuntimeError("stopped in the final evaluation")
+
+    monkeypatch.setattr(Federation, "_keep_final_reply", stop_after_two)
+    with pytest.raises(RuntimeError, match="stopped in the final evaluation"):
+        run_simulation(tiny_config(tiny_model, small_data, out, **changes), num_cpus=2)
+    monkeypatch.setattr(Federation, "_keep_final_reply", keep)
+    nonce = _checkpoint_state(out)["nonce"]
+    kept = [json.loads(line)["client"] for line in (out / "final.jsonl").read_text().splitlines()]
+    assert len(kept) == 2 and not (out / "summary.json").exists()
+    assert _checkpoint_state(out)["round"] == (0 if method == "local" else changes["rounds"])
+
+    send = Federation._send
+
+    def recorded(self, clients, message_type, *args, **kwargs):
+        sent.append((message_type, sorted(clients)))
+        return send(self, clients, message_type, *args, **kwargs)
+
+    monkeypatch.setattr(Federation, "_send", recorded)
+    resumed = run_simulation(tiny_config(tiny_model, small_data, out, **changes, resume=1), num_cpus=2)
+    assert sent == [("evaluate", sorted(set(range(4)) - set(kept)))]  # no round again, no client twice
+    assert _checkpoint_state(out)["nonce"] == nonce and resumed["rejected_updates"] == []
+    assert resumed["personalized_ppl"] == pytest.approx(reference["personalized_ppl"], rel=1e-4)
+    for client, value in reference["per_client_ppl"].items():
+        assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)
+    assert not (out / "nodes").exists()

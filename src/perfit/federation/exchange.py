@@ -3,7 +3,7 @@
 
 Every message names the run (its config and nonce), the round and, for a node that keeps values of
 its own, the version it continues from; a mask the node may have lost travels with it. `_exchange`
-sends and collects replies by client: a node the SuperLink reports offline (a SuperNode restarting)
+sends and collects replies by client, each as it arrives: a node the SuperLink reports offline (a SuperNode restarting)
 is sent the message again until it is back, a node that lost its mask gets it again, one that lost
 the values it kept starts them afresh (named in the summary), and every other failed, late or
 missing reply is logged and dropped (`rejected_updates`).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -32,6 +33,10 @@ NODE_RETURN_SECONDS = 180.0
 """How long a round keeps sending a message whose node the SuperLink reports offline: a SuperNode
 that restarts is back well within it (the SuperLink notices a dead node within two of its 30 s
 heartbeats, and the node's restart takes seconds); a node gone for good is skipped after it."""
+
+PULL_SECONDS = 3.0
+"""How often replies are asked for where the Grid names no interval of its own (`Grid.send_and_receive`
+of a Deployment Engine's SuperLink waits as long between its pulls)."""
 
 
 def _again(message: Message) -> Message:
@@ -88,16 +93,37 @@ class NodeExchange:
         node = self.roster.nodes[client]
         return Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_number))
 
-    def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
+    def _replies(self, messages: list[Message], deadline: float) -> Iterator[Message]:
+        """Send `messages`, then yield their replies as they arrive, until all have or `deadline`
+        (time.monotonic) passes. Unlike `Grid.send_and_receive`, which returns once the slowest node
+        has answered, a caller sees each reply at once (a final evaluation keeps each on disk)."""
+        waiting = set(self.grid.push_messages(messages))  # sets each message's id
+        pause = float(getattr(self.grid, "pull_interval", PULL_SECONDS))
+
+        def pulled() -> Iterator[Message]:
+            while waiting:
+                answered = list(self.grid.pull_messages(waiting))
+                waiting.difference_update(reply.metadata.reply_to_message_id for reply in answered)
+                yield from answered
+                if not waiting or time.monotonic() >= deadline:
+                    return
+                time.sleep(pause)
+
+        return pulled()
+
+    def _exchange(
+        self, messages: dict[int, Message], arrived: Callable[[int, Message], None] | None = None
+    ) -> dict[int, Message]:
         """Send and collect replies by client, waiting at most `reply_timeout_seconds`; failed,
         late, missing and unexpected replies are logged and dropped. A message the SuperLink
         reports undeliverable because its node is offline (a SuperNode restarting) is sent again
-        until the node is back, for at most NODE_RETURN_SECONDS."""
+        until the node is back, for at most NODE_RETURN_SECONDS. `arrived(client, reply)` is
+        called for each reply without an error as soon as it is pulled."""
         timeout = self.config.reply_timeout_seconds
         deadline = time.monotonic() + timeout
         replies, failed, pending, away_since, resent, restarted = {}, set(), dict(messages), None, set(), set()
         while pending:
-            answered = self.grid.send_and_receive(list(pending.values()), timeout=max(deadline - time.monotonic(), 0))
+            answered = self._replies(list(pending.values()), deadline)
             by_id = {message.metadata.message_id: client for client, message in pending.items()}
             by_node = {message.metadata.dst_node_id: client for client, message in pending.items()}
             offline, lost, forgot = {}, {}, {}
@@ -116,6 +142,8 @@ class NodeExchange:
                     self._reject(client, f"client error: {last_line(reply.error.reason)}")
                 else:
                     replies[client] = reply
+                    if arrived is not None:
+                        arrived(client, reply)
             if offline and away_since is None:
                 away_since = time.monotonic()
             if offline and time.monotonic() + 1.0 > min(deadline, away_since + NODE_RETURN_SECONDS):

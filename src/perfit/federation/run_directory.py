@@ -17,6 +17,9 @@ from perfit.config import RESULT_NEUTRAL, Config
 from perfit.core.layout import Layout
 
 CHECKPOINT = "checkpoint.safetensors"
+FINAL_REPLIES = "final.jsonl"
+"""The final evaluation's replies as they arrive, one line a client, so that a run stopped in it
+resumes with the clients still to go (a `local` run's whole training is in its final evaluation)."""
 
 
 def _same_value(name: str, recorded: Any, given: Any) -> bool:
@@ -181,7 +184,7 @@ class RunDirectory:
             self._check_resumable(config)
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (CHECKPOINT, "summary.json", MASKS):  # a fresh start never finds an older run's state
+        for stale in (CHECKPOINT, FINAL_REPLIES, "summary.json", MASKS):  # a fresh start finds no older run's state
             (self.path / stale).unlink(missing_ok=True)
         for folder in ("adapters", NODES):
             shutil.rmtree(self.path / folder, ignore_errors=True)
@@ -220,6 +223,38 @@ class RunDirectory:
         kept = [r for r in records if not r.get("final") and r["round"] <= state["round"]]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return tensors, state
+
+    def keep_final_reply(self, client: int, nonce: str, metrics: dict[str, Any], seconds: float) -> None:
+        """One client's final-evaluation metrics, appended as its reply arrives (`seconds`: the final
+        evaluation's time so far, over every sitting of it); `nonce` names the run they belong to."""
+        line = json.dumps(json_safe({"client": client, "nonce": nonce, "seconds": seconds, "metrics": metrics}))
+        with (self.path / FINAL_REPLIES).open("a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def kept_final_replies(self, nonce: str) -> tuple[dict[int, dict[str, Any]], float]:
+        """The final-evaluation metrics this run (`nonce`) kept before it stopped, by client, and the
+        seconds its final evaluation had run by the last of them. A line cut short by a kill, or of
+        another run, is dropped from the file, so the next line appended starts on a line of its own."""
+        path = self.path / FINAL_REPLIES
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept: dict[int, dict[str, Any]] = {}
+        seconds, whole = 0.0, []
+        for line in lines:
+            try:
+                record = json.loads(line)
+                client, metrics = int(record["client"]), dict(record["metrics"])
+                if record["nonce"] != nonce:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                continue
+            kept[client] = metrics
+            seconds = max(seconds, float(record.get("seconds", 0.0)))
+            whole.append(line)
+        if len(whole) != len(lines):
+            path.write_text("".join(line + "\n" for line in whole))
+        return kept, seconds
 
     def check_same_partitions(self, partitions: dict[str, Any]) -> None:
         """A resumed run's nodes must be the clients its checkpoint knows (the same ids, names and

@@ -55,6 +55,11 @@ def main(grid: Grid, context: Context) -> None:
     Federation(grid, config).run()
 
 
+def _reply_metrics(reply: Message) -> dict[str, Any]:
+    """A reply's metrics as a plain dict ({} where it has none)."""
+    return dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+
+
 def array_bytes(record: ArrayRecord) -> int:
     """Bytes of the arrays in a payload as Flower serializes them."""
     return record.count_bytes()
@@ -97,6 +102,8 @@ class Federation(NodeExchange):
     # that it continues from (`node_store`); None after a resume from a checkpoint that predates it
     kept_rounds: dict[int, int] | None = field(default_factory=dict)
     kept_lost: list[dict[str, int]] = field(default_factory=list)  # nodes that lost them: restarted afresh
+    final_seconds_kept: float = 0.0  # a stopped final evaluation's time up to its last reply kept
+    final_started: float = 0.0  # time.perf_counter() when this process's final evaluation began
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -112,7 +119,7 @@ class Federation(NodeExchange):
             for round_number in range(progress.first, progress.last + 1):
                 self._run_round(round_number, progress, started)
                 shown.update(bar, advance=1)
-            final = self._final_evaluation()
+            final = self._final_evaluation(progress, started)
             shown.update(bar, advance=1)
         summary = self._summary(final, progress, model_path, time.perf_counter() - started)
         self._write_outputs(final, summary, model_path)
@@ -184,10 +191,14 @@ class Federation(NodeExchange):
         self.out.append_metrics(record)
         self._checkpoint(round_number, progress.sampler, progress.totals, started)
 
-    def _final_evaluation(self) -> dict[str, Any]:
-        """Every client evaluated (after local fine-tuning where the method asks for it)."""
+    def _final_evaluation(self, progress: _Rounds, started: float) -> dict[str, Any]:
+        """Every client evaluated (after local fine-tuning where the method asks for it). It starts
+        from a checkpoint (a run without rounds, `local` or FIT + FT, has none before) and keeps each
+        reply on disk as it arrives: a run stopped in it resumes with the clients still to go, under
+        the same nonce, so their nodes find the values they kept."""
         everyone = self.config.final_eval
-        final_up = self._ensure_masks(everyone)
+        final_up = self._ensure_masks(everyone)  # the searched masks go into the checkpoint
+        self._checkpoint(progress.last, progress.sampler, progress.totals, started)
         self.status(f"evaluating {len(everyone)} clients")
         final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs, final=True)
         self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
@@ -206,7 +217,7 @@ class Federation(NodeExchange):
             "trainable_params_per_client": {str(c): int(m.sum()) for c, m in sorted(self.masks.items())},
             "bytes_up_total": totals["bytes_up"] + final["bytes_up"],
             "bytes_down_total": totals["bytes_down"] + final["bytes_down"],
-            "wall_seconds": totals["seconds_before_resume"] + seconds,
+            "wall_seconds": totals["seconds_before_resume"] + self.final_seconds_kept + seconds,
             "search_seconds": self.search_seconds,
             "rounds": config.rounds,
             "dense_rank": config.dense_rank,
@@ -335,13 +346,31 @@ class Federation(NodeExchange):
         return ArrayRecord({"values": Array(values)})
 
     def _send(
-        self, clients: list[int], message_type: str, round_number: int, finetune: int = 0, final: bool = False
+        self,
+        clients: list[int],
+        message_type: str,
+        round_number: int,
+        finetune: int = 0,
+        final: bool = False,
+        arrived: Callable[[int, Message], None] | None = None,
     ) -> tuple[dict[int, Message], int]:
-        """Each client's adapter at its own (shared) mask positions; (replies, bytes sent down)."""
+        """Each client's adapter at its own (shared) mask positions; (replies, bytes sent down).
+        `arrived`: called with each reply as it comes (`_exchange`)."""
         ready = [c for c in clients if c in self.masks]
         messages = {c: self._message(c, message_type, self._payload(c), round_number, finetune, final) for c in ready}
         bytes_down = sum(array_bytes(record) for m in messages.values() for record in m.content.array_records.values())
-        return self._exchange(messages), bytes_down
+        return self._exchange(messages, arrived), bytes_down
+
+    def _keep_final_reply(self, client: int, reply: Message) -> None:
+        """A final-evaluation reply on disk as it arrives, when its metrics are sound; an unsound one
+        is not kept (`_evaluate` rejects it, and a resumed run asks that client again)."""
+        try:
+            metrics = _reply_metrics(reply)
+        except Exception:  # noqa: BLE001 - of the wrong types: `_evaluate` rejects and logs it
+            return
+        if not evaluation_problem(client, metrics):
+            so_far = self.final_seconds_kept + time.perf_counter() - self.final_started
+            self.out.keep_final_reply(client, self.nonce, metrics, so_far)
 
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
         """Send, check every reply, bound the accepted changes, then Eq. 6 (or its trimmed mean)."""
@@ -454,11 +483,21 @@ class Federation(NodeExchange):
         """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows,
         after `finetune` local epochs on the client when asked; at the `final` evaluation each node
         also keeps its owner's adapter (in its state-dir)."""
-        replies, bytes_down = self._send(clients, MessageType.EVALUATE, round_number, finetune, final)
+        kept: dict[int, dict[str, Any]] = {}
+        if final:  # a stopped run's final evaluation: only the clients without a reply kept
+            kept, self.final_seconds_kept = self.out.kept_final_replies(self.nonce)
+            kept = {c: m for c, m in kept.items() if c in clients}
+            if kept:
+                log.info("final evaluation: %d clients' replies kept before the stop", len(kept))
+            self.final_started = time.perf_counter()
+        todo = [c for c in clients if c not in kept]
+        arrived = self._keep_final_reply if final else None
+        replies, bytes_down = self._send(todo, MessageType.EVALUATE, round_number, finetune, final, arrived)
+        answers: dict[int, Message | dict[str, Any]] = {**kept, **replies}
         per_client, nll_total, token_total, rouge = {}, 0.0, 0, {}
-        for client, reply in sorted(replies.items()):
+        for client, reply in sorted(answers.items()):
             try:
-                metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+                metrics = reply if isinstance(reply, dict) else _reply_metrics(reply)
                 problem = evaluation_problem(client, metrics)
                 if not problem:
                     nll, tokens = float(metrics["nll"]), int(metrics["tokens"])
