@@ -15,7 +15,7 @@ import torch
 
 from perfit.config import Config, from_toml
 from perfit.core.layout import Layout
-from perfit.federation.run_directory import read_summary
+from perfit.federation.run_directory import MASKS, read_summary
 
 
 def diagnose(
@@ -61,7 +61,7 @@ readings outlive the masks file, which a grid's record does not keep (megabytes;
 def keep_mask_readings(run_dir: Path) -> bool:
     """Write a finished run's mask readings to MASK_READINGS_FILE once; False where it has no masks."""
     path = Path(run_dir) / MASK_READINGS_FILE
-    if path.is_file() or not (Path(run_dir) / "masks.safetensors").is_file():
+    if path.is_file() or not (Path(run_dir) / MASKS).is_file():
         return path.is_file()
     staging = path.with_name(f".{path.name}.{os.getpid()}")  # another process never reads half of it
     staging.write_text(json.dumps(mask_diagnostics(run_dir), indent=2) + "\n")
@@ -78,7 +78,7 @@ def mask_diagnostics(run_dir: Path) -> dict[str, Any] | None:
     from perfit.artifacts.lora import layout_for
     from perfit.bench.figures import category_similarity
 
-    masks_file = Path(run_dir) / "masks.safetensors"
+    masks_file = Path(run_dir) / MASKS
     if not masks_file.is_file():  # a run put back from a record keeps its readings, not its masks
         readings = Path(run_dir) / MASK_READINGS_FILE
         return json.loads(readings.read_text()) if readings.is_file() else None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from perfit.bench.experiments import LABELS, SPLIT_TITLES, SPLITS
 from perfit.config import from_toml
-from perfit.federation.run_directory import read_summary
+from perfit.federation.run_directory import MASKS, read_summary
 
 if TYPE_CHECKING:
     from perfit.bench.results import CellResult
@@ -106,7 +106,7 @@ def first_module_similarity(run_dir: Path) -> tuple[list[list[float]], list[int]
     from perfit.artifacts.lora import layout_for
     from perfit.core.masks import hamming_similarity
 
-    masks_file = run_dir / "masks.safetensors"
+    masks_file = run_dir / MASKS
     if not masks_file.is_file():
         return None
     summary = read_summary(run_dir / "summary.json")
