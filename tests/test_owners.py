@@ -176,18 +176,19 @@ def test_discovery_refuses_two_nodes_claiming_one_client_and_waits_for_no_node_f
         discover(_IdentifyGrid([1, 1]), config)
 
 
-@pytest.mark.parametrize("method", ["fedsa", "local"])
-def test_the_server_resumes_no_run_whose_nodes_lost_their_private_values(tiny_model, tmp_path, server_identity, method):
-    """A `flwr run` simulation, or SuperNodes without a state-dir, keep FedSA-LoRA's B (all of a local
-    adapter) in memory only: resuming would start every client's from scratch mid-run, silently."""
+def test_the_server_resumes_no_run_whose_nodes_lost_their_private_values(tiny_model, tmp_path, server_identity):
+    """A `flwr run` simulation, or SuperNodes without a state-dir, keep FedSA-LoRA's B in memory only:
+    resuming would start every client's from scratch mid-run, silently. A `local` run's checkpoint
+    comes before any client trains (its training is all in the final evaluation), so it resumes."""
     from perfit.federation.roster import NodesFailed
     from perfit.federation.server_app import Federation
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.safetensors").write_bytes(b"x")
-    config = Config(method=method, model=str(tiny_model), num_clients=2, clients_per_round=2, resume=1, out=str(out))
-    with pytest.raises(NodesFailed, match=r"cannot resume a \w+ run: the nodes of clients \[0, 1\]"):
+    config = Config(method="fedsa", model=str(tiny_model), num_clients=2, clients_per_round=2, resume=1, out=str(out))
+    with pytest.raises(NodesFailed, match=r"cannot resume a fedsa run: the nodes of clients \[0, 1\]"):
         Federation(_IdentifyGrid([0, 1]), config)._setup()
-    with pytest.raises(FileNotFoundError, match="no run to resume"):  # nodes with a state-dir: it goes on,
-        Federation(_IdentifyGrid([0, 1], keeps_state=1), config)._setup()  # to this fake run's missing config
+    for nodes, method in ((_IdentifyGrid([0, 1], keeps_state=1), "fedsa"), (_IdentifyGrid([0, 1]), "local")):
+        with pytest.raises(FileNotFoundError, match="no run to resume"):  # it goes on, to this fake run's config
+            Federation(nodes, config.replace(method=method))._setup()

@@ -80,7 +80,8 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
     """perfit's ClientApp, except that client `c` answers with fault `faults[c]`:
     one of TRAIN_FAULTS, `raise` (train and evaluate raise), `hang` (train sleeps `hang_seconds`),
     `over_budget_mask` (registers a mask holding every position), `no_mask` (a search reply without
-    one), `overflow_nll` (an evaluation past float range), `forget_mask` / `other_mask` (the node
+    one), `overflow_nll` (an evaluation past float range), `nan_client` (train and evaluation replies
+    naming client NaN), `forget_mask` / `other_mask` (the node
     loses its mask, or holds another, before each train message), `forget_kept` (the node loses the
     values it kept, FedSA-LoRA's B, before each train message), `raise_in_round_2` (train raises in
     round 2 only), `overweight` (OVERWEIGHT), or one of HOSTILE (a sound-looking update whose change
@@ -142,6 +143,8 @@ def faulty_app(faults: dict[int, str], hang_seconds: float = 0.0) -> ClientApp:
         reply = perfit_client.evaluate(msg, context)
         if faults.get(_client(context)) == "overflow_nll":  # exp(1e6) is past float range
             reply.content["metrics"]["nll"], reply.content["metrics"]["tokens"] = 1e6, 1
+        if faults.get(_client(context)) == "nan_client":  # in its evaluations too
+            reply.content["metrics"]["client"] = float("nan")
         return reply
 
     return app

@@ -266,16 +266,29 @@ def test_final_replies_kept_are_this_runs_and_a_line_cut_short_is_dropped(small_
     from perfit.federation.run_directory import FINAL_REPLIES, RunDirectory
 
     run = RunDirectory(Config(data=str(small_data), out=str(tmp_path / "run")))
-    assert run.kept_final_replies("n1") == ({}, 0.0)
-    run.keep_final_reply(0, "n1", {"nll": 3.0, "tokens": 2}, 5.0)
-    run.keep_final_reply(1, "n0", {"nll": 9.0, "tokens": 9}, 99.0)  # an older run's, same directory
-    run.keep_final_reply(2, "n1", {"nll": 4.0, "tokens": 2}, 7.5)
+    assert run.kept_final_replies("n1") == {}
+
+    def record(nll, seconds=1.0):
+        return {"metrics": {"nll": nll, "tokens": 2}, "seconds": seconds, "bytes_down": 10, "kept_lost": []}
+
+    run.keep_final_reply(0, "n1", record(3.0, 5.0))
+    run.keep_final_reply(1, "n0", record(9.0))  # an older run's, same directory
+    run.keep_final_reply(2, "n1", {**record(4.0), "kept_lost": [{"client": 2, "round": 4, "kept_round": 3}]})
     path = run.path / FINAL_REPLIES
-    path.write_text(path.read_text() + '{"client": 3, "nonce": "n1", "metr')  # killed while writing
-    kept, seconds = run.kept_final_replies("n1")
-    assert kept == {0: {"nll": 3.0, "tokens": 2}, 2: {"nll": 4.0, "tokens": 2}} and seconds == 7.5
-    run.keep_final_reply(3, "n1", {"nll": 5.0, "tokens": 1}, 8.0)  # on a line of its own
-    assert sorted(run.kept_final_replies("n1")[0]) == [0, 2, 3]
+    path.write_text(path.read_text() + '{"client": 3, "nonce": "n1", "rec')  # killed while writing
+    assert run.kept_final_replies("n1") == {
+        0: record(3.0, 5.0),
+        2: {**record(4.0), "kept_lost": [{"client": 2, "round": 4, "kept_round": 3}]},
+    }
+    run.keep_final_reply(3, "n1", record(5.0))  # on a line of its own
+    assert sorted(run.kept_final_replies("n1")) == [0, 2, 3]
+    whole = path.read_text()
+    path.write_text(whole.removesuffix("\n"))  # killed before the last line's newline reached the disk
+    assert sorted(run.kept_final_replies("n1")) == [0, 2, 3]
+    run.keep_final_reply(1, "n1", record(6.0))
+    assert sorted(run.kept_final_replies("n1")) == [0, 1, 2, 3]
+    path.write_text(whole.replace('"seconds": 5.0', '"seconds": null'))  # a record without its fields
+    assert sorted(run.kept_final_replies("n1")) == [2, 3]
 
 
 @pytest.mark.parametrize("method", ["local", "fit-ft"])
@@ -288,15 +301,15 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_with_the_clients_still_to
     ends with the uninterrupted run's figures."""
     from perfit.federation.server_app import Federation
 
-    changes = {**CHANGES, "clients_per_round": 2}
-    changes.update({"method": "local", "rounds": 2} if method == "local" else {"rounds": 2, "finetune_epochs": 1})
+    changes = {**CHANGES, "clients_per_round": 2, "rounds": 2}
+    changes.update({"method": "local"} if method == "local" else {"method": "fit", "finetune_epochs": 1})
     reference = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "reference", **changes), num_cpus=2)
     out = tmp_path / "stopped"
     keep, sent = Federation._keep_final_reply, []
 
-    def stop_after_two(self, client, reply):
-        keep(self, client, reply)
-        if len(self.out.kept_final_replies(self.nonce)[0]) == 2:
+    def stop_after_two(self, client, reply, bytes_down):
+        keep(self, client, reply, bytes_down)
+        if len(self.out.kept_final_replies(self.nonce)) == 2:
             raise RuntimeError("stopped in the final evaluation")
 
     monkeypatch.setattr(Federation, "_keep_final_reply", stop_after_two)
@@ -318,6 +331,8 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_with_the_clients_still_to
     resumed = run_simulation(tiny_config(tiny_model, small_data, out, **changes, resume=1), num_cpus=2)
     assert sent == [("evaluate", sorted(set(range(4)) - set(kept)))]  # no round again, no client twice
     assert _checkpoint_state(out)["nonce"] == nonce and resumed["rejected_updates"] == []
+    for total in ("bytes_up_total", "bytes_down_total"):  # the kept clients' messages count, once
+        assert resumed[total] == reference[total], total
     assert resumed["personalized_ppl"] == pytest.approx(reference["personalized_ppl"], rel=1e-4)
     for client, value in reference["per_client_ppl"].items():
         assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)

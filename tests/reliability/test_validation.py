@@ -58,6 +58,11 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(tiny_model, small_data
     # writes both as null, read back as NaN), where the mean of the other clients would flatter the run
     assert math.isnan(summary["per_client_ppl"][str(overflow)]) and math.isnan(summary["personalized_ppl"])
     assert math.isfinite(summary["per_client_ppl"][str(sound[0])])
+    nan_client = list(REASONS).index("nan_client")  # its final evaluation is rejected too, the run goes on
+    assert str(nan_client) not in summary["per_client_ppl"]
+    assert [e["reason"][:27] for e in summary["rejected_updates"] if e["client"] == nan_client][-1] == (
+        "malformed reply (ValueError"
+    )
 
 
 @pytest.fixture(scope="module")

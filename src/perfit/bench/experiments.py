@@ -292,14 +292,14 @@ def run_grid(
     """Run every unfinished (cell, seed) with `runner`; returns what happened to each. A run that
     raises is reported as `failed: ...` and the grid goes on with the next one. `record`: where each
     finished run's small files are kept as it ends (`bench.record`)."""
-    from perfit.core.methods import NODE_KEPT
+    from perfit.core.methods import resume_reads_nodes
     from perfit.federation.run_directory import NODES, config_changes
 
     done = []
     for cell, seed in schedule(cells):
         status = state(cell, out, seed)
         config = cell.config(seed, out, **common, resume=int(status == "partial"))
-        if status == "partial" and cell.fields.get("method") in NODE_KEPT and not (Path(config.out) / NODES).is_dir():
+        if status == "partial" and resume_reads_nodes(config.method) and not (Path(config.out) / NODES).is_dir():
             report(f"{cell.name} seed {seed}: restarting (stopped before its nodes kept their values on disk)")
             status, config = "todo", config.replace(resume=0)
         if status == "done":

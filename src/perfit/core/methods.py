@@ -71,6 +71,13 @@ checkpoint only where the nodes kept those values too: a state-dir, which `perfi
 simulated node under `<out>/nodes/` (`federation.simulation`)."""
 
 
+def resume_reads_nodes(method: str) -> bool:
+    """Whether a run resumed from the server's checkpoint reads values its nodes kept: FedSA-LoRA's B.
+    A `local` run's checkpoint is taken before any client trains (all its training is in the final
+    evaluation, each client from the start), so it resumes without them."""
+    return method in NODE_KEPT and method != "local"
+
+
 def lora_update_norm(layout: Layout, flat: torch.Tensor) -> float:
     """||Delta W||_F over all modules, Delta W = B A per module (HetLoRA's sparsity of an update)."""
     total = 0.0

@@ -224,37 +224,44 @@ class RunDirectory:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return tensors, state
 
-    def keep_final_reply(self, client: int, nonce: str, metrics: dict[str, Any], seconds: float) -> None:
-        """One client's final-evaluation metrics, appended as its reply arrives (`seconds`: the final
-        evaluation's time so far, over every sitting of it); `nonce` names the run they belong to."""
-        line = json.dumps(json_safe({"client": client, "nonce": nonce, "seconds": seconds, "metrics": metrics}))
+    def keep_final_reply(self, client: int, nonce: str, record: dict[str, Any]) -> None:
+        """One client's final-evaluation record (its metrics and what the summary counts for it),
+        appended as its reply arrives; `nonce` names the run it belongs to."""
+        line = json.dumps(json_safe({"client": client, "nonce": nonce, "record": record}))
         with (self.path / FINAL_REPLIES).open("a") as handle:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
-    def kept_final_replies(self, nonce: str) -> tuple[dict[int, dict[str, Any]], float]:
-        """The final-evaluation metrics this run (`nonce`) kept before it stopped, by client, and the
-        seconds its final evaluation had run by the last of them. A line cut short by a kill, or of
-        another run, is dropped from the file, so the next line appended starts on a line of its own."""
+    def kept_final_replies(self, nonce: str) -> dict[int, dict[str, Any]]:
+        """The final-evaluation records this run (`nonce`) kept before it stopped, by client. A line cut
+        short by a kill, or of another run, is dropped from the file (rewritten aside, then renamed
+        over it), so the next line appended starts on a line of its own."""
         path = self.path / FINAL_REPLIES
-        lines = path.read_text().splitlines() if path.is_file() else []
+        text = path.read_text() if path.is_file() else ""
         kept: dict[int, dict[str, Any]] = {}
-        seconds, whole = 0.0, []
-        for line in lines:
+        whole = []
+        for line in text.splitlines():
             try:
-                record = json.loads(line)
-                client, metrics = int(record["client"]), dict(record["metrics"])
-                if record["nonce"] != nonce:
+                entry = json.loads(line)
+                client, record = int(entry["client"]), entry["record"]
+                record = {  # as `Federation._keep_final_reply` writes it
+                    "metrics": dict(record["metrics"]),
+                    "seconds": float(record["seconds"]),
+                    "bytes_down": int(record["bytes_down"]),
+                    "kept_lost": [dict(e) for e in record["kept_lost"]],
+                }
+                if entry["nonce"] != nonce:
                     continue
             except (ValueError, KeyError, TypeError):
                 continue
-            kept[client] = metrics
-            seconds = max(seconds, float(record.get("seconds", 0.0)))
+            kept[client] = record
             whole.append(line)
-        if len(whole) != len(lines):
-            path.write_text("".join(line + "\n" for line in whole))
-        return kept, seconds
+        if text and text != "".join(line + "\n" for line in whole):
+            staging = self.path / f".{FINAL_REPLIES}.tmp"
+            staging.write_text("".join(line + "\n" for line in whole))
+            os.replace(staging, path)
+        return kept
 
     def check_same_partitions(self, partitions: dict[str, Any]) -> None:
         """A resumed run's nodes must be the clients its checkpoint knows (the same ids, names and

@@ -27,7 +27,14 @@ from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
 from perfit.core.aggregate import TrimmedMean, personalize, round_aggregator
 from perfit.core.masks import PackedMasks, decode, gather, scatter
-from perfit.core.methods import NODE_KEPT, FixedMasks, fixed_masks, global_start, lora_update_norm, shared_positions
+from perfit.core.methods import (
+    FixedMasks,
+    fixed_masks,
+    global_start,
+    lora_update_norm,
+    resume_reads_nodes,
+    shared_positions,
+)
 from perfit.core.metrics import perplexity
 from perfit.core.robust import bound_changes, change_norms, weight_cap
 from perfit.federation.exchange import NodeExchange
@@ -104,6 +111,7 @@ class Federation(NodeExchange):
     kept_lost: list[dict[str, int]] = field(default_factory=list)  # nodes that lost them: restarted afresh
     final_seconds_kept: float = 0.0  # a stopped final evaluation's time up to its last reply kept
     final_started: float = 0.0  # time.perf_counter() when this process's final evaluation began
+    final_kept_lost_from: int = 0  # the first of `kept_lost`'s entries made in this final evaluation
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -146,7 +154,7 @@ class Federation(NodeExchange):
                 config.clients_per_round,
             )
         resuming = resumes_from_checkpoint(config)  # the checkpoint holds the adapter and the masks
-        forgetful = self.roster.forgetful(config.participants) if config.method in NODE_KEPT else []
+        forgetful = self.roster.forgetful(config.participants) if resume_reads_nodes(config.method) else []
         if resuming and forgetful:  # their private values did not outlive the stopped run
             raise NodesFailed(
                 f"cannot resume a {config.method} run: the nodes of clients {forgetful} keep their private "
@@ -197,12 +205,12 @@ class Federation(NodeExchange):
         reply on disk as it arrives: a run stopped in it resumes with the clients still to go, under
         the same nonce, so their nodes find the values they kept."""
         everyone = self.config.final_eval
-        final_up = self._ensure_masks(everyone)  # the searched masks go into the checkpoint
+        progress.totals["bytes_up"] += self._ensure_masks(everyone)  # the masks and their bytes: checkpointed
         self._checkpoint(progress.last, progress.sampler, progress.totals, started)
         self.status(f"evaluating {len(everyone)} clients")
         final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs, final=True)
         self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
-        return {**final, "bytes_up": final_up}
+        return {**final, "bytes_up": 0}
 
     def _summary(self, final: dict[str, Any], progress: _Rounds, model_path: str, seconds: float) -> dict[str, Any]:
         config, totals = self.config, progress.totals
@@ -352,25 +360,34 @@ class Federation(NodeExchange):
         round_number: int,
         finetune: int = 0,
         final: bool = False,
-        arrived: Callable[[int, Message], None] | None = None,
+        arrived: Callable[[int, Message, int], None] | None = None,
     ) -> tuple[dict[int, Message], int]:
         """Each client's adapter at its own (shared) mask positions; (replies, bytes sent down).
-        `arrived`: called with each reply as it comes (`_exchange`)."""
+        `arrived(client, reply, bytes sent to it)`: called with each reply as it comes (`_exchange`)."""
         ready = [c for c in clients if c in self.masks]
         messages = {c: self._message(c, message_type, self._payload(c), round_number, finetune, final) for c in ready}
-        bytes_down = sum(array_bytes(record) for m in messages.values() for record in m.content.array_records.values())
-        return self._exchange(messages, arrived), bytes_down
+        sent = {c: sum(array_bytes(record) for record in m.content.array_records.values()) for c, m in messages.items()}
+        each = None if arrived is None else lambda client, reply: arrived(client, reply, sent[client])
+        return self._exchange(messages, each), sum(sent.values())
 
-    def _keep_final_reply(self, client: int, reply: Message) -> None:
-        """A final-evaluation reply on disk as it arrives, when its metrics are sound; an unsound one
-        is not kept (`_evaluate` rejects it, and a resumed run asks that client again)."""
+    def _keep_final_reply(self, client: int, reply: Message, bytes_down: int) -> None:
+        """A final-evaluation reply on disk as it arrives, with what the summary counts for it (the
+        bytes sent to its client, the final evaluation's seconds so far, a restart of its node's kept
+        values), when its metrics are sound; an unsound one is not kept: `_evaluate` rejects it, and a
+        resumed run asks that client again."""
         try:
             metrics = _reply_metrics(reply)
-        except Exception:  # noqa: BLE001 - of the wrong types: `_evaluate` rejects and logs it
+            if evaluation_problem(client, metrics):
+                return
+        except Exception:  # noqa: BLE001 - metrics of the wrong types: `_evaluate` rejects and logs them
             return
-        if not evaluation_problem(client, metrics):
-            so_far = self.final_seconds_kept + time.perf_counter() - self.final_started
-            self.out.keep_final_reply(client, self.nonce, metrics, so_far)
+        record = {
+            "metrics": metrics,
+            "seconds": self.final_seconds_kept + time.perf_counter() - self.final_started,
+            "bytes_down": bytes_down,
+            "kept_lost": [e for e in self.kept_lost[self.final_kept_lost_from :] if e["client"] == client],
+        }
+        self.out.keep_final_reply(client, self.nonce, record)
 
     def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
         """Send, check every reply, bound the accepted changes, then Eq. 6 (or its trimmed mean)."""
@@ -477,25 +494,31 @@ class Federation(NodeExchange):
             return max(lora_update_norm(self.layout, dense), 1e-12)
         return float(min(examples, self.weight_cap))
 
+    def _final_replies_kept(self, clients: list[int]) -> tuple[dict[int, dict[str, Any]], int]:
+        """The metrics of the final-evaluation replies a stopped run of this nonce kept, by client, and
+        the bytes sent for them; what else they count (seconds, nodes' restarted values) is restored."""
+        kept = {c: r for c, r in self.out.kept_final_replies(self.nonce).items() if c in clients}
+        if kept:
+            log.info("final evaluation: %d clients' replies kept before the stop", len(kept))
+        self.final_seconds_kept = max((float(r["seconds"]) for r in kept.values()), default=0.0)
+        self.kept_lost.extend(entry for c in sorted(kept) for entry in kept[c]["kept_lost"])
+        self.final_kept_lost_from, self.final_started = len(self.kept_lost), time.perf_counter()
+        return {c: r["metrics"] for c, r in kept.items()}, sum(int(r["bytes_down"]) for r in kept.values())
+
     def _evaluate(
         self, clients: list[int], round_number: int, finetune: int = 0, final: bool = False
     ) -> dict[str, Any]:
         """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows,
         after `finetune` local epochs on the client when asked; at the `final` evaluation each node
         also keeps its owner's adapter (in its state-dir)."""
-        kept: dict[int, dict[str, Any]] = {}
-        if final:  # a stopped run's final evaluation: only the clients without a reply kept
-            kept, self.final_seconds_kept = self.out.kept_final_replies(self.nonce)
-            kept = {c: m for c, m in kept.items() if c in clients}
-            if kept:
-                log.info("final evaluation: %d clients' replies kept before the stop", len(kept))
-            self.final_started = time.perf_counter()
+        kept, bytes_down = self._final_replies_kept(clients) if final else ({}, 0)
         todo = [c for c in clients if c not in kept]
         arrived = self._keep_final_reply if final else None
-        replies, bytes_down = self._send(todo, MessageType.EVALUATE, round_number, finetune, final, arrived)
-        answers: dict[int, Message | dict[str, Any]] = {**kept, **replies}
+        replies, bytes_sent = self._send(todo, MessageType.EVALUATE, round_number, finetune, final, arrived)
+        bytes_down += bytes_sent
+        received: dict[int, Message | dict[str, Any]] = {**kept, **replies}
         per_client, nll_total, token_total, rouge = {}, 0.0, 0, {}
-        for client, reply in sorted(answers.items()):
+        for client, reply in sorted(received.items()):
             try:
                 metrics = reply if isinstance(reply, dict) else _reply_metrics(reply)
                 problem = evaluation_problem(client, metrics)

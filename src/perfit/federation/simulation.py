@@ -135,12 +135,12 @@ def run_simulation(
     Each simulated client gets `cpus_per_client` cores (torch threads, `CLIENT_CPUS`) of the
     `num_cpus` (default: the cores this process may use, `usable_cores`).
     """
-    from perfit.core.methods import NODE_KEPT
+    from perfit.core.methods import NODE_KEPT, resume_reads_nodes
     from perfit.federation.run_directory import NODES, resumes_from_checkpoint
 
     out = Path(config.out).expanduser().resolve()
     keeping = config.method in NODE_KEPT
-    if keeping and resumes_from_checkpoint(config) and not (out / NODES).is_dir():
+    if resume_reads_nodes(config.method) and resumes_from_checkpoint(config) and not (out / NODES).is_dir():
         raise ValueError(
             f"{config.out}: a simulated {config.method} run cannot resume without its nodes' kept values "
             f"({out / NODES} is missing: the run stopped before perfit kept them on disk); run it again without resume"
