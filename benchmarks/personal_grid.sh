@@ -27,9 +27,12 @@ TUNE=(--grid personal --lrs "$LRS" --widen 2 --out "$RUNS/tune-personal" --data 
 if [ -f "$RECORD/tune-personal.transcribed.json" ]; then TUNE+=(--transcribed "$RECORD/tune-personal.transcribed.json"); fi
 LANES=${LANES:-1}
 PYTHON=${BIN:-.venv/bin}/python
-FIRST=('personal/pathological/fit' 'personal/pathological/perfit*' 'personal/dirichlet/fit' 'personal/dirichlet/perfit*'
-       'personal/*/fit-ft')  # PerFIT 8/12/16 (perfit*) comes along: the heterogeneous cell, tuned here as well
-REST=('personal/*/fedsa' 'personal/*/local' 'personal/*/hetlora*')
+# The headline's cells: FIT, FIT + FT and the PerFIT variants at homogeneous budgets (`perfit-[!8]*`:
+# not PerFIT 8/12/16, the heterogeneous cell, whose three rates run one after another in one lane, each
+# from its first rate's masks: in the rest, beside the baselines, instead of leaving a lane idle).
+FIRST=('personal/pathological/fit' 'personal/pathological/perfit' 'personal/pathological/perfit-[!8]*'
+       'personal/dirichlet/fit' 'personal/dirichlet/perfit' 'personal/dirichlet/perfit-[!8]*' 'personal/*/fit-ft')
+REST=('personal/*/perfit-8-12-16' 'personal/*/fedsa' 'personal/*/local' 'personal/*/hetlora*')
 tune() {  # tune the groups given; a failed run (named in the log) does not stop the other groups
     local failed=0 cells=() group
     if [ "$LANES" -gt 1 ]; then  # one call: the lanes take the cells in the grid's order, each with its sources

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from perfit.bench.experiments import GRIDS
+from perfit.bench.experiments import GRIDS, select
 from perfit.bench.tuning import tuning_name
 
 REPO = Path(__file__).resolve().parents[1]
 BEST = {"pathological": "perfit-4", "dirichlet": "perfit-zero-b"}  # the variant each split's tuning favours
+VARIANTS = ("perfit", "perfit-zero-b", "perfit-4", "perfit-gradient-4")  # PerFIT at homogeneous budgets
 
 
 def _tuning(runs: Path) -> Path:
@@ -75,13 +76,15 @@ def test_the_headline_runs_first_then_the_rest_of_the_tuning_the_held_out_runs_a
     kinds = [c[1] if c[0] == "bench" else c[0] for c in calls]
     tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
     assert [_option(c, "--cells") for c in tunes][0] == ["personal/pathological/fit"]
-    assert len(tunes) == 11 and _option(tunes[-1], "--cells") == []  # 5 + 3 groups, 2 tuning.json passes, the record
+    assert len(tunes) == 14 and _option(tunes[-1], "--cells") == []  # 7 + 4 groups, 2 tuning.json passes, the record
     assert {tuple(_option(c, "--record")) for c in tunes} == {(str(tmp_path / "record" / "tune-personal"),)}
     assert all(_option(c, "--transcribed") == [] for c in tunes)  # none in this record
     first, whole = [c for c in calls if c[:2] == ["bench", "paper"]]
     # the headline's held-out runs come before the baselines are tuned: FIT, FIT + FT, PerFIT, the chosen one
-    assert kinds.index("paper") < calls.index(["bench", "tune", *tunes[6][2:]])
-    assert _option(tunes[6], "--cells") == ["personal/*/fedsa"]
+    assert kinds.index("paper") < calls.index(["bench", "tune", *tunes[8][2:]])
+    assert _option(tunes[8], "--cells") == ["personal/*/perfit-8-12-16"]  # the heterogeneous cell, with the rest
+    headline = {c.name for c in select(GRIDS["personal"](), [p for t in tunes[:7] for p in _option(t, "--cells")])}
+    assert {f"personal/{split}/{label}" for split in BEST for label in ("fit", "fit-ft", *VARIANTS)} == headline
     assert _option(first, "--tuned") == [str(tmp_path / "runs/tune-personal/docs-first/tuning.json")]
     assert _labels(first) == {split: {"fit", "fit-ft", "perfit", chosen} for split, chosen in BEST.items()}
     crosses = [c[2] for c in calls if c[:2] == ["bench", "cross"]]
@@ -108,7 +111,7 @@ def test_a_failed_tuning_group_stops_the_script_before_the_held_out_runs(tmp_pat
     _tuning(tmp_path / "runs")
     done, calls = _grid(tmp_path, fail_on="personal/*/fedsa")
     assert done.returncode == 1 and "some tuning runs failed" in done.stderr
-    assert len([c for c in calls if c[:2] == ["bench", "tune"]]) == 9  # the other groups still ran
+    assert len([c for c in calls if c[:2] == ["bench", "tune"]]) == 12  # the other groups still ran
     assert not [c for c in calls if c[0] == "report" or c[:2] == ["bench", "cross"]]
     assert len([c for c in calls if c[:2] == ["bench", "paper"]]) == 1  # only the headline's held-out runs
     (tmp_path / "again").mkdir()
@@ -144,7 +147,7 @@ def test_in_lanes_each_part_of_the_tuning_is_one_call_and_the_held_out_runs_take
     assert done.returncode == 0, done.stderr
     tunes = [c for c in calls if c[:2] == ["bench", "tune"]]
     assert len(tunes) == 5 and [_option(c, "--lanes") for c in tunes] == [["2"], [], ["2"], [], []]
-    assert _option(tunes[0], "--cells")[-1] == "personal/*/fit-ft" and len(_option(tunes[2], "--cells")) == 3
+    assert _option(tunes[0], "--cells")[-1] == "personal/*/fit-ft" and len(_option(tunes[2], "--cells")) == 4
     assert all(_option(c, "--transcribed") == [str(transcribed)] for c in tunes)  # the record's, where it has one
     first, whole = [c for c in calls if c[:2] == ["bench", "paper"]]
     assert _option(first, "--lanes") == _option(whole, "--lanes") == ["2"]
