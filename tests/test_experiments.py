@@ -626,6 +626,23 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
     summary = {**summary, "search_readings": found, "transcribed_source": "the notebook"}
     text = "\n".join(markdown(summary, tmp_path))
     assert "| perfit-4 | 0.01 | 8.500† |" in text and "†: transcribed" in text and "(the notebook)" in text
+    # its masks are its first rate's (the search reads no rate): read there, where that run is here
+    seen.clear()
+
+    def first_rate_only(directory):  # the chosen rate's run is gone; its first rate's, which searched, is here
+        return readings(directory) if Path(directory).parent.name == "lr0.001" else seen.append(Path(directory))
+
+    monkeypatch.setattr(perfit.bench.diagnostics, "mask_diagnostics", first_rate_only)
+    found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.001, 0.003, 0.01]})
+    assert seen == [crossed, tmp_path / "personal/dirichlet/perfit-4/lr0.001/seed0"]
+    assert found["dirichlet"]["perfit-4"]["masks_read_on"] == "personal/dirichlet/perfit-4/lr0.001"
+    text = "\n".join(markdown({**summary, "search_readings": found}, tmp_path))
+    assert "| perfit-4 | 0.01 | 8.500† | 0.600 | 0.500 | 0.40 | 0.020‡ | 0.9810 |" in text
+    assert "‡: the masks read on the tuning run that searched them" in text
+    found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.01, 0.003]})  # 0.01 searched: none
+    assert "masks_read_on" not in found["dirichlet"]["perfit-4"] and math.isnan(
+        found["dirichlet"]["perfit-4"]["mask_r"]
+    )
 
 
 def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(tmp_path):

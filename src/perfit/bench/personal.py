@@ -110,14 +110,24 @@ def _chosen_tuning_runs(tuning: dict[str, Any] | None) -> list[tuple[Any, dict[s
 def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[str, Any]]]:
     """Per split, every PerFIT cell's seed-0 tuning run at its chosen rate (the runs the variant is
     chosen on; no held-out row): its validation perplexity and its masks' readings. Cells without a
-    chosen rate are left out."""
+    chosen rate are left out. Where that run is gone (a transcribed value) but the run whose masks it
+    kept (`bench.tuning._masks_run`: the search reads no rate) is here, the masks are read there,
+    and `masks_read_on` names it."""
+    from perfit.bench.tuning import _masks_run
+
     readings: dict[str, dict[str, dict[str, Any]]] = {}
     for cell, entry, directory in _chosen_tuning_runs(tuning):
+        masks, read_on = _masks(_readings([directory])), None
+        source = _masks_run(cell, entry["chosen_lr"], tuple(tuning.get("lrs", ()))) if tuning.get("lrs") else ""
+        if all(math.isnan(v) for v in masks.values()) and source:
+            masks = _masks(_readings([Path(tuning["out"]) / source / "seed0"]))
+            read_on = source if not all(math.isnan(v) for v in masks.values()) else None
         readings.setdefault(cell.split, {})[cell.label] = {
             "lr": entry["chosen_lr"],
             "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],
             "transcribed": f"{entry['chosen_lr']:g}" in entry.get("transcribed", ()),  # its run is gone
-            **_masks(_readings([directory])),
+            **masks,
+            **({"masks_read_on": read_on} if read_on else {}),
             "own_over_others": _own_over_others(directory),
         }
     return readings
@@ -297,14 +307,22 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
                 "|---|---|---|---|---|---|---|---|",
                 *(
                     f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])}{'†' if r.get('transcribed') else ''} "
-                    f"| {_mask_numbers(r)} | {_number(r['own_over_others'], 4)} |"
+                    f"| {_mask_numbers(r)}{'‡' if r.get('masks_read_on') else ''} "
+                    f"| {_number(r['own_over_others'], 4)} |"
                     for label, r in searched.items()
                 ),
                 "",
             ]
             if any(r.get("transcribed") for r in searched.values()):
-                lines += [f"†: transcribed; the run is gone, and its masks and cross-evaluation with it "
+                lines += [f"†: transcribed; the run is gone, with its cross-evaluation and (unless ‡) its masks "
                           f"({summary.get('transcribed_source', '')}).", ""]  # fmt: skip
+            read_on = {label: r["masks_read_on"] for label, r in searched.items() if r.get("masks_read_on")}
+            if read_on:
+                named = "; ".join(f"{label}: {source}" for label, source in read_on.items())
+                lines += [
+                    f"‡: the masks read on the tuning run that searched them, which this cell's run kept ({named}).",
+                    "",
+                ]
         degraded = [
             f"{label} (seeds {cell['degraded_seeds']})"
             for label, cell in found["cells"].items()
