@@ -6,7 +6,8 @@
 # The headline first, so a grid stopped half way already answers "does PerFIT beat FIT":
 # 1. Tuning on seed 0's validation slice (`perfit bench tune --grid personal`) of FIT, FIT + local
 #    fine-tuning and the PerFIT variants: their rates, and which variant is carried on in each split.
-# 2. Their held-out seeds 1-3 at the chosen rates: FIT, FIT + FT, the paper's PerFIT, the chosen variant.
+# 2. Their held-out seeds 1-3 at the chosen rates: FIT, FIT + FT, the paper's PerFIT, the chosen variant;
+#    their report apart (RUNS/personal/headline/).
 # 3. The tuning of the rest: local only, FedSA-LoRA, PerFIT and HetLoRA 8/12/16 (every cell's rate).
 # 4. `perfit bench cross` on the paper's PerFIT and the chosen variant at their chosen rates, and the
 #    held-out seeds of every cell kept (the variants not chosen are not run; those of step 2 are done).
@@ -74,6 +75,11 @@ for group in "${FIRST[@]}"; do FIRST_CELLS+=(--cells "$group"); done
 # no --cells, every variant's held-out runs).
 first=$(held_out "$RUNS/tune-personal/docs-first/tuning.json" fit fit-ft perfit chosen)
 paper "$RUNS/tune-personal/docs-first/tuning.json" "$first"
+# What a grid stopped here already says: the headline's report, apart from docs/ (a baseline's cells
+# show as missing, so it claims nothing yet): RUNS/personal/headline/personalization.md.
+"$PERFIT" report --runs "$RUNS/paper" --out "$RUNS/personal/headline" --personal-runs "$RUNS/personal" \
+    --personal-tuning "$RUNS/tune-personal/docs-first/tuning.json" > /dev/null \
+    || echo "personal_grid.sh: the headline's report failed" >&2
 tune "${REST[@]}"
 "$PERFIT" bench tune "${TUNE[@]}" --docs "$RUNS/tune-personal/docs"   # all finished: this pass writes the whole tuning.json
 TUNING=$RUNS/tune-personal/docs/tuning.json

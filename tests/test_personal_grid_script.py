@@ -86,6 +86,11 @@ def test_the_headline_runs_first_then_the_rest_of_the_tuning_the_held_out_runs_a
     headline = {c.name for c in select(GRIDS["personal"](), [p for t in tunes[:7] for p in _option(t, "--cells")])}
     assert {f"personal/{split}/{label}" for split in BEST for label in ("fit", "fit-ft", *VARIANTS)} == headline
     assert _option(first, "--tuned") == [str(tmp_path / "runs/tune-personal/docs-first/tuning.json")]
+    headline_report = calls[calls.index(first) + 1]  # the headline's own report, before the rest is tuned
+    assert headline_report[0] == "report" and _option(headline_report, "--out") == [
+        str(tmp_path / "runs/personal/headline")
+    ]
+    assert _option(headline_report, "--personal-tuning") == _option(first, "--tuned")
     assert _labels(first) == {split: {"fit", "fit-ft", "perfit", chosen} for split, chosen in BEST.items()}
     crosses = [c[2] for c in calls if c[:2] == ["bench", "cross"]]
     out = tmp_path / "runs" / "tune-personal"
@@ -112,8 +117,10 @@ def test_a_failed_tuning_group_stops_the_script_before_the_held_out_runs(tmp_pat
     done, calls = _grid(tmp_path, fail_on="personal/*/fedsa")
     assert done.returncode == 1 and "some tuning runs failed" in done.stderr
     assert len([c for c in calls if c[:2] == ["bench", "tune"]]) == 12  # the other groups still ran
-    assert not [c for c in calls if c[0] == "report" or c[:2] == ["bench", "cross"]]
+    assert not [c for c in calls if c[:2] == ["bench", "cross"]]
     assert len([c for c in calls if c[:2] == ["bench", "paper"]]) == 1  # only the headline's held-out runs
+    reports = [c for c in calls if c[0] == "report"]  # and their report, apart from docs/
+    assert len(reports) == 1 and _option(reports[0], "--out") == [str(tmp_path / "runs/personal/headline")]
     (tmp_path / "again").mkdir()
     done, calls = _grid(tmp_path / "again", fail_on="personal/*/fit-ft")
     assert done.returncode == 1 and not [c for c in calls if c[:2] == ["bench", "paper"]]  # no headline yet
