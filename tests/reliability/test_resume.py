@@ -291,6 +291,23 @@ def test_final_replies_kept_are_this_runs_and_a_line_cut_short_is_dropped(small_
     assert sorted(run.kept_final_replies("n1")) == [2, 3]
 
 
+def _stop_after_two_final_replies(monkeypatch, config, **kwargs) -> None:
+    """Run `config` and stop it (an exception in the server) once two final-evaluation replies are kept."""
+    from perfit.federation.server_app import Federation
+
+    keep = Federation._keep_final_reply
+
+    def stop_after_two(self, client, reply, bytes_down):
+        keep(self, client, reply, bytes_down)
+        if len(self.out.kept_final_replies(self.nonce)) == 2:
+            raise RuntimeError("stopped in the final evaluation")
+
+    monkeypatch.setattr(Federation, "_keep_final_reply", stop_after_two)
+    with pytest.raises(RuntimeError, match="stopped in the final evaluation"):
+        run_simulation(config, num_cpus=2, **kwargs)
+    monkeypatch.setattr(Federation, "_keep_final_reply", keep)
+
+
 @pytest.mark.parametrize("method", ["local", "fit-ft"])
 def test_a_run_stopped_in_its_final_evaluation_resumes_with_the_clients_still_to_go(
     tiny_model, small_data, tmp_path, monkeypatch, method
@@ -304,18 +321,8 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_with_the_clients_still_to
     changes = {**CHANGES, "clients_per_round": 2, "rounds": 2}
     changes.update({"method": "local"} if method == "local" else {"method": "fit", "finetune_epochs": 1})
     reference = run_simulation(tiny_config(tiny_model, small_data, tmp_path / "reference", **changes), num_cpus=2)
-    out = tmp_path / "stopped"
-    keep, sent = Federation._keep_final_reply, []
-
-    def stop_after_two(self, client, reply, bytes_down):
-        keep(self, client, reply, bytes_down)
-        if len(self.out.kept_final_replies(self.nonce)) == 2:
-            raise RuntimeError("stopped in the final evaluation")
-
-    monkeypatch.setattr(Federation, "_keep_final_reply", stop_after_two)
-    with pytest.raises(RuntimeError, match="stopped in the final evaluation"):
-        run_simulation(tiny_config(tiny_model, small_data, out, **changes), num_cpus=2)
-    monkeypatch.setattr(Federation, "_keep_final_reply", keep)
+    out, sent = tmp_path / "stopped", []
+    _stop_after_two_final_replies(monkeypatch, tiny_config(tiny_model, small_data, out, **changes))
     nonce = _checkpoint_state(out)["nonce"]
     kept = [json.loads(line)["client"] for line in (out / "final.jsonl").read_text().splitlines()]
     assert len(kept) == 2 and not (out / "summary.json").exists()
@@ -337,3 +344,26 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_with_the_clients_still_to
     for client, value in reference["per_client_ppl"].items():
         assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)
     assert not (out / "nodes").exists()
+
+
+def test_a_run_resumed_in_its_final_evaluation_searches_no_mask_again(tiny_model, small_data, tmp_path, monkeypatch):
+    """PerFIT searches the masks of the clients never sampled before its final evaluation, and then
+    checkpoints: a run stopped in it searches none again on resume. Client 0's search fails each time
+    (no mask in its reply): the resumed run rejects it as often as the uninterrupted one, and neither
+    evaluates it."""
+    from .faulty_clients import faulty_app
+
+    changes = {**CHANGES, "clients_per_round": 2, "rounds": 2, "min_replies": 0}
+    app = faulty_app({0: "no_mask"})
+    reference = run_simulation(
+        tiny_config(tiny_model, small_data, tmp_path / "reference", **changes), num_cpus=2, client_app=app
+    )
+    out = tmp_path / "stopped"
+    _stop_after_two_final_replies(monkeypatch, tiny_config(tiny_model, small_data, out, **changes), client_app=app)
+    assert _checkpoint_state(out)["final"] is True
+    resumed = run_simulation(tiny_config(tiny_model, small_data, out, **changes, resume=1), num_cpus=2, client_app=app)
+    assert [r["client"] for r in reference["rejected_updates"]].count(0) >= 1
+    assert resumed["rejected_updates"] == reference["rejected_updates"]
+    assert sorted(resumed["per_client_ppl"]) == sorted(reference["per_client_ppl"]) == ["1", "2", "3"]
+    for client, value in reference["per_client_ppl"].items():
+        assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)

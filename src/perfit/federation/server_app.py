@@ -112,6 +112,7 @@ class Federation(NodeExchange):
     final_seconds_kept: float = 0.0  # a stopped final evaluation's time up to its last reply kept
     final_started: float = 0.0  # time.perf_counter() when this process's final evaluation began
     final_kept_lost_from: int = 0  # the first of `kept_lost`'s entries made in this final evaluation
+    in_final: bool = False  # resumed from the checkpoint taken at the start of the final evaluation
     status: Callable[[str], None] = field(default=lambda text: None, repr=False)
 
     def run(self) -> dict[str, Any]:
@@ -205,8 +206,9 @@ class Federation(NodeExchange):
         reply on disk as it arrives: a run stopped in it resumes with the clients still to go, under
         the same nonce, so their nodes find the values they kept."""
         everyone = self.config.final_eval
-        progress.totals["bytes_up"] += self._ensure_masks(everyone)  # the masks and their bytes: checkpointed
-        self._checkpoint(progress.last, progress.sampler, progress.totals, started)
+        if not self.in_final:  # else searched before the stop: a client whose search failed is not evaluated,
+            progress.totals["bytes_up"] += self._ensure_masks(everyone)  # as without it; bytes checkpointed
+        self._checkpoint(progress.last, progress.sampler, progress.totals, started, final=True)
         self.status(f"evaluating {len(everyone)} clients")
         final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs, final=True)
         self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
@@ -286,7 +288,11 @@ class Federation(NodeExchange):
         return record
 
     # ---- checkpoint and resume ----
-    def _checkpoint(self, round_number: int, sampler: random.Random, totals: dict[str, Any], started: float) -> None:
+    def _checkpoint(
+        self, round_number: int, sampler: random.Random, totals: dict[str, Any], started: float, final: bool = False
+    ) -> None:
+        """The server's state after `round_number`, or (`final`) at the start of the final evaluation,
+        after its searches."""
         tensors = {"global": self.global_flat}
         if isinstance(self.masks, PackedMasks):  # searched masks; fixed ones are rebuilt on resume
             tensors.update({f"mask_{c}": torch.from_numpy(self.masks.packed(c)) for c in self.masks})
@@ -301,6 +307,7 @@ class Federation(NodeExchange):
             "search_seconds": self.search_seconds,
             "nonce": self.nonce,
             "kept_rounds": None if self.kept_rounds is None else {str(c): r for c, r in self.kept_rounds.items()},
+            "final": final,
         }
         self.out.save_checkpoint(tensors, state)
 
@@ -317,6 +324,7 @@ class Federation(NodeExchange):
         self.nonce = str(state.get("nonce", ""))  # an older checkpoint's nodes keyed their state by config only
         kept = state.get("kept_rounds")  # an older checkpoint's: the nodes continue from their newest values
         self.kept_rounds = None if kept is None else {int(c): int(r) for c, r in kept.items()}
+        self.in_final = bool(state.get("final", False))
         log.info("resuming %s after round %d", self.out.path, state["round"])
         totals = {"bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"]}
         totals["seconds_before_resume"] = state["seconds"]
