@@ -364,6 +364,11 @@ def test_a_run_resumed_in_its_final_evaluation_searches_no_mask_again(tiny_model
     resumed = run_simulation(tiny_config(tiny_model, small_data, out, **changes, resume=1), num_cpus=2, client_app=app)
     assert [r["client"] for r in reference["rejected_updates"]].count(0) >= 1
     assert resumed["rejected_updates"] == reference["rejected_updates"]
+    rounds = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if not r.get("final")]
+    assert {c for r in rounds for c in r["clients"]} == {2, 3}  # 0 and 1 are searched at the final evaluation
+    in_rounds = sum(r["bytes_up"] for r in rounds)
+    assert resumed["bytes_up_total"] == reference["bytes_up_total"] > in_rounds  # client 1's mask counts, once
     assert sorted(resumed["per_client_ppl"]) == sorted(reference["per_client_ppl"]) == ["1", "2", "3"]
     for client, value in reference["per_client_ppl"].items():
         assert resumed["per_client_ppl"][client] == pytest.approx(value, rel=1e-4)

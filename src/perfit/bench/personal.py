@@ -111,17 +111,21 @@ def search_readings(tuning: dict[str, Any] | None) -> dict[str, dict[str, dict[s
     """Per split, every PerFIT cell's seed-0 tuning run at its chosen rate (the runs the variant is
     chosen on; no held-out row): its validation perplexity and its masks' readings. Cells without a
     chosen rate are left out. Where that run is gone (a transcribed value) but the run whose masks it
-    kept (`bench.tuning._masks_run`: the search reads no rate) is here, the masks are read there,
+    kept (`bench.tuning.masks_run`: the search reads no rate) is here, the masks are read there,
     and `masks_read_on` names it."""
-    from perfit.bench.tuning import _masks_run
+    from perfit.bench.tuning import masks_run
+
+    def unread(masks: dict[str, float]) -> bool:
+        return all(math.isnan(v) for v in masks.values())
 
     readings: dict[str, dict[str, dict[str, Any]]] = {}
     for cell, entry, directory in _chosen_tuning_runs(tuning):
         masks, read_on = _masks(_readings([directory])), None
-        source = _masks_run(cell, entry["chosen_lr"], tuple(tuning.get("lrs", ()))) if tuning.get("lrs") else ""
-        if all(math.isnan(v) for v in masks.values()) and source:
-            masks = _masks(_readings([Path(tuning["out"]) / source / "seed0"]))
-            read_on = source if not all(math.isnan(v) for v in masks.values()) else None
+        source = masks_run(cell, entry["chosen_lr"], tuple(tuning["lrs"])) if tuning.get("lrs") else ""
+        if source and unread(masks):
+            found = _masks(_readings([Path(tuning["out"]) / source / "seed0"]))
+            if not unread(found):
+                masks, read_on = found, source
         readings.setdefault(cell.split, {})[cell.label] = {
             "lr": entry["chosen_lr"],
             "validation_ppl": entry["validation_ppl"][f"{entry['chosen_lr']:g}"],

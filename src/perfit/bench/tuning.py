@@ -43,7 +43,7 @@ def tuning_cells(
     perplexity, so they generate no answers for ROUGE-L. A cell that starts from another cell's run
     (`Cell.start`, e.g. FIT + local fine-tuning from FIT's) starts from that cell's tuning run at the
     rate its tuning chose (`start_rates`: cell name -> chosen rate); until it has chosen, the cell
-    has no tuning runs. A PerFIT cell searches its masks once (`_masks_run`). `widened`: cell name ->
+    has no tuning runs. A PerFIT cell searches its masks once (`masks_run`). `widened`: cell name ->
     its candidates where `candidates` has added rates past an end of `lrs` (`collect`'s "lrs")."""
     tuning = {"validation": 1, "rouge_samples": 0}
     runs = []
@@ -56,12 +56,12 @@ def tuning_cells(
         extra = [lr for lr in (widened or {}).get(cell.name, ()) if lr not in lrs]
         for lr in (*lrs, *extra):  # the given order first: a PerFIT cell's first rate searches the masks
             fields = {**cell.fields, "lr": lr, **tuning}
-            masks = _masks_run(cell, lr, lrs)
+            masks = masks_run(cell, lr, lrs)
             runs.append(replace(cell, name=tuning_name(cell, lr), fields=fields, seeds=(0,), start=start, masks=masks))
     return runs
 
 
-def _masks_run(cell: Cell, lr: float, lrs: tuple[float, ...]) -> str:
+def masks_run(cell: Cell, lr: float, lrs: tuple[float, ...]) -> str:
     """The tuning run whose masks `cell`'s run at `lr` keeps: the search reads no rate, so a PerFIT
     cell searches at its first candidate only (its mask cell's, `Cell.masks`, where it has one);
     empty: this run searches (or has fixed masks)."""

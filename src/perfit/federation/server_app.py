@@ -206,13 +206,15 @@ class Federation(NodeExchange):
         reply on disk as it arrives: a run stopped in it resumes with the clients still to go, under
         the same nonce, so their nodes find the values they kept."""
         everyone = self.config.final_eval
-        if not self.in_final:  # else searched before the stop: a client whose search failed is not evaluated,
-            progress.totals["bytes_up"] += self._ensure_masks(everyone)  # as without it; bytes checkpointed
+        # The searches come before the checkpoint, with their bytes: a run resumed from it searches none
+        # again, so a client whose search failed stays unevaluated and rejected once, as without the stop.
+        if not self.in_final:
+            progress.totals["bytes_up"] += self._ensure_masks(everyone)
         self._checkpoint(progress.last, progress.sampler, progress.totals, started, final=True)
         self.status(f"evaluating {len(everyone)} clients")
         final = self._evaluate(everyone, self.config.rounds, self.config.final_finetune_epochs, final=True)
         self.status(f"done: personalized perplexity {final['personalized_ppl']:.3f}")
-        return {**final, "bytes_up": 0}
+        return final
 
     def _summary(self, final: dict[str, Any], progress: _Rounds, model_path: str, seconds: float) -> dict[str, Any]:
         config, totals = self.config, progress.totals
@@ -225,7 +227,7 @@ class Federation(NodeExchange):
             "per_client_ppl": {str(c): v for c, v in final["per_client_ppl"].items()},
             **{k: final[k] for k in ("rouge_l", "per_client_rouge_l") if k in final},
             "trainable_params_per_client": {str(c): int(m.sum()) for c, m in sorted(self.masks.items())},
-            "bytes_up_total": totals["bytes_up"] + final["bytes_up"],
+            "bytes_up_total": totals["bytes_up"],  # the final evaluation's searches included
             "bytes_down_total": totals["bytes_down"] + final["bytes_down"],
             "wall_seconds": totals["seconds_before_resume"] + self.final_seconds_kept + seconds,
             "search_seconds": self.search_seconds,
