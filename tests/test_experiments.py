@@ -657,34 +657,41 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
 
 
 def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(tmp_path):
-    from perfit.bench.experiments import PERSONAL_VARIANTS
+    from perfit.bench.experiments import PERSONAL_VARIANTS, SPLITS
     from perfit.bench.personal import cross_targets
 
     rates = {"perfit": 3e-3, "perfit-zero-b": 3e-3, "perfit-4": 1e-2, "perfit-gradient-4": 1e-3}
-    best = {"pathological": "perfit-4", "dirichlet": "perfit"}  # the lowest validation perplexity per split
-    cells = {
-        f"personal/{split}/{label}": {
-            "chosen_lr": rates[label],
-            "validation_ppl": {f"{rates[label]:g}": 9.0 if label == best[split] else 10.0},
+
+    def tuning_with(chosen: str) -> dict:
+        """Every variant tuned in both splits, `chosen` lowest in both; FIT, not a PerFIT cell, lowest of all."""
+        cells = {
+            f"personal/{split}/{label}": {
+                "chosen_lr": rates[label],
+                "validation_ppl": {f"{rates[label]:g}": 9.0 if label == chosen else 10.0},
+            }
+            for split in SPLITS
+            for label in PERSONAL_VARIANTS
         }
-        for split in best
-        for label in PERSONAL_VARIANTS
-    }
-    cells["personal/pathological/fit"] = {"chosen_lr": 3e-3, "validation_ppl": {"0.003": 8.0}}  # not PerFIT
-    tuning = {"out": str(tmp_path), "cells": cells}
+        for split in SPLITS:
+            cells[f"personal/{split}/fit"] = {"chosen_lr": 3e-3, "validation_ppl": {"0.003": 8.0}}
+        return {"out": str(tmp_path), "cells": cells}
+
+    tuning = tuning_with("perfit-4")
     expected = [
         tmp_path / "personal/pathological/perfit/lr0.003/seed0",
         tmp_path / "personal/pathological/perfit-4/lr0.01/seed0",
-        tmp_path / "personal/dirichlet/perfit/lr0.003/seed0",  # chosen there: once
+        tmp_path / "personal/dirichlet/perfit/lr0.003/seed0",
+        tmp_path / "personal/dirichlet/perfit-4/lr0.01/seed0",
     ]
     assert cross_targets(tuning) == []  # no run here yet: nothing to read
     for directory in expected:
         directory.mkdir(parents=True)
         (directory / "summary.json").write_text("{}")
     assert cross_targets(tuning) == expected
+    assert cross_targets(tuning_with("perfit")) == expected[::2]  # the paper's PerFIT chosen: once a split
     (expected[1] / "cross.json").write_text("{}")  # already read: not again
     (expected[2] / ".restored").write_text("")  # a copy from a record: no adapters to read
-    assert cross_targets(tuning) == [expected[0]]
+    assert cross_targets(tuning) == [expected[0], expected[3]]
 
 
 def _personal_runs(runs: Path, values: dict[str, tuple[tuple[float, ...], tuple[float, ...]]]) -> None:
@@ -721,7 +728,7 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     tuning = {
         f"personal/{split}/{label}": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 12.0 - (label == "perfit-4")}}
         for split in ("pathological", "dirichlet")
-        for label in PERSONAL_VARIANTS
+        for label in ("fit", *PERSONAL_VARIANTS)
     }
     summary = summarize(load(runs), {"cells": tuning})
     path = summary["splits"]["pathological"]

@@ -34,8 +34,8 @@ def check_inputs(config: Config) -> None:
 
 
 def run(config: Config | Mapping[str, Any] | str | Path | None = None, preset: str | None = None, **fields) -> dict:
-    """Run one federation (FIT or PerFIT) on Flower's simulation engine in this process; returns the
-    summary also written to `<out>/summary.json`."""
+    """Run one federation (any `Config.method`: FIT, PerFIT or a baseline) on Flower's simulation
+    engine in this process; returns the summary also written to `<out>/summary.json`."""
     from perfit.federation.simulation import run_simulation
 
     resolved = make_config(config, preset, **fields)

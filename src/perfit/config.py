@@ -98,9 +98,10 @@ class Config:
     """PerFIT's start. `symmetric_then_zero_b` (default): the search scores at A, B ~ N(0, 1/d), then
     training starts from that A and B = 0, i.e. from the pretrained model itself; `symmetric`: training
     also starts from the symmetric A, B (the paper read literally: a random B·A is added to every
-    projection); `peft` (A kaiming, B = 0: shows measurement vanishing). The default was chosen on
-    the grid (docs/results.md): -4.2 % (pathological) and -3.6 % (Dirichlet) personalized
-    perplexity against FIT over two seeds, below FIT at every seed, where `symmetric` is 0-4 % above."""
+    projection); `peft` (A kaiming, B = 0: shows measurement vanishing). The default trains from
+    the pretrained model, so the search's random start never reaches the trained model; at each
+    method's tuned rate it ties FIT where `symmetric` trails it (docs/results.md, "At the tuned
+    learning rates")."""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 means 2 x the dense rank."""
     dtype: str = "auto"

@@ -346,7 +346,8 @@ def _headline(head) -> list[str]:
         "init (the change the init ablation pointed to, perfit's default init since this grid) over FIT, and",
         "`perfit_zero_b_over_best_baseline` the same over the strongest baseline (nan while a baseline has no",
         "seed in common with it: that one could be the strongest). The quality bar is <= 0.75",
-        "(pathological) and <= 0.78 (Dirichlet) over FIT.",
+        "(pathological) and <= 0.78 (Dirichlet) over FIT: about the paper's largest gains (Table 1, Alpaca-7B",
+        "at rank 12: 23 % and 21 % below FIT; Vicuna-7B gained 1-3 %).",
         "",
     ]
 

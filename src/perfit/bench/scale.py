@@ -9,7 +9,7 @@ federation's size. Both federations use the same base config; only `num_clients`
 
 Each federation runs in its own freshly spawned process, so the second one's memory does not start
 from what the first one left behind (Python heap, allocator arenas, caches): run one after the other
-in one process, the 1,000-client server read 144 MiB above the 100-client one.
+in one process, the second one's reading would carry the first one's leftovers (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ same seeded dolly rows, each pass one epoch of local training after a warm-up on
 micro-batch, its clock stopped once the device has finished:
   FIT      perfit's local training at rank r, in the layout the device runs (`batching.runs_packed`)
   PerFIT   rank r/(1-s) masked to the budget of rank r (search excluded), same layout
-  layout   FIT in the other layout (packed where the device pads, padded where it runs_packed)
+  layout   FIT in the other layout (packed where the device pads, padded where it packs)
   plain    the plain peft + torch loop (padded, full head, HF's loss) in the same precision
 MFU counts useful FLOPs as the CPU bench does (`perfit.bench.flops.useful_flops`) against this device's
 square-matmul peak in the training precision, measured at the start and at the end of the run.
 
-The device needs no Flower and no dolly download: `benchmarks/device_kit.py` runs_packed the model's
+The device needs no Flower and no dolly download: `benchmarks/device_kit.py` packs the model's
 config, its tokenizer and the data file small enough to travel, and writes random weights of the
 model's architecture there (throughput does not depend on the weights' values; the report says
 when they are random, and then gives no perplexity).

@@ -1,3 +1,5 @@
+"""`python -m perfit.cli`: the `perfit` command (see `perfit.__main__`)."""
+
 from perfit.cli import app
 
 app()

@@ -26,6 +26,10 @@ console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the summary table
     console = Console(width=140)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+PRESET_HELP = (
+    "quick (minutes on 2 CPU cores), medium (the paper's data per client: 10 clients, 10 rounds) or "
+    "paper (the paper's setting)."
+)
 
 
 def field_flags(args: list[str]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from perfit.cli import base
-from perfit.cli.base import EXTRA, app, config_from, console, errors, summary_table
+from perfit.cli.base import EXTRA, PRESET_HELP, app, config_from, console, errors, summary_table
 from perfit.config import Config
 
 
@@ -18,7 +18,7 @@ from perfit.config import Config
 def run(
     ctx: typer.Context,
     config_file: Path | None = typer.Option(None, "--config", help="TOML file with config fields."),
-    preset: str | None = typer.Option(None, help="quick (minutes on 2 CPU cores) or paper (the paper's setting)."),
+    preset: str | None = typer.Option(None, help=PRESET_HELP),
     resume: Path | None = typer.Option(None, "--resume", help="Continue this run directory from its checkpoint."),
 ) -> None:
     """Run one federation (FIT or PerFIT) on Flower's simulation engine."""
@@ -61,7 +61,7 @@ def demo(
 def config(
     ctx: typer.Context,
     config_file: Path | None = typer.Option(None, "--config", help="TOML file with config fields."),
-    preset: str | None = typer.Option(None, help="quick or paper."),
+    preset: str | None = typer.Option(None, help=PRESET_HELP),
     flwr: bool = typer.Option(False, "--flwr", help="Print as a `flwr run --run-config` string."),
 ) -> None:
     """Print the resolved config (TOML, or run-config overrides for `flwr run .`)."""

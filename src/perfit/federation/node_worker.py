@@ -1,11 +1,12 @@
 """A node's long-lived worker, so that a round on the Deployment Engine costs compute, not start-up.
 
-Flower 1.42 starts a fresh ClientApp process for every message on a Deployment Engine node (Flower
-issue 3670), so each message would pay the imports (torch, transformers, peft), the model load and
-the tokenisation of the client's rows again. On a node whose config has a `state-dir`, the ClientApp
-(`client_app`, which imports neither torch nor perfit's client code) hands each message to this
-worker instead, and the worker runs the same handlers (`handlers`) with its ClientTask (model,
-tokenizer, tokenised rows) kept from the messages before. Node config `worker=0` turns it off.
+Flower 1.42 starts a fresh ClientApp process for every message on a Deployment Engine node (its
+subprocess isolation; docs/deployment.md), so each message would pay the imports (torch,
+transformers, peft), the model load and the tokenisation of the client's rows again. On a node
+whose config has a `state-dir`, the ClientApp (`client_app`, which imports neither torch nor
+perfit's client code) hands each message to this worker instead, and the worker runs the same
+handlers (`handlers`) with its ClientTask (model, tokenizer, tokenised rows) kept from the messages
+before. Node config `worker=0` turns it off.
 
 The worker is a cache, never the node's memory: the node's state (`Context.state`, and the files
 in the state-dir) travels to the worker with each message and back with the reply, so a worker
