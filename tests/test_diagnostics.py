@@ -12,6 +12,7 @@ from perfit.core.diagnostics import (
     mean_pairwise_overlap,
     own_model_advantage,
     pair_correlation,
+    pair_correlation_p,
     position_sharing,
 )
 
@@ -64,6 +65,49 @@ def test_pair_correlation_reads_each_pair_in_both_directions():
     data3 = [[1, 0.5, 0.2], [0.5, 1, 0.4], [0.2, 0.4, 1]]
     assert pair_correlation(lopsided, data3) == pytest.approx(1.0)  # pairs 0.5 0.2 0.4 both sides
     assert pair_correlation([[1, 0.1, 0.2], [0.1, 1, 0.4], [0.2, 0.4, 1]], data3) < 0.2  # one triangle's reading
+
+
+def _symmetric(pairs: dict[tuple[int, int], float], size: int) -> list[list[float]]:
+    matrix = [[1.0] * size for _ in range(size)]
+    for (i, j), value in pairs.items():
+        matrix[i][j] = matrix[j][i] = value
+    return matrix
+
+
+def test_pair_correlation_p_counts_the_relabellings_at_least_as_correlated():
+    """Four clients, 4! = 24 relabellings, done exactly: with six distinct pair values only the
+    observed labelling reaches r = 1, so p = 1/24; the most anti-correlated labelling has p = 1."""
+    values = {(0, 1): 0.9, (0, 2): 0.1, (0, 3): 0.4, (1, 2): 0.3, (1, 3): 0.6, (2, 3): 0.2}
+    data = _symmetric(values, 4)
+    assert pair_correlation(data, data) == pytest.approx(1.0)
+    assert pair_correlation_p(data, data) == pytest.approx(1 / 24)
+    reversed_masks = _symmetric({pair: 1.0 - v for pair, v in values.items()}, 4)
+    assert pair_correlation_p(reversed_masks, data) == pytest.approx(1.0)
+    assert math.isnan(pair_correlation_p(_symmetric(dict.fromkeys(values, 0.5), 4), data))  # constant: no r
+    # two pairs tied in the data: swapping clients 2 and 3 keeps every pair value, so 2 of 24 reach r = 1
+    tied = {**values, (0, 3): 0.1, (1, 3): 0.3, (2, 3): 0.2}
+    assert pair_correlation_p(_symmetric(tied, 4), _symmetric(tied, 4)) == pytest.approx(2 / 24)
+
+
+def test_pair_correlation_p_tells_planted_structure_from_chance():
+    """Ten clients in two groups of five (data similarity 1 within, 0 across): masks that overlap
+    more within a group are far beyond chance (seeded random relabellings, 10! is too many to do),
+    masks whose overlaps ignore the groups are not, and the same seed gives the same p."""
+    import random
+
+    rng = random.Random(3)
+    group = [0] * 5 + [1] * 5
+    pairs = [(i, j) for i in range(10) for j in range(i + 1, 10)]
+    data = _symmetric({(i, j): float(group[i] == group[j]) for i, j in pairs}, 10)
+    follows = _symmetric({(i, j): 0.5 + 0.1 * (group[i] == group[j]) + rng.uniform(0, 0.05) for i, j in pairs}, 10)
+    ignores = _symmetric({(i, j): 0.5 + rng.uniform(0, 0.1) for i, j in pairs}, 10)
+    planted = pair_correlation_p(follows, data, permutations=999)
+    # a relabelling that keeps the groups (2 x 5! x 5! of 10!, 0.79 %) gives back the same data
+    # matrix, hence the same r: p cannot be below about 0.008, and it is about that
+    assert 0.001 < planted <= 0.02
+    chance = pair_correlation_p(ignores, data, permutations=999)
+    assert chance > 0.05 and chance == pair_correlation_p(ignores, data, permutations=999)
+    assert pair_correlation_p(ignores, data, permutations=999, seed=1) != chance  # another draw of relabellings
 
 
 def test_category_cosines_of_the_clients_histograms():

@@ -594,7 +594,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
     def readings(directory):
         seen.append(Path(directory))
         return {"mean_pairwise_overlap": 0.6, "overlap_with_data_free_mask": 0.5, "mask_vs_data_similarity_r": 0.4,
-                "kept_alone": 0.02}  # fmt: skip
+                "mask_vs_data_similarity_p": 0.03, "kept_alone": 0.02}  # fmt: skip
 
     monkeypatch.setattr(perfit.bench.diagnostics, "mask_diagnostics", readings)
     cells = {
@@ -621,6 +621,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
                 "mask_pairwise_overlap": 0.6,
                 "mask_data_free_overlap": 0.5,
                 "mask_r": 0.4,
+                "mask_r_p": 0.03,
                 "mask_alone": 0.02,
                 "own_over_others": 0.981,
                 "transcribed": False,
@@ -631,7 +632,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
 
     summary = {"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}
     text = "\n".join(markdown(summary, tmp_path))
-    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.020 | 0.9810 |" in text and "†" not in text
+    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.030 | 0.020 | 0.9810 |" in text and "†" not in text
     cells["personal/dirichlet/perfit-4"]["transcribed"] = ["0.001", "0.01"]  # its run is gone: the value is copied
     found = search_readings({"out": str(tmp_path), "cells": cells})
     summary = {**summary, "search_readings": found, "transcribed_source": "the notebook"}
@@ -648,7 +649,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
     assert seen == [crossed, tmp_path / "personal/dirichlet/perfit-4/lr0.001/seed0"]
     assert found["dirichlet"]["perfit-4"]["masks_read_on"] == "personal/dirichlet/perfit-4/lr0.001"
     text = "\n".join(markdown({**summary, "search_readings": found}, tmp_path))
-    assert "| perfit-4 | 0.01 | 8.500† | 0.600‡ | 0.500‡ | 0.40‡ | 0.020‡ | 0.9810 |" in text
+    assert "| perfit-4 | 0.01 | 8.500† | 0.600‡ | 0.500‡ | 0.40‡ | 0.030‡ | 0.020‡ | 0.9810 |" in text
     assert "‡: the masks read on the tuning run that searched them" in text
     found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.01, 0.003]})  # 0.01 searched: none
     assert "masks_read_on" not in found["dirichlet"]["perfit-4"] and math.isnan(
@@ -711,10 +712,12 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     from perfit.bench.personal import load, markdown, summarize
 
     r_by_seed = {"seed1": 0.7, "seed2": 0.6, "seed3": 0.8}
+    p_by_seed = {"seed1": 0.01, "seed2": 0.04, "seed3": 0.002}
     monkeypatch.setattr(
         perfit.bench.diagnostics, "mask_diagnostics",
         lambda d: {"mean_pairwise_overlap": 0.6, "overlap_with_data_free_mask": 0.5, "kept_alone": 0.1,
-                   "mask_vs_data_similarity_r": r_by_seed[Path(d).name]},
+                   "mask_vs_data_similarity_r": r_by_seed[Path(d).name],
+                   **({"mask_vs_data_similarity_p": p_by_seed[Path(d).name]} if Path(d).name in p_by_seed else {})},
     )  # fmt: skip
     runs = tmp_path / "personal"
     values = {
@@ -734,6 +737,13 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     path = summary["splits"]["pathological"]
     assert path["over_best_baseline_per_seed"] == pytest.approx({"1": 9.0 / 9.7, "2": 10.8 / 11.6, "3": 9.9 / 10.9})
     assert path["goal_met"] is True and all(path["checks"].values())  # every seed, every check
+    readings = path["cells"]["perfit-4"]
+    assert readings["mask_r"] == pytest.approx(0.7) and readings["mask_r_p"] == 0.04  # r's mean, p's largest
+    assert "| 0.600 | 0.500 | 0.70 | 0.040 | 0.100 |" in "\n".join(markdown(summary, runs))
+    del p_by_seed["seed2"]  # a run read before p was: the cell's p is unknown, not the others' largest
+    unread = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]["cells"]["perfit-4"]
+    assert math.isnan(unread["mask_r_p"])
+    p_by_seed["seed2"] = 0.04
     assert summary["splits"]["dirichlet"]["missing_seeds"]["perfit-4"] == [1, 2, 3]
     assert summary["goal_met"] is None  # Dirichlet not measurable yet: no verdict over both splits
     assert "held-out runs missing (perfit-4 seeds [1, 2, 3]; fit seeds [1, 2, 3]; " in "\n".join(

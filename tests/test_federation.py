@@ -162,6 +162,8 @@ def test_mask_diagnostics_of_a_perfit_run(runs):
     assert found["kept_alone"] == pytest.approx(alone) and 0 <= alone < 1
     r = found["mask_vs_data_similarity_r"]
     assert r != r or -1 <= r <= 1  # NaN where every pair's data overlap is the same
+    p = found["mask_vs_data_similarity_p"]  # 4 clients: all 24 relabellings, so a multiple of 1/24
+    assert (p != p) == (r != r) and (p != p or (0 < p <= 1 and p * 24 == pytest.approx(round(p * 24))))
     fit_config, _ = runs[("fit", "pathological", "")]
     assert mask_diagnostics(Path(fit_config.out)) is None  # no search, no masks file
 

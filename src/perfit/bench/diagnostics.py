@@ -23,14 +23,15 @@ def diagnose(
 ) -> dict[str, Any]:
     """The mean pairwise overlap of the clients' kept positions, each mask's mean overlap with the
     data-free mask (top-k of |theta_0| at the client's budget), and the correlation, over client
-    pairs, of mask overlap with data similarity (rows and columns in sorted client order; None where
-    the split gives no measure of it: NaN); and how many clients share each
+    pairs, of mask overlap with data similarity, with its permutation p-value (rows and columns in
+    sorted client order; None where the split gives no measure of it: NaN); and how many clients share each
     of a client's kept positions (`core.diagnostics.position_sharing`)."""
     from perfit.core.diagnostics import (
         data_free_mask,
         kept_overlap,
         mean_pairwise_overlap,
         pair_correlation,
+        pair_correlation_p,
         position_sharing,
     )
     from perfit.core.layout import budget_groups, initial_adapter
@@ -48,6 +49,7 @@ def diagnose(
         "mean_pairwise_overlap": mean_pairwise_overlap([masks[c] for c in clients]),
         "overlap_with_data_free_mask": sum(free) / len(free),
         "mask_vs_data_similarity_r": pair_correlation(overlap, data_similarity) if data_similarity else float("nan"),
+        "mask_vs_data_similarity_p": pair_correlation_p(overlap, data_similarity) if data_similarity else float("nan"),
         "mean_sharers": sharers,
         "kept_alone": alone,
     }

@@ -112,8 +112,8 @@ def bench_masks(
     """Do the masks follow the data? Runs only the clients' searches (no federation) under each variant.
 
     Prints, per variant, the clients' mean pairwise mask overlap, the overlap with the data-free mask
-    (top-k of |theta_0|), the correlation of mask overlap with category overlap over client pairs, and
-    the share of a client's kept positions no other client keeps."""
+    (top-k of |theta_0|), the correlation of mask overlap with category overlap over client pairs and
+    its permutation p-value, and the share of a client's kept positions no other client keeps."""
     import itertools
     import json
 
@@ -126,7 +126,8 @@ def bench_masks(
         if not equals or not values:
             raise typer.BadParameter(f"--vary {item!r}: expected FIELD=V1,V2")
         axes.append([(name.replace("-", "_"), value) for value in values.split(",")])
-    table = Table("variant", "pairwise overlap", "with data-free mask", "r (mask vs data)", "kept alone", "search s")
+    columns = ("pairwise overlap", "with data-free mask", "r (mask vs data)", "r's p", "kept alone", "search s")
+    table = Table("variant", *columns)
     readings = []
     for combination in itertools.product(*axes):
         label = " ".join(f"{k}={v}" for k, v in combination) or "as configured"
@@ -135,8 +136,9 @@ def bench_masks(
             reading = {"variant": label, **search_diagnostics(config)}
         readings.append(reading)
         overlaps = [f"{reading[k]:.3f}" for k in ("mean_pairwise_overlap", "overlap_with_data_free_mask")]
-        r, seconds = reading["mask_vs_data_similarity_r"], reading["search_seconds"]
-        table.add_row(label, *overlaps, f"{r:.2f}", f"{reading['kept_alone']:.3f}", f"{seconds:.0f}")
+        r, p = reading["mask_vs_data_similarity_r"], reading["mask_vs_data_similarity_p"]
+        seconds = reading["search_seconds"]
+        table.add_row(label, *overlaps, f"{r:.2f}", f"{p:.3f}", f"{reading['kept_alone']:.3f}", f"{seconds:.0f}")
     console.print(table)
     if out is not None:
         command = " ".join(["perfit bench masks", f"--preset {preset}", *(f"--vary {v}" for v in vary), *ctx.args])

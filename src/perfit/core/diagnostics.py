@@ -4,7 +4,8 @@ A mask that personalizes keeps different positions for clients with different da
 how much two clients' kept positions overlap (`kept_overlap`; two random masks of a half budget
 overlap about 50 %), how much each overlaps the mask any client would get without data (the top-k of
 |theta_0|, the seeded adapter every client starts from: `data_free_mask`), and whether mask
-similarity goes with data similarity across client pairs (`pair_correlation`).
+similarity goes with data similarity across client pairs (`pair_correlation`, and whether that
+correlation is more than chance: `pair_correlation_p`).
 
 Under Eq. 6 (`shared`) a client's value at a kept position is the mean over every client keeping
 it, so masks that overlap leave each client few values of its own (`position_sharing`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import statistics
 
 import torch
@@ -77,6 +79,32 @@ def pair_correlation(mask_similarity: list[list[float]], data_similarity: list[l
     if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return float("nan")
     return statistics.correlation(xs, ys)
+
+
+def pair_correlation_p(
+    mask_similarity: list[list[float]], data_similarity: list[list[float]], permutations: int = 9999, seed: int = 0
+) -> float:
+    """One-sided p-value of `pair_correlation` (the Mantel test): the share of relabellings of the
+    clients in `data_similarity` (its rows and columns permuted together) whose correlation is at
+    least the observed one, counting the observed labelling, so never 0. The pairs share clients and
+    are not independent, so a t-test on r over-counts them; relabelling keeps that dependence. Every
+    relabelling where there are at most `permutations + 1` of them (then exact), else `permutations`
+    seeded random ones. NaN where the correlation is."""
+    observed = pair_correlation(mask_similarity, data_similarity)
+    if math.isnan(observed):
+        return float("nan")
+    size = len(data_similarity)
+    if math.factorial(size) <= permutations + 1:
+        orders = list(itertools.permutations(range(size)))  # the observed order among them
+    else:
+        rng = random.Random(seed)
+        orders = [tuple(range(size))] + [tuple(rng.sample(range(size), size)) for _ in range(permutations)]
+    at_least = 0
+    for order in orders:
+        relabelled = [[data_similarity[order[i]][order[j]] for j in range(size)] for i in range(size)]
+        r = pair_correlation(mask_similarity, relabelled)
+        at_least += not math.isnan(r) and r >= observed - 1e-12  # the observed one ties with itself
+    return at_least / len(orders)
 
 
 def category_cosines(categories: list[list[str]]) -> list[list[float]]:
