@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import statistics
 
+import numpy as np
 import torch
 
 from perfit.core.search import top_k_mask
@@ -89,22 +89,30 @@ def pair_correlation_p(
     least the observed one, counting the observed labelling, so never 0. The pairs share clients and
     are not independent, so a t-test on r over-counts them; relabelling keeps that dependence. Every
     relabelling where there are at most `permutations + 1` of them (then exact), else `permutations`
-    seeded random ones. NaN where the correlation is."""
-    observed = pair_correlation(mask_similarity, data_similarity)
-    if math.isnan(observed):
+    seeded random ones. NaN where the correlation is. Vectorised: 9,999 relabellings of 100 clients
+    (4,950 pairs) are seconds, not minutes."""
+    if math.isnan(pair_correlation(mask_similarity, data_similarity)):
         return float("nan")
-    size = len(data_similarity)
+    masks, data = np.asarray(mask_similarity, dtype=np.float64), np.asarray(data_similarity, dtype=np.float64)
+    size = len(data)
+    rows, cols = np.triu_indices(size, 1)
+    xs = ((masks + masks.T) / 2)[rows, cols]  # each pair's two directions, as `pair_correlation` reads them
+    xs = xs - xs.mean()
+    data = (data + data.T) / 2
     if math.factorial(size) <= permutations + 1:
-        orders = list(itertools.permutations(range(size)))  # the observed order among them
+        orders = np.array(list(itertools.permutations(range(size))))  # the observed (identity) order first
     else:
-        rng = random.Random(seed)
-        orders = [tuple(range(size))] + [tuple(rng.sample(range(size), size)) for _ in range(permutations)]
-    at_least = 0
-    for order in orders:
-        relabelled = [[data_similarity[order[i]][order[j]] for j in range(size)] for i in range(size)]
-        r = pair_correlation(mask_similarity, relabelled)
-        at_least += not math.isnan(r) and r >= observed - 1e-12  # the observed one ties with itself
-    return at_least / len(orders)
+        rng = np.random.default_rng(seed)
+        shuffled = rng.permuted(np.tile(np.arange(size), (permutations, 1)), axis=1)
+        orders = np.vstack([np.arange(size), shuffled])
+    correlations = []
+    for chunk in np.array_split(orders, max(1, len(orders) // 256)):
+        ys = data[chunk[:, rows], chunk[:, cols]]  # (relabellings, pairs): pair (i, j) reads (order[i], order[j])
+        ys = ys - ys.mean(axis=1, keepdims=True)
+        norms = np.sqrt((xs**2).sum() * (ys**2).sum(axis=1))
+        correlations.append(np.where(norms > 0, ys @ xs / np.where(norms > 0, norms, 1.0), -np.inf))
+    found = np.concatenate(correlations)
+    return float(np.mean(found >= found[0] - 1e-9))  # found[0]: the observed labelling, tied with itself
 
 
 def category_cosines(categories: list[list[str]]) -> list[list[float]]:
