@@ -5,7 +5,7 @@
 #   LANES=2 benchmarks/personal_grid.sh ...        (runs two at a time, each on half the cores: `--lanes`)
 # The headline first, so a grid stopped half way already answers "does PerFIT beat FIT":
 # 1. Tuning on seed 0's validation slice (`perfit bench tune --grid personal`) of FIT, FIT + local
-#    fine-tuning and the PerFIT variants: their rates, and which variant is carried on in each split.
+#    fine-tuning and the PerFIT variants: their rates, and the one variant carried on in both splits.
 # 2. Their held-out seeds 1-3 at the chosen rates: FIT, FIT + FT, the paper's PerFIT, the chosen variant;
 #    their report apart (RUNS/personal/headline/).
 # 3. The tuning of the rest: local only, FedSA-LoRA, PerFIT and HetLoRA 8/12/16 (every cell's rate).

@@ -496,6 +496,11 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     assert chosen_variants(split_best) == dict.fromkeys(SPLITS, "perfit-gradient-4")
     split_best["personal/pathological/perfit-4"] = tuned(12.0 * 1.02)  # 0.97 x 1.02 < 1 x 1
     assert chosen_variants(split_best) == dict.fromkeys(SPLITS, "perfit-4")
+    # a geometric mean, not a sum of perplexities: FIT reads 24 under Dirichlet, 12 under the
+    # pathological split, so perfit-4's 0.97 x 1.04 = 1.009 loses to 1 x 1, though its perplexities
+    # sum lower (23.28 + 12.48 < 24 + 12): a sum would let the split with the larger perplexities decide
+    split_best["personal/pathological/perfit-4"] = tuned(12.0 * 1.04)
+    assert chosen_variants(split_best) == dict.fromkeys(SPLITS, "perfit-gradient-4")
     assert summarize(load(runs), {"cells": tuning})["search_readings"] == {}  # no tuning runs named: none read
     found = summarize(load(runs), {"cells": tuning})["splits"]
     path = found["pathological"]
@@ -632,7 +637,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
 
     summary = {"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}
     text = "\n".join(markdown(summary, tmp_path))
-    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.030 | 0.020 | 0.9810 |" in text and "†" not in text
+    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.0300 | 0.020 | 0.9810 |" in text and "†" not in text
     cells["personal/dirichlet/perfit-4"]["transcribed"] = ["0.001", "0.01"]  # its run is gone: the value is copied
     found = search_readings({"out": str(tmp_path), "cells": cells})
     summary = {**summary, "search_readings": found, "transcribed_source": "the notebook"}
@@ -649,7 +654,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
     assert seen == [crossed, tmp_path / "personal/dirichlet/perfit-4/lr0.001/seed0"]
     assert found["dirichlet"]["perfit-4"]["masks_read_on"] == "personal/dirichlet/perfit-4/lr0.001"
     text = "\n".join(markdown({**summary, "search_readings": found}, tmp_path))
-    assert "| perfit-4 | 0.01 | 8.500† | 0.600‡ | 0.500‡ | 0.40‡ | 0.030‡ | 0.020‡ | 0.9810 |" in text
+    assert "| perfit-4 | 0.01 | 8.500† | 0.600‡ | 0.500‡ | 0.40‡ | 0.0300‡ | 0.020‡ | 0.9810 |" in text
     assert "‡: the masks read on the tuning run that searched them" in text
     found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.01, 0.003]})  # 0.01 searched: none
     assert "masks_read_on" not in found["dirichlet"]["perfit-4"] and math.isnan(
@@ -739,7 +744,7 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     assert path["goal_met"] is True and all(path["checks"].values())  # every seed, every check
     readings = path["cells"]["perfit-4"]
     assert readings["mask_r"] == pytest.approx(0.7) and readings["mask_r_p"] == 0.04  # r's mean, p's largest
-    assert "| 0.600 | 0.500 | 0.70 | 0.040 | 0.100 |" in "\n".join(markdown(summary, runs))
+    assert "| 0.600 | 0.500 | 0.70 | 0.0400 | 0.100 |" in "\n".join(markdown(summary, runs))
     del p_by_seed["seed2"]  # a run read before p was: the cell's p is unknown, not the others' largest
     unread = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]["cells"]["perfit-4"]
     assert math.isnan(unread["mask_r_p"])

@@ -182,6 +182,12 @@ def test_a_runs_record_keeps_its_mask_readings_without_its_masks(runs, tmp_path)
     kept = tmp_path / "record" / run.name
     assert (kept / MASK_READINGS_FILE).is_file() and not (kept / "masks.safetensors").exists()
     assert json.dumps(mask_diagnostics(kept)) == json.dumps(mask_diagnostics(run))  # NaN included
+    # readings an older perfit wrote, without r's p: kept again while the masks are there
+    readings = json.loads((run / MASK_READINGS_FILE).read_text())
+    older = {k: v for k, v in readings.items() if k != "mask_vs_data_similarity_p"}
+    (run / MASK_READINGS_FILE).write_text(json.dumps(older))
+    assert keep(run, run.parent, tmp_path / "record")
+    assert json.loads((kept / MASK_READINGS_FILE).read_text()).keys() == readings.keys()
     (run / MASK_READINGS_FILE).unlink()
 
 

@@ -60,10 +60,19 @@ MASK_READINGS_FILE = "masks.json"
 readings outlive the masks file, which a grid's record does not keep (megabytes; `bench.record`)."""
 
 
+READING_KEYS = frozenset(
+    ("clients", "mean_pairwise_overlap", "overlap_with_data_free_mask", "mask_vs_data_similarity_r",
+     "mask_vs_data_similarity_p", "mean_sharers", "kept_alone")
+)  # fmt: skip
+"""What `diagnose` reads: a readings file without one of them was written by an older perfit."""
+
+
 def keep_mask_readings(run_dir: Path) -> bool:
-    """Write a finished run's mask readings to MASK_READINGS_FILE once; False where it has no masks."""
+    """Write a finished run's mask readings to MASK_READINGS_FILE once, and again where they lack a
+    reading perfit has gained since and the masks are still there; False where it has no masks."""
     path = Path(run_dir) / MASK_READINGS_FILE
-    if path.is_file() or not (Path(run_dir) / MASKS).is_file():
+    current = path.is_file() and json.loads(path.read_text()).keys() >= READING_KEYS
+    if current or not (Path(run_dir) / MASKS).is_file():
         return path.is_file()
     staging = path.with_name(f".{path.name}.{os.getpid()}")  # another process never reads half of it
     staging.write_text(json.dumps(mask_diagnostics(run_dir), indent=2) + "\n")

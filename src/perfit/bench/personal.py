@@ -4,8 +4,9 @@ seeds, paired by seed against FIT and against the strongest baseline that ends w
 client, with ROUGE-L and the PerFIT variants' mask diagnostics, and the goal checked seed by seed.
 
 The PerFIT variant a claim is made for is the one seed 0's validation slice chose (`perfit bench
-tune --grid personal`: the lowest validation perplexity among the variants, each at its own chosen
-rate); the report never picks it on the held-out seeds."""
+tune --grid personal`: one variant for both splits, the lowest geometric mean over the splits of
+its validation perplexity over FIT's, each at its own chosen rate; `chosen_variants`); the report
+never picks it on the held-out seeds."""
 
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ def chosen_variants(tuning: dict[str, Any] | None) -> dict[str, str | None]:
     """The PerFIT variant (a label of PERSONAL_VARIANTS) carried on to the held-out seeds, from a
     tuning.json's `cells`: one variant for both splits, since the goal asks for one method. It is the
     variant whose validation perplexity at its chosen rate, over FIT's at FIT's, has the lowest
-    geometric mean over the splits (a ratio, so that neither split's perplexity scale outweighs the
-    other's). By split, for the callers; None in each until FIT and every variant are tuned in both."""
+    geometric mean over the splits: a geometric mean, so that the split with the larger perplexities
+    does not outweigh the other (a relative change counts alike in each); over FIT's, so that the
+    figure reads as the claim does, a ratio to FIT (dividing by FIT does not change the ranking).
+    By split, for the callers; None in each until FIT and every variant are tuned in both."""
     ratios: dict[str, list[float]] = {label: [] for label in PERSONAL_VARIANTS}
     for split in SPLITS:
         fit = _tuned_ppl(tuning, f"personal/{split}/fit")
@@ -233,8 +236,8 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
 
 def _both_splits(splits: dict[str, dict[str, Any]]) -> bool | None:
     """The goal over both splits: one method (`chosen_variants` picks one for both) that meets it in
-    each. False as soon as a split fails, or where a tuning.json's splits name different variants;
-    None while a split is not yet measurable."""
+    each. False as soon as a split fails, or (a guard: `chosen_variants` names one) where the splits'
+    variants differ; None while a split is not yet measurable."""
     verdicts = [found["goal_met"] for found in splits.values()]
     variants = {found["chosen_variant"] for found in splits.values()}
     if False in verdicts or (None not in variants and len(variants) > 1):
@@ -360,7 +363,11 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
             lines += ["Runs that rejected a client's update (a round counted fewer clients) or restarted a node's "
                       "kept values; rerun them before a claim: " + ", ".join(degraded) + ".", ""]  # fmt: skip
         if found["chosen_variant"] is None:
-            lines += ["No PerFIT variant chosen yet (its tuning on seed 0 is not complete): no claim.", ""]
+            lines += [
+                "No PerFIT variant chosen yet (FIT's and every variant's tuning on seed 0, in both splits, "
+                "is not complete): no claim.",
+                "",
+            ]
         elif found.get("goal_met") is None:
             missing = "; ".join(f"{label} seeds {seeds}" for label, seeds in found["missing_seeds"].items())
             lines += [f"Chosen variant `{found['chosen_variant']}`: held-out runs missing ({missing}), no claim.", ""]
@@ -375,7 +382,8 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
 
 def _mask_numbers(reading: dict[str, Any], mark: str = "") -> str:
     """The mask readings' cells, each number with `mark` (‡: read on another run than the cell's own)."""
-    numbers = [_number(reading[name], 3 if name != "mask_r" else 2) for name in MASK_READINGS]
+    digits = {"mask_r": 2, "mask_r_p": 4}  # p's smallest value is 1/10,000: 0.0001, not 0.000
+    numbers = [_number(reading[name], digits.get(name, 3)) for name in MASK_READINGS]
     return " | ".join(n + mark if n != "–" else n for n in numbers)
 
 

@@ -138,7 +138,7 @@ def bench_masks(
         overlaps = [f"{reading[k]:.3f}" for k in ("mean_pairwise_overlap", "overlap_with_data_free_mask")]
         r, p = reading["mask_vs_data_similarity_r"], reading["mask_vs_data_similarity_p"]
         seconds = reading["search_seconds"]
-        table.add_row(label, *overlaps, f"{r:.2f}", f"{p:.3f}", f"{reading['kept_alone']:.3f}", f"{seconds:.0f}")
+        table.add_row(label, *overlaps, f"{r:.2f}", f"{p:.4f}", f"{reading['kept_alone']:.3f}", f"{seconds:.0f}")
     console.print(table)
     if out is not None:
         command = " ".join(["perfit bench masks", f"--preset {preset}", *(f"--vary {v}" for v in vary), *ctx.args])
