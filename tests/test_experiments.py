@@ -780,3 +780,16 @@ def test_the_goal_over_both_splits_needs_one_method_meeting_it_in_each():
     assert _both_splits(splits(("perfit-4", True), ("perfit-4", None))) is None
     assert _both_splits(splits(("perfit-4", False), (None, None))) is False
     assert _both_splits(splits((None, None), (None, None))) is None
+
+
+def test_the_quick_grids_mask_diagnostics_table_gives_r_and_its_p():
+    """One row per PerFIT run with masks; a run read before r's p existed shows n/a, not a number."""
+    from perfit.bench.report import _diagnostics_section
+
+    reading = {"mean_pairwise_overlap": 0.68, "overlap_with_data_free_mask": 0.69, "mask_vs_data_similarity_r": 0.2}
+    lines = _diagnostics_section({"table1/pathological/perfit": {"0": {**reading, "mask_vs_data_similarity_p": 0.0123},
+                                                                  "1": reading}})  # fmt: skip
+    text = "\n".join(lines)
+    assert "r's p" in text and "| table1/pathological/perfit | 0 | 0.680 | 0.690 | 0.200 | 0.0123 |" in text
+    assert "| table1/pathological/perfit | 1 | 0.680 | 0.690 | 0.200 | n/a |" in text
+    assert _diagnostics_section({}) == []

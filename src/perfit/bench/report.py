@@ -81,11 +81,12 @@ def _diagnostics_section(diagnostics: dict[str, dict[str, dict[str, Any]]]) -> l
         return []
     rows = [
         [name, seed, f"{d['mean_pairwise_overlap']:.3f}", f"{d['overlap_with_data_free_mask']:.3f}",
-         _number(d["mask_vs_data_similarity_r"])]
+         _number(d["mask_vs_data_similarity_r"]), _p_value(d.get("mask_vs_data_similarity_p"))]
         for name, seeds in diagnostics.items()
         for seed, d in seeds.items()
     ]  # fmt: skip
     header = ["cell", "seed", "pairwise kept overlap", "overlap with data-free mask", "r (mask vs data overlap)"]
+    header.append("r's p")
     return [
         "## Mask diagnostics",
         "",
@@ -93,8 +94,9 @@ def _diagnostics_section(diagnostics: dict[str, dict[str, dict[str, Any]]]) -> l
         "positions another client keeps too (two random masks at half the positions: about 0.5). Overlap with the",
         "data-free mask: the share of a client's kept positions among the top-k of |theta_0|, the seeded adapter",
         "every client scores (what a client would keep without data). r: Pearson correlation, over client pairs,",
-        "of mask overlap with data overlap (cosine of the clients' category histograms). A search that",
-        "personalizes shows low overlaps and a high r.",
+        "of mask overlap with data overlap (cosine of the clients' category histograms); r's p: the share of",
+        "relabellings of the clients whose r is at least as high (one-sided Mantel test). A search that",
+        "personalizes shows low overlaps and a high r, beyond chance.",
         "",
         _table(rows, header),
         "",
@@ -146,6 +148,11 @@ def _tuned_section(table: dict[str, dict[str, Any]], tuned_runs: Path) -> list[s
         _table(rows, header),
         "",
     ]
+
+
+def _p_value(value: float | None) -> str:
+    """A permutation p-value to 4 digits (its least is 1/10,000); n/a for a run read before p was."""
+    return f"{value:.4f}" if value is not None and math.isfinite(value) else "n/a"
 
 
 def _number(value: float | None, unit: str = "") -> str:
