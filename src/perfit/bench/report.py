@@ -168,77 +168,19 @@ def write_report(
     personal_runs: Path | None = None,
     personal_tuning: Path | None = None,
 ) -> list[Path]:
-    from perfit.client.hardware import cpu_description, cpu_has_bf16
-
+    """`perfit report`: docs/results.md and results.json (and figures/) from the paper grid's runs at
+    `runs`; with the tuned grid's runs (`tuned_runs`) its section, and with the personalization
+    grid's (`personal_runs`, its tuning.json `personal_tuning`) that section. Returns the files written."""
     runs = Path(runs)
     if not runs.is_dir():
         raise FileNotFoundError(f"{runs}: no grid directory; run `perfit bench paper --out {runs}` first")
     results = load_results(runs)
-    finished = sum(len(r.runs) for r in results.values())
-    if not finished:
+    if not sum(len(r.runs) for r in results.values()):
         raise FileNotFoundError(f"{runs}: no finished run yet; run `perfit bench paper --out {runs}`")
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    written = []
     head = headline(results)
-    drawn = {
-        "loss": figure_loss_curves(results, figures / "loss_curves.png"),
-        "similarity": figure_mask_similarity(results, figures / "mask_similarity.png"),
-    }
-    part = participation(results)
-    drawn["participation"] = bar_figure(
-        figures / "participation.png",
-        "Participation per round, 20 clients, Dirichlet(0.5), seed 0",
-        part,
-        "personalized perplexity (lower is better)",
-    )
-    comparison = metrics_comparison(results)
-    drawn["metric"] = bar_figure(
-        figures / "importance_metric.png",
-        "Importance metric (s=0.5, seed 0)",
-        {SPLIT_TITLES[s]: {m: v[0] for m, v in c.items()} for s, c in comparison.items()},
-        "personalized perplexity (lower is better)",
-    )
-    written += [
-        figures / f
-        for f, ok in [
-            ("loss_curves.png", drawn["loss"]),
-            ("mask_similarity.png", drawn["similarity"]),
-            ("participation.png", drawn["participation"]),
-            ("importance_metric.png", drawn["metric"]),
-        ]
-        if ok
-    ]
-    machine = {
-        "cpu": cpu_description(),
-        "cores": os.cpu_count(),
-        # which code made the runs: a note kept beside them (the grid runs from one fixed checkout
-        # over several sittings, so that all cells share one algorithm)
-        "code": (runs / "PROVENANCE.md").read_text().strip() if (runs / "PROVENANCE.md").is_file() else "",
-        "training dtype": "bf16 autocast (dtype=auto)" if cpu_has_bf16() else "fp32 (dtype=auto)",
-    }
-    document = {
-        "machine": machine,
-        "scale_preset": SCALE_PRESET,
-        "headline": head,
-        "cells": {
-            name: {
-                "config": {
-                    **result.cell.fields,
-                    "split": result.cell.split,
-                    "preset": SCALE_PRESET,
-                    "lr": result.lrs(),
-                },
-                "seeds": sorted(result.runs),
-                "seeds_planned": list(result.cell.seeds),
-                "personalized_ppl": {str(s): v for s, v in result.ppl.items()},
-                "mean": result.mean if result.runs else None,
-                "std": result.std if len(result.runs) > 1 else None,  # one seed measures no spread
-                "wall_seconds": {str(s): r["summary"]["wall_seconds"] for s, r in sorted(result.runs.items())},
-            }
-            for name, result in results.items()
-        },
-    }
+    drawn, part, comparison, written = _draw_figures(results, out / "figures")
+    machine = _machine(runs)
+    document = {"machine": machine, "scale_preset": SCALE_PRESET, "headline": head, "cells": _cells(results)}
     diagnostics = {
         name: found
         for name, result in results.items()
@@ -263,6 +205,62 @@ def write_report(
     text = markdown(results, head, machine, drawn, comparison, part, runs, sections, tuned_runs if tuned else None)
     (out / "results.md").write_text(text)
     return [out / "results.md", out / "results.json", *written]
+
+
+def _draw_figures(results: dict[str, CellResult], figures: Path) -> tuple[dict[str, bool], Any, Any, list[Path]]:
+    """The report's figures (Figs. 3-7): which were drawn (a figure needs two or more series), the
+    participation and importance-metric comparisons they draw, and the files written."""
+    figures.mkdir(parents=True, exist_ok=True)
+    drawn = {
+        "loss": figure_loss_curves(results, figures / "loss_curves.png"),
+        "similarity": figure_mask_similarity(results, figures / "mask_similarity.png"),
+    }
+    part = participation(results)
+    drawn["participation"] = bar_figure(
+        figures / "participation.png",
+        "Participation per round, 20 clients, Dirichlet(0.5), seed 0",
+        part,
+        "personalized perplexity (lower is better)",
+    )
+    comparison = metrics_comparison(results)
+    drawn["metric"] = bar_figure(
+        figures / "importance_metric.png",
+        "Importance metric (s=0.5, seed 0)",
+        {SPLIT_TITLES[s]: {m: v[0] for m, v in c.items()} for s, c in comparison.items()},
+        "personalized perplexity (lower is better)",
+    )
+    files = {"loss": "loss_curves.png", "similarity": "mask_similarity.png", "participation": "participation.png",
+             "metric": "importance_metric.png"}  # fmt: skip
+    return drawn, part, comparison, [figures / files[name] for name, ok in drawn.items() if ok]
+
+
+def _machine(runs: Path) -> dict[str, Any]:
+    """Where the report was made, and which code made the runs: the note kept beside them (the grid
+    runs from one fixed checkout over several sittings, so that all cells share one algorithm)."""
+    from perfit.client.hardware import cpu_description, cpu_has_bf16
+
+    return {
+        "cpu": cpu_description(),
+        "cores": os.cpu_count(),
+        "code": (runs / "PROVENANCE.md").read_text().strip() if (runs / "PROVENANCE.md").is_file() else "",
+        "training dtype": "bf16 autocast (dtype=auto)" if cpu_has_bf16() else "fp32 (dtype=auto)",
+    }
+
+
+def _cells(results: dict[str, CellResult]) -> dict[str, dict[str, Any]]:
+    """results.json's cells: each one's config, seeds run and planned, perplexities, mean and spread."""
+    return {
+        name: {
+            "config": {**result.cell.fields, "split": result.cell.split, "preset": SCALE_PRESET, "lr": result.lrs()},
+            "seeds": sorted(result.runs),
+            "seeds_planned": list(result.cell.seeds),
+            "personalized_ppl": {str(s): v for s, v in result.ppl.items()},
+            "mean": result.mean if result.runs else None,
+            "std": result.std if len(result.runs) > 1 else None,  # one seed measures no spread
+            "wall_seconds": {str(s): r["summary"]["wall_seconds"] for s, r in sorted(result.runs.items())},
+        }
+        for name, result in results.items()
+    }
 
 
 QUALITY_BAR = {"pathological": 0.75, "dirichlet": 0.78}
@@ -290,7 +288,7 @@ def markdown(
         _introduction(results, machine, runs, tuned_runs),
         _headline(head),
         _tables(results),
-        _figures(drawn, comparison, part),
+        _figures_section(drawn, comparison, part),
         _ablations(results),
         list(tuning),
         _every_run(results),
@@ -402,7 +400,7 @@ def _tables(results) -> list[str]:
     ]
 
 
-def _figures(drawn, comparison, part) -> list[str]:
+def _figures_section(drawn, comparison, part) -> list[str]:
     lines = ["## Figures", ""]
     if drawn["loss"]:
         lines += [
