@@ -312,72 +312,82 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         "",
     ]
     for split, found in summary["splits"].items():
-        lines += [
-            f"### {split}",
-            "",
-            "| method | seeds | pers. ppl | / FIT | ROUGE-L | mask overlap | with data-free mask | mask r "
-            "| r's p | kept alone |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for label, cell in found["cells"].items():
-            marker = " (chosen on validation)" if label == found["chosen_variant"] else ""
-            seeds = ",".join(map(str, cell["seeds"]))
-            numbers = [_number(cell["personalized_ppl"]), _number(cell["over_fit"], 4), _number(cell["rouge_l"])]
-            lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_mask_numbers(cell)} |")
-        lines.append("")
-        searched = summary["search_readings"].get(split, {})
-        if searched:
-            lines += [
-                "Every PerFIT cell's masks on its seed-0 tuning run at its chosen rate (the runs the variant "
-                "is chosen on). own / others: each client's own model against the other clients' models on "
-                "its validation rows, geometric mean over clients (`perfit bench cross`; 1: the masks "
-                "personalize nothing a client's data can tell; – not run):",
-                "",
-                "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r | r's p "
-                "| kept alone | own / others |",
-                "|---|---|---|---|---|---|---|---|---|",
-                *(
-                    f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])}{'†' if r.get('transcribed') else ''} "
-                    f"| {_mask_numbers(r, '‡' if r.get('masks_read_on') else '')} "
-                    f"| {_number(r['own_over_others'], 4)} |"
-                    for label, r in searched.items()
-                ),
-                "",
-            ]
-            if any(r.get("transcribed") for r in searched.values()):
-                lines += [f"†: transcribed; the run is gone, with its cross-evaluation and (unless ‡) its masks "
-                          f"({summary.get('transcribed_source', '')}).", ""]  # fmt: skip
-            read_on = {label: r["masks_read_on"] for label, r in searched.items() if r.get("masks_read_on")}
-            if read_on:
-                named = "; ".join(f"{label}: {source}" for label, source in read_on.items())
-                lines += [
-                    f"‡: the masks read on the tuning run that searched them, which this cell's run kept ({named}).",
-                    "",
-                ]
-        degraded = [
-            f"{label} (seeds {cell['degraded_seeds']})"
-            for label, cell in found["cells"].items()
-            if cell["degraded_seeds"]
-        ]
-        if degraded:
-            lines += ["Runs that rejected a client's update (a round counted fewer clients) or restarted a node's "
-                      "kept values; rerun them before a claim: " + ", ".join(degraded) + ".", ""]  # fmt: skip
-        if found["chosen_variant"] is None:
-            lines += [
-                "No PerFIT variant chosen yet (FIT's and every variant's tuning on seed 0, in both splits, "
-                "is not complete): no claim.",
-                "",
-            ]
-        elif found.get("goal_met") is None:
-            missing = "; ".join(f"{label} seeds {seeds}" for label, seeds in found["missing_seeds"].items())
-            lines += [f"Chosen variant `{found['chosen_variant']}`: held-out runs missing ({missing}), no claim.", ""]
-        else:
-            failed = [name for name, ok in found["checks"].items() if not ok]
-            verdict = "met" if found["goal_met"] else f"not met ({', '.join(failed)})"
-            lines += [f"Goal for `{found['chosen_variant']}` ({GOAL}): **{verdict}**.", ""]
+        lines += [f"### {split}", "", *_held_out_table(found)]
+        lines += _search_table(summary["search_readings"].get(split, {}), summary.get("transcribed_source", ""))
+        lines += _verdict(found)
     overall = {True: "**met**", False: "**not met**", None: "not measurable yet"}[summary.get("goal_met")]
     lines += [f"The goal over both splits (one PerFIT method, chosen for both on validation): {overall}.", ""]
     return lines
+
+
+def _held_out_table(found: dict[str, Any]) -> list[str]:
+    """A split's held-out table: every cell's seeds, perplexity, ratio to FIT, ROUGE-L, mask readings."""
+    lines = [
+        "| method | seeds | pers. ppl | / FIT | ROUGE-L | mask overlap | with data-free mask | mask r "
+        "| r's p | kept alone |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, cell in found["cells"].items():
+        marker = " (chosen on validation)" if label == found["chosen_variant"] else ""
+        seeds = ",".join(map(str, cell["seeds"]))
+        numbers = [_number(cell["personalized_ppl"]), _number(cell["over_fit"], 4), _number(cell["rouge_l"])]
+        lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_mask_numbers(cell)} |")
+    return [*lines, ""]
+
+
+def _search_table(searched: dict[str, dict[str, Any]], transcribed_source: str) -> list[str]:
+    """A split's PerFIT cells on their seed-0 tuning runs (`search_readings`), with the footnotes on
+    values transcribed (†) and masks read on another run (‡); nothing where none is tuned."""
+    if not searched:
+        return []
+    lines = [
+        "Every PerFIT cell's masks on its seed-0 tuning run at its chosen rate (the runs the variant "
+        "is chosen on). own / others: each client's own model against the other clients' models on "
+        "its validation rows, geometric mean over clients (`perfit bench cross`; 1: the masks "
+        "personalize nothing a client's data can tell; – not run):",
+        "",
+        "| PerFIT cell | lr | validation ppl | mask overlap | with data-free mask | mask r | r's p "
+        "| kept alone | own / others |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {label} | {r['lr']:g} | {_number(r['validation_ppl'])}{'†' if r.get('transcribed') else ''} "
+            f"| {_mask_numbers(r, '‡' if r.get('masks_read_on') else '')} "
+            f"| {_number(r['own_over_others'], 4)} |"
+            for label, r in searched.items()
+        ),
+        "",
+    ]
+    if any(r.get("transcribed") for r in searched.values()):
+        lines += [f"†: transcribed; the run is gone, with its cross-evaluation and (unless ‡) its masks "
+                  f"({transcribed_source}).", ""]  # fmt: skip
+    read_on = {label: r["masks_read_on"] for label, r in searched.items() if r.get("masks_read_on")}
+    if read_on:
+        named = "; ".join(f"{label}: {source}" for label, source in read_on.items())
+        lines += [f"‡: the masks read on the tuning run that searched them, which this cell's run kept ({named}).", ""]
+    return lines
+
+
+def _verdict(found: dict[str, Any]) -> list[str]:
+    """A split's runs to redo before a claim, and its verdict: no variant yet, runs missing, or the goal's checks."""
+    lines = []
+    degraded = [f"{label} (seeds {cell['degraded_seeds']})" for label, cell in found["cells"].items()
+                if cell["degraded_seeds"]]  # fmt: skip
+    if degraded:
+        lines += ["Runs that rejected a client's update (a round counted fewer clients) or restarted a node's "
+                  "kept values; rerun them before a claim: " + ", ".join(degraded) + ".", ""]  # fmt: skip
+    if found["chosen_variant"] is None:
+        return [
+            *lines,
+            "No PerFIT variant chosen yet (FIT's and every variant's tuning on seed 0, in both splits, "
+            "is not complete): no claim.",
+            "",
+        ]
+    if found.get("goal_met") is None:
+        missing = "; ".join(f"{label} seeds {seeds}" for label, seeds in found["missing_seeds"].items())
+        return [*lines, f"Chosen variant `{found['chosen_variant']}`: held-out runs missing ({missing}), no claim.", ""]
+    failed = [name for name, ok in found["checks"].items() if not ok]
+    verdict = "met" if found["goal_met"] else f"not met ({', '.join(failed)})"
+    return [*lines, f"Goal for `{found['chosen_variant']}` ({GOAL}): **{verdict}**.", ""]
 
 
 def _mask_numbers(reading: dict[str, Any], mark: str = "") -> str:
