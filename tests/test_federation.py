@@ -146,12 +146,13 @@ def test_bad_data_fails_before_any_output(tmp_path, tiny_model):
 def test_mask_diagnostics_of_a_perfit_run(runs):
     import itertools
 
-    from perfit.bench.diagnostics import mask_diagnostics
+    from perfit.bench.diagnostics import READING_KEYS, mask_diagnostics
     from perfit.core.diagnostics import kept_overlap
 
     config, _ = runs[("perfit", "pathological", "")]
     found = mask_diagnostics(Path(config.out))
     assert found["clients"] == 4
+    assert found.keys() == READING_KEYS  # what decides whether an older readings file is written again
     masks = [m.bool() for _, m in sorted(load_file(str(Path(config.out) / "masks.safetensors")).items())]
     pairs = [kept_overlap(a, b) for a, b in itertools.permutations(masks, 2)]
     assert found["mean_pairwise_overlap"] == pytest.approx(sum(pairs) / 12)  # the run's own masks, 4 x 3 pairs

@@ -85,8 +85,8 @@ def _diagnostics_section(diagnostics: dict[str, dict[str, dict[str, Any]]]) -> l
         for name, seeds in diagnostics.items()
         for seed, d in seeds.items()
     ]  # fmt: skip
-    header = ["cell", "seed", "pairwise kept overlap", "overlap with data-free mask", "r (mask vs data overlap)"]
-    header.append("r's p")
+    header = ["cell", "seed", "pairwise kept overlap", "overlap with data-free mask", "r (mask vs data overlap)",
+              "r's p"]  # fmt: skip
     return [
         "## Mask diagnostics",
         "",
