@@ -17,6 +17,8 @@ PACKAGE = Path(perfit.__file__).parent
 ORDER = ["config", "core", "artifacts", "client", "federation", "use", "api", "bench", "cli"]
 SERVER_SIDE = (
     "federation.server_app",
+    "federation.updates",
+    "federation.evaluation",
     "federation.exchange",
     "federation.roster",
     "federation.run_directory",

@@ -181,3 +181,8 @@ class NodeExchange:
     def _reject(self, client: int, reason: str) -> None:
         log.warning("client %d: update rejected: %s", client, reason)
         self.rejected.append({"client": client, "reason": reason})
+
+    def _malformed(self, client: int, err: Exception) -> None:
+        """A reply whose records do not have the types and shapes perfit sends (a hostile or broken
+        client): rejected and logged like any bad reply, instead of ending the run."""
+        self._reject(client, f"malformed reply ({type(err).__name__}: {err})")

@@ -1,4 +1,6 @@
-"""Flower ServerApp: sampling, personalized payloads, Eq. 6 aggregation, evaluation and outputs.
+"""Flower ServerApp: the run's phases (set up, rounds, final evaluation, outputs), client sampling,
+checkpoints, the masks' search and each client's personalized payload. A train round's replies and
+Eq. 6 are in `federation.updates`, evaluation in `federation.evaluation`.
 
 The round loop is written on `Grid` (not a Strategy) because every client gets its own payload:
 the global adapter at its own mask positions. Masks reach the server once, bit-packed; afterwards
@@ -18,25 +20,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
 from perfit.artifacts.base_model import model_config
 from perfit.artifacts.lora import layout_for
 from perfit.config import Config, from_mapping
-from perfit.core.aggregate import TrimmedMean, personalize, round_aggregator
-from perfit.core.masks import PackedMasks, decode, gather, scatter
+from perfit.core.aggregate import personalize
+from perfit.core.masks import PackedMasks, decode, gather
 from perfit.core.methods import (
     FixedMasks,
     fixed_masks,
     global_start,
-    lora_update_norm,
     resume_reads_nodes,
     shared_positions,
 )
-from perfit.core.metrics import perplexity
-from perfit.core.robust import bound_changes, change_norms, weight_cap
+from perfit.core.robust import weight_cap
+from perfit.federation.evaluation import Evaluation
 from perfit.federation.exchange import NodeExchange
 from perfit.federation.roster import NodesFailed, Roster, discover
 from perfit.federation.run_directory import (
@@ -48,28 +49,17 @@ from perfit.federation.run_directory import (
     resumes_from_checkpoint,
     sampler_state,
 )
-from perfit.federation.validation import evaluation_problem, mask_problem, update_problem
+from perfit.federation.updates import RoundUpdates, array_bytes
+from perfit.federation.validation import mask_problem
 
 log = logging.getLogger("perfit")
 app = ServerApp()
-CLIENT_SECONDS = ("startup_seconds", "setup_seconds", "compute_seconds")
-"""Where a train message's time went on its client, as the client reports it (metrics.jsonl)."""
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = from_mapping(dict(context.run_config))
     Federation(grid, config).run()
-
-
-def _reply_metrics(reply: Message) -> dict[str, Any]:
-    """A reply's metrics as a plain dict ({} where it has none)."""
-    return dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-
-
-def array_bytes(record: ArrayRecord) -> int:
-    """Bytes of the arrays in a payload as Flower serializes them."""
-    return record.count_bytes()
 
 
 @dataclass
@@ -91,9 +81,11 @@ client's time went."""
 
 
 @dataclass
-class Federation(NodeExchange):
-    """One run of FIT or PerFIT over the nodes behind `grid`; its messages and the replies it waits
-    for are `NodeExchange`'s (`federation.exchange`)."""
+class Federation(NodeExchange, RoundUpdates, Evaluation):
+    """One run of FIT or PerFIT over the nodes behind `grid`: its phases, checkpoints, masks and
+    payloads are here; the messages and the replies it waits for are `NodeExchange`'s
+    (`federation.exchange`), a train round's replies checked and aggregated `RoundUpdates`'
+    (`federation.updates`), an evaluation's `Evaluation`'s (`federation.evaluation`)."""
 
     grid: Grid
     config: Config
@@ -332,7 +324,7 @@ class Federation(NodeExchange):
         totals["seconds_before_resume"] = state["seconds"]
         return state["round"] + 1, restore_sampler(state["sampler"]), totals
 
-    # ---- the three phases ----
+    # ---- masks and payloads ----
     def _ensure_masks(self, clients: list[int]) -> int:
         """Ask clients without a mask to search one (Alg. 1), once; returns bytes uploaded."""
         todo = [c for c in clients if c not in self.masks]
@@ -379,182 +371,3 @@ class Federation(NodeExchange):
         sent = {c: sum(array_bytes(record) for record in m.content.array_records.values()) for c, m in messages.items()}
         each = None if arrived is None else lambda client, reply: arrived(client, reply, sent[client])
         return self._exchange(messages, each), sum(sent.values())
-
-    def _keep_final_reply(self, client: int, reply: Message, bytes_down: int) -> None:
-        """A final-evaluation reply on disk as it arrives, with what the summary counts for it (the
-        bytes sent to its client, the final evaluation's seconds so far, a restart of its node's kept
-        values), when its metrics are sound; an unsound one is not kept: `_evaluate` rejects it, and a
-        resumed run asks that client again."""
-        try:
-            metrics = _reply_metrics(reply)
-            if evaluation_problem(client, metrics):
-                return
-        except Exception:  # noqa: BLE001 - metrics of the wrong types: `_evaluate` rejects and logs them
-            return
-        record = {
-            "metrics": metrics,
-            "seconds": self.final_seconds_kept + time.perf_counter() - self.final_started,
-            "bytes_down": bytes_down,
-            "kept_lost": [e for e in self.kept_lost[self.final_kept_lost_from :] if e["client"] == client],
-        }
-        self.out.keep_final_reply(client, self.nonce, record)
-
-    def _train_round(self, sampled: list[int], round_number: int) -> dict[str, Any]:
-        """Send, check every reply, bound the accepted changes, then Eq. 6 (or its trimmed mean)."""
-        replies, bytes_down = self._send(sampled, MessageType.TRAIN, round_number)
-        if self.kept_rounds is not None:  # each node that replied kept what it trained, accepted here or not
-            self.kept_rounds.update(dict.fromkeys(replies, round_number))
-        accepted, losses, bytes_up, timing = {}, [], 0, {}
-        for client, reply in replies.items():
-            try:
-                payload_bytes = array_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
-                bytes_up += payload_bytes
-                self._read_update(client, reply, payload_bytes, accepted, timing, losses)
-            except Exception as err:  # a reply of the wrong record types or shapes: that client's, not the run's
-                self._malformed(client, err)
-        bounds = self._bound(accepted)
-        updates, capped = round_aggregator(self.config.aggregation_rule, self.layout.size, self.config.trim), {}
-        by_examples = self.config.method != "hetlora"  # HetLoRA weighs by ||B A||_F, not by a claim
-        for client, (mask, values, examples) in accepted.items():
-            dense = scatter(values, mask)
-            if by_examples and examples > self.weight_cap:
-                log.warning("client %d: weight of %d examples capped at %.4g", client, examples, self.weight_cap)
-                capped[str(client)] = examples
-            updates.add(mask, dense, self._weight(dense, examples))
-        if accepted and by_examples and self.config.update_bound > 0:
-            bounds["weight_capped"] = capped
-        needed = math.ceil(self.config.min_replies * len(sampled))
-        counted = updates.count > 0 and updates.count >= needed
-        if counted:
-            self.global_flat = updates.result(self.global_flat)
-            if isinstance(updates, TrimmedMean):  # each client's share left out: near 1, far from the others
-                bounds["trimmed"] = dict(zip(map(str, accepted), updates.dropped_shares, strict=True))
-        else:
-            log.warning("round %d not counted: %d accepted updates, %d needed", round_number, updates.count, needed)
-        weight = sum(w for _, w in losses)
-        loss = sum(v * w for v, w in losses) / weight if weight else float("nan")
-        return {
-            "loss": loss,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "accepted": updates.count,
-            "counted": counted,
-            "client_seconds": timing,
-            **bounds,
-        }
-
-    def _read_update(
-        self,
-        client: int,
-        reply: Message,
-        payload_bytes: int,
-        accepted: dict[int, tuple[torch.Tensor, torch.Tensor, int]],
-        timing: dict[str, dict[str, float]],
-        losses: list[tuple[float, float]],
-    ) -> None:
-        """Check one train reply (`validation.update_problem`): rejected and logged, or added to
-        `accepted` (mask, values, examples), with its timing and its loss."""
-        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
-        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-        registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
-        mask = self.masks[client] & self.shared
-        train_rows = self.roster.train_rows(client)
-        problem = update_problem(client, arrays, metrics, int(mask.sum()), registered, payload_bytes, train_rows)
-        if problem:
-            self._reject(client, problem)
-            return
-        if int(metrics["examples"]) == 0:
-            return  # a client without train rows has nothing to contribute
-        seconds = {k: float(metrics[k]) for k in CLIENT_SECONDS if k in metrics}
-        loss = (float(metrics["train_loss"]), min(float(metrics["examples"]), self.weight_cap))
-        accepted[client] = (mask, torch.from_numpy(arrays["values"].copy()), int(metrics["examples"]))
-        timing[str(client)] = seconds
-        losses.append(loss)
-
-    def _malformed(self, client: int, err: Exception) -> None:
-        """A reply whose records do not have the types and shapes perfit sends (a hostile or broken
-        client): rejected and logged like any bad reply, instead of ending the run."""
-        self._reject(client, f"malformed reply ({type(err).__name__}: {err})")
-
-    def _bound(self, accepted: dict[int, tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, Any]:
-        """Scale each accepted change from what its client received down to at most `update_bound` x
-        the round's median change norm (`core.robust`), in place; the norms, the bound and the
-        clients bounded, for the round's metrics."""
-        if not accepted:
-            return {}
-        clients = list(accepted)
-        received = [gather(self.global_flat, accepted[c][0]).float() for c in clients]
-        returned = [accepted[c][1] for c in clients]
-        norms = change_norms(received, returned)
-        record: dict[str, Any] = {"change_norms": {str(c): n for c, n in zip(clients, norms, strict=True)}}
-        if self.config.update_bound > 0:
-            bounded, scales, bound = bound_changes(received, returned, self.config.update_bound)
-            for client, values, scale in zip(clients, bounded, scales, strict=True):
-                accepted[client] = (accepted[client][0], values, accepted[client][2])
-                if scale < 1.0:
-                    log.warning("client %d: update scaled by %.3g to the round's bound %.4g", client, scale, bound)
-            record["update_bound"] = bound
-            record["bounded"] = {str(c): s for c, s in zip(clients, scales, strict=True) if s < 1.0}
-        return record
-
-    def _weight(self, dense: torch.Tensor, examples: int) -> float:
-        """Aggregation weight: the client's example count, at most the weight cap; HetLoRA's sparsity
-        weight ||B A||_F."""
-        if self.config.method == "hetlora":
-            return max(lora_update_norm(self.layout, dense), 1e-12)
-        return float(min(examples, self.weight_cap))
-
-    def _final_replies_kept(self, clients: list[int]) -> tuple[dict[int, dict[str, Any]], int]:
-        """The metrics of the final-evaluation replies a stopped run of this nonce kept, by client, and
-        the bytes sent for them; what else they count (seconds, nodes' restarted values) is restored."""
-        kept = {c: r for c, r in self.out.kept_final_replies(self.nonce).items() if c in clients}
-        if kept:
-            log.info("final evaluation: %d clients' replies kept before the stop", len(kept))
-        self.final_seconds_kept = max((float(r["seconds"]) for r in kept.values()), default=0.0)
-        self.kept_lost.extend(entry for c in sorted(kept) for entry in kept[c]["kept_lost"])
-        self.final_kept_lost_from, self.final_started = len(self.kept_lost), time.perf_counter()
-        return {c: r["metrics"] for c, r in kept.items()}, sum(int(r["bytes_down"]) for r in kept.values())
-
-    def _evaluate(
-        self, clients: list[int], round_number: int, finetune: int = 0, final: bool = False
-    ) -> dict[str, Any]:
-        """Personalized perplexity: each client's own adapter (FIT: the global one) on its eval rows,
-        after `finetune` local epochs on the client when asked; at the `final` evaluation each node
-        also keeps its owner's adapter (in its state-dir)."""
-        kept, bytes_down = self._final_replies_kept(clients) if final else ({}, 0)
-        todo = [c for c in clients if c not in kept]
-        arrived = self._keep_final_reply if final else None
-        replies, bytes_sent = self._send(todo, MessageType.EVALUATE, round_number, finetune, final, arrived)
-        bytes_down += bytes_sent
-        received: dict[int, Message | dict[str, Any]] = {**kept, **replies}
-        per_client, nll_total, token_total, rouge = {}, 0.0, 0, {}
-        for client, reply in sorted(received.items()):
-            try:
-                metrics = reply if isinstance(reply, dict) else _reply_metrics(reply)
-                problem = evaluation_problem(client, metrics)
-                if not problem:
-                    nll, tokens = float(metrics["nll"]), int(metrics["tokens"])
-                    count = int(metrics.get("rouge_l_count", 0))
-                    answers = float(metrics["rouge_l_sum"]) / count if count > 0 else None
-            except Exception as err:  # metrics of the wrong types: that client's, not the run's
-                self._malformed(client, err)
-                continue
-            if problem:
-                self._reject(client, problem)
-                continue
-            per_client[client] = perplexity(nll, tokens)
-            nll_total += nll
-            token_total += tokens
-            if answers is not None:
-                rouge[client] = answers
-        measured = [v for v in per_client.values() if not math.isnan(v)]  # a diverged client's inf counts
-        result = {
-            "personalized_ppl": sum(measured) / len(measured) if measured else float("nan"),
-            "overall_ppl": perplexity(nll_total, token_total),
-            "per_client_ppl": per_client,
-            "bytes_down": bytes_down,
-        }
-        if rouge:  # the final evaluation's ROUGE-L (`rouge_samples`): mean over each client's sample
-            result["rouge_l"] = sum(rouge.values()) / len(rouge)
-            result["per_client_rouge_l"] = {str(c): v for c, v in sorted(rouge.items())}
-        return result
