@@ -25,7 +25,7 @@ import torch
 
 from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import lora_layout
-from perfit.bench.speed import sample_examples
+from perfit.bench.passes import sample_examples
 from perfit.client import onednn
 from perfit.client.allocator import keep_freed_memory
 from perfit.client.batching import packed_batch

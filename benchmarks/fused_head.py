@@ -19,7 +19,7 @@ import perfit.client.loss as loss_module
 import perfit.client.train as train_module
 from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import lora_layout
-from perfit.bench.speed import sample_examples
+from perfit.bench.passes import sample_examples
 from perfit.client.data import load_rows
 from perfit.client.model import attach_lora, load_base
 from perfit.config import make_config

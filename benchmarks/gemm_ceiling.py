@@ -15,7 +15,7 @@ import argparse
 
 from perfit.artifacts.base_model import resolve_model
 from perfit.bench.flops import DTYPES, PRECISIONS, gemm_ceiling, matmul_peak_gflops
-from perfit.bench.speed import sample_examples
+from perfit.bench.passes import sample_examples
 from perfit.client.data import load_rows
 from perfit.client.hardware import cpu_has_bf16
 from perfit.client.model import load_base

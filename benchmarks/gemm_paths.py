@@ -21,7 +21,7 @@ import torch
 
 from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import lora_layout
-from perfit.bench.speed import sample_examples
+from perfit.bench.passes import sample_examples
 from perfit.client import onednn
 from perfit.client.data import load_rows
 from perfit.client.model import attach_lora, compile_decoder, load_base

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import lora_layout
-from perfit.bench.speed import sample_examples
+from perfit.bench.passes import sample_examples
 from perfit.client import onednn
 from perfit.client.batching import packed_batch
 from perfit.client.data import load_rows

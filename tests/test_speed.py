@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from perfit.bench.speed import random_mask, rotated
+from perfit.bench.passes import random_mask
+from perfit.bench.speed import rotated
 from perfit.client import hardware, onednn
 
 
@@ -210,7 +211,7 @@ def test_compile_break_even_is_first_call_over_seconds_saved_per_token():
 def test_sample_examples_draws_a_smaller_held_out_set_as_a_prefix(tiny_model, small_data):
     from transformers import AutoTokenizer
 
-    from perfit.bench.speed import sample_examples
+    from perfit.bench.passes import sample_examples
     from perfit.client.data import load_rows
 
     rows, tokenizer = load_rows(str(small_data)), AutoTokenizer.from_pretrained(tiny_model)

@@ -5,9 +5,7 @@ Peaks, GEMM rates and the useful FLOPs MFU counts: `perfit.bench.flops`.
 
 from __future__ import annotations
 
-import functools
 import json
-import random
 import resource
 import statistics
 import time
@@ -30,34 +28,16 @@ from perfit.bench.flops import (
     matmul_peak_gflops,
     useful_flops,
 )
+from perfit.bench.passes import TimedPasses, plain_peft_pass, random_mask, sample_examples
 from perfit.client import onednn
-from perfit.client.data import Example, load_rows, partition, tokenize
+from perfit.client.data import load_rows, partition
 from perfit.client.hardware import cpu_description, cpu_has_bf16, training_autocast
-from perfit.client.model import attach_lora, compile_decoder, device_of, load_base, lora_parameters
-from perfit.client.train import Schedule, autocast, evaluate_nll, train_masked
+from perfit.client.model import attach_lora, compile_decoder, load_base
+from perfit.client.train import Schedule, evaluate_nll, train_masked
 from perfit.config import Config
 from perfit.core.aggregate import Accumulator
 from perfit.core.layout import initial_adapter
 from perfit.core.metrics import perplexity
-
-
-def sample_examples(
-    all_rows: list[dict[str, str]], tokenizer: Any, rows: int, cutoff_len: int, held_out: int | None = None
-) -> tuple[list[Example], list[Example]]:
-    """The bench's seeded (train, held-out) rows of the data file, tokenised: `rows` to train on and
-    `held_out` (default as many) after them in the same seeded draw, so a smaller held-out set is a
-    prefix of the default one and the train rows never change with it."""
-    held_out = rows if held_out is None else held_out
-    picked = random.Random(0).sample(range(len(all_rows)), rows + held_out)
-    examples = [tokenize(all_rows[i], tokenizer, cutoff_len) for i in picked]
-    return examples[:rows], examples[rows:]
-
-
-def random_mask(size: int, budget: int, seed: int) -> torch.Tensor:
-    """A seeded mask holding exactly `budget` of `size` positions (timing only; not a searched mask)."""
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:budget]] = True
-    return mask
 
 
 def rotated(base: torch.Tensor, client: int) -> torch.Tensor:
@@ -66,66 +46,6 @@ def rotated(base: torch.Tensor, client: int) -> torch.Tensor:
     7,919 divides it), so each client's mask has the same budget and its own pattern, far faster
     than a randperm per client."""
     return torch.roll(base, shifts=client * 7919 % base.numel())
-
-
-def plain_peft_pass(
-    peft_model: Any,
-    examples: list[Example],
-    pad_id: int,
-    batch_size: int,
-    micro: int,
-    autocast_dtype: torch.dtype | None = None,
-) -> None:
-    """The loop a user writes with peft + torch: padded micro-batches in data order, the full head
-    and HF's loss on every position, AdamW on all LoRA parameters; the forward/backward under
-    autocast when `autocast_dtype` is given."""
-    params = lora_parameters(peft_model)
-    optimizer = torch.optim.AdamW(params, lr=3e-4)
-    device = device_of(peft_model)
-    peft_model.train()
-    for start in range(0, len(examples), batch_size):
-        optimizer.zero_grad(set_to_none=True)
-        batch = examples[start : start + batch_size]
-        for offset in range(0, len(batch), micro):
-            chunk = batch[offset : offset + micro]
-            width = max(len(e.input_ids) for e in chunk)
-            ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in chunk])
-            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk])
-            attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
-            with autocast(peft_model, autocast_dtype):
-                loss = peft_model(
-                    input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)
-                ).loss
-            loss.backward()
-        optimizer.step()
-    peft_model.eval()
-
-
-def local_pass(
-    base: Any,
-    config: Config,
-    pad_id: int,
-    rank: int,
-    budget_rank: int,
-    autocast: torch.dtype | None = None,
-    packed: bool | None = None,
-    micro_batch_size: int | None = None,
-) -> tuple[Any, Any, Any]:
-    """(peft model, layout, run) for timing one client's local training: a fresh rank-`rank` adapter
-    on `base` with a seeded random mask of the rank-`budget_rank` budget (FIT: both r; PerFIT: the
-    dense rank r/(1-s) masked to r's budget), and `run(rows)`, one epoch of `train_masked` over the
-    rows from the same start and seed, at the config's batch and `micro_batch_size` (default the
-    config's)."""
-    peft_model = attach_lora(base, rank, 2.0 * rank)
-    layout = lora_layout(peft_model)
-    mask = random_mask(layout.size, layout.budget(budget_rank), seed=0)
-    start = initial_adapter(layout, "peft", 0) * mask
-    schedule = Schedule(1, config.batch_size, micro_batch_size or config.micro_batch_size, config.lr, seed=0)
-
-    def run(subset: list[Example]) -> Any:
-        return train_masked(peft_model, start, mask, subset, pad_id, schedule, autocast_dtype=autocast, packed=packed)
-
-    return peft_model, layout, run
 
 
 @dataclass
@@ -140,6 +60,9 @@ class Bench:
     fp32 (`emulated_bf16_probe`), so the passes would take hours and `dtype=auto` never uses them."""
 
     def run(self) -> dict[str, Any]:
+        """Every figure of `perfit bench speed`, timed side by side in this process: the training
+        passes, their ratios and perplexities, payload bytes and Eq. 6 on the server, the search's
+        share, a compiled pass, and MFU against the machine's peak."""
         torch.manual_seed(0)
         config = self.config
         started = time.perf_counter()
@@ -152,83 +75,17 @@ class Bench:
         # the GEMMs as local training runs them: fp32 through oneDNN on all but Intel CPUs
         routing = onednn.plan(config.onednn, "cpu")
         onednn.route(base, routing)
-        with_onednn, fp32_onednn = routing.enabled, routing.fp32  # where this torch build has the ops
         # half as many held-out rows: they only compare two adapters trained alike (ratios near 1.0000),
         # and the bench evaluates four adapters
         train, held_out = sample_examples(all_rows, tokenizer, self.rows, config.cutoff_len, max(self.rows // 2, 1))
-        pad = tokenizer.pad_token_id
         tokens = sum(len(e.input_ids) for e in train)
         ceiling = gemm_ceiling(base, train, config, precisions=precisions)
-        gemm = ceiling["gflops"]
-
-        longest = sorted(train, key=lambda e: len(e.input_ids))[-config.micro_batch_size :]
-
-        def timed(fn: Any, warm: bool = True) -> tuple[float, Any]:
-            """(seconds, result) of `fn(train)` after a warm-up on the longest micro-batch: kernel choice,
-            and the heap grown to its high-water mark (`allocator.keep_freed_memory` keeps it), as it
-            is after a run's first steps; otherwise whichever pass comes first pays the page faults.
-            `warm=False` where the pass just before trained the same rows in the same layout (it has
-            run the longest micro-batch already)."""
-            if warm:
-                fn(longest)
-            begin = time.perf_counter()
-            result = fn(train)
-            return time.perf_counter() - begin, result
-
-        def masked_pass(
-            rank: int, budget_rank: int, autocast: torch.dtype | None = None, packed: bool | None = None
-        ) -> Any:
-            return local_pass(base, config, pad, rank, budget_rank, autocast, packed)
-
         n_linear, n_lora = linear_params(base), lora_layout(attach_lora(base, config.rank, 2.0 * config.rank)).size
         flops = useful_flops(base.config, n_linear, n_lora, train)
-
-        evaluator = attach_lora(load_base(resolve_model(config))[0], config.rank, 2.0 * config.rank)  # never compiled
-
-        def held_out_ppl(flat: torch.Tensor) -> float:
-            """Personalized perplexity of a rank-r adapter on the held-out rows, fp32 and eager."""
-            return perplexity(*evaluate_nll(evaluator, flat, held_out, pad, config.micro_batch_size))
-
-        @functools.cache
-        def trained_ppl(name: str) -> float:
-            """`held_out_ppl` of precision `name`'s perfit pass (`trained[name]`), evaluated once: up to
-            three ratios share it (packed / padded, oneDNN / BLAS, compiled / eager, bf16 / fp32)."""
-            return held_out_ppl(trained[name].flat)
-
+        evaluator = attach_lora(load_base(resolve_model(config))[0], config.rank, 2.0 * config.rank)
+        passes = TimedPasses(config, base, tokenizer.pad_token_id, train, held_out, evaluator)
         dense = round(config.rank / (1 - config.sparsity))
-        seconds: dict[str, float] = {}
-        trained: dict[str, Any] = {}  # each precision's perfit pass: the same start, rows and seed
-        # a PerFIT client (dense rank, masked to the budget) against FIT, and FIT on the other path for the
-        # frozen GEMMs (torch's BLAS where they go through oneDNN, else oneDNN), timed FIT, PerFIT,
-        # other, PerFIT, FIT so that a drift of this shared machine's speed over the five passes cancels
-        fit_first, trained["fp32"] = timed(masked_pass(config.rank, config.rank)[2])
-        round_passes = {"perfit": [timed(masked_pass(dense, config.rank)[2], warm=False)[0]]}
-        other = self._other_path_pass(base, masked_pass(config.rank, config.rank)[2], timed, "fp32", with_onednn)
-        dense_again = masked_pass(dense, config.rank)[2]  # anew: the other pass's wrap replaced the first
-        round_passes["perfit"].append(timed(dense_again, warm=False)[0])
-        round_passes["fit"] = [fit_first, timed(masked_pass(config.rank, config.rank)[2], warm=False)[0]]
-        seconds["perfit_fp32"] = statistics.fmean(round_passes["fit"])
-        seconds["perfit_round_dense_rank"] = statistics.fmean(round_passes["perfit"])
-        blas_bf16 = None
-        for name in precisions:
-            dtype = autocast_for(name)
-            if name != "fp32":
-                first, trained[name] = timed(masked_pass(config.rank, config.rank, dtype)[2])
-                passes = [first]
-                if name == "bf16" and with_onednn and onednn.bf16_supported():  # oneDNN, autocast's, oneDNN
-                    blas_bf16 = self._other_path_pass(base, masked_pass(config.rank, config.rank, dtype)[2], timed,
-                                                      name, True)  # fmt: skip
-                    passes.append(timed(masked_pass(config.rank, config.rank, dtype)[2], warm=False)[0])
-                    round_passes["bf16_onednn"] = passes
-                seconds[f"perfit_{name}"] = statistics.fmean(passes)
-            plain_model = masked_pass(config.rank, config.rank)[0]
-            seconds[f"plain_peft_{name}"], _ = timed(
-                lambda subset, model=plain_model, dtype=dtype: plain_peft_pass(
-                    model, subset, pad, config.batch_size, config.micro_batch_size, dtype
-                )
-            )
-        seconds[f"perfit_{used}_padded"], padded = timed(masked_pass(config.rank, config.rank, autocast_for(used),
-                                                                     packed=False)[2])  # fmt: skip
+        seconds, round_passes, other, blas_bf16 = self._timed_passes(passes, precisions, used, dense, routing.enabled)
         # the search share's training side: the PerFIT passes above, where they ran at the training precision
         dense_seconds = seconds["perfit_round_dense_rank"] if used == "fp32" else None
         result = {
@@ -242,66 +99,74 @@ class Bench:
             "tokens_per_s": {k: tokens / v for k, v in seconds.items()},
             "packing_dtype": used,
             "packed_over_padded_tokens_per_s": seconds[f"perfit_{used}_padded"] / seconds[f"perfit_{used}"],
-            "packed_ppl_over_padded_ppl": trained_ppl(used) / held_out_ppl(padded.flat),
+            "packed_ppl_over_padded_ppl": passes.trained_ppl(used) / passes.held_out_ppl(passes.trained["padded"].flat),
             "perfit_over_peft_tokens_per_s": seconds["plain_peft_fp32"] / seconds["perfit_fp32"],
             "perfit_round_over_fit_round": seconds["perfit_round_dense_rank"] / seconds["perfit_fp32"],
             "round_passes_seconds": round_passes,
-            "onednn": {"used": with_onednn, "fp32_default": "onednn" if fp32_onednn else "blas"},
+            "onednn": {"used": routing.enabled, "fp32_default": "onednn" if routing.fp32 else "blas"},
             **self._bytes_and_server(dense),
-            **self._search_share(masked_pass, dense, train, held_out, pad, all_rows, precisions, dense_seconds),
+            **self._search_share(passes, dense, all_rows, precisions, dense_seconds),
         }
-        if other is not None:  # oneDNN's pass and BLAS's, whichever of them the FIT rows are
-            default, other_path = (seconds["perfit_fp32"], trained_ppl("fp32")), (other[0], held_out_ppl(other[1].flat))
-            (onednn_s, onednn_ppl), (blas_s, blas_ppl) = (default, other_path) if fp32_onednn else (other_path, default)
-            result["onednn"] |= {
-                "seconds_onednn_fp32": onednn_s,
-                "seconds_blas_fp32": blas_s,
-                "onednn_over_blas_tokens_per_s_fp32": blas_s / onednn_s,
-                "ppl_onednn_over_blas_fp32": onednn_ppl / blas_ppl,
-            }
-        if blas_bf16 is not None:
-            result["onednn"] |= {
-                "seconds_blas_bf16": blas_bf16[0],
-                "onednn_over_blas_tokens_per_s_bf16": blas_bf16[0] / seconds["perfit_bf16"],
-                "ppl_onednn_over_blas_bf16": trained_ppl("bf16") / held_out_ppl(blas_bf16[1].flat),
-            }
+        result["onednn"] |= _path_ratios(passes, seconds, other, blas_bf16, routing.fp32)
         if with_bf16:
             result["perfit_over_peft_tokens_per_s_bf16"] = seconds["plain_peft_bf16"] / seconds["perfit_bf16"]
             result["bf16_over_fp32_tokens_per_s"] = seconds["perfit_fp32"] / seconds["perfit_bf16"]
-            result["bf16_ppl_over_fp32_ppl"] = trained_ppl("bf16") / trained_ppl("fp32")
+            result["bf16_ppl_over_fp32_ppl"] = passes.trained_ppl("bf16") / passes.trained_ppl("fp32")
         else:
             result["bf16_not_timed"] = emulated_bf16_probe()
         # last: compiling the decoder is process-wide, so everything above ran eager. Only at the training
         # precision (`torch_compile=auto` compiles that path alone): an fp32 compile on a bf16 CPU would
         # time a path `dtype=auto` does not take there
-        eager = {used: seconds[f"perfit_{used}"]}
-        result["compiled"] = self._compiled(base, masked_pass, train, eager, trained_ppl(used), held_out_ppl)
+        result["compiled"] = self._compiled(passes, {used: seconds[f"perfit_{used}"]}, passes.trained_ppl(used))
         # the peak again: these machines are shared, and MFU is taken against the higher reading
         peak_at_end = {name: matmul_peak_gflops(DTYPES[name]) for name in precisions}
-        peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in precisions}
-        timings = {**seconds, **{f"{name}_compiled": s for name, s in result["compiled"]["seconds"].items()}}
-        result["mfu"] = {
-            key.removeprefix("perfit_"): flops / timings[key] / (peak[name] * 1e9)
-            for name in precisions
-            for key in (f"perfit_{name}", f"plain_peft_{name}", f"perfit_{name}_padded", f"{name}_compiled")
-            if key in timings
-        }
-        result["peak_gflops"] = peak
-        result["peak_gflops_at_start_and_end"] = {name: [peak_at_start[name], peak_at_end[name]] for name in precisions}
-        # the step's useful FLOP rate against what the model's GEMMs alone reach at its shapes
-        result["gemm_at_model_shapes"] |= {
-            "of_peak": {name: gemm[name] / peak[name] for name in gemm},
-            "step_rate_of_gemm_rate": {
-                key: result["mfu"][key] * peak[name] / gemm[name]
-                for name in precisions
-                for key in (name, f"{name}_compiled")
-                if key in result["mfu"]
-            },
-        }
+        result |= _mfu(result, flops, precisions, peak_at_start, peak_at_end)
         # the bench process (model copies and timing loops), not a simulation run (see `perfit bench scale`)
         result["bench_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         result["bench_seconds"] = time.perf_counter() - started
         return result
+
+    def _timed_passes(
+        self, passes: TimedPasses, precisions: tuple[str, ...], used: str, dense: int, with_onednn: bool
+    ) -> tuple[dict[str, float], dict[str, list[float]], tuple[float, Any] | None, tuple[float, Any] | None]:
+        """The timed training passes: (seconds by name, the round ratio's passes, the fp32 pass on the
+        other frozen-GEMM path, the bf16 pass on autocast's own matmuls). Each precision's perfit pass
+        is kept in `passes.trained`, the padded one as "padded"."""
+        config, timed, masked = self.config, passes.timed, passes.masked
+        seconds: dict[str, float] = {}
+        # a PerFIT client (dense rank, masked to the budget) against FIT, and FIT on the other path for the
+        # frozen GEMMs (torch's BLAS where they go through oneDNN, else oneDNN), timed FIT, PerFIT,
+        # other, PerFIT, FIT so that a drift of this shared machine's speed over the five passes cancels
+        fit_first, passes.trained["fp32"] = timed(masked(config.rank, config.rank)[2])
+        round_passes = {"perfit": [timed(masked(dense, config.rank)[2], warm=False)[0]]}
+        other = self._other_path_pass(passes.base, masked(config.rank, config.rank)[2], timed, "fp32", with_onednn)
+        dense_again = masked(dense, config.rank)[2]  # anew: the other pass's wrap replaced the first
+        round_passes["perfit"].append(timed(dense_again, warm=False)[0])
+        round_passes["fit"] = [fit_first, timed(masked(config.rank, config.rank)[2], warm=False)[0]]
+        seconds["perfit_fp32"] = statistics.fmean(round_passes["fit"])
+        seconds["perfit_round_dense_rank"] = statistics.fmean(round_passes["perfit"])
+        blas_bf16 = None
+        for name in precisions:
+            dtype = autocast_for(name)
+            if name != "fp32":
+                first, passes.trained[name] = timed(masked(config.rank, config.rank, dtype)[2])
+                timings = [first]
+                if name == "bf16" and with_onednn and onednn.bf16_supported():  # oneDNN, autocast's, oneDNN
+                    blas_bf16 = self._other_path_pass(passes.base, masked(config.rank, config.rank, dtype)[2],
+                                                      timed, name, True)  # fmt: skip
+                    timings.append(timed(masked(config.rank, config.rank, dtype)[2], warm=False)[0])
+                    round_passes["bf16_onednn"] = timings
+                seconds[f"perfit_{name}"] = statistics.fmean(timings)
+            plain_model = masked(config.rank, config.rank)[0]
+            seconds[f"plain_peft_{name}"], _ = timed(
+                lambda subset, model=plain_model, dtype=dtype: plain_peft_pass(
+                    model, subset, passes.pad, config.batch_size, config.micro_batch_size, dtype
+                )
+            )
+        seconds[f"perfit_{used}_padded"], passes.trained["padded"] = timed(
+            masked(config.rank, config.rank, autocast_for(used), packed=False)[2]
+        )
+        return seconds, round_passes, other, blas_bf16
 
     @staticmethod
     def _other_path_pass(
@@ -321,25 +186,18 @@ class Bench:
         finally:
             onednn.route(base, routing)
 
-    def _compiled(
-        self,
-        base: Any,
-        masked_pass: Any,
-        train: list[Example],
-        eager_seconds: dict[str, float],
-        eager_ppl: float,
-        held_out_ppl: Any,
-    ) -> dict[str, Any]:
+    def _compiled(self, passes: TimedPasses, eager_seconds: dict[str, float], eager_ppl: float) -> dict[str, Any]:
         """The same perfit pass with the decoder compiled (`torch_compile=1`), in the precision of
         `eager_seconds` (the training precision): first-call cost (compile + one micro-batch), pass
         seconds, and personalized perplexity after the compiled pass against the eager one
         (`eager_ppl`, of the eager pass: same start, rows, seed and precision). Both adapters are
-        evaluated the same way, on the eager copy of the model (`held_out_ppl`): compiling the no-grad graph as well
-        would cost the bench minutes and measure nothing about training."""
-        compile_decoder(base)
+        evaluated the same way, on the eager copy of the model (`passes.held_out_ppl`): compiling the
+        no-grad graph as well would cost the bench minutes and measure nothing about training."""
+        compile_decoder(passes.base)
+        train = passes.train
         first_call, seconds, flats = {}, {}, {}
         for name in eager_seconds:
-            _, _, run_pass = masked_pass(self.config.rank, self.config.rank, autocast_for(name))
+            _, _, run_pass = passes.masked(self.config.rank, self.config.rank, autocast_for(name))
             begin = time.perf_counter()
             run_pass(train[:8])  # compiles this dtype's training graph
             first_call[name] = time.perf_counter() - begin
@@ -351,7 +209,7 @@ class Bench:
             "first_call_seconds": first_call,
             "seconds": seconds,
             **{f"compiled_over_eager_tokens_per_s_{name}": eager_seconds[name] / seconds[name] for name in seconds},
-            **{f"ppl_compiled_over_eager_{name}": held_out_ppl(flats[name]) / eager_ppl for name in flats},
+            **{f"ppl_compiled_over_eager_{name}": passes.held_out_ppl(flats[name]) / eager_ppl for name in flats},
         }
 
     def _bytes_and_server(self, dense: int) -> dict[str, Any]:
@@ -393,11 +251,8 @@ class Bench:
 
     def _search_share(
         self,
-        masked_pass: Any,
+        passes: TimedPasses,
         dense: int,
-        train: list[Example],
-        held_out: list[Example],
-        pad: int,
         all_rows: list[dict[str, str]],
         precisions: tuple[str, ...],
         dense_pass_seconds: float | None,
@@ -412,9 +267,9 @@ class Bench:
         from perfit.client.task import search_adapter_mask
         from perfit.core.layout import budget_groups
 
-        config = self.config
+        config, train, held_out, pad = self.config, passes.train, passes.held_out, passes.pad
         autocast = training_autocast(config.dtype)
-        peft_model, layout, run_pass = masked_pass(dense, config.rank, autocast)
+        peft_model, layout, run_pass = passes.masked(dense, config.rank, autocast)
         theta = initial_adapter(layout, "symmetric", 0)
         groups = budget_groups(layout, config.scope, config.rank)
         batches = -(-len(train) // config.micro_batch_size)
@@ -466,6 +321,73 @@ class Bench:
                 "ppl_fp32_other_order_mask_over_fp32_mask": ppl["fp32_seed1"] / ppl["fp32"],
             }
         return result
+
+
+def _path_ratios(
+    passes: TimedPasses,
+    seconds: dict[str, float],
+    other: tuple[float, Any] | None,
+    blas_bf16: tuple[float, Any] | None,
+    fp32_onednn: bool,
+) -> dict[str, float]:
+    """oneDNN's frozen GEMMs against torch's BLAS: tokens/s and the perplexity after the same training,
+    in fp32 (`other`: the FIT pass on whichever path the FIT rows did not take) and in bf16
+    (`blas_bf16`: autocast's own matmuls); empty where neither was timed."""
+    ratios = {}
+    if other is not None:
+        default = (seconds["perfit_fp32"], passes.trained_ppl("fp32"))
+        other_path = (other[0], passes.held_out_ppl(other[1].flat))
+        (onednn_s, onednn_ppl), (blas_s, blas_ppl) = (default, other_path) if fp32_onednn else (other_path, default)
+        ratios |= {
+            "seconds_onednn_fp32": onednn_s,
+            "seconds_blas_fp32": blas_s,
+            "onednn_over_blas_tokens_per_s_fp32": blas_s / onednn_s,
+            "ppl_onednn_over_blas_fp32": onednn_ppl / blas_ppl,
+        }
+    if blas_bf16 is not None:
+        ratios |= {
+            "seconds_blas_bf16": blas_bf16[0],
+            "onednn_over_blas_tokens_per_s_bf16": blas_bf16[0] / seconds["perfit_bf16"],
+            "ppl_onednn_over_blas_bf16": passes.trained_ppl("bf16") / passes.held_out_ppl(blas_bf16[1].flat),
+        }
+    return ratios
+
+
+def _mfu(
+    result: dict[str, Any],
+    flops: float,
+    precisions: tuple[str, ...],
+    peak_at_start: dict[str, float],
+    peak_at_end: dict[str, float],
+) -> dict[str, Any]:
+    """MFU of every timed pass (useful FLOPs / seconds / the higher of the two peak readings: these
+    machines are shared), the peaks, and the step's useful FLOP rate against what the model's GEMMs
+    alone reach at its shapes (`result["gemm_at_model_shapes"]`)."""
+    peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in precisions}
+    seconds = result["seconds"]
+    timings = {**seconds, **{f"{name}_compiled": s for name, s in result["compiled"]["seconds"].items()}}
+    mfu = {
+        key.removeprefix("perfit_"): flops / timings[key] / (peak[name] * 1e9)
+        for name in precisions
+        for key in (f"perfit_{name}", f"plain_peft_{name}", f"perfit_{name}_padded", f"{name}_compiled")
+        if key in timings
+    }
+    gemm = result["gemm_at_model_shapes"]["gflops"]
+    shapes = result["gemm_at_model_shapes"] | {
+        "of_peak": {name: gemm[name] / peak[name] for name in gemm},
+        "step_rate_of_gemm_rate": {
+            key: mfu[key] * peak[name] / gemm[name]
+            for name in precisions
+            for key in (name, f"{name}_compiled")
+            if key in mfu
+        },
+    }
+    return {
+        "mfu": mfu,
+        "peak_gflops": peak,
+        "peak_gflops_at_start_and_end": {name: [peak_at_start[name], peak_at_end[name]] for name in precisions},
+        "gemm_at_model_shapes": shapes,
+    }
 
 
 def search_share(inputs: dict[str, Any], participations: float | None = None, passes: float | None = None) -> float:

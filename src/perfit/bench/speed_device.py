@@ -31,7 +31,7 @@ import torch
 from perfit.artifacts.base_model import resolve_model
 from perfit.artifacts.lora import lora_layout
 from perfit.bench.flops import DTYPES, PRECISIONS, linear_params, matmul_peak_gflops, synchronize, useful_flops
-from perfit.bench.speed import local_pass, plain_peft_pass, sample_examples
+from perfit.bench.passes import local_pass, plain_peft_pass, sample_examples
 from perfit.client import onednn
 from perfit.client.batching import runs_packed
 from perfit.client.data import load_rows

@@ -203,6 +203,37 @@ def bench_paper(
     console.print(f"grid {out}: done; `perfit report --runs {out}` writes docs/results.md")
 
 
+def _with_sources(chosen: list[Any], grid: str) -> list[Any]:
+    """The chosen cells and every cell their runs build on (FIT for FIT + FT, ...), in the grid's
+    order: a source before its user. A cell's tuning runs may need its sources' chosen rates."""
+    from perfit.bench.experiments import GRIDS
+
+    every = {c.name: c for c in GRIDS[grid]()}
+    selected = {c.name for c in chosen}
+    needs = set(selected)
+    while more := {n for name in needs for n in every[name].sources.values()} - needs:
+        needs |= more
+    with_sources = [*chosen, *(c for c in every.values() if c.name in needs - selected)]
+    return sorted(with_sources, key=lambda c: list(every).index(c.name))
+
+
+def _write_tuning(docs: Path, document: dict[str, Any], transcribed_source: str) -> str:
+    """tuning.json (`document`, with where its transcribed rates come from) and tuning.md in `docs`;
+    returns tuning.md's text."""
+    import json
+
+    from perfit.bench.tuning import tuning_markdown
+    from perfit.federation.run_directory import json_safe
+
+    docs.mkdir(parents=True, exist_ok=True)
+    if transcribed_source:
+        document = {**document, "transcribed_source": transcribed_source}
+    (docs / "tuning.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
+    text = tuning_markdown(document["cells"], tuple(document["lrs"]), document["command"], transcribed_source)
+    (docs / "tuning.md").write_text(text)
+    return text
+
+
 @bench.command("tune", context_settings=EXTRA)
 def bench_tune(
     ctx: typer.Context,
@@ -225,11 +256,8 @@ def bench_tune(
 ) -> None:
     """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
     the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
-    import json
-
     from perfit.bench.experiments import run_grid
-    from perfit.bench.tuning import collect, read_transcribed, still_to_run, tuning_markdown
-    from perfit.federation.run_directory import json_safe
+    from perfit.bench.tuning import collect, read_transcribed, still_to_run
 
     chosen, common = _grid_selection(ctx, cells, grid)
     try:
@@ -244,15 +272,8 @@ def bench_tune(
     tuning = {"lrs": candidates, "widen": widen, "transcribed": copied}
     given = {flag: path for flag, path in (("record", record), ("transcribed", transcribed)) if path is not None}
 
-    from perfit.bench.experiments import GRIDS
-
-    every = {c.name: c for c in GRIDS[grid]()}
     selected = {c.name for c in chosen}
-    needs = set(selected)  # a cell's tuning runs may need those of the cells it builds on
-    while more := {n for name in needs for n in every[name].sources.values()} - needs:
-        needs |= more
-    with_sources = [*chosen, *(c for c in every.values() if c.name in needs - selected)]
-    with_sources.sort(key=lambda c: list(every).index(c.name))  # the grid's order: a source before its user
+    with_sources = _with_sources(chosen, grid)
 
     def to_run() -> list[Any]:
         return still_to_run(_tuning_runs(with_sources, out, tuning, grid), copied, out, selected)
@@ -294,13 +315,8 @@ def bench_tune(
             *(f"--cells '{c}'" for c in cells),
         ]
     )
-    docs.mkdir(parents=True, exist_ok=True)
     document = {"command": command, "out": str(out.resolve()), "lrs": list(candidates), "widen": widen, "cells": table}
-    if source:
-        document["transcribed_source"] = source
-    (docs / "tuning.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
-    (docs / "tuning.md").write_text(text := tuning_markdown(table, candidates, command, source))
-    console.print(text)
+    console.print(_write_tuning(docs, document, source))
 
 
 @app.command()
