@@ -457,6 +457,18 @@ def test_the_report_compares_tuned_runs_with_tuned_fit_and_with_the_grid_rate(tm
     assert missing.exit_code == 2 and "no such directory" in missing.output
 
 
+def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_spread():
+    from perfit.bench.personal import paired_claim
+
+    assert paired_claim([-0.02, -0.03, -0.025]) == "lower"  # mean -0.025, sample std 0.005
+    assert paired_claim([0.01, 0.01, 0.01]) == "higher"  # no spread at all
+    # one sign, but mean 0.0207 < sample std 0.0257: the seeds do not pin it down
+    assert paired_claim([0.01, 0.05, 0.002]) == "within the seed spread"
+    assert paired_claim([-0.01, 0.02, -0.01]) == "within the seed spread"  # the seeds disagree
+    assert paired_claim([-0.5]) == "within the seed spread"  # one seed has no spread to exceed
+    assert paired_claim([0.01, math.nan, 0.01]) == "not read at every seed"
+
+
 def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     """The variant is the one seed 0's validation chose; every ratio is paired by seed; a check that
     cannot be measured (no masks: r is NaN) fails rather than passes."""
@@ -516,6 +528,14 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
         "beyond_seed_spread": True,  # -10 % at every seed against FIT, -7 to -9 % against FIT + FT
     }
     assert path["goal_met"] is False
+    # each cell with every seed, against FIT's same seeds: named only where the seeds agree beyond their spread
+    against = {label: cell["against_fit"] for label, cell in path["cells"].items()}
+    assert against["fit"] is None
+    assert against["perfit-gradient-4"]["ppl"] == "lower" and against["perfit-gradient-4"]["rouge_l"] == "higher"
+    assert against["local"]["ppl"] == "higher" and against["local"]["rouge_l"] == "lower"  # 1.08-1.10x
+    assert against["perfit"]["ppl"] == "within the seed spread"  # 0.95x, 1.04x, 0.91x
+    assert against["fedsa"]["ppl"] == "within the seed spread"  # FIT's perplexities: no change at all
+    assert against["fit-ft"]["rouge_l_differences"] == pytest.approx([-0.01] * 3)
     assert found["dirichlet"]["chosen_variant"] == "perfit-gradient-4" and found["dirichlet"]["goal_met"] is None
     # a variant that trails FIT at one seed fails the every-seed check however good its mean
     tuning["personal/pathological/perfit"]["validation_ppl"]["0.003"] = 1.0
@@ -527,6 +547,10 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     write_report(tmp_path / "paper", tmp_path / "docs", personal_runs=runs, personal_tuning=tmp_path / "tuning.json")
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "| perfit (chosen on validation) | 1,2,3 | 10.667 | 0.9697 | 0.300 |" in text
+    assert (
+        "- `local`: perplexity 1.100x / 1.083x / 1.091x, **higher (worse)**; ROUGE-L -0.100 / -0.100 / -0.100, "
+        "**lower (worse)**." in text
+    )
     assert (
         "**not met (over_fit_every_seed, over_best_baseline_every_seed, masks_follow_data, beyond_seed_spread)**"
         in text

@@ -77,6 +77,37 @@ def _per_seed(a: CellResult, b: CellResult) -> dict[int, float]:
     return {seed: a.ppl[seed] / b.ppl[seed] for seed in sorted(set(a.runs) & set(b.runs))}
 
 
+def paired_claim(changes: list[float]) -> str:
+    """What paired per-seed changes (a method's reading minus FIT's, one per held-out seed) let the
+    report say: "lower" or "higher" where every seed agrees and the mean change exceeds the seeds'
+    sample standard deviation (`changes_beyond_spread`), else "within the seed spread" (or, with a
+    reading missing at a seed, that it was not read)."""
+    if any(math.isnan(c) for c in changes):
+        return "not read at every seed"
+    if not changes_beyond_spread(changes):
+        return "within the seed spread"
+    return "lower" if changes[0] < 0 else "higher"
+
+
+def _against_fit(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
+    """A cell against FIT at every held-out seed, paired by seed: the perplexity ratios and ROUGE-L
+    differences, and what each lets the report say (`paired_claim`); None until both have every seed."""
+    if result is fit or not all(s in result.runs and s in fit.runs for s in HELD_OUT_SEEDS):
+        return None
+    ratios = [result.ppl[s] / fit.ppl[s] for s in HELD_OUT_SEEDS]
+    rouge = [
+        float(result.runs[s]["summary"].get("rouge_l", math.nan))
+        - float(fit.runs[s]["summary"].get("rouge_l", math.nan))
+        for s in HELD_OUT_SEEDS
+    ]
+    return {
+        "ppl_ratios": ratios,
+        "ppl": paired_claim([r - 1 for r in ratios]),
+        "rouge_l_differences": rouge,
+        "rouge_l": paired_claim(rouge),
+    }
+
+
 def _rouge(result: CellResult) -> float:
     values = [run["summary"]["rouge_l"] for run in result.runs.values() if "rouge_l" in run["summary"]]
     return statistics.fmean(values) if values else math.nan
@@ -221,6 +252,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
                 "over_fit_per_seed": {str(s): v for s, v in _per_seed(result, fit).items()},
                 "rouge_l": _rouge(result),
                 "degraded_seeds": result.degraded_seeds,
+                "against_fit": _against_fit(result, fit),
                 **_masks(list(mask_readings[result.cell.label].values())),
             }
         variant = chosen[split]
@@ -312,7 +344,7 @@ def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         "",
     ]
     for split, found in summary["splits"].items():
-        lines += [f"### {split}", "", *_held_out_table(found)]
+        lines += [f"### {split}", "", *_held_out_table(found), *_against_fit_lines(found)]
         lines += _search_table(summary["search_readings"].get(split, {}), summary.get("transcribed_source", ""))
         lines += _verdict(found)
     overall = {True: "**met**", False: "**not met**", None: "not measurable yet"}[summary.get("goal_met")]
@@ -332,6 +364,27 @@ def _held_out_table(found: dict[str, Any]) -> list[str]:
         seeds = ",".join(map(str, cell["seeds"]))
         numbers = [_number(cell["personalized_ppl"]), _number(cell["over_fit"], 4), _number(cell["rouge_l"])]
         lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_mask_numbers(cell)} |")
+    return [*lines, ""]
+
+
+def _against_fit_lines(found: dict[str, Any]) -> list[str]:
+    """The cells with every held-out seed against FIT's same seeds: what the seeds let us say."""
+    compared = {label: cell["against_fit"] for label, cell in found["cells"].items() if cell.get("against_fit")}
+    if not compared:
+        return []
+    seeds = "/".join(map(str, HELD_OUT_SEEDS))
+    lines = [
+        f"Against FIT at seeds {seeds}, paired by seed (a difference is named only where every seed agrees "
+        "and the mean change exceeds the seeds' sample standard deviation):",
+        "",
+    ]
+    for label, against in compared.items():
+        ratios = " / ".join(f"{r:.3f}x" for r in against["ppl_ratios"])
+        rouge = " / ".join(f"{d:+.3f}" for d in against["rouge_l_differences"])
+        ppl, answers = against["ppl"], against["rouge_l"]
+        ppl += {"lower": " (better)", "higher": " (worse)"}.get(ppl, "")
+        answers += {"lower": " (worse)", "higher": " (better)"}.get(answers, "")
+        lines.append(f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.")
     return [*lines, ""]
 
 
