@@ -64,6 +64,23 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _timed(run: Any, train: list[Any], micro: int, device: torch.device) -> tuple[float, float | None]:
+    """(seconds, peak device memory) of `run(train)`, after a warm-up on the longest micro-batch
+    (kernel choice, allocator pools), the clock stopped once the device has finished."""
+    run(sorted(train, key=lambda e: len(e.input_ids))[-micro:])
+    synchronize(device)
+    reset_peak_memory(device)
+    begin = time.perf_counter()
+    run(train)
+    synchronize(device)
+    return time.perf_counter() - begin, peak_memory_gib(device)
+
+
+def _packed_over_padded(default_seconds: float, other_seconds: float, default_packed: bool) -> float:
+    """Packed micro-batches' tokens/s over padded ones', from the default layout's pass and the other's."""
+    return other_seconds / default_seconds if default_packed else default_seconds / other_seconds
+
+
 @dataclass
 class DeviceBench:
     config: Config
@@ -75,6 +92,8 @@ class DeviceBench:
     """Timing budget of each peak reading (one per precision at the start and at the end)."""
 
     def run(self) -> dict[str, Any]:
+        """Every figure of the device bench, timed side by side in this process: the passes at the
+        config's micro-batch and at its whole batch, their ratios, MFU and peak device memory."""
         torch.manual_seed(0)
         config, started = self.config, time.perf_counter()
         device = resolve_device(config.device)
@@ -91,47 +110,15 @@ class DeviceBench:
         flops = useful_flops(base.config, linear_params(base), lora_layout(probe).size, train)
         default_packed = runs_packed(probe)  # the layout local training runs on this device
         dense = round(config.rank / (1 - config.sparsity))
-        by_length = sorted(train, key=lambda e: len(e.input_ids))
         seconds: dict[str, float] = {}
         memory: dict[str, float | None] = {}
-
-        def timed(run: Any, micro: int) -> tuple[float, float | None]:
-            """(seconds, peak device memory) of `run(train)`, after a warm-up on the longest micro-batch
-            (kernel choice, allocator pools), the clock stopped once the device has finished."""
-            run(by_length[-micro:])
-            synchronize(device)
-            reset_peak_memory(device)
-            begin = time.perf_counter()
-            run(train)
-            synchronize(device)
-            return time.perf_counter() - begin, peak_memory_gib(device)
-
         micros = sorted({config.micro_batch_size, config.batch_size})
         for micro in micros:
-
-            def trainer(rank: int, packed: bool = default_packed, micro: int = micro) -> Any:
-                return local_pass(base, config, pad, rank, config.rank, autocast, packed, micro)[2]
-
-            # FIT, PerFIT, PerFIT, FIT: a drift of the device's clocks over the passes cancels in the ratio
-            passes: dict[str, list[float]] = {"fit": [], "perfit": []}
-            for rank, label in ((config.rank, "fit"), (dense, "perfit"), (dense, "perfit"), (config.rank, "fit")):
-                took, memory[f"{label}_{micro}"] = timed(trainer(rank), micro)
-                passes[label].append(took)
-            for label, values in passes.items():
-                seconds[f"{label}_{micro}"] = statistics.fmean(values)
-            other = f"fit_{micro}_other_layout"
-            seconds[other], memory[other] = timed(trainer(config.rank, packed=not default_packed), micro)
-            plain = attach_lora(base, config.rank, 2.0 * config.rank)
-            seconds[f"plain_peft_{micro}"], memory[f"plain_peft_{micro}"] = timed(
-                lambda subset, plain=plain, micro=micro: plain_peft_pass(
-                    plain, subset, pad, config.batch_size, micro, autocast), micro)  # fmt: skip
-
+            taken, peaks = self._passes_at(micro, base, train, pad, autocast, dense, default_packed, device)
+            seconds |= taken
+            memory |= peaks
         peak_at_end = {name: matmul_peak_gflops(DTYPES[name], size, self.peak_seconds, device) for name in PRECISIONS}
         peak = {name: max(peak_at_start[name], peak_at_end[name]) for name in PRECISIONS}
-
-        def packed_over_padded(micro: int) -> float:
-            default, other = seconds[f"fit_{micro}"], seconds[f"fit_{micro}_other_layout"]
-            return other / default if default_packed else default / other
 
         return {
             "device": {"type": device.type, "name": device_name(device), "torch": torch.__version__},
@@ -149,10 +136,51 @@ class DeviceBench:
             "mfu": {key: flops / value / (peak[used] * 1e9) for key, value in seconds.items()},
             "perfit_over_peft_tokens_per_s": {str(m): seconds[f"plain_peft_{m}"] / seconds[f"fit_{m}"] for m in micros},
             "perfit_round_over_fit_round": {str(m): seconds[f"perfit_{m}"] / seconds[f"fit_{m}"] for m in micros},
-            "packed_over_padded_tokens_per_s": {str(m): packed_over_padded(m) for m in micros},
+            "packed_over_padded_tokens_per_s": {
+                str(m): _packed_over_padded(seconds[f"fit_{m}"], seconds[f"fit_{m}_other_layout"], default_packed)
+                for m in micros
+            },
             "peak_device_memory_gib": memory,
             "bench_seconds": time.perf_counter() - started,
         }
+
+    def _passes_at(
+        self,
+        micro: int,
+        base: Any,
+        train: list[Any],
+        pad: int,
+        autocast: torch.dtype | None,
+        dense: int,
+        default_packed: bool,
+        device: torch.device,
+    ) -> tuple[dict[str, float], dict[str, float | None]]:
+        """At micro-batches of `micro` rows: FIT and PerFIT (dense rank, masked to the budget), FIT in the
+        other layout (packed or padded) and plain peft, each pass's (seconds, peak device memory) by name."""
+        config = self.config
+        seconds: dict[str, float] = {}
+        memory: dict[str, float | None] = {}
+
+        def trainer(rank: int, packed: bool = default_packed) -> Any:
+            return local_pass(base, config, pad, rank, config.rank, autocast, packed, micro)[2]
+
+        def timed(run: Any) -> tuple[float, float | None]:
+            return _timed(run, train, micro, device)
+
+        # FIT, PerFIT, PerFIT, FIT: a drift of the device's clocks over the passes cancels in the ratio
+        passes: dict[str, list[float]] = {"fit": [], "perfit": []}
+        for rank, label in ((config.rank, "fit"), (dense, "perfit"), (dense, "perfit"), (config.rank, "fit")):
+            took, memory[f"{label}_{micro}"] = timed(trainer(rank))
+            passes[label].append(took)
+        for label, values in passes.items():
+            seconds[f"{label}_{micro}"] = statistics.fmean(values)
+        other = f"fit_{micro}_other_layout"
+        seconds[other], memory[other] = timed(trainer(config.rank, packed=not default_packed))
+        plain = attach_lora(base, config.rank, 2.0 * config.rank)
+        seconds[f"plain_peft_{micro}"], memory[f"plain_peft_{micro}"] = timed(
+            lambda subset: plain_peft_pass(plain, subset, pad, config.batch_size, micro, autocast)
+        )
+        return seconds, memory
 
 
 def rate(gflops: float) -> str:
