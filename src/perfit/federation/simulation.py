@@ -122,6 +122,23 @@ def _stop_at_once_on_signals(out: str, ray_dir: str, ours: bool) -> Iterator[Non
             signal.signal(sig, handler)
 
 
+def _ray_backend(config: Config, cpus: int, cpus_per_client: int, ray_dir: str) -> dict[str, Any]:
+    """Flower's Ray backend config: each simulated client's share of the `cpus` cores (and of a GPU,
+    `client_gpus`), Ray started quiet, without a dashboard, its session files in `ray_dir`."""
+    gpus = client_gpus(config, cpus // min(cpus_per_client, cpus))
+    return {
+        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": _visible_gpus(),
+            "logging_level": "ERROR",
+            "log_to_driver": False,  # client failures reach the server as error replies
+            "include_dashboard": False,
+            "_temp_dir": ray_dir,
+        },
+    }
+
+
 def run_simulation(
     config: Config, num_cpus: int | None = None, cpus_per_client: int = CLIENT_CPUS, client_app: Any = None
 ) -> dict[str, Any]:
@@ -168,19 +185,7 @@ def run_simulation(
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
     ray_dir = tempfile.mkdtemp(prefix="perfit-ray-")  # Ray's session files stay out of ~ and of the repo
-    cpus = num_cpus or len(usable_cores())
-    gpus = client_gpus(config, cpus // min(cpus_per_client, cpus))
-    backend = {
-        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": gpus},
-        "init_args": {
-            "num_cpus": cpus,
-            "num_gpus": _visible_gpus(),
-            "logging_level": "ERROR",
-            "log_to_driver": False,  # client failures reach the server as error replies
-            "include_dashboard": False,
-            "_temp_dir": ray_dir,
-        },
-    }
+    backend = _ray_backend(config, num_cpus or len(usable_cores()), cpus_per_client, ray_dir)
     try:
         started = _init_ray(backend["init_args"])  # Ray sets handlers of its own at its start: ours come after
         with _stop_at_once_on_signals(config.out, ray_dir, started):
