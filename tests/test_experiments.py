@@ -551,6 +551,12 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
         "- `local`: perplexity 1.100x / 1.083x / 1.091x, **higher (worse)**; ROUGE-L -0.100 / -0.100 / -0.100, "
         "**lower (worse)**." in text
     )
+    assert "](figures/personal_over_fit.png)" in text and (tmp_path / "docs/figures/personal_over_fit.png").is_file()
+    from perfit.bench.figures import figure_over_fit_by_seed
+
+    only_fit = {"pathological": {"cells": {"fit": {"over_fit_per_seed": {"1": 1.0}}}}}  # nothing to set against it
+    assert not figure_over_fit_by_seed(only_fit, tmp_path / "docs/figures/personal_over_fit.png")
+    assert not (tmp_path / "docs/figures/personal_over_fit.png").exists()  # a stale figure goes
     assert (
         "**not met (over_fit_every_seed, over_best_baseline_every_seed, masks_follow_data, beyond_seed_spread)**"
         in text
@@ -563,6 +569,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     result = CliRunner().invoke(app, [*args, "--personal-tuning", str(tmp_path / "tuning.json")])
     assert result.exit_code == 0, result.output
     assert "| perfit (chosen on validation) | 1,2,3 | 10.667 |" in (alone / "personalization.md").read_text()
+    assert (alone / "figures" / "personal_over_fit.png").is_file()
     written = json.loads((alone / "personalization.json").read_text())
     assert written["splits"]["pathological"]["goal_met"] is False
     assert written["machine_hours"] == pytest.approx({"held_out": 6 * 3 * 10.0 / 3600, "tuning": 0.0})

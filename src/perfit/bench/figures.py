@@ -179,3 +179,37 @@ def bar_figure(path: Path, title: str, groups: dict[str, dict[str, float]], ylab
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def figure_over_fit_by_seed(splits: dict[str, dict], path: Path) -> bool:
+    """The personalization grid, one panel a split: each method's personalized perplexity over FIT's
+    at the same held-out seed, one dot a seed, against FIT (1) and the goal's 0.95x. `splits`: the
+    report's `personal.summarize(...)["splits"]`. False (no file) while no method has a seed."""
+    shown = {
+        split: {label: cell["over_fit_per_seed"] for label, cell in found["cells"].items() if label != "fit"}
+        for split, found in splits.items()
+    }
+    shown = {split: cells for split, cells in shown.items() if any(cells.values())}
+    if not shown:
+        path.unlink(missing_ok=True)
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 4), sharey=True, squeeze=False)
+    seeds = sorted({seed for cells in shown.values() for ratios in cells.values() for seed in ratios}, key=int)
+    for ax, (split, cells) in zip(axes[0], shown.items(), strict=True):
+        for offset, seed in enumerate(seeds):
+            shift = (offset - (len(seeds) - 1) / 2) * 0.12  # the seeds side by side at each method
+            xs = [i + shift for i, ratios in enumerate(cells.values()) if seed in ratios]
+            ys = [ratios[seed] for ratios in cells.values() if seed in ratios]
+            ax.scatter(xs, ys, s=28, label=f"seed {seed}", zorder=3)
+        ax.axhline(1.0, color="gray", linewidth=1, label="FIT")
+        ax.axhline(0.95, color="tab:red", linestyle="--", linewidth=1, label="goal: 0.95x FIT")
+        ax.set_xticks(range(len(cells)), list(cells), rotation=30, ha="right")
+        ax.set_title(SPLIT_TITLES.get(split, split))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("personalized perplexity / FIT's, same seed")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -38,6 +38,8 @@ agree beyond their seed spread; and it is one method: the same variant in both s
 
 
 HEADING = "## Does personalization pay at the paper's data per client?"
+FIGURE = "personal_over_fit.png"
+"""The section's figure, in the report's figures/ folder: each method over FIT, seed by seed."""
 FOLLOWING = ("## Mask diagnostics", "## Learning rate on a validation slice", "## At the tuned", "## Every run")
 """The headings `perfit report` writes after this section in results.md, in order: where a results.md
 has no such section yet, it goes before the first of them that the document has."""
@@ -450,15 +452,22 @@ def _mask_numbers(reading: dict[str, Any], mark: str = "") -> str:
     return " | ".join(n + mark if n != "–" else n for n in numbers)
 
 
-def section(runs: Path, tuning_path: Path | None) -> tuple[dict[str, Any], list[str]]:
+def section(runs: Path, tuning_path: Path | None, figures: Path | None = None) -> tuple[dict[str, Any], list[str]]:
     """`summarize` of the runs, the variant chosen by a tuning.json (`perfit bench tune --grid
-    personal`), the machine hours spent, and its markdown."""
+    personal`), the machine hours spent, and its markdown; with `figures` (the report's figures/
+    folder, beside the markdown) the ratios to FIT by seed drawn there as FIGURE."""
+    from perfit.bench.figures import figure_over_fit_by_seed
+
     tuning = json.loads(tuning_path.read_text()) if tuning_path is not None else None
     summary = summarize(load(runs), tuning)
     tuning_runs = Path(tuning["out"]) / "personal" if tuning and "out" in tuning else None
     summary["machine_hours"] = {"held_out": machine_hours(runs / "personal"), "tuning": machine_hours(tuning_runs)}
     hours = summary["machine_hours"]
     lines = markdown(summary, runs)
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        if figure_over_fit_by_seed(summary["splits"], figures / FIGURE):
+            lines += [f"![each method's personalized perplexity over FIT's, seed by seed](figures/{FIGURE})", ""]
     lines += [
         "Run time (the sum of the runs' wall times; runs beside other work take longer, and a run in one of two "
         "lanes on 2 cores longer than a 2-thread run, with two at once): "
@@ -490,8 +499,8 @@ def write(runs: Path, tuning_path: Path | None, out: Path) -> list[Path]:
     `personalization.md` and `.json`. Each file is replaced whole, never left half written."""
     from perfit.federation.run_directory import json_safe
 
-    summary, lines = section(runs, tuning_path)
     out.mkdir(parents=True, exist_ok=True)
+    summary, lines = section(runs, tuning_path, out / "figures")
     markdown_path, json_path = out / "results.md", out / "results.json"
     if markdown_path.is_file() and json_path.is_file():
         document = json.loads(json_path.read_text())
@@ -508,4 +517,5 @@ def write(runs: Path, tuning_path: Path | None, out: Path) -> list[Path]:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(text)
         temporary.replace(path)
-    return [markdown_path, json_path]
+    figure = out / "figures" / FIGURE
+    return [markdown_path, json_path, *([figure] if figure.is_file() else [])]

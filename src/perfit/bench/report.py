@@ -192,9 +192,10 @@ def write_report(
         document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
     personal: list[str] = []
     if personal_runs is not None:  # the personalization grid, its variant chosen by its own tuning
-        from perfit.bench.personal import section
+        from perfit.bench.personal import FIGURE, section
 
-        document["personal"], personal = section(personal_runs, personal_tuning)
+        document["personal"], personal = section(personal_runs, personal_tuning, out / "figures")
+        written += [out / "figures" / FIGURE] if (out / "figures" / FIGURE).is_file() else []
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     sections = (
         personal
