@@ -267,20 +267,20 @@ class Bench:
         from perfit.client.task import search_adapter_mask
         from perfit.core.layout import budget_groups
 
-        config, train, held_out, pad = self.config, passes.train, passes.held_out, passes.pad
+        config, train, pad = self.config, passes.train, passes.pad
         autocast = training_autocast(config.dtype)
         peft_model, layout, run_pass = passes.masked(dense, config.rank, autocast)
         theta = initial_adapter(layout, "symmetric", 0)
         groups = budget_groups(layout, config.scope, config.rank)
         batches = -(-len(train) // config.micro_batch_size)
-        passes = config.pruning_steps * min(config.search_batches, batches)
+        scoring_passes = config.pruning_steps * min(config.search_batches, batches)
         masks, per_scoring_batch = {}, {}
         for name in precisions:
             warm = config.replace(dtype=name, prune_iterations=1)  # one untimed pass, as timed() does for training
             search_adapter_mask(peft_model, theta, train[: config.micro_batch_size], pad, warm, groups, 0)
             begin = time.perf_counter()
             masks[name] = search_adapter_mask(peft_model, theta, train, pad, config.replace(dtype=name), groups, 0)
-            per_scoring_batch[name] = (time.perf_counter() - begin) / passes
+            per_scoring_batch[name] = (time.perf_counter() - begin) / scoring_passes
         if dense_pass_seconds is None:
             begin = time.perf_counter()
             run_pass(train)
@@ -290,11 +290,6 @@ class Bench:
             masks["fp32_seed1"] = search_adapter_mask(
                 peft_model, theta, train, pad, config.replace(dtype="fp32"), groups, 1
             )
-        ppl = {}
-        for name, mask in masks.items() if len(masks) > 1 else ():  # only bf16 against fp32 reads them
-            flat = train_masked(peft_model, theta * mask, mask, train, pad, Schedule.of(config, epochs=1),
-                                autocast_dtype=autocast).flat  # fmt: skip
-            ppl[name] = perplexity(*evaluate_nll(peft_model, flat, held_out, pad, config.micro_batch_size))
         used = "bf16" if autocast is not None else "fp32"
         per_round = config.clients_per_round / config.num_clients * config.local_epochs  # epochs a client trains
         splits = partition(all_rows, config)  # the config's clients over the bench's data file
@@ -311,6 +306,9 @@ class Bench:
         }
         result: dict[str, Any] = {"search_share": search_share(inputs), "search_share_inputs": inputs}
         if "bf16" in masks:
+            ppl = {
+                name: self._trained_from_mask(peft_model, theta, mask, passes, autocast) for name, mask in masks.items()
+            }
             result["search_bf16"] = {
                 "scoring_seconds_fp32_over_bf16": per_scoring_batch["fp32"] / per_scoring_batch["bf16"],
                 "mask_agreement": float((masks["fp32"] & masks["bf16"]).sum() / masks["fp32"].sum()),
@@ -321,6 +319,16 @@ class Bench:
                 "ppl_fp32_other_order_mask_over_fp32_mask": ppl["fp32_seed1"] / ppl["fp32"],
             }
         return result
+
+    def _trained_from_mask(
+        self, peft_model: Any, theta: torch.Tensor, mask: torch.Tensor, passes: TimedPasses, autocast: Any
+    ) -> float:
+        """Personalized perplexity on the held-out rows after one epoch of masked training from
+        `theta` at `mask`'s positions: how good a searched mask is, read the same way for each."""
+        config = self.config
+        flat = train_masked(peft_model, theta * mask, mask, passes.train, passes.pad, Schedule.of(config, epochs=1),
+                            autocast_dtype=autocast).flat  # fmt: skip
+        return perplexity(*evaluate_nll(peft_model, flat, passes.held_out, passes.pad, config.micro_batch_size))
 
 
 def _path_ratios(
