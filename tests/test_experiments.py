@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from perfit.bench.experiments import GRIDS, grid, run_grid, schedule, select, state
-from perfit.bench.personal import HEADING
+from perfit.bench.personal_report import HEADING
 from perfit.bench.report import write_report
 from perfit.bench.results import CellResult, exceeds_spread, headline, load_results, paired_changes
 
@@ -597,7 +597,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     fedsa = "personal/pathological/fedsa"
     timed_out = [{"client": 5, "reason": "no reply within 3600 s"}]
     _fake_run(runs / fedsa / "seed2", 12.0, cell=cells[fedsa], rouge_l=0.28, rejected_updates=timed_out)
-    from perfit.bench.personal import markdown
+    from perfit.bench.personal_report import markdown
 
     summary = summarize(load(runs), {"cells": tuning})
     path = summary["splits"]["pathological"]
@@ -606,7 +606,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
 
 
 def test_splice_replaces_the_personalization_section_or_puts_it_before_the_sections_after_it():
-    from perfit.bench.personal import splice
+    from perfit.bench.personal_report import splice
 
     section = [HEADING, "", "new", ""]
     document = "# R\n\n## Ablations\n\na\n\n## Learning rate on a validation slice\n\nl\n\n## Every run\n\ne"
@@ -664,7 +664,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
             }
         }
     }
-    from perfit.bench.personal import markdown
+    from perfit.bench.personal_report import markdown
 
     summary = {"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}
     text = "\n".join(markdown(summary, tmp_path))
@@ -745,7 +745,8 @@ def _personal_runs(runs: Path, values: dict[str, tuple[tuple[float, ...], tuple[
 def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_each(tmp_path, monkeypatch):
     import perfit.bench.diagnostics
     from perfit.bench.experiments import PERSONAL_VARIANTS
-    from perfit.bench.personal import load, markdown, summarize
+    from perfit.bench.personal import load, summarize
+    from perfit.bench.personal_report import markdown
 
     r_by_seed = {"seed1": 0.7, "seed2": 0.6, "seed3": 0.8}
     p_by_seed = {"seed1": 0.01, "seed2": 0.04, "seed3": 0.002}

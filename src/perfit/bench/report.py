@@ -192,7 +192,7 @@ def write_report(
         document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
     personal: list[str] = []
     if personal_runs is not None:  # the personalization grid, its variant chosen by its own tuning
-        from perfit.bench.personal import FIGURE, section
+        from perfit.bench.personal_report import FIGURE, section
 
         document["personal"], personal = section(personal_runs, personal_tuning, out / "figures")
         written += [out / "figures" / FIGURE] if (out / "figures" / FIGURE).is_file() else []

@@ -343,7 +343,7 @@ def report(
             if path is not None and not path.is_dir():
                 raise FileNotFoundError(f"{flag} {path}: no such directory")
         if personal_runs is not None and not runs.is_dir():  # the personalization grid alone
-            from perfit.bench.personal import write
+            from perfit.bench.personal_report import write
 
             written = write(personal_runs, personal_tuning, out)
         else:
