@@ -1,6 +1,8 @@
 """`perfit report`: docs/results.md, docs/results.json and docs/figures/*.png from the run directories
 of `perfit bench paper`. Everything is computed from the runs' summary.json, metrics.jsonl,
-config.toml and masks; nothing is typed in by hand."""
+config.toml and masks; nothing is typed in by hand. The document's body is `bench.report_markdown`'s;
+here it is assembled with the sections on mask diagnostics, tuning and personalization
+(`bench.personal_report`), and the figures are drawn."""
 
 from __future__ import annotations
 
@@ -12,67 +14,21 @@ from typing import Any
 
 from perfit.bench.diagnostics import mask_diagnostics
 from perfit.bench.experiments import (
-    LABELS,
-    PERSONALIZED_BASELINES,
     SCALE_PRESET,
     SPLIT_TITLES,
-    SPLITS,
 )
 from perfit.bench.figures import bar_figure, figure_loss_curves, figure_mask_similarity
+from perfit.bench.report_markdown import markdown, markdown_table
 from perfit.bench.results import (
     CellResult,
-    exceeds_spread,
     headline,
     load_results,
     lr_text,
     metrics_comparison,
-    paired_ratio,
     participation,
     tuned_comparison,
 )
 from perfit.federation.run_directory import json_safe
-
-
-def _fmt(result: CellResult, reference: CellResult | None = None) -> str:
-    if not result.runs:
-        return "not run yet"
-    text = f"{result.mean:.3f} ± {result.std:.3f}" if len(result.runs) > 1 else f"{result.mean:.3f}"
-    if reference is not None and reference.runs and reference is not result:
-        change = 100 * (paired_ratio(result, reference) - 1)  # over the seeds both finished
-        mark = " *" if exceeds_spread(result, reference) else ""
-        text += f" ({change:+.1f} %{mark})" if math.isfinite(change) else " (no common seed)"
-    if not result.complete:
-        text += f" [{len(result.runs)}/{len(result.cell.seeds)} seeds]"
-    return text
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _params(cells: list[CellResult]) -> str:
-    """Trainable parameters per client (a range for heterogeneous budgets), from the first finished run."""
-    for cell in cells:
-        for run in cell.runs.values():
-            values = sorted(set(run["summary"]["trainable_params_per_client"].values()))
-            return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
-    return ""
-
-
-def _method_table(results: dict[str, CellResult], names: list[str], reference: str) -> str:
-    rows = []
-    for label, by_split in [(LABELS.get(n.split("/")[-1], n.split("/")[-1]), n) for n in names]:
-        cells = [results[by_split.replace("{split}", split)] for split in SPLITS]
-        refs = [results[reference.replace("{split}", split)] for split in SPLITS]
-        rows.append([label, *[_fmt(c, r) for c, r in zip(cells, refs, strict=True)], _params(cells)])
-    return _table(rows, ["method", *[SPLIT_TITLES[s] for s in SPLITS], "trainable / client"])
-
-
-def _search_seconds(result: CellResult, seed: int = 0) -> str:
-    run = result.runs.get(seed)
-    return f"{run['summary'].get('search_seconds', 0.0):.0f} s" if run else ""
 
 
 def _diagnostics_section(diagnostics: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
@@ -98,7 +54,7 @@ def _diagnostics_section(diagnostics: dict[str, dict[str, dict[str, Any]]]) -> l
         "relabellings of the clients whose r is at least as high (one-sided Mantel test). A search that",
         "personalizes shows low overlaps and a high r, beyond chance.",
         "",
-        _table(rows, header),
+        markdown_table(rows, header),
         "",
     ]
 
@@ -145,7 +101,7 @@ def _tuned_section(table: dict[str, dict[str, Any]], tuned_runs: Path) -> list[s
         "scores them on the held-out rows like the grid; ratios are paired over the seeds both cells finished.",
         "Where those runs were made at another commit than the grid, the last column compares code versions too.",
         "",
-        _table(rows, header),
+        markdown_table(rows, header),
         "",
     ]
 
@@ -262,233 +218,3 @@ def _cells(results: dict[str, CellResult]) -> dict[str, dict[str, Any]]:
         }
         for name, result in results.items()
     }
-
-
-QUALITY_BAR = {"pathological": 0.75, "dirichlet": 0.78}
-
-
-def quality_bar(head: dict[str, dict[str, float]]) -> list[str]:
-    """One line per split: whether PerFIT's measured ratio to FIT meets the issue's bar."""
-    lines = []
-    for split, bar in QUALITY_BAR.items():
-        value = head["perfit_over_fit"][split]
-        if not math.isfinite(value):
-            lines.append(f"- {SPLIT_TITLES[split]}: PerFIT vs FIT not measured yet (bar {bar}).")
-            continue
-        verdict = "**met**" if value <= bar else "**not met**"
-        lines.append(f"- {SPLIT_TITLES[split]}: PerFIT / FIT = {value:.3f} against a bar of {bar}: {verdict}.")
-    return lines
-
-
-def markdown(
-    results, head, machine, drawn, comparison, part, runs: Path, tuning: list[str] = (), tuned_runs: Path | None = None
-) -> str:
-    """docs/results.md: how it was made, the headline, the paper's tables, figures, ablations, the
-    learning-rate sections (`tuning`) and every run."""
-    sections = (
-        _introduction(results, machine, runs, tuned_runs),
-        _headline(head),
-        _tables(results),
-        _figures_section(drawn, comparison, part),
-        _ablations(results),
-        list(tuning),
-        _every_run(results),
-    )
-    return "\n".join(line for section in sections for line in section)
-
-
-def _introduction(results, machine, runs: Path, tuned_runs: Path | None) -> list[str]:
-    done = sum(len(r.runs) for r in results.values())
-    planned = sum(len(r.cell.seeds) for r in results.values())
-    wall = sum(r.wall() for r in results.values())
-    return [
-        "# Results: the paper's experiments at laptop scale",
-        "",
-        "Generated by `perfit report` from the run directories of `perfit bench paper`; every number below",
-        "is computed from them.",
-        "",
-        "```",
-        "perfit bench paper --out runs/paper --data ../shared/data/databricks-dolly-15k.jsonl   # or: make bench",
-        f"perfit report --runs {runs} --out docs" + (f" --tuned-runs {tuned_runs}" if tuned_runs else ""),
-        "```",
-        "",
-        f"- Machine: {machine['cpu']}, {machine['cores']} cores; local training in {machine['training dtype']};"
-        " evaluation in fp32.",
-        *([f"- Code: {machine['code']}"] if machine["code"] else []),
-        f"- Progress: **{done} of {planned} runs finished**, {wall / 3600:.1f} h of wall time in all."
-        + (
-            ""
-            if done == planned
-            else " Cells marked `not run yet` or `[1/2 seeds]` are still to run; "
-            "`perfit bench paper` continues where it stopped."
-        ),
-        f"- Scale: the `{SCALE_PRESET}` preset for every cell: 8 clients, 4 sampled per round, 3 rounds, 32 rows",
-        f"  per client (26 train, 6 held out for personalized perplexity), 256 tokens, batch 8, lr {lr_text(results)},",
-        "  T_p 5 scoring steps of 1 micro-batch, SmolLM2-135M-Instruct, LoRA on q/k/v at the budget of rank 8.",
-        "  This is what 2 CPU cores afford (5-6 min a run); the paper's setting is the `paper` preset.",
-        "- Personalized perplexity: each client's own adapter on its own held-out rows, mean over the 8 clients;",
-        "  lower is better. `mean ± std` over seeds (sample std); `(+x %)` is the change against the row's",
-        "  reference (FIT); `*` marks a difference beyond the seed spread, paired by seed (a seed fixes the",
-        "  partition for every method): the same sign at every seed and |mean change| > std of the changes.",
-        "",
-    ]
-
-
-def _headline(head) -> list[str]:
-    return [
-        "## Headline",
-        "",
-        _table(
-            [[k, *[f"{head[k][s]:.3f}" if math.isfinite(head[k][s]) else "n/a" for s in SPLITS]] for k in head],
-            ["ratio (lower is better for PerFIT)", *[SPLIT_TITLES[s] for s in SPLITS]],
-        ),
-        "",
-        *quality_bar(head),
-        "",
-        "Every ratio is taken over the seeds both cells finished. `perfit_over_fit`: the paper's PerFIT",
-        "(symmetric init), best sparsity, over FIT; `hetero_over_fit`: PerFIT at ranks 8/12/16 over FIT r=8;",
-        "`perfit_over_best_baseline`: best PerFIT over the strongest of local only, FIT + local fine-tuning and",
-        "FedSA-LoRA; `perfit_zero_b_over_fit`: PerFIT s=0.5 trained from B = 0 after the search at the symmetric",
-        "init (the change the init ablation pointed to, perfit's default init since this grid) over FIT, and",
-        "`perfit_zero_b_over_best_baseline` the same over the strongest baseline (nan while a baseline has no",
-        "seed in common with it: that one could be the strongest). The quality bar is <= 0.75",
-        "(pathological) and <= 0.78 (Dirichlet) over FIT: about the paper's largest gains (Table 1, Alpaca-7B",
-        "at rank 12: 23 % and 21 % below FIT; Vicuna-7B gained 1-3 %).",
-        "",
-    ]
-
-
-def _tables(results) -> list[str]:
-    return [
-        "## Table 1: homogeneous budgets (rank-8 budget; personalized perplexity)",
-        "",
-        _method_table(
-            results,
-            [
-                "table1/{split}/fit",
-                *[f"table1/{{split}}/perfit-s{s}" for s in (0.33, 0.5, 0.66)],
-                "table1/{split}/perfit-s0.5-zero-b",
-            ],
-            "table1/{split}/fit",
-        ),
-        "",
-        "## Baselines at equal trainable parameters (rank 8)",
-        "",
-        _method_table(
-            results,
-            [
-                "table1/{split}/fit",
-                *[f"baselines/{{split}}/{b}" for b in PERSONALIZED_BASELINES],
-                "table1/{split}/perfit-s0.5",
-            ],
-            "table1/{split}/fit",
-        ),
-        "",
-        "- local only: each client trains alone for the epochs it gets in expectation in the federated runs;",
-        "- FIT + local fine-tuning: FIT's final adapter fine-tuned one epoch on each client's train rows;",
-        "- FedSA-LoRA: A matrices averaged, B matrices kept by their client (Guo et al., ICLR 2025).",
-        "",
-        "## Table 2: heterogeneous budgets (clients in thirds at ranks 8 / 12 / 16)",
-        "",
-        _method_table(
-            results,
-            ["table1/{split}/fit", "table2/{split}/perfit-8-12-16", "table2/{split}/hetlora-8-12-16"],
-            "table1/{split}/fit",
-        ),
-        "",
-        "HetLoRA (Cho et al., EMNLP 2024): rank truncation, zero-padding aggregation with ||BA||_F weights.",
-        "",
-    ]
-
-
-def _figures_section(drawn, comparison, part) -> list[str]:
-    lines = ["## Figures", ""]
-    if drawn["loss"]:
-        lines += [
-            "### Loss curves (Fig. 3/4)",
-            "",
-            "![loss curves](figures/loss_curves.png)",
-            "",
-            "Each point is the mean local training loss of that round's sampled clients. Different clients are",
-            "sampled each round, so rounds are not comparable with each other; methods are, since every method",
-            "samples the same clients for a seed.",
-            "",
-        ]
-    if drawn["similarity"]:
-        sim = drawn["similarity"]
-        lines += [
-            "### Mask similarity (Fig. 5)",
-            "",
-            "![mask similarity](figures/mask_similarity.png)",
-            "",
-            "Mean pairwise similarity of the first module's masks: "
-            + ", ".join(f"{SPLIT_TITLES[s]} {v[0]:.3f}" for s, v in sim.items())
-            + ". Pearson correlation, over client pairs, between the overlap of their data (cosine of their"
-            " category histograms) and the similarity of their masks: "
-            + ", ".join(f"{SPLIT_TITLES[s]} {v[1]:.2f}" for s, v in sim.items())
-            + ". All clients score the same seeded dense adapter, so masks share much by construction;"
-            " the correlation shows how much of the rest follows the data.",
-            "",
-        ]
-    if drawn["participation"]:
-        lines += [
-            "### Participation per round (Fig. 6)",
-            "",
-            "![participation](figures/participation.png)",
-            "",
-            _table(
-                [[k, *[f"{v.get(m, math.nan):.3f}" for m in ("FIT", "PerFIT")]] for k, v in part.items()],
-                ["participation", "FIT", "PerFIT"],
-            ),
-            "",
-        ]
-    if drawn["metric"]:
-        rows = [
-            [SPLIT_TITLES[s], m, f"{v[0]:.3f}", f"{v[1]:.1f} s"] for s, c in comparison.items() for m, v in c.items()
-        ]
-        lines += [
-            "### Importance metric (Fig. 7)",
-            "",
-            "![importance metric](figures/importance_metric.png)",
-            "",
-            _table(rows, ["split", "metric", "personalized ppl", "search per client"]),
-            "",
-        ]
-    return lines
-
-
-def _ablations(results) -> list[str]:
-    ablations = [r for n, r in results.items() if n.startswith("ablation/")]
-    reference = results["table1/pathological/perfit-s0.5"]
-    at_seed_0 = f"{reference.ppl[0]:.3f}" if 0 in reference.runs else "not run yet"
-    return [
-        "## Ablations (pathological, seed 0)",
-        "",
-        "Reference: PerFIT s=0.5 as in Table 1 (symmetric init, shared aggregation, global scope, T_p 5,",
-        "1 scoring batch, alpha 32) at seed 0, the ablations' seed; each row changes one setting. Search:",
-        "the clients' search seconds summed.",
-        "",
-        _table(
-            [["reference", at_seed_0, _search_seconds(reference)]]
-            + [[r.cell.label, _fmt(r, reference), _search_seconds(r)] for r in ablations],
-            ["setting", "personalized ppl (change vs reference)", "search"],
-        ),
-        "",
-    ]
-
-
-def _every_run(results) -> list[str]:
-    rows = []
-    for name, result in results.items():
-        for seed, run in sorted(result.runs.items()):
-            summary = run["summary"]
-            rows.append(
-                [
-                    name,
-                    str(seed),
-                    f"{summary['personalized_ppl']:.3f}",
-                    f"{summary['wall_seconds']:.0f} s",
-                    f"{summary.get('search_seconds', 0.0):.0f} s",
-                ]
-            )
-    return ["## Every run", "", _table(rows, ["cell", "seed", "personalized ppl", "wall", "search (clients)"]), ""]
