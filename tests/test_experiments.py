@@ -466,7 +466,7 @@ def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_sp
     assert paired_claim([0.01, 0.05, 0.002]) == "within the seed spread"
     assert paired_claim([-0.01, 0.02, -0.01]) == "within the seed spread"  # the seeds disagree
     assert paired_claim([-0.5]) == "within the seed spread"  # one seed has no spread to exceed
-    assert paired_claim([0.01, math.nan, 0.01]) == "not read at every seed"
+    assert paired_claim([0.01, math.nan, 0.01]) == "diverged or not read at a seed"
 
 
 def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
@@ -555,7 +555,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     from perfit.bench.figures import figure_over_fit_by_seed
 
     only_fit = {"pathological": {"cells": {"fit": {"over_fit_per_seed": {"1": 1.0}}}}}  # nothing to set against it
-    assert not figure_over_fit_by_seed(only_fit, tmp_path / "docs/figures/personal_over_fit.png")
+    assert not figure_over_fit_by_seed(only_fit, tmp_path / "docs/figures/personal_over_fit.png", 0.95)
     assert not (tmp_path / "docs/figures/personal_over_fit.png").exists()  # a stale figure goes
     assert (
         "**not met (over_fit_every_seed, over_best_baseline_every_seed, masks_follow_data, beyond_seed_spread)**"
@@ -593,16 +593,20 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     after = next(i for i in range(start + 1, len(old)) if old[i].startswith("## "))  # the next section
     assert new[:start] == old[:start] and new[-(len(old) - after) :] == old[after:]  # the rest kept as it was
     assert not (docs / "personalization.md").exists()
+    assert (docs / "figures/personal_over_fit.png").is_file()
+    write_report(tmp_path / "paper", docs)  # the paper grid's report alone: no section, so no figure of it
+    assert not (docs / "figures/personal_over_fit.png").exists()
     # a run that counted a round short of a client is named, and no claim rests on it
     fedsa = "personal/pathological/fedsa"
     timed_out = [{"client": 5, "reason": "no reply within 3600 s"}]
     _fake_run(runs / fedsa / "seed2", 12.0, cell=cells[fedsa], rouge_l=0.28, rejected_updates=timed_out)
-    from perfit.bench.personal_report import markdown
+    from perfit.bench.personal_report import section_markdown
 
     summary = summarize(load(runs), {"cells": tuning})
     path = summary["splits"]["pathological"]
     assert path["cells"]["fedsa"]["degraded_seeds"] == [2] and path["checks"]["no_rejected_updates"] is False
-    assert "rerun them before a claim: fedsa (seeds [2])." in "\n".join(markdown(summary, runs))
+    assert "rerun them before a claim: fedsa (seeds [2])." in "\n".join(section_markdown(summary, runs))
+    assert "Seeds [2] are to rerun before a claim (below)." in "\n".join(section_markdown(summary, runs))
 
 
 def test_splice_replaces_the_personalization_section_or_puts_it_before_the_sections_after_it():
@@ -664,15 +668,15 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
             }
         }
     }
-    from perfit.bench.personal_report import markdown
+    from perfit.bench.personal_report import section_markdown
 
     summary = {"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}
-    text = "\n".join(markdown(summary, tmp_path))
+    text = "\n".join(section_markdown(summary, tmp_path))
     assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.0300 | 0.020 | 0.9810 |" in text and "†" not in text
     cells["personal/dirichlet/perfit-4"]["transcribed"] = ["0.001", "0.01"]  # its run is gone: the value is copied
     found = search_readings({"out": str(tmp_path), "cells": cells})
     summary = {**summary, "search_readings": found, "transcribed_source": "the notebook"}
-    text = "\n".join(markdown(summary, tmp_path))
+    text = "\n".join(section_markdown(summary, tmp_path))
     assert "| perfit-4 | 0.01 | 8.500† |" in text and "†: transcribed" in text and "(the notebook)" in text
     # its masks are its first rate's (the search reads no rate): read there, where that run is here
     seen.clear()
@@ -684,7 +688,7 @@ def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_
     found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.001, 0.003, 0.01]})
     assert seen == [crossed, tmp_path / "personal/dirichlet/perfit-4/lr0.001/seed0"]
     assert found["dirichlet"]["perfit-4"]["masks_read_on"] == "personal/dirichlet/perfit-4/lr0.001"
-    text = "\n".join(markdown({**summary, "search_readings": found}, tmp_path))
+    text = "\n".join(section_markdown({**summary, "search_readings": found}, tmp_path))
     assert "| perfit-4 | 0.01 | 8.500† | 0.600‡ | 0.500‡ | 0.40‡ | 0.0300‡ | 0.020‡ | 0.9810 |" in text
     assert "‡: the masks read on the tuning run that searched them" in text
     found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.01, 0.003]})  # 0.01 searched: none
@@ -746,7 +750,7 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     import perfit.bench.diagnostics
     from perfit.bench.experiments import PERSONAL_VARIANTS
     from perfit.bench.personal import load, summarize
-    from perfit.bench.personal_report import markdown
+    from perfit.bench.personal_report import section_markdown
 
     r_by_seed = {"seed1": 0.7, "seed2": 0.6, "seed3": 0.8}
     p_by_seed = {"seed1": 0.01, "seed2": 0.04, "seed3": 0.002}
@@ -776,7 +780,7 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     assert path["goal_met"] is True and all(path["checks"].values())  # every seed, every check
     readings = path["cells"]["perfit-4"]
     assert readings["mask_r"] == pytest.approx(0.7) and readings["mask_r_p"] == 0.04  # r's mean, p's largest
-    assert "| 0.600 | 0.500 | 0.70 | 0.0400 | 0.100 |" in "\n".join(markdown(summary, runs))
+    assert "| 0.600 | 0.500 | 0.70 | 0.0400 | 0.100 |" in "\n".join(section_markdown(summary, runs))
     del p_by_seed["seed2"]  # a run read before p was: the cell's p is unknown, not the others' largest
     unread = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]["cells"]["perfit-4"]
     assert math.isnan(unread["mask_r_p"])
@@ -784,7 +788,7 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
     assert summary["splits"]["dirichlet"]["missing_seeds"]["perfit-4"] == [1, 2, 3]
     assert summary["goal_met"] is None  # Dirichlet not measurable yet: no verdict over both splits
     assert "held-out runs missing (perfit-4 seeds [1, 2, 3]; fit seeds [1, 2, 3]; " in "\n".join(
-        markdown(summary, runs)
+        section_markdown(summary, runs)
     )
 
     r_by_seed["seed2"] = 0.4  # r below 0.5 at one seed, 0.63 on average

@@ -111,7 +111,9 @@ class TimedPasses:
     train: list[Example]
     held_out: list[Example]
     evaluator: Any  # an eager rank-r copy of the model, never compiled: every adapter is scored on it
-    trained: dict[str, Any] = field(default_factory=dict)  # each precision's perfit pass: same start, rows, seed
+    # each precision's perfit pass (same start, rows and seed), and "padded": the training precision's
+    # pass on padded micro-batches
+    trained: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, float] = field(default_factory=dict)
 
     def timed(self, fn: Any, warm: bool = True) -> tuple[float, Any]:
@@ -137,8 +139,8 @@ class TimedPasses:
         return perplexity(*evaluate_nll(self.evaluator, flat, self.held_out, self.pad, self.config.micro_batch_size))
 
     def trained_ppl(self, name: str) -> float:
-        """`held_out_ppl` of precision `name`'s perfit pass (`trained[name]`), evaluated once: up to
-        three ratios share it (packed / padded, oneDNN / BLAS, compiled / eager, bf16 / fp32)."""
+        """`held_out_ppl` of precision `name`'s perfit pass (`trained[name]`), evaluated once: several
+        ratios share it (packed / padded, oneDNN / BLAS, compiled / eager, bf16 / fp32)."""
         if name not in self.scored:
             self.scored[name] = self.held_out_ppl(self.trained[name].flat)
         return self.scored[name]

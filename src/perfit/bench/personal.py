@@ -73,12 +73,13 @@ def _per_seed(a: CellResult, b: CellResult) -> dict[int, float]:
 
 
 def paired_claim(changes: list[float]) -> str:
-    """What paired per-seed changes (a method's reading minus FIT's, one per held-out seed) let the
-    report say: "lower" or "higher" where every seed agrees and the mean change exceeds the seeds'
-    sample standard deviation (`changes_beyond_spread`), else "within the seed spread" (or, with a
-    reading missing at a seed, that it was not read)."""
+    """What paired per-seed changes against FIT (one per held-out seed: a perplexity's relative
+    change, ratio - 1; a ROUGE-L's difference) let the report say: "lower" or "higher" where every
+    seed agrees and the mean change exceeds the seeds' sample standard deviation
+    (`changes_beyond_spread`), else "within the seed spread"; a NaN (a diverged run, a reading not
+    made) allows no claim."""
     if any(math.isnan(c) for c in changes):
-        return "not read at every seed"
+        return "diverged or not read at a seed"
     if not changes_beyond_spread(changes):
         return "within the seed spread"
     return "lower" if changes[0] < 0 else "higher"
@@ -224,9 +225,10 @@ def machine_hours(directory: Path | None) -> float:
 
 
 def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per split: every cell's mean perplexity, paired ratio to FIT (and per seed), ROUGE-L and mask
-    readings; the chosen variant and the goal's checks for it (None where not yet measurable); every
-    PerFIT cell's masks on its tuning run (`search_readings`). `tuning`: a tuning.json's content."""
+    """Per split: every cell's mean perplexity, paired ratio to FIT (and per seed, and what every
+    seed lets the report say against FIT: `_against_fit`), ROUGE-L and mask readings; the chosen
+    variant and the goal's checks for it (None where not yet measurable); every PerFIT cell's masks
+    on its tuning run (`search_readings`). `tuning`: a tuning.json's content."""
     out: dict[str, Any] = {"goal": GOAL, "splits": {}, "search_readings": search_readings(tuning)}
     out["transcribed_source"] = (tuning or {}).get("transcribed_source", "")
     chosen = chosen_variants((tuning or {}).get("cells"))

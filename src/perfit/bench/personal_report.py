@@ -25,7 +25,7 @@ def _number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) and math.isfinite(value) else "–"
 
 
-def markdown(summary: dict[str, Any], runs: Path) -> list[str]:
+def section_markdown(summary: dict[str, Any], runs: Path) -> list[str]:
     """The report's section: one table per split and the goal's verdict, said plainly."""
     lines = [
         HEADING,
@@ -78,12 +78,14 @@ def _against_fit_lines(found: dict[str, Any]) -> list[str]:
         "",
     ]
     for label, against in compared.items():
-        ratios = " / ".join(f"{r:.3f}x" for r in against["ppl_ratios"])
-        rouge = " / ".join(f"{d:+.3f}" for d in against["rouge_l_differences"])
+        ratios = " / ".join(_number(r) + "x" if math.isfinite(r) else "–" for r in against["ppl_ratios"])
+        rouge = " / ".join(f"{d:+.3f}" if math.isfinite(d) else "–" for d in against["rouge_l_differences"])
         ppl, answers = against["ppl"], against["rouge_l"]
         ppl += {"lower": " (better)", "higher": " (worse)"}.get(ppl, "")
         answers += {"lower": " (worse)", "higher": " (better)"}.get(answers, "")
-        lines.append(f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.")
+        degraded = found["cells"][label]["degraded_seeds"]
+        rerun = f" Seeds {degraded} are to rerun before a claim (below)." if degraded else ""
+        lines.append(f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{rerun}")
     return [*lines, ""]
 
 
@@ -160,10 +162,10 @@ def section(runs: Path, tuning_path: Path | None, figures: Path | None = None) -
     tuning_runs = Path(tuning["out"]) / "personal" if tuning and "out" in tuning else None
     summary["machine_hours"] = {"held_out": machine_hours(runs / "personal"), "tuning": machine_hours(tuning_runs)}
     hours = summary["machine_hours"]
-    lines = markdown(summary, runs)
+    lines = section_markdown(summary, runs)
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
-        if figure_over_fit_by_seed(summary["splits"], figures / FIGURE):
+        if figure_over_fit_by_seed(summary["splits"], figures / FIGURE, GOAL["over_fit"]):
             lines += [f"![each method's personalized perplexity over FIT's, seed by seed](figures/{FIGURE})", ""]
     lines += [
         "Run time (the sum of the runs' wall times; runs beside other work take longer, and a run in one of two "

@@ -2,7 +2,7 @@
 of `perfit bench paper`. Everything is computed from the runs' summary.json, metrics.jsonl,
 config.toml and masks; nothing is typed in by hand. The document's body is `bench.report_markdown`'s;
 here it is assembled with the sections on mask diagnostics, tuning and personalization
-(`bench.personal_report`), and the figures are drawn."""
+(`bench.personal_report`, which draws its own figure), and the paper grid's figures are drawn."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from perfit.bench.experiments import (
     SPLIT_TITLES,
 )
 from perfit.bench.figures import bar_figure, figure_loss_curves, figure_mask_similarity
-from perfit.bench.report_markdown import markdown, markdown_table
+from perfit.bench.personal_report import FIGURE as PERSONAL_FIGURE
+from perfit.bench.personal_report import section as personal_section
+from perfit.bench.report_markdown import markdown_table, results_markdown
 from perfit.bench.results import (
     CellResult,
     headline,
@@ -147,11 +149,12 @@ def write_report(
     if tuned:
         document["tuned"] = {"runs": str(tuned_runs), "cells": tuned}
     personal: list[str] = []
+    personal_figure = out / "figures" / PERSONAL_FIGURE
     if personal_runs is not None:  # the personalization grid, its variant chosen by its own tuning
-        from perfit.bench.personal_report import FIGURE, section
-
-        document["personal"], personal = section(personal_runs, personal_tuning, out / "figures")
-        written += [out / "figures" / FIGURE] if (out / "figures" / FIGURE).is_file() else []
+        document["personal"], personal = personal_section(personal_runs, personal_tuning, out / "figures")
+        written += [personal_figure] if personal_figure.is_file() else []
+    else:  # an earlier report's figure of that section would be left without its section
+        personal_figure.unlink(missing_ok=True)
     (out / "results.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     sections = (
         personal
@@ -159,7 +162,8 @@ def write_report(
         + _tuning_section(out, lr_text(results))
         + _tuned_section(tuned, tuned_runs)
     )
-    text = markdown(results, head, machine, drawn, comparison, part, runs, sections, tuned_runs if tuned else None)
+    tuned_from = tuned_runs if tuned else None
+    text = results_markdown(results, head, machine, drawn, comparison, part, runs, sections, tuned_from)
     (out / "results.md").write_text(text)
     return [out / "results.md", out / "results.json", *written]
 

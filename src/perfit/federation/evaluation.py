@@ -16,15 +16,11 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from perfit.core.metrics import perplexity
+from perfit.federation.exchange import reply_metrics
 from perfit.federation.run_directory import RunDirectory
 from perfit.federation.validation import evaluation_problem
 
 log = logging.getLogger("perfit")
-
-
-def _reply_metrics(reply: Message) -> dict[str, Any]:
-    """A reply's metrics as a plain dict ({} where it has none)."""
-    return dict(reply.content["metrics"]) if "metrics" in reply.content else {}
 
 
 class Evaluation:
@@ -47,7 +43,7 @@ class Evaluation:
         values), when its metrics are sound; an unsound one is not kept: `_evaluate` rejects it, and a
         resumed run asks that client again."""
         try:
-            metrics = _reply_metrics(reply)
+            metrics = reply_metrics(reply)
             if evaluation_problem(client, metrics):
                 return
         except Exception:  # noqa: BLE001 - metrics of the wrong types: `_evaluate` rejects and logs them
@@ -86,7 +82,7 @@ class Evaluation:
         per_client, nll_total, token_total, rouge = {}, 0.0, 0, {}
         for client, reply in sorted(received.items()):
             try:
-                metrics = reply if isinstance(reply, dict) else _reply_metrics(reply)
+                metrics = reply if isinstance(reply, dict) else reply_metrics(reply)
                 problem = evaluation_problem(client, metrics)
                 if not problem:
                     nll, tokens = float(metrics["nll"]), int(metrics["tokens"])

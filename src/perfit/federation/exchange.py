@@ -1,5 +1,5 @@
-"""The server's messages to the nodes and the replies it waits for: the other half of the ServerApp's
-`Federation` (`federation.server_app`), which it is mixed into.
+"""The server's messages to the nodes and the replies it waits for: one of the mixins of the
+ServerApp's `Federation` (`federation.server_app`), beside `updates` and `evaluation`.
 
 Every message names the run (its config and nonce), the round and, for a node that keeps values of
 its own, the version it continues from; a mask the node may have lost travels with it. `_exchange`
@@ -37,6 +37,16 @@ heartbeats, and the node's restart takes seconds); a node gone for good is skipp
 PULL_SECONDS = 3.0
 """How often replies are asked for where the Grid names no interval of its own (`Grid.send_and_receive`
 of a Deployment Engine's SuperLink waits as long between its pulls)."""
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Bytes of the arrays in a payload as Flower serializes them."""
+    return record.count_bytes()
+
+
+def reply_metrics(reply: Message) -> dict[str, Any]:
+    """A reply's metrics as a plain dict ({} where it has none)."""
+    return dict(reply.content["metrics"]) if "metrics" in reply.content else {}
 
 
 def _again(message: Message) -> Message:

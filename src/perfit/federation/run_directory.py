@@ -245,7 +245,7 @@ class RunDirectory:
             try:
                 entry = json.loads(line)
                 client, record = int(entry["client"]), entry["record"]
-                record = {  # as `Federation._keep_final_reply` writes it
+                record = {  # as `Evaluation._keep_final_reply` writes it
                     "metrics": dict(record["metrics"]),
                     "seconds": float(record["seconds"]),
                     "bytes_down": int(record["bytes_down"]),

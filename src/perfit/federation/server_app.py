@@ -38,7 +38,7 @@ from perfit.core.methods import (
 )
 from perfit.core.robust import weight_cap
 from perfit.federation.evaluation import Evaluation
-from perfit.federation.exchange import NodeExchange
+from perfit.federation.exchange import NodeExchange, array_bytes
 from perfit.federation.roster import NodesFailed, Roster, discover
 from perfit.federation.run_directory import (
     RunDirectory,
@@ -49,7 +49,7 @@ from perfit.federation.run_directory import (
     resumes_from_checkpoint,
     sampler_state,
 )
-from perfit.federation.updates import RoundUpdates, array_bytes
+from perfit.federation.updates import ROUND_RECORD, RoundUpdates
 from perfit.federation.validation import mask_problem
 
 log = logging.getLogger("perfit")
@@ -72,12 +72,6 @@ class _Rounds:
     sampler: random.Random
     totals: dict[str, Any] = field(default_factory=lambda: dict(bytes_up=0, bytes_down=0, seconds_before_resume=0.0))
     resumed: bool = False
-
-
-ROUND_RECORD = ("change_norms", "update_bound", "bounded", "weight_capped", "trimmed", "client_seconds")
-"""What a train round adds to its metrics.jsonl line, where it has them: each accepted change's norm,
-the round's norm bound, the clients scaled to it and those whose weight was capped, and where each
-client's time went."""
 
 
 @dataclass

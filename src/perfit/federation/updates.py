@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MessageType
+from flwr.app import Message, MessageType
 
 from perfit.config import Config
 from perfit.core.aggregate import TrimmedMean, round_aggregator
@@ -20,6 +20,7 @@ from perfit.core.layout import Layout
 from perfit.core.masks import PackedMasks, gather, scatter
 from perfit.core.methods import FixedMasks, lora_update_norm
 from perfit.core.robust import bound_changes, change_norms
+from perfit.federation.exchange import array_bytes, reply_metrics
 from perfit.federation.roster import Roster
 from perfit.federation.validation import update_problem
 
@@ -32,9 +33,10 @@ Accepted = dict[int, tuple[torch.Tensor, torch.Tensor, int]]
 example count)."""
 
 
-def array_bytes(record: ArrayRecord) -> int:
-    """Bytes of the arrays in a payload as Flower serializes them."""
-    return record.count_bytes()
+ROUND_RECORD = ("change_norms", "update_bound", "bounded", "weight_capped", "trimmed", "client_seconds")
+"""What a train round adds to its metrics.jsonl line, where it has them: each accepted change's norm,
+the round's norm bound, the clients scaled to it and those whose weight was capped, and where each
+client's time went."""
 
 
 class RoundUpdates:
@@ -109,7 +111,7 @@ class RoundUpdates:
         """Check one train reply (`validation.update_problem`): rejected and logged, or added to
         `accepted` (mask, values, examples), with its timing and its loss."""
         arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if payload_bytes else {}
-        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+        metrics = reply_metrics(reply)
         registered = self.masks.packed(client) if "mask" in arrays else None  # only a reply sending one
         mask = self.masks[client] & self.shared
         train_rows = self.roster.train_rows(client)
