@@ -308,8 +308,7 @@ def _goal(
         "no_rejected_updates": not any(r.degraded_seeds for r in compared),
         # a claim needs the paired changes beyond their seed spread, against FIT and the best baseline
         "beyond_seed_spread": all(
-            changes_beyond_spread([ratios[s] - 1 for s in seeds]) and all(ratios[s] < 1 for s in seeds)
-            for ratios in (over_fit, worst)
+            paired_claim([ratios[s] - 1 for s in seeds]) == "lower" for ratios in (over_fit, worst)
         ),
     }
     return {
