@@ -273,3 +273,17 @@ def test_a_perfit_cell_searches_once_for_all_its_rates():
     assert widened[-1].name.endswith("lr0.0003") and widened[-1].config(0, Path("t"), data="d").masks_from == first
     held_out = select(GRIDS["personal"](), ["personal/dirichlet/perfit-zero-b"])[0].config(2, Path("g"), data="d")
     assert held_out.masks_from == str(Path("g/personal/dirichlet/perfit/seed2").resolve())
+
+
+def test_the_listing_gives_the_hours_to_go_in_wall_time_over_the_lanes(monkeypatch, capsys):
+    """`--list`: the hours to go are lane time (each run's own wall time); with --lanes 2 about half
+    of it is the wall time, since two runs go at once."""
+    import perfit.bench.experiments
+    from perfit.cli import grid as grid_commands
+
+    monkeypatch.setattr(perfit.bench.experiments, "progress", lambda cells, out: (1, 3, 3600.0, 36000.0))
+    grid_commands._list_cells([], Path("unused"), lanes=1)
+    alone = capsys.readouterr().out
+    assert "1 of 3 runs finished, 1.0 h of wall time; about 10.0 h to go" in alone and "lanes" not in alone
+    grid_commands._list_cells([], Path("unused"), lanes=2)
+    assert "about 10.0 h to go (about 5.0 h of wall time in 2 lanes)" in capsys.readouterr().out

@@ -147,7 +147,9 @@ def _in_lanes(
         raise typer.Exit(1)
 
 
-def _list_cells(cells: list[Any], out: Path) -> None:
+def _list_cells(cells: list[Any], out: Path, lanes: int = 1) -> None:
+    """The table of `cells`' runs and their state, and the hours spent and to go: lane time, and with
+    `lanes` > 1 about that over the lanes in wall time (lanes take whole cells, so a little more)."""
     from perfit.bench.experiments import progress, state
 
     table = Table("cell", "seeds", "state", "fields", "builds on (same seed)")
@@ -158,6 +160,8 @@ def _list_cells(cells: list[Any], out: Path) -> None:
     console.print(table)
     done, runs, spent, left = progress(cells, out)
     pace = "none finished to estimate the rest from" if left is None else f"about {left / 3600:.1f} h to go"
+    if left is not None and lanes > 1:
+        pace += f" (about {left / 3600 / lanes:.1f} h of wall time in {lanes} lanes)"
     console.print(f"{done} of {runs} runs finished, {spent / 3600:.1f} h of wall time; {pace}")
     if left is not None:
         console.print("(a run to go: the mean wall time of finished runs of its kind; a resumable one counts whole)")
@@ -188,7 +192,7 @@ def bench_paper(
     with errors("record", OSError, ValueError):  # before --list too: it lists what is left to run
         _restore(lambda: chosen, out, record, keep=not list_cells)
     if list_cells:
-        _list_cells(chosen, out)
+        _list_cells(chosen, out, lanes)
         return
     if lanes > 1:
         from perfit.bench.experiments import state
@@ -281,7 +285,7 @@ def bench_tune(
     with errors("record", OSError, ValueError):  # before --list too: it lists what is left to run
         _restore(to_run, out, record, keep=not list_cells)
     if list_cells:
-        _list_cells(to_run(), out)
+        _list_cells(to_run(), out, lanes)
         return
     runs = to_run()
     if lanes > 1:  # each lane writes its part's tables aside; this process then writes the whole
