@@ -469,6 +469,28 @@ def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_sp
     assert paired_claim([0.01, math.nan, 0.01]) == "diverged or not read at a seed"
 
 
+def test_against_fit_counts_the_clients_a_method_serves_better_than_fit_does():
+    """A mean can hide the owners who lose: each client's perplexity over its own under FIT at the
+    same seed, counted over the seeds; a diverged client (null) counts as not better."""
+    from perfit.bench.personal import _against_fit
+
+    cells = {c.name: c for c in GRIDS["personal"]()}
+
+    def result(name: str, per_client: dict[str, float | None]) -> CellResult:
+        summary = {"personalized_ppl": 15.0, "rouge_l": 0.3, "per_client_ppl": per_client}
+        return CellResult(cells[name], {seed: {"summary": summary} for seed in (1, 2, 3)})
+
+    fit = result("personal/pathological/fit", {"0": 10.0, "1": 20.0, "2": 30.0})
+    method = result("personal/pathological/perfit", {"0": 9.0, "1": 21.0, "2": 27.0})  # 0.9x, 1.05x, 0.9x a seed
+    against = _against_fit(method, fit)
+    assert against["clients_better"] == 6 and against["client_seeds"] == 9
+    assert against["client_ratio_range"] == pytest.approx([0.9, 1.05])
+    diverged = _against_fit(result("personal/pathological/perfit", {"0": None, "1": 21.0, "2": 27.0}), fit)
+    assert diverged["clients_better"] == 3 and diverged["client_seeds"] == 9
+    assert diverged["client_ratio_range"] == pytest.approx([0.9, 1.05])
+    assert _against_fit(fit, fit) is None  # FIT against itself says nothing
+
+
 def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     """The variant is the one seed 0's validation chose; every ratio is paired by seed; a check that
     cannot be measured (no masks: r is NaN) fails rather than passes."""
@@ -536,6 +558,7 @@ def test_the_personalization_report_checks_the_goal_seed_by_seed(tmp_path):
     assert against["perfit"]["ppl"] == "within the seed spread"  # 0.95x, 1.04x, 0.91x
     assert against["fedsa"]["ppl"] == "within the seed spread"  # FIT's perplexities: no change at all
     assert against["fit-ft"]["rouge_l_differences"] == pytest.approx([-0.01] * 3)
+    assert (against["perfit-gradient-4"]["clients_better"], against["local"]["clients_better"]) == (3, 0)
     assert found["dirichlet"]["chosen_variant"] == "perfit-gradient-4" and found["dirichlet"]["goal_met"] is None
     # a variant that trails FIT at one seed fails the every-seed check however good its mean
     tuning["personal/pathological/perfit"]["validation_ppl"]["0.003"] = 1.0

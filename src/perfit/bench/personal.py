@@ -85,9 +85,24 @@ def paired_claim(changes: list[float]) -> str:
     return "lower" if changes[0] < 0 else "higher"
 
 
+def _per_client_ratios(result: CellResult, fit: CellResult) -> list[float]:
+    """Each client's personalized perplexity over its perplexity under FIT at the same held-out seed,
+    over the seeds (the clients both runs evaluated; NaN where either diverged)."""
+    ratios = []
+    for seed in HELD_OUT_SEEDS:
+        own = result.runs[seed]["summary"].get("per_client_ppl", {})
+        shared = fit.runs[seed]["summary"].get("per_client_ppl", {})
+        for client in sorted(set(own) & set(shared), key=int):
+            mine, theirs = own[client], shared[client]
+            ratios.append(math.nan if mine is None or theirs is None else float(mine) / float(theirs))
+    return ratios
+
+
 def _against_fit(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
     """A cell against FIT at every held-out seed, paired by seed: the perplexity ratios and ROUGE-L
-    differences, and what each lets the report say (`paired_claim`); None until both have every seed."""
+    differences, and what each lets the report say (`paired_claim`); how many clients, over the
+    seeds, it gives a lower perplexity than FIT does, and the range of their ratios (a mean can hide
+    the owners who lose). None until both have every seed."""
     if result is fit or not all(s in result.runs and s in fit.runs for s in HELD_OUT_SEEDS):
         return None
     ratios = [result.ppl[s] / fit.ppl[s] for s in HELD_OUT_SEEDS]
@@ -96,11 +111,16 @@ def _against_fit(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
         - float(fit.runs[s]["summary"].get("rouge_l", math.nan))
         for s in HELD_OUT_SEEDS
     ]
+    clients = _per_client_ratios(result, fit)
+    finite = [r for r in clients if math.isfinite(r)]
     return {
         "ppl_ratios": ratios,
         "ppl": paired_claim([r - 1 for r in ratios]),
         "rouge_l_differences": rouge,
         "rouge_l": paired_claim(rouge),
+        "clients_better": sum(r < 1 for r in clients),
+        "client_seeds": len(clients),
+        "client_ratio_range": [min(finite), max(finite)] if finite else None,
     }
 
 

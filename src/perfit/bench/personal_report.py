@@ -85,7 +85,11 @@ def _against_fit_lines(found: dict[str, Any]) -> list[str]:
         answers += {"lower": " (worse)", "higher": " (better)"}.get(answers, "")
         degraded = found["cells"][label]["degraded_seeds"]
         rerun = f" Seeds {degraded} are to rerun before a claim (below)." if degraded else ""
-        lines.append(f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{rerun}")
+        clients = f" Lower perplexity than FIT for {against['clients_better']} of {against['client_seeds']} clients"
+        if against["client_ratio_range"]:
+            low, high = against["client_ratio_range"]
+            clients += f" over the seeds (each {low:.3f}x to {high:.3f}x FIT's)"
+        lines.append(f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{clients}.{rerun}")
     return [*lines, ""]
 
 
