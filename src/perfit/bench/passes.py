@@ -5,6 +5,7 @@ model, rows and timing that `perfit bench speed` shares between its passes.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,11 @@ class TimedPasses:
     trained: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, float] = field(default_factory=dict)
 
+    @functools.cached_property
+    def longest(self) -> list[Example]:
+        """The micro-batch of the longest train rows: the warm-up pass's."""
+        return sorted(self.train, key=lambda e: len(e.input_ids))[-self.config.micro_batch_size :]
+
     def timed(self, fn: Any, warm: bool = True) -> tuple[float, Any]:
         """(seconds, result) of `fn(train)` after a warm-up on the longest micro-batch: kernel choice,
         and the heap grown to its high-water mark (`allocator.keep_freed_memory` keeps it), as it
@@ -123,7 +129,7 @@ class TimedPasses:
         `warm=False` where the pass just before trained the same rows in the same layout (it has
         run the longest micro-batch already)."""
         if warm:
-            fn(sorted(self.train, key=lambda e: len(e.input_ids))[-self.config.micro_batch_size :])
+            fn(self.longest)
         begin = time.perf_counter()
         result = fn(self.train)
         return time.perf_counter() - begin, result

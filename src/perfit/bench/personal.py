@@ -72,6 +72,11 @@ def _per_seed(a: CellResult, b: CellResult) -> dict[int, float]:
     return {seed: a.ppl[seed] / b.ppl[seed] for seed in sorted(set(a.runs) & set(b.runs))}
 
 
+def _seed_rouge(result: CellResult, seed: int) -> float:
+    """A run's ROUGE-L at `seed` (NaN where it was not read)."""
+    return float(result.runs[seed]["summary"].get("rouge_l", math.nan))
+
+
 def paired_claim(changes: list[float]) -> str:
     """What paired per-seed changes against FIT (one per held-out seed: a perplexity's relative
     change, ratio - 1; a ROUGE-L's difference) let the report say: "lower" or "higher" where every
@@ -105,12 +110,8 @@ def _against_fit(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
     the owners who lose). None until both have every seed."""
     if result is fit or not all(s in result.runs and s in fit.runs for s in HELD_OUT_SEEDS):
         return None
-    ratios = [result.ppl[s] / fit.ppl[s] for s in HELD_OUT_SEEDS]
-    rouge = [
-        float(result.runs[s]["summary"].get("rouge_l", math.nan))
-        - float(fit.runs[s]["summary"].get("rouge_l", math.nan))
-        for s in HELD_OUT_SEEDS
-    ]
+    ratios = list(_per_seed(result, fit).values())  # every held-out seed, in order
+    rouge = [_seed_rouge(result, s) - _seed_rouge(fit, s) for s in HELD_OUT_SEEDS]
     clients = _per_client_ratios(result, fit)
     finite = [r for r in clients if math.isfinite(r)]
     return {
@@ -312,9 +313,6 @@ def _goal(
     per_baseline = [[method.ppl[s] / b.ppl[s] for b in baselines] for s in seeds]
     worst = {s: max(r) if all(map(math.isfinite, r)) else math.nan for s, r in zip(seeds, per_baseline, strict=True)}
 
-    def rouge(result: CellResult, seed: int) -> float:
-        return float(result.runs[seed]["summary"].get("rouge_l", math.nan))
-
     def mask_r(seed: int) -> float:
         reading = masks.get(seed)
         return reading["mask_vs_data_similarity_r"] if reading else math.nan
@@ -322,7 +320,8 @@ def _goal(
     checks = {
         "over_fit_every_seed": all(v <= GOAL["over_fit"] for v in over_fit.values()),
         "over_best_baseline_every_seed": all(v <= GOAL["over_best_baseline"] for v in worst.values()),
-        "rouge_l_not_below_fit": all(rouge(method, s) >= rouge(fit, s) for s in seeds),  # NaN compares False
+        # a NaN compares False: a ROUGE-L not read fails the check
+        "rouge_l_not_below_fit": all(_seed_rouge(method, s) >= _seed_rouge(fit, s) for s in seeds),
         "masks_follow_data": all(mask_r(s) >= GOAL["mask_r"] for s in seeds),
         # every compared run counted every client it sampled (`CellResult.degraded_seeds`)
         "no_rejected_updates": not any(r.degraded_seeds for r in compared),
