@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from perfit.config import PRESETS, Config, from_mapping, from_toml
+from perfit.config import Config, from_mapping, from_toml
+from perfit.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The package's layering, read from the source: each layer imports only the layers below it.
 
-    config < core < artifacts < client < federation < use < api < bench < cli
+    presets < config < core < artifacts < client < federation < use < api < bench < cli
 
 `core` (the method) is pure torch; the server side of the federation never imports `perfit.client`
 (it holds no data and trains nothing); only the CLI imports the bench."""
@@ -14,7 +14,7 @@ import pytest
 import perfit
 
 PACKAGE = Path(perfit.__file__).parent
-ORDER = ["config", "core", "artifacts", "client", "federation", "use", "api", "bench", "cli"]
+ORDER = ["presets", "config", "core", "artifacts", "client", "federation", "use", "api", "bench", "cli"]
 SERVER_SIDE = (
     "federation.server_app",
     "federation.updates",

@@ -29,7 +29,7 @@ def test_rotated_masks_keep_the_budget_and_differ_per_client():
 
 
 def test_search_share_and_the_passes_that_fit_a_share():
-    from perfit.bench.speed import passes_within, search_share
+    from perfit.bench.search_cost import passes_within, search_share
 
     inputs = {"pruning_steps": 10, "search_batches": 1, "seconds_per_scoring_micro_batch": 2.0,
               "seconds_per_training_micro_batch": 1.0, "participations_per_client": 3.0,

@@ -281,6 +281,18 @@ def _finished_with_files(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file() and not is_copy(run_dir)
 
 
+def _finished_outcome(config: Config) -> str:
+    """A finished run's outcome in a grid: "skipped (finished)", or "failed: ..." where it finished
+    under another config than `config` (e.g. `--tuned` into a directory of default-rate runs): it is
+    neither rerun nor counted."""
+    from perfit.federation.run_directory import config_changes
+
+    changes = config_changes(Path(config.out), config) if (Path(config.out) / "config.toml").is_file() else []
+    if changes:
+        return f"failed: finished with another config ({'; '.join(changes)}); kept, not rerun: use another --out"
+    return "skipped (finished)"
+
+
 def run_grid(
     cells: list[Cell],
     out: Path,
@@ -293,7 +305,7 @@ def run_grid(
     raises is reported as `failed: ...` and the grid goes on with the next one. `record`: where each
     finished run's small files are kept as it ends (`bench.record`)."""
     from perfit.core.methods import resume_reads_nodes
-    from perfit.federation.run_directory import NODES, config_changes
+    from perfit.federation.run_directory import NODES
 
     done = []
     for cell, seed in schedule(cells):
@@ -303,13 +315,10 @@ def run_grid(
             report(f"{cell.name} seed {seed}: restarting (stopped before its nodes kept their values on disk)")
             status, config = "todo", config.replace(resume=0)
         if status == "done":
-            changes = config_changes(Path(config.out), config) if (Path(config.out) / "config.toml").is_file() else []
-            if changes:  # e.g. `--tuned` into a directory of default-rate runs: neither rerun nor count them
-                what = f"finished with another config ({'; '.join(changes)}); kept, not rerun: use another --out"
-                report(f"{cell.name} seed {seed}: {what}")
-                done.append((cell, seed, f"failed: {what}"))
-            else:
-                done.append((cell, seed, "skipped (finished)"))
+            outcome = _finished_outcome(config)
+            if outcome.startswith("failed"):
+                report(f"{cell.name} seed {seed}: {outcome.removeprefix('failed: ')}")
+            done.append((cell, seed, outcome))
             continue
         failed_here = {(c.name, s) for c, s, w in done if w.startswith("failed")}  # e.g. finished under another config
         waits = [  # a partial run resumes from its checkpoint, which holds what it took from them

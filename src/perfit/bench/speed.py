@@ -29,15 +29,13 @@ from perfit.bench.flops import (
     useful_flops,
 )
 from perfit.bench.passes import TimedPasses, plain_peft_pass, random_mask, sample_examples
+from perfit.bench.search_cost import search_cost
 from perfit.client import onednn
 from perfit.client.data import load_rows, partition
 from perfit.client.hardware import cpu_description, cpu_has_bf16, training_autocast
 from perfit.client.model import attach_lora, compile_decoder, load_base
-from perfit.client.train import Schedule, evaluate_nll, train_masked
 from perfit.config import Config
 from perfit.core.aggregate import Accumulator
-from perfit.core.layout import initial_adapter
-from perfit.core.metrics import perplexity
 
 
 def rotated(base: torch.Tensor, client: int) -> torch.Tensor:
@@ -105,15 +103,10 @@ class Bench:
             "round_passes_seconds": round_passes,
             "onednn": {"used": routing.enabled, "fp32_default": "onednn" if routing.fp32 else "blas"},
             **self._bytes_and_server(dense),
-            **self._search_share(passes, dense, all_rows, precisions, dense_seconds),
+            **search_cost(config, passes, dense, partition(all_rows, config), precisions, dense_seconds),
         }
         result["onednn"] |= _path_ratios(passes, seconds, other, blas_bf16, routing.fp32)
-        if with_bf16:
-            result["perfit_over_peft_tokens_per_s_bf16"] = seconds["plain_peft_bf16"] / seconds["perfit_bf16"]
-            result["bf16_over_fp32_tokens_per_s"] = seconds["perfit_fp32"] / seconds["perfit_bf16"]
-            result["bf16_ppl_over_fp32_ppl"] = passes.trained_ppl("bf16") / passes.trained_ppl("fp32")
-        else:
-            result["bf16_not_timed"] = emulated_bf16_probe()
+        result |= _bf16_ratios(passes, seconds) if with_bf16 else {"bf16_not_timed": emulated_bf16_probe()}
         # last: compiling the decoder is process-wide, so everything above ran eager. Only at the training
         # precision (`torch_compile=auto` compiles that path alone): an fp32 compile on a bf16 CPU would
         # time a path `dtype=auto` does not take there
@@ -249,86 +242,15 @@ class Bench:
             "server_mask_bytes_per_client": {"bool_tensor": layout.size, "bit_packed": mask_bytes},
         }
 
-    def _search_share(
-        self,
-        passes: TimedPasses,
-        dense: int,
-        all_rows: list[dict[str, str]],
-        precisions: tuple[str, ...],
-        dense_pass_seconds: float | None,
-    ) -> dict[str, Any]:
-        """The one-time search's share of a client's compute over a run at the config's proportions,
-        both at the precision local training uses: the search timed here, training from the PerFIT
-        client's (dense rank, masked) fp32 passes (`dense_pass_seconds`, the same rows; None: timed
-        here, at the training precision); and, where bf16 is timed, the search in bf16 against fp32:
-        mask agreement and personalized perplexity after the same masked training from each mask,
-        beside the same two figures for a second fp32 search that takes the rows in another seeded
-        order (how far two equally valid masks differ, against which the bf16 one is read)."""
-        from perfit.client.task import search_adapter_mask
-        from perfit.core.layout import budget_groups
 
-        config, train, pad = self.config, passes.train, passes.pad
-        autocast = training_autocast(config.dtype)
-        peft_model, layout, run_pass = passes.masked(dense, config.rank, autocast)
-        theta = initial_adapter(layout, "symmetric", 0)
-        groups = budget_groups(layout, config.scope, config.rank)
-        batches = -(-len(train) // config.micro_batch_size)
-        scoring_passes = config.pruning_steps * min(config.search_batches, batches)
-        masks, per_scoring_batch = {}, {}
-        for name in precisions:
-            warm = config.replace(dtype=name, prune_iterations=1)  # one untimed pass, as timed() does for training
-            search_adapter_mask(peft_model, theta, train[: config.micro_batch_size], pad, warm, groups, 0)
-            begin = time.perf_counter()
-            masks[name] = search_adapter_mask(peft_model, theta, train, pad, config.replace(dtype=name), groups, 0)
-            per_scoring_batch[name] = (time.perf_counter() - begin) / scoring_passes
-        if dense_pass_seconds is None:
-            begin = time.perf_counter()
-            run_pass(train)
-            dense_pass_seconds = time.perf_counter() - begin
-        per_training_batch = dense_pass_seconds / batches
-        if len(masks) > 1:  # the control: fp32, the steps taking the micro-batches in another order
-            masks["fp32_seed1"] = search_adapter_mask(
-                peft_model, theta, train, pad, config.replace(dtype="fp32"), groups, 1
-            )
-        used = "bf16" if autocast is not None else "fp32"
-        per_round = config.clients_per_round / config.num_clients * config.local_epochs  # epochs a client trains
-        splits = partition(all_rows, config)  # the config's clients over the bench's data file
-        inputs = {
-            "dtype": used,
-            "pruning_steps": config.pruning_steps,
-            "search_batches": config.search_batches,
-            "seconds_per_scoring_micro_batch": per_scoring_batch[used],
-            "seconds_per_training_micro_batch": per_training_batch,
-            "participations_per_client": config.rounds * per_round,
-            "participations_per_client_at_50_rounds": 50 * per_round,  # Table 2's rounds
-            "train_rows_per_client": statistics.fmean(len(split.train) for split in splits.values()),
-            "micro_batch_size": config.micro_batch_size,
-        }
-        result: dict[str, Any] = {"search_share": search_share(inputs), "search_share_inputs": inputs}
-        if "bf16" in masks:
-            ppl = {
-                name: self._trained_from_mask(peft_model, theta, mask, passes, autocast) for name, mask in masks.items()
-            }
-            result["search_bf16"] = {
-                "scoring_seconds_fp32_over_bf16": per_scoring_batch["fp32"] / per_scoring_batch["bf16"],
-                "mask_agreement": float((masks["fp32"] & masks["bf16"]).sum() / masks["fp32"].sum()),
-                "ppl_bf16_mask_over_fp32_mask": ppl["bf16"] / ppl["fp32"],
-                "mask_agreement_fp32_other_order": float(
-                    (masks["fp32"] & masks["fp32_seed1"]).sum() / masks["fp32"].sum()
-                ),
-                "ppl_fp32_other_order_mask_over_fp32_mask": ppl["fp32_seed1"] / ppl["fp32"],
-            }
-        return result
-
-    def _trained_from_mask(
-        self, peft_model: Any, theta: torch.Tensor, mask: torch.Tensor, passes: TimedPasses, autocast: Any
-    ) -> float:
-        """Personalized perplexity on the held-out rows after one epoch of masked training from
-        `theta` at `mask`'s positions: how good a searched mask is, read the same way for each."""
-        config = self.config
-        flat = train_masked(peft_model, theta * mask, mask, passes.train, passes.pad, Schedule.of(config, epochs=1),
-                            autocast_dtype=autocast).flat  # fmt: skip
-        return perplexity(*evaluate_nll(peft_model, flat, passes.held_out, passes.pad, config.micro_batch_size))
+def _bf16_ratios(passes: TimedPasses, seconds: dict[str, float]) -> dict[str, float]:
+    """bf16 autocast against fp32 and against plain peft in bf16: tokens/s, and the perplexity after
+    the same training."""
+    return {
+        "perfit_over_peft_tokens_per_s_bf16": seconds["plain_peft_bf16"] / seconds["perfit_bf16"],
+        "bf16_over_fp32_tokens_per_s": seconds["perfit_fp32"] / seconds["perfit_bf16"],
+        "bf16_ppl_over_fp32_ppl": passes.trained_ppl("bf16") / passes.trained_ppl("fp32"),
+    }
 
 
 def _path_ratios(
@@ -396,26 +318,6 @@ def _mfu(
         "peak_gflops_at_start_and_end": {name: [peak_at_start[name], peak_at_end[name]] for name in precisions},
         "gemm_at_model_shapes": shapes,
     }
-
-
-def search_share(inputs: dict[str, Any], participations: float | None = None, passes: float | None = None) -> float:
-    """The search's share of a client's compute, search / (search + training): `passes` scoring
-    micro-batches (default T_p x search_batches) against `participations` local epochs over the
-    client's train rows (default the config's), each side at its measured seconds per micro-batch."""
-    passes = inputs["pruning_steps"] * inputs["search_batches"] if passes is None else passes
-    participations = inputs["participations_per_client"] if participations is None else participations
-    search = passes * inputs["seconds_per_scoring_micro_batch"]
-    training_batches = participations * inputs["train_rows_per_client"] / inputs["micro_batch_size"]
-    training = training_batches * inputs["seconds_per_training_micro_batch"]
-    return search / (search + training)
-
-
-def passes_within(inputs: dict[str, Any], share: float, participations: float | None = None) -> int:
-    """The most scoring micro-batches a search may take and stay within `share` of a client's compute."""
-    passes = 0
-    while search_share(inputs, participations, passes + 1) <= share:
-        passes += 1
-    return passes
 
 
 def with_scale(result: dict[str, Any], scale_json: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from perfit.bench.speed import passes_within, search_share
+from perfit.bench.search_cost import passes_within, search_share
 from perfit.client.hardware import AUTO_COMPILE_EXAMPLES
 
 

@@ -238,6 +238,24 @@ def _write_tuning(docs: Path, document: dict[str, Any], transcribed_source: str)
     return text
 
 
+def _parse_lrs(lrs: str) -> tuple[float, ...]:
+    """`--lrs` as rates; a value that is not a number is a config error naming it."""
+    try:
+        return tuple(float(lr) for lr in lrs.split(","))
+    except ValueError as err:
+        console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
+        raise typer.Exit(2) from err
+
+
+def _tune_in_lanes(lanes: int, chosen: list[Any], runs: list[Any], out: Path, tune: list[str]) -> None:
+    """The unfinished tuning runs of the `chosen` cells in `lanes` processes (`bench tune` args `tune`),
+    each writing its part's tables to OUT/lanes/docsK; the caller writes the whole table after."""
+    from perfit.bench.experiments import state
+
+    unfinished = {run.name.rsplit("/", 1)[0] for run in runs if state(run, out, 0) != "done"}
+    _in_lanes(lanes, chosen, out, tune, unfinished, lambda k: ["--docs", str(out / "lanes" / f"docs{k}")])
+
+
 @bench.command("tune", context_settings=EXTRA)
 def bench_tune(
     ctx: typer.Context,
@@ -264,11 +282,7 @@ def bench_tune(
     from perfit.bench.tuning import collect, read_transcribed, still_to_run
 
     chosen, common = _grid_selection(ctx, cells, grid)
-    try:
-        candidates = tuple(float(lr) for lr in lrs.split(","))
-    except ValueError as err:
-        console.print(f"[red]config error:[/red] --lrs {lrs!r}: {err}")
-        raise typer.Exit(2) from err
+    candidates = _parse_lrs(lrs)
     source, copied = "", {}
     if transcribed is not None:
         with errors("transcribed", OSError, ValueError):
@@ -289,12 +303,9 @@ def bench_tune(
         return
     runs = to_run()
     if lanes > 1:  # each lane writes its part's tables aside; this process then writes the whole
-        from perfit.bench.experiments import state
-
         tune = ["bench", "tune", "--out", str(out), "--grid", grid, "--lrs", lrs, "--widen", str(widen), *ctx.args]
         tune += [arg for flag, path in given.items() for arg in (f"--{flag}", str(path))]
-        unfinished = {run.name.rsplit("/", 1)[0] for run in runs if state(run, out, 0) != "done"}
-        _in_lanes(lanes, chosen, out, tune, unfinished, lambda k: ["--docs", str(out / "lanes" / f"docs{k}")])
+        _tune_in_lanes(lanes, chosen, runs, out, tune)
         runs = to_run()
     outcomes: list[tuple[Any, int, str]] = []
     while runs:  # then what the finished runs asked for: FIT + FT once FIT has chosen, widened rates
@@ -310,15 +321,8 @@ def bench_tune(
             console.print(f"{cell.name}: waits for the tuning of {cell.start}, the run it starts from")
     _check_failures(outcomes)
     widening = f" --widen {widen}" if widen else ""
-    command = " ".join(
-        [
-            "perfit bench tune",
-            *ctx.args,
-            f"--out {out} --lrs {lrs}{widening}",
-            *(f"--{flag} {path}" for flag, path in given.items()),
-            *(f"--cells '{c}'" for c in cells),
-        ]
-    )
+    flags = [*ctx.args, f"--out {out} --lrs {lrs}{widening}", *(f"--{flag} {path}" for flag, path in given.items())]
+    command = " ".join(["perfit bench tune", *flags, *(f"--cells '{c}'" for c in cells)])
     document = {"command": command, "out": str(out.resolve()), "lrs": list(candidates), "widen": widen, "cells": table}
     console.print(_write_tuning(docs, document, source))
 

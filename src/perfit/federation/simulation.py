@@ -139,6 +139,36 @@ def _ray_backend(config: Config, cpus: int, cpus_per_client: int, ray_dir: str) 
     }
 
 
+def _check_nodes_kept(config: Config, nodes: Path) -> None:
+    """A resumed run of a method whose nodes keep values (`resume_reads_nodes`) needs them in `nodes`:
+    without them each client would restart from nothing while the server goes on, so this is an error."""
+    from perfit.core.methods import resume_reads_nodes
+    from perfit.federation.run_directory import resumes_from_checkpoint
+
+    if resume_reads_nodes(config.method) and resumes_from_checkpoint(config) and not nodes.is_dir():
+        raise ValueError(
+            f"{config.out}: a simulated {config.method} run cannot resume without its nodes' kept values "
+            f"({nodes} is missing: the run stopped before perfit kept them on disk); run it again without resume"
+        )
+
+
+def _server_run(config: Config) -> tuple[Any, Any]:
+    """The Flower `Run` (id 1, no federation) and the ServerApp's `Context` carrying `config` as its
+    run config, as `flwr run` would set them up; the task identity is the SuperLink's."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
+    return run, context
+
+
 def run_simulation(
     config: Config, num_cpus: int | None = None, cpus_per_client: int = CLIENT_CPUS, client_app: Any = None
 ) -> dict[str, Any]:
@@ -152,25 +182,16 @@ def run_simulation(
     Each simulated client gets `cpus_per_client` cores (torch threads, `CLIENT_CPUS`) of the
     `num_cpus` (default: the cores this process may use, `usable_cores`).
     """
-    from perfit.core.methods import NODE_KEPT, resume_reads_nodes
-    from perfit.federation.run_directory import NODES, resumes_from_checkpoint
+    from perfit.core.methods import NODE_KEPT
+    from perfit.federation.run_directory import NODES
 
     out = Path(config.out).expanduser().resolve()
     keeping = config.method in NODE_KEPT
-    if resume_reads_nodes(config.method) and resumes_from_checkpoint(config) and not (out / NODES).is_dir():
-        raise ValueError(
-            f"{config.out}: a simulated {config.method} run cannot resume without its nodes' kept values "
-            f"({out / NODES} is missing: the run stopped before perfit kept them on disk); run it again without resume"
-        )
+    _check_nodes_kept(config, out / NODES)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import ray
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
     from perfit.federation.client_app import KeepingNodes
@@ -179,11 +200,7 @@ def run_simulation(
     from perfit.federation.server_app import app as server_app
 
     app = client_app or perfit_client_app
-    run = Run.create_empty(run_id=1)
-    run.primary_task_id = 1
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_dict())
+    run, context = _server_run(config)
     ray_dir = tempfile.mkdtemp(prefix="perfit-ray-")  # Ray's session files stay out of ~ and of the repo
     backend = _ray_backend(config, num_cpus or len(usable_cores()), cpus_per_client, ray_dir)
     try:
