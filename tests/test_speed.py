@@ -42,6 +42,26 @@ def test_search_share_and_the_passes_that_fit_a_share():
     assert passes_within(inputs, 0.10) == 8 and passes_within(inputs, 0.0) == 0
 
 
+def test_the_bf16_search_is_read_against_fp32_and_against_a_second_fp32_order():
+    from perfit.bench.search_cost import _bf16_against_fp32
+
+    masks = {
+        "fp32": torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool),
+        "bf16": torch.tensor([1, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool),  # 1 of fp32's 4 (of its own 5)
+        "fp32_seed1": torch.tensor([1, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool),  # 3 of fp32's 4 (of its own 6)
+    }
+    reading = _bf16_against_fp32(masks, {"fp32": 10.0, "bf16": 11.0, "fp32_seed1": 9.5}, {"fp32": 3.0, "bf16": 1.5})
+    assert reading == pytest.approx(
+        {
+            "scoring_seconds_fp32_over_bf16": 2.0,
+            "mask_agreement": 0.25,
+            "ppl_bf16_mask_over_fp32_mask": 1.1,
+            "mask_agreement_fp32_other_order": 0.75,
+            "ppl_fp32_other_order_mask_over_fp32_mask": 0.95,
+        }
+    )
+
+
 @pytest.fixture
 def quick_peaks(monkeypatch):
     """Square-matmul probes at 256 for 0.2 s: the bench's 2048 x 2048 bf16 probe alone takes minutes
