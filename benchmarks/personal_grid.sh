@@ -7,7 +7,7 @@
 # 1. Tuning on seed 0's validation slice (`perfit bench tune --grid personal`) of FIT, FIT + local
 #    fine-tuning and the PerFIT variants: their rates, and the one variant carried on in both splits.
 # 2. Their held-out seeds 1-3 at the chosen rates: FIT, FIT + FT, the paper's PerFIT, the chosen variant;
-#    their report apart (RUNS/personal/headline/).
+#    the base model on FIT's held-out rows (`perfit bench base`); their report apart (RUNS/personal/headline/).
 # 3. The tuning of the rest: local only, FedSA-LoRA, PerFIT and HetLoRA 8/12/16 (every cell's rate).
 # 4. `perfit bench cross` on the paper's PerFIT and the chosen variant at their chosen rates, and the
 #    held-out seeds of every cell kept (the variants not chosen are not run; those of step 2 are done).
@@ -75,6 +75,15 @@ for group in "${FIRST[@]}"; do FIRST_CELLS+=(--cells "$group"); done
 # no --cells, every variant's held-out runs).
 first=$(held_out "$RUNS/tune-personal/docs-first/tuning.json" fit fit-ft perfit chosen)
 paper "$RUNS/tune-personal/docs-first/tuning.json" "$first"
+# The base model, with no adapter, on FIT's held-out rows (RUN/base.json, which the report reads): how
+# much training moves perplexity at all, the scale a method's difference from FIT is read on. Minutes
+# a run; kept in the record at once, as a finished run is.
+for run in "$RUNS"/personal/personal/*/fit/seed*; do
+    [ -f "$run/summary.json" ] && [ ! -f "$run/base.json" ] || continue
+    "$PERFIT" bench base "$run" > /dev/null || echo "personal_grid.sh: perfit bench base $run failed" >&2
+done
+"$PYTHON" -c 'import sys; from perfit.bench.record import keep_all; keep_all(*sys.argv[1:])' \
+    "$RUNS/personal" "$RECORD/personal" || echo "personal_grid.sh: keeping the base model's readings failed" >&2
 # What a grid stopped here already says: the headline's report, apart from docs/ (a baseline's cells
 # show as missing, so it claims nothing yet): RUNS/personal/headline/personalization.md.
 "$PERFIT" report --runs "$RUNS/paper" --out "$RUNS/personal/headline" --personal-runs "$RUNS/personal" \

@@ -852,3 +852,34 @@ def test_the_quick_grids_mask_diagnostics_table_gives_r_and_its_p():
     assert "r's p" in text and "| table1/pathological/perfit | 0 | 0.680 | 0.690 | 0.200 | 0.0123 |" in text
     assert "| table1/pathological/perfit | 1 | 0.680 | 0.690 | 0.200 | n/a |" in text
     assert _diagnostics_section({}) == []
+
+
+def test_the_report_reads_the_base_model_on_fits_rows_at_the_seeds_that_have_it(tmp_path):
+    """FIT over the base model (`perfit bench base`'s base.json in FIT's runs), per seed and over the
+    seeds that have the reading, beside the other methods' ratios to FIT at those seeds only."""
+    from perfit.bench.personal import base_model, load, summarize
+    from perfit.bench.personal_report import _base_model_lines
+
+    runs = tmp_path / "personal"
+    values = {
+        "fit": ((10.0, 12.0, 11.0), (0.3,) * 3),
+        "fit-ft": ((9.8, 11.6, 10.9), (0.3,) * 3),  # 0.98x, 0.967x, 0.991x
+        "perfit": ((10.5, 12.0, 12.1), (0.3,) * 3),  # 1.05x, 1.00x, 1.10x (seed 3: no base reading)
+    }
+    _personal_runs(runs, values)
+    fit = runs / "personal/pathological/fit"
+    assert base_model(load(runs)["personal/pathological/fit"]) is None  # no reading yet
+    for seed, base in ((1, 12.5), (2, 16.0)):
+        (fit / f"seed{seed}" / "base.json").write_text(json.dumps({"personalized_base_ppl": base}))
+    found = base_model(load(runs)["personal/pathological/fit"])
+    assert found["seeds"] == [1, 2] and found["personalized_ppl"] == pytest.approx(14.25)
+    assert found["fit_over_base_per_seed"] == pytest.approx({"1": 0.8, "2": 0.75})
+    assert found["fit_over_base"] == pytest.approx(11.0 / 14.25)  # means over the seeds, then their ratio
+    split = summarize(load(runs))["splits"]["pathological"]
+    assert split["base_model"] == found and summarize(load(runs))["splits"]["dirichlet"]["base_model"] is None
+    assert _base_model_lines(split) == [
+        "Training itself: FIT's personalized perplexity is 0.800x / 0.750x the base model's with no adapter at "
+        "seeds 1/2 (base 14.250; `perfit bench base`), 23% lower; at the same seeds every other method is "
+        "0.967x to 1.050x FIT's.",
+        "",
+    ]

@@ -241,6 +241,38 @@ def test_cross_evaluation_scores_every_clients_model_on_every_clients_rows(runs,
     assert missing.exit_code == 2 and "no such run directory" in missing.output
 
 
+def test_the_base_model_reading_is_the_runs_rows_scored_with_no_adapter(runs, tmp_path):
+    """`perfit bench base`: the base model is the same for FIT and PerFIT at a seed and split, so their
+    readings agree; it is the peft model with its adapter switched off; a record's copy of a run
+    (no adapters) reads the same."""
+    import shutil
+
+    from perfit.bench.diagnostics import base_evaluation
+    from perfit.client.task import ClientTask
+    from perfit.core.metrics import perplexity
+
+    fit_config, fit_summary = runs[("fit", "pathological", "")]
+    perfit_config, _ = runs[("perfit", "pathological", "")]
+    fit, perfit = base_evaluation(Path(fit_config.out)), base_evaluation(Path(perfit_config.out))
+    assert fit["clients"] == [0, 1, 2, 3] and fit["base_ppl"] == pytest.approx(perfit["base_ppl"], rel=1e-6)
+    assert fit["run_ppl"] == pytest.approx([fit_summary["per_client_ppl"][str(c)] for c in range(4)])
+    assert fit["run_over_base"] == pytest.approx(sum(fit["run_ppl"]) / sum(fit["base_ppl"]))
+    task = ClientTask(fit_config)
+    with task.peft_model.disable_adapter():  # LoRA bypassed: the base model itself, whatever the adapter
+        switched_off = perplexity(*task.evaluate(2, torch.randn(task.layout.size)))
+    assert fit["base_ppl"][2] == pytest.approx(switched_off, rel=1e-5)
+    assert abs(fit["run_over_base"] - 1) > 1e-4  # training moved the model
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.toml", "summary.json", "partitions.json"):
+        shutil.copy(Path(fit_config.out) / name, copy / name)
+    result = CliRunner().invoke(app, ["bench", "base", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "base.json").read_text())["base_ppl"] == pytest.approx(fit["base_ppl"], rel=1e-6)
+    missing = CliRunner().invoke(app, ["bench", "base", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no such run directory" in missing.output
+
+
 def test_a_run_keeps_the_masks_another_run_searched_with_the_same_result(runs, tmp_path):
     """`masks_from`: the search reads no learning rate, so a run at another rate that keeps a
     finished run's masks ends exactly as one that searches them again, without searching."""

@@ -73,6 +73,11 @@ def _labels(call: list[str]) -> dict[str, set[str]]:
 
 def test_the_headline_runs_first_then_the_rest_of_the_tuning_the_held_out_runs_and_the_report(tmp_path):
     tuning = _tuning(tmp_path / "runs")
+    fit = tmp_path / "runs/personal/personal/pathological/fit"  # FIT's held-out runs: one read, one to read
+    for seed in (1, 2):
+        (fit / f"seed{seed}").mkdir(parents=True)
+        (fit / f"seed{seed}" / "summary.json").write_text("{}")
+    (fit / "seed1" / "base.json").write_text("{}")
     done, calls = _grid(tmp_path)
     assert done.returncode == 0, done.stderr
     kinds = [c[1] if c[0] == "bench" else c[0] for c in calls]
@@ -88,7 +93,10 @@ def test_the_headline_runs_first_then_the_rest_of_the_tuning_the_held_out_runs_a
     headline = {c.name for c in select(GRIDS["personal"](), [p for t in tunes[:7] for p in _option(t, "--cells")])}
     assert {f"personal/{split}/{label}" for split in BEST for label in ("fit", "fit-ft", *VARIANTS)} == headline
     assert _option(first, "--tuned") == [str(tmp_path / "runs/tune-personal/docs-first/tuning.json")]
-    headline_report = calls[calls.index(first) + 1]  # the headline's own report, before the rest is tuned
+    bases = [c for c in calls if c[:2] == ["bench", "base"]]  # the base model on FIT's rows not yet read
+    assert bases == [["bench", "base", str(fit / "seed2")]] and calls.index(bases[0]) == calls.index(first) + 1
+    assert (tmp_path / "record/personal/personal/pathological/fit/seed1/base.json").is_file()  # kept at once
+    headline_report = calls[calls.index(first) + 2]  # the headline's own report, before the rest is tuned
     assert headline_report[0] == "report" and _option(headline_report, "--out") == [
         str(tmp_path / "runs/personal/headline")
     ]

@@ -116,6 +116,52 @@ def search_diagnostics(config: Config) -> dict[str, Any]:
     return {**diagnose(masks, config, task.layout, category_cosines(categories)), "search_seconds": seconds}
 
 
+def _scored_rows(run: Any, clients: list[int], reading: str) -> Any:
+    """A `ClientTask` under a finished run's config (`use.export.open_run`; a research split), with
+    each of `clients` checked to have the rows the run scored: partitions.json's `eval`, so a
+    reading on another data file is an error, not a silent mismatch."""
+    from perfit.client.task import ClientTask
+
+    if run.config.split == "owner":
+        raise ValueError(f"{run.path}: {reading} needs a research split (every client's rows on this machine)")
+    task = ClientTask(run.config)
+    for client in clients:
+        if list(task.split_of(client).eval) != run.partitions[client]["eval"]:
+            raise ValueError(f"{run.path}: client {client}'s rows differ from partitions.json's (data file changed?)")
+    return task
+
+
+def base_evaluation(run_dir: Path) -> dict[str, Any]:
+    """The base model, with no adapter, on every client's rows that a finished run scored: how far
+    the run's training moved each client from where it started. `run_over_base` is the run's
+    personalized perplexity (the mean over clients) over the base model's, read the same way; the
+    base model is the same for every method at a seed and split, so one reading (on FIT's run) says
+    how much training gives at all, against which a method's gain over FIT is read."""
+    from perfit.core.metrics import perplexity
+    from perfit.use.export import open_run
+
+    run = open_run(run_dir)
+    reported = run.summary.get("per_client_ppl") or {}
+    if not reported:
+        raise ValueError(f"{run.path}: summary.json has no per-client perplexities (per_client_ppl)")
+    clients = sorted(int(client) for client in reported)
+    task = _scored_rows(run, clients, "the base model's reading")
+    started = time.perf_counter()
+    zero = torch.zeros(task.layout.size)  # every LoRA product B A is 0: the base model's outputs
+    base = [perplexity(*task.evaluate(client, zero)) for client in clients]
+    own = [float(reported[str(client)]) for client in clients]
+    return {
+        "run": str(run.path),
+        "method": run.config.method,
+        "clients": clients,
+        "base_ppl": base,
+        "run_ppl": own,
+        "personalized_base_ppl": sum(base) / len(base),
+        "run_over_base": (sum(own) / len(own)) / (sum(base) / len(base)),
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def cross_evaluation(run_dir: Path, clients: list[int] | None = None) -> dict[str, Any]:
     """Every client's final model (and the global one) on every client's held-out rows of a finished
     run: the rows the run scored (partitions.json's `eval`; the validation slice of a tuning run), so
@@ -128,22 +174,16 @@ def cross_evaluation(run_dir: Path, clients: list[int] | None = None) -> dict[st
     import statistics
 
     from perfit.artifacts.lora import load_adapter_flat
-    from perfit.client.task import ClientTask
     from perfit.core.diagnostics import own_model_advantage
     from perfit.core.metrics import perplexity
     from perfit.use.export import open_run
 
     run = open_run(run_dir)
-    if run.config.split == "owner":
-        raise ValueError(f"{run.path}: cross-evaluation needs a research split (every client's rows on this machine)")
     clients = sorted(clients if clients is not None else run.clients)
     unknown = sorted(set(clients) - set(run.clients))
     if unknown:
         raise ValueError(f"{run.path}: no adapters of clients {unknown}; its clients: {run.clients}")
-    task = ClientTask(run.config)
-    for client in clients:
-        if list(task.split_of(client).eval) != run.partitions[client]["eval"]:
-            raise ValueError(f"{run.path}: client {client}'s rows differ from partitions.json's (data file changed?)")
+    task = _scored_rows(run, clients, "cross-evaluation")
     models = {c: load_adapter_flat(run.adapter_dir(c) / "adapter_model.safetensors", task.layout) for c in clients}
     models["global"] = load_adapter_flat(run.adapter_dir(None) / "adapter_model.safetensors", task.layout)
     started = time.perf_counter()

@@ -235,6 +235,27 @@ def _own_over_others(run_dir: Path) -> float:
     return float(json.loads(path.read_text())["mean_own_over_others"]) if path.is_file() else math.nan
 
 
+def base_model(fit: CellResult) -> dict[str, Any] | None:
+    """The base model, with no adapter, on FIT's scored rows at each seed whose FIT run has its reading
+    (`perfit bench base`, RUN/base.json): its personalized perplexity and FIT's over it, per seed and
+    over them. How much training moves perplexity at all, against which a method's difference from
+    FIT is read. None where no seed has the reading."""
+    readings = {
+        seed: json.loads((run["dir"] / "base.json").read_text())
+        for seed, run in sorted(fit.runs.items())
+        if (run["dir"] / "base.json").is_file()
+    }
+    if not readings:
+        return None
+    base = {seed: float(reading["personalized_base_ppl"]) for seed, reading in readings.items()}
+    return {
+        "seeds": sorted(base),
+        "personalized_ppl": statistics.fmean(base.values()),
+        "fit_over_base": statistics.fmean(fit.ppl[seed] for seed in base) / statistics.fmean(base.values()),
+        "fit_over_base_per_seed": {str(seed): fit.ppl[seed] / value for seed, value in base.items()},
+    }
+
+
 def machine_hours(directory: Path | None) -> float:
     """Wall hours of every finished run under `directory` (the sum of their summaries'
     `wall_seconds`), 0 where there is none."""
@@ -275,6 +296,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
             }
         variant = chosen[split]
         split_out: dict[str, Any] = {"cells": cells, "chosen_variant": variant, "goal_met": None}
+        split_out["base_model"] = base_model(fit)
         if variant is not None:
             split_out.update(
                 _goal(results[f"personal/{split}/{variant}"], fit, baselines, mask_readings.get(variant, {}))

@@ -43,7 +43,7 @@ def section_markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         "",
     ]
     for split, found in summary["splits"].items():
-        lines += [f"### {split}", "", *_held_out_table(found), *_against_fit_lines(found)]
+        lines += [f"### {split}", "", *_held_out_table(found), *_base_model_lines(found), *_against_fit_lines(found)]
         lines += _search_table(summary["search_readings"].get(split, {}), summary.get("transcribed_source", ""))
         lines += _verdict(found)
     overall = {True: "**met**", False: "**not met**", None: "not measurable yet"}[summary.get("goal_met")]
@@ -64,6 +64,32 @@ def _held_out_table(found: dict[str, Any]) -> list[str]:
         numbers = [_number(cell["personalized_ppl"]), _number(cell["over_fit"], 4), _number(cell["rouge_l"])]
         lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_mask_numbers(cell)} |")
     return [*lines, ""]
+
+
+def _base_model_lines(found: dict[str, Any]) -> list[str]:
+    """What training gives at all: FIT against the base model with no adapter, beside the span of the
+    other methods' ratios to FIT at the same seeds (the scale a personalization gain is read on)."""
+    base = found.get("base_model")
+    if not base:
+        return []
+    per_seed = base["fit_over_base_per_seed"]
+    fit_ratios = " / ".join(f"{ratio:.3f}x" for ratio in per_seed.values())
+    seeds = "/".join(per_seed)
+    line = (
+        f"Training itself: FIT's personalized perplexity is {fit_ratios} the base model's with no adapter at "
+        f"seed{'s' if len(per_seed) > 1 else ''} {seeds} (base {base['personalized_ppl']:.3f}; `perfit bench base`), "
+        f"{1 - base['fit_over_base']:.0%} lower"
+    )
+    others = [
+        ratio
+        for label, cell in found["cells"].items()
+        if label != "fit"
+        for seed, ratio in cell["over_fit_per_seed"].items()
+        if seed in per_seed and math.isfinite(ratio)
+    ]
+    if others:
+        line += f"; at the same seeds every other method is {min(others):.3f}x to {max(others):.3f}x FIT's"
+    return [line + ".", ""]
 
 
 def _against_fit_lines(found: dict[str, Any]) -> list[str]:

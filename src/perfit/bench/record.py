@@ -20,7 +20,7 @@ from typing import Any
 
 from perfit.federation.run_directory import CHECKPOINT
 
-KEPT = ("config.toml", "summary.json", "partitions.json", "metrics.jsonl", "cross.json", "masks.json")
+KEPT = ("config.toml", "summary.json", "partitions.json", "metrics.jsonl", "cross.json", "base.json", "masks.json")
 """The files a record keeps of a run: what tuning, progress and the report read (kilobytes), the
 masks' readings (`bench.diagnostics.keep_mask_readings`) instead of the masks."""
 

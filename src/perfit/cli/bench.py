@@ -1,4 +1,4 @@
-"""`perfit bench speed / scale / masks / cross`: speed and scale benchmarks, and the readings of the masks and
+"""`perfit bench speed / scale / masks / cross / base`: speed and scale benchmarks, and the readings of the masks and
 models a grid's runs make (`cli.grid` adds `bench paper / tune` and `report`)."""
 
 from __future__ import annotations
@@ -177,3 +177,27 @@ def bench_cross(
         f"the diagonal reproduces the run's per-client perplexities to {reading['diagonal_max_rel_diff']:.1e}"
     )
     (out or run / "cross.json").write_text(json.dumps(reading, indent=2) + "\n")
+
+
+@bench.command("base")
+def bench_base(
+    run: Path = typer.Argument(..., help="A finished run directory (a research split; a record's copy will do)."),
+    out: Path | None = typer.Option(None, help="Where the reading goes (default RUN/base.json: the report reads it)."),
+) -> None:
+    """How far did training move each client from the base model? Scores the base model, with no
+    adapter, on every client's rows the run scored, beside the run's own perplexity of each."""
+    import json
+
+    from perfit.bench.diagnostics import base_evaluation
+
+    with errors("run", ValueError):
+        reading = base_evaluation(run)
+    table = Table("client", "base model", f"run ({reading['method']})", "run / base")
+    for client, base, own in zip(reading["clients"], reading["base_ppl"], reading["run_ppl"], strict=True):
+        table.add_row(str(client), f"{base:.3f}", f"{own:.3f}", f"{own / base:.4f}")
+    console.print(table)
+    console.print(
+        f"personalized perplexity: base model {reading['personalized_base_ppl']:.3f}, the run "
+        f"{reading['run_over_base']:.4f}x it ({reading['seconds']:.0f} s)"
+    )
+    (out or run / "base.json").write_text(json.dumps(reading, indent=2) + "\n")
