@@ -883,3 +883,8 @@ def test_the_report_reads_the_base_model_on_fits_rows_at_the_seeds_that_have_it(
         "0.967x to 1.050x FIT's.",
         "",
     ]
+    one_seed = {
+        **split,
+        "cells": {label: {**cell, "over_fit_per_seed": {"1": 1.05}} for label, cell in split["cells"].items()},
+    }
+    assert _base_model_lines(one_seed)[0].endswith("every other method is 1.050x FIT's.")  # not "1.050x to 1.050x"

@@ -88,7 +88,8 @@ def _base_model_lines(found: dict[str, Any]) -> list[str]:
         if seed in per_seed and math.isfinite(ratio)
     ]
     if others:
-        line += f"; at the same seeds every other method is {min(others):.3f}x to {max(others):.3f}x FIT's"
+        low, high = f"{min(others):.3f}x", f"{max(others):.3f}x"
+        line += f"; at the same seeds every other method is {low if low == high else f'{low} to {high}'} FIT's"
     return [line + ".", ""]
 
 
