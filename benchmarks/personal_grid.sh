@@ -78,12 +78,15 @@ paper "$RUNS/tune-personal/docs-first/tuning.json" "$first"
 # The base model, with no adapter, on FIT's held-out rows (RUN/base.json, which the report reads): how
 # much training moves perplexity at all, the scale a method's difference from FIT is read on. Minutes
 # a run; kept in the record at once, as a finished run is.
+read_base=0
 for run in "$RUNS"/personal/personal/*/fit/seed*; do
     [ -f "$run/summary.json" ] && [ ! -f "$run/base.json" ] || continue
-    "$PERFIT" bench base "$run" > /dev/null || echo "personal_grid.sh: perfit bench base $run failed" >&2
+    if "$PERFIT" bench base "$run" > /dev/null; then read_base=1; else echo "personal_grid.sh: perfit bench base $run failed" >&2; fi
 done
-"$PYTHON" -c 'import sys; from perfit.bench.record import keep_all; keep_all(*sys.argv[1:])' \
-    "$RUNS/personal" "$RECORD/personal" || echo "personal_grid.sh: keeping the base model's readings failed" >&2
+if [ "$read_base" = 1 ]; then
+    "$PYTHON" -c 'import sys; from perfit.bench.record import keep_all; keep_all(*sys.argv[1:])' \
+        "$RUNS/personal" "$RECORD/personal" || echo "personal_grid.sh: keeping the base model's readings failed" >&2
+fi
 # What a grid stopped here already says: the headline's report, apart from docs/ (a baseline's cells
 # show as missing, so it claims nothing yet): RUNS/personal/headline/personalization.md.
 "$PERFIT" report --runs "$RUNS/paper" --out "$RUNS/personal/headline" --personal-runs "$RUNS/personal" \

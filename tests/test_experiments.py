@@ -888,3 +888,10 @@ def test_the_report_reads_the_base_model_on_fits_rows_at_the_seeds_that_have_it(
         "cells": {label: {**cell, "over_fit_per_seed": {"1": 1.05}} for label, cell in split["cells"].items()},
     }
     assert _base_model_lines(one_seed)[0].endswith("every other method is 1.050x FIT's.")  # not "1.050x to 1.050x"
+    worse = {**split, "base_model": {**found, "fit_over_base": 1.05, "fit_over_base_per_seed": {"1": 1.05}}}
+    assert (
+        "1.050x the base model's with no adapter at seed 1 (base 14.250; `perfit bench base`), 5% higher"
+        in (_base_model_lines(worse)[0])
+    )  # training that made it worse says so, not "-5% lower"
+    (fit / "seed2" / "base.json").write_text(json.dumps({"personalized_base_ppl": None}))  # no client scored
+    assert base_model(load(runs)["personal/pathological/fit"])["seeds"] == [1]

@@ -256,7 +256,7 @@ def test_the_base_model_reading_is_the_runs_rows_scored_with_no_adapter(runs, tm
     fit, perfit = base_evaluation(Path(fit_config.out)), base_evaluation(Path(perfit_config.out))
     assert fit["clients"] == [0, 1, 2, 3] and fit["base_ppl"] == pytest.approx(perfit["base_ppl"], rel=1e-6)
     assert fit["run_ppl"] == pytest.approx([fit_summary["per_client_ppl"][str(c)] for c in range(4)])
-    assert fit["run_over_base"] == pytest.approx(sum(fit["run_ppl"]) / sum(fit["base_ppl"]))
+    assert fit["run_over_base"] == pytest.approx(fit_summary["personalized_ppl"] / (sum(fit["base_ppl"]) / 4))
     task = ClientTask(fit_config)
     with task.peft_model.disable_adapter():  # LoRA bypassed: the base model itself, whatever the adapter
         switched_off = perplexity(*task.evaluate(2, torch.randn(task.layout.size)))
@@ -269,6 +269,15 @@ def test_the_base_model_reading_is_the_runs_rows_scored_with_no_adapter(runs, tm
     result = CliRunner().invoke(app, ["bench", "base", str(copy)])
     assert result.exit_code == 0, result.output
     assert json.loads((copy / "base.json").read_text())["base_ppl"] == pytest.approx(fit["base_ppl"], rel=1e-6)
+    # a client the run could not score (null, read back as NaN) counts in neither mean, as on the server
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["per_client_ppl"]["1"] = None
+    (copy / "summary.json").write_text(json.dumps(summary))
+    partial = base_evaluation(copy)
+    kept = [0, 2, 3]
+    assert partial["personalized_base_ppl"] == pytest.approx(sum(fit["base_ppl"][k] for k in kept) / 3, rel=1e-6)
+    run_mean = sum(fit_summary["per_client_ppl"][str(k)] for k in kept) / 3
+    assert partial["run_over_base"] == pytest.approx(run_mean / partial["personalized_base_ppl"])
     missing = CliRunner().invoke(app, ["bench", "base", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such run directory" in missing.output
 

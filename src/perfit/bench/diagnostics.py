@@ -74,10 +74,19 @@ def keep_mask_readings(run_dir: Path) -> bool:
     current = path.is_file() and json.loads(path.read_text()).keys() >= READING_KEYS
     if current or not (Path(run_dir) / MASKS).is_file():
         return path.is_file()
-    staging = path.with_name(f".{path.name}.{os.getpid()}")  # another process never reads half of it
-    staging.write_text(json.dumps(mask_diagnostics(run_dir), indent=2) + "\n")
-    os.replace(staging, path)
+    write_reading(path, mask_diagnostics(run_dir))
     return True
+
+
+def write_reading(path: Path, reading: dict[str, Any]) -> None:
+    """A reading of a finished run as JSON (NaN and inf as null), written aside and renamed into place:
+    another process never reads half of it, and a write cut short leaves no file that looks done."""
+    from perfit.federation.run_directory import json_safe
+
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(json.dumps(json_safe(reading), indent=2) + "\n")
+    os.replace(staging, path)
 
 
 def mask_diagnostics(run_dir: Path) -> dict[str, Any] | None:
@@ -124,7 +133,7 @@ def _scored_rows(run: Any, clients: list[int], reading: str) -> Any:
 
     if run.config.split == "owner":
         raise ValueError(f"{run.path}: {reading} needs a research split (every client's rows on this machine)")
-    task = ClientTask(run.config)
+    task = ClientTask(run.config.replace(torch_compile="0"))  # a few evaluation passes: not worth a compile
     for client in clients:
         if list(task.split_of(client).eval) != run.partitions[client]["eval"]:
             raise ValueError(f"{run.path}: client {client}'s rows differ from partitions.json's (data file changed?)")
@@ -134,9 +143,13 @@ def _scored_rows(run: Any, clients: list[int], reading: str) -> Any:
 def base_evaluation(run_dir: Path) -> dict[str, Any]:
     """The base model, with no adapter, on every client's rows that a finished run scored: how far
     the run's training moved each client from where it started. `run_over_base` is the run's
-    personalized perplexity (the mean over clients) over the base model's, read the same way; the
+    personalized perplexity (the mean over the clients it scored) over the base model's on the same
+    clients; the
     base model is the same for every method at a seed and split, so one reading (on FIT's run) says
     how much training gives at all, against which a method's gain over FIT is read."""
+    import math
+    import statistics
+
     from perfit.core.metrics import perplexity
     from perfit.use.export import open_run
 
@@ -149,15 +162,19 @@ def base_evaluation(run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     zero = torch.zeros(task.layout.size)  # every LoRA product B A is 0: the base model's outputs
     base = [perplexity(*task.evaluate(client, zero)) for client in clients]
-    own = [float(reported[str(client)]) for client in clients]
+    own = [float(reported[str(client)]) for client in clients]  # a client the run could not score: NaN
+    # the clients the run's personalized perplexity counts (the server leaves NaN out, keeps a diverged inf)
+    counted = [k for k, value in enumerate(own) if not math.isnan(value)]
+    run_mean = statistics.fmean(own[k] for k in counted) if counted else math.nan
+    base_mean = statistics.fmean(base[k] for k in counted) if counted else math.nan
     return {
         "run": str(run.path),
         "method": run.config.method,
         "clients": clients,
         "base_ppl": base,
         "run_ppl": own,
-        "personalized_base_ppl": sum(base) / len(base),
-        "run_over_base": (sum(own) / len(own)) / (sum(base) / len(base)),
+        "personalized_base_ppl": base_mean,
+        "run_over_base": run_mean / base_mean if counted else math.nan,
         "seconds": time.perf_counter() - started,
     }
 

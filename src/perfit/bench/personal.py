@@ -232,7 +232,8 @@ def _own_over_others(run_dir: Path) -> float:
     """The run's cross-evaluation (`perfit bench cross`, its cross.json) of every client's own model
     against the other clients' models on its rows; NaN where it has not been run."""
     path = run_dir / "cross.json"
-    return float(json.loads(path.read_text())["mean_own_over_others"]) if path.is_file() else math.nan
+    value = json.loads(path.read_text()).get("mean_own_over_others") if path.is_file() else None
+    return math.nan if value is None else float(value)  # null: a reading that came out NaN
 
 
 def base_model(fit: CellResult) -> dict[str, Any] | None:
@@ -241,13 +242,13 @@ def base_model(fit: CellResult) -> dict[str, Any] | None:
     over them. How much training moves perplexity at all, against which a method's difference from
     FIT is read. None where no seed has the reading."""
     readings = {
-        seed: json.loads((run["dir"] / "base.json").read_text())
+        seed: json.loads((run["dir"] / "base.json").read_text()).get("personalized_base_ppl")
         for seed, run in sorted(fit.runs.items())
         if (run["dir"] / "base.json").is_file()
     }
-    if not readings:
+    base = {seed: float(value) for seed, value in readings.items() if value is not None}  # null: no client scored
+    if not base:
         return None
-    base = {seed: float(reading["personalized_base_ppl"]) for seed, reading in readings.items()}
     return {
         "seeds": sorted(base),
         "personalized_ppl": statistics.fmean(base.values()),

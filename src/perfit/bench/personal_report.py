@@ -78,7 +78,7 @@ def _base_model_lines(found: dict[str, Any]) -> list[str]:
     line = (
         f"Training itself: FIT's personalized perplexity is {fit_ratios} the base model's with no adapter at "
         f"seed{'s' if len(per_seed) > 1 else ''} {seeds} (base {base['personalized_ppl']:.3f}; `perfit bench base`), "
-        f"{1 - base['fit_over_base']:.0%} lower"
+        f"{abs(1 - base['fit_over_base']):.0%} {'lower' if base['fit_over_base'] <= 1 else 'higher'}"
     )
     others = [
         ratio

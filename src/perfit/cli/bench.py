@@ -154,9 +154,7 @@ def bench_cross(
 ) -> None:
     """Does each client's own model fit its data better than the other clients' models do? Scores every
     client's final model, and the global one, on every client's held-out rows (the rows the run scored)."""
-    import json
-
-    from perfit.bench.diagnostics import cross_evaluation
+    from perfit.bench.diagnostics import cross_evaluation, write_reading
 
     try:
         chosen = [int(c) for c in clients.split(",")] if clients else None
@@ -176,7 +174,7 @@ def bench_cross(
         f"own / others, geometric mean: {reading['mean_own_over_others']:.4f} (1: no client's model is its own); "
         f"the diagonal reproduces the run's per-client perplexities to {reading['diagonal_max_rel_diff']:.1e}"
     )
-    (out or run / "cross.json").write_text(json.dumps(reading, indent=2) + "\n")
+    write_reading(out or run / "cross.json", reading)
 
 
 @bench.command("base")
@@ -186,9 +184,7 @@ def bench_base(
 ) -> None:
     """How far did training move each client from the base model? Scores the base model, with no
     adapter, on every client's rows the run scored, beside the run's own perplexity of each."""
-    import json
-
-    from perfit.bench.diagnostics import base_evaluation
+    from perfit.bench.diagnostics import base_evaluation, write_reading
 
     with errors("run", ValueError):
         reading = base_evaluation(run)
@@ -200,4 +196,4 @@ def bench_base(
         f"personalized perplexity: base model {reading['personalized_base_ppl']:.3f}, the run "
         f"{reading['run_over_base']:.4f}x it ({reading['seconds']:.0f} s)"
     )
-    (out or run / "base.json").write_text(json.dumps(reading, indent=2) + "\n")
+    write_reading(out or run / "base.json", reading)
