@@ -206,6 +206,7 @@ def figure_over_fit_by_seed(splits: dict[str, dict], path: Path, goal: float) ->
         ax.axhline(1.0, color="gray", linewidth=1, label="FIT")
         ax.axhline(goal, color="tab:red", linestyle="--", linewidth=1, label=f"PerFIT's goal: {goal:g}x FIT")
         ax.set_xticks(range(len(cells)), list(cells), rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(cells) - 0.5)  # each method's seeds centred on its tick, none at an edge
         ax.set_title(SPLIT_TITLES.get(split, split))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("personalized perplexity / FIT's, same seed")
