@@ -144,9 +144,9 @@ def base_evaluation(run_dir: Path) -> dict[str, Any]:
     """The base model, with no adapter, on every client's rows that a finished run scored: how far
     the run's training moved each client from where it started. `run_over_base` is the run's
     personalized perplexity (the mean over the clients it scored) over the base model's on the same
-    clients; the
-    base model is the same for every method at a seed and split, so one reading (on FIT's run) says
-    how much training gives at all, against which a method's gain over FIT is read."""
+    clients. The base model is the same for every method at a seed and split, so one reading (on
+    FIT's run) says how much training gives at all, against which a method's gain over FIT is read.
+    Reads no adapter: a run put back from a record (`bench.record`) will do."""
     import math
     import statistics
 
@@ -174,7 +174,7 @@ def base_evaluation(run_dir: Path) -> dict[str, Any]:
         "base_ppl": base,
         "run_ppl": own,
         "personalized_base_ppl": base_mean,
-        "run_over_base": run_mean / base_mean if counted else math.nan,
+        "run_over_base": run_mean / base_mean,  # NaN where no client was scored
         "seconds": time.perf_counter() - started,
     }
 

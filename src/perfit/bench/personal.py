@@ -241,12 +241,12 @@ def base_model(fit: CellResult) -> dict[str, Any] | None:
     (`perfit bench base`, RUN/base.json): its personalized perplexity and FIT's over it, per seed and
     over them. How much training moves perplexity at all, against which a method's difference from
     FIT is read. None where no seed has the reading."""
-    readings = {
-        seed: json.loads((run["dir"] / "base.json").read_text()).get("personalized_base_ppl")
-        for seed, run in sorted(fit.runs.items())
-        if (run["dir"] / "base.json").is_file()
-    }
-    base = {seed: float(value) for seed, value in readings.items() if value is not None}  # null: no client scored
+    base = {}
+    for seed, run in sorted(fit.runs.items()):
+        path = run["dir"] / "base.json"
+        value = json.loads(path.read_text()).get("personalized_base_ppl") if path.is_file() else None
+        if value is not None:  # null: the run scored no client
+            base[seed] = float(value)
     if not base:
         return None
     return {
