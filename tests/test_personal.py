@@ -1,0 +1,275 @@
+"""The personalization grid's reading (bench.personal): paired claims, clients served better than
+FIT, the goal checked seed by seed, the masks read on the chosen tuning run, cross-evaluation targets
+and the base model's reading."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from perfit.bench.experiments import GRIDS
+from perfit.bench.results import CellResult
+
+from .fake_runs import personal_runs
+
+
+def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_spread():
+    from perfit.bench.personal import paired_claim
+
+    assert paired_claim([-0.02, -0.03, -0.025]) == "lower"  # mean -0.025, sample std 0.005
+    assert paired_claim([0.01, 0.01, 0.01]) == "higher"  # no spread at all
+    # one sign, but mean 0.0207 < sample std 0.0257: the seeds do not pin it down
+    assert paired_claim([0.01, 0.05, 0.002]) == "within the seed spread"
+    assert paired_claim([-0.01, 0.02, -0.01]) == "within the seed spread"  # the seeds disagree
+    assert paired_claim([-0.5]) == "within the seed spread"  # one seed has no spread to exceed
+    assert paired_claim([0.01, math.nan, 0.01]) == "diverged or not read at a seed"
+
+
+def test_against_fit_counts_the_clients_a_method_serves_better_than_fit_does():
+    """A mean can hide the owners who lose: each client's perplexity over its own under FIT at the
+    same seed, counted over the seeds; a diverged client (null) counts as not better."""
+    from perfit.bench.personal import _against_fit
+
+    cells = {c.name: c for c in GRIDS["personal"]()}
+
+    def result(name: str, per_client: dict[str, float | None]) -> CellResult:
+        summary = {"personalized_ppl": 15.0, "rouge_l": 0.3, "per_client_ppl": per_client}
+        return CellResult(cells[name], {seed: {"summary": summary} for seed in (1, 2, 3)})
+
+    fit = result("personal/pathological/fit", {"0": 10.0, "1": 20.0, "2": 30.0})
+    method = result("personal/pathological/perfit", {"0": 9.0, "1": 21.0, "2": 27.0})  # 0.9x, 1.05x, 0.9x a seed
+    against = _against_fit(method, fit)
+    assert against["clients_better"] == 6 and against["client_seeds"] == 9
+    assert against["client_ratio_range"] == pytest.approx([0.9, 1.05])
+    diverged = _against_fit(result("personal/pathological/perfit", {"0": None, "1": 21.0, "2": 27.0}), fit)
+    assert diverged["clients_better"] == 3 and diverged["client_seeds"] == 9
+    assert diverged["client_ratio_range"] == pytest.approx([0.9, 1.05])
+    assert _against_fit(fit, fit) is None  # FIT against itself says nothing
+
+
+def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_path, monkeypatch):
+    """The variant's diagnostics come from the runs it is chosen on: seed 0's tuning run at the
+    cell's chosen rate, under the tuning's out; cells not yet tuned are left out."""
+    import perfit.bench.diagnostics
+    from perfit.bench.personal import search_readings
+
+    seen = []
+
+    def readings(directory):
+        seen.append(Path(directory))
+        return {"mean_pairwise_overlap": 0.6, "overlap_with_data_free_mask": 0.5, "mask_vs_data_similarity_r": 0.4,
+                "mask_vs_data_similarity_p": 0.03, "kept_alone": 0.02}  # fmt: skip
+
+    monkeypatch.setattr(perfit.bench.diagnostics, "mask_diagnostics", readings)
+    cells = {
+        "personal/dirichlet/perfit-4": {"chosen_lr": 0.01, "validation_ppl": {"0.001": 9.0, "0.01": 8.5}},
+        "personal/dirichlet/fit": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 8.0}},  # not PerFIT
+        "personal/dirichlet/perfit": {"validation_ppl": {"0.001": 9.5}},  # not chosen yet
+    }
+    crossed = tmp_path / "personal/dirichlet/perfit-4/lr0.01/seed0"
+    crossed.mkdir(parents=True)
+    (crossed / "cross.json").write_text(json.dumps({"mean_own_over_others": 0.981}))  # `perfit bench cross`
+    found = search_readings({"out": str(tmp_path), "cells": cells})
+    from perfit.bench.personal import machine_hours
+
+    for name, seconds in (("a/seed0", 1800.0), ("b/lr0.01/seed0", 5400.0)):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps({"wall_seconds": seconds}))
+    assert machine_hours(tmp_path) == pytest.approx(2.0) and machine_hours(tmp_path / "none") == 0.0
+    assert seen == [tmp_path / "personal/dirichlet/perfit-4/lr0.01/seed0"]
+    assert found == {
+        "dirichlet": {
+            "perfit-4": {
+                "lr": 0.01,
+                "validation_ppl": 8.5,
+                "mask_pairwise_overlap": 0.6,
+                "mask_data_free_overlap": 0.5,
+                "mask_r": 0.4,
+                "mask_r_p": 0.03,
+                "mask_alone": 0.02,
+                "own_over_others": 0.981,
+                "transcribed": False,
+            }
+        }
+    }
+    from perfit.bench.personal_report import section_markdown
+
+    summary = {"splits": {"dirichlet": {"cells": {}, "chosen_variant": None}}, "search_readings": found}
+    text = "\n".join(section_markdown(summary, tmp_path))
+    assert "| perfit-4 | 0.01 | 8.500 | 0.600 | 0.500 | 0.40 | 0.0300 | 0.020 | 0.9810 |" in text and "†" not in text
+    cells["personal/dirichlet/perfit-4"]["transcribed"] = ["0.001", "0.01"]  # its run is gone: the value is copied
+    found = search_readings({"out": str(tmp_path), "cells": cells})
+    summary = {**summary, "search_readings": found, "transcribed_source": "the notebook"}
+    text = "\n".join(section_markdown(summary, tmp_path))
+    assert "| perfit-4 | 0.01 | 8.500† |" in text and "†: transcribed" in text and "(the notebook)" in text
+    # its masks are its first rate's (the search reads no rate): read there, where that run is here
+    seen.clear()
+
+    def first_rate_only(directory):  # the chosen rate's run is gone; its first rate's, which searched, is here
+        return readings(directory) if Path(directory).parent.name == "lr0.001" else seen.append(Path(directory))
+
+    monkeypatch.setattr(perfit.bench.diagnostics, "mask_diagnostics", first_rate_only)
+    found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.001, 0.003, 0.01]})
+    assert seen == [crossed, tmp_path / "personal/dirichlet/perfit-4/lr0.001/seed0"]
+    assert found["dirichlet"]["perfit-4"]["masks_read_on"] == "personal/dirichlet/perfit-4/lr0.001"
+    text = "\n".join(section_markdown({**summary, "search_readings": found}, tmp_path))
+    assert "| perfit-4 | 0.01 | 8.500† | 0.600‡ | 0.500‡ | 0.40‡ | 0.0300‡ | 0.020‡ | 0.9810 |" in text
+    assert "‡: the masks read on the tuning run that searched them" in text
+    found = search_readings({"out": str(tmp_path), "cells": cells, "lrs": [0.01, 0.003]})  # 0.01 searched: none
+    assert "masks_read_on" not in found["dirichlet"]["perfit-4"] and math.isnan(
+        found["dirichlet"]["perfit-4"]["mask_r"]
+    )
+
+
+def test_cross_evaluation_targets_the_papers_perfit_and_the_chosen_variant_once(tmp_path):
+    from perfit.bench.experiments import PERSONAL_VARIANTS, SPLITS
+    from perfit.bench.personal import cross_targets
+
+    rates = {"perfit": 3e-3, "perfit-zero-b": 3e-3, "perfit-4": 1e-2, "perfit-gradient-4": 1e-3}
+
+    def tuning_with(chosen: str) -> dict:
+        """Every variant tuned in both splits, `chosen` lowest in both; FIT, not a PerFIT cell, lowest of all."""
+        cells = {
+            f"personal/{split}/{label}": {
+                "chosen_lr": rates[label],
+                "validation_ppl": {f"{rates[label]:g}": 9.0 if label == chosen else 10.0},
+            }
+            for split in SPLITS
+            for label in PERSONAL_VARIANTS
+        }
+        for split in SPLITS:
+            cells[f"personal/{split}/fit"] = {"chosen_lr": 3e-3, "validation_ppl": {"0.003": 8.0}}
+        return {"out": str(tmp_path), "cells": cells}
+
+    tuning = tuning_with("perfit-4")
+    expected = [
+        tmp_path / "personal/pathological/perfit/lr0.003/seed0",
+        tmp_path / "personal/pathological/perfit-4/lr0.01/seed0",
+        tmp_path / "personal/dirichlet/perfit/lr0.003/seed0",
+        tmp_path / "personal/dirichlet/perfit-4/lr0.01/seed0",
+    ]
+    assert cross_targets(tuning) == []  # no run here yet: nothing to read
+    for directory in expected:
+        directory.mkdir(parents=True)
+        (directory / "summary.json").write_text("{}")
+    assert cross_targets(tuning) == expected
+    assert cross_targets(tuning_with("perfit")) == expected[::2]  # the paper's PerFIT chosen: once a split
+    (expected[1] / "cross.json").write_text("{}")  # already read: not again
+    (expected[2] / ".restored").write_text("")  # a copy from a record: no adapters to read
+    assert cross_targets(tuning) == [expected[0], expected[3]]
+
+
+def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_each(tmp_path, monkeypatch):
+    import perfit.bench.diagnostics
+    from perfit.bench.experiments import PERSONAL_VARIANTS
+    from perfit.bench.personal import load, summarize
+    from perfit.bench.personal_report import section_markdown
+
+    r_by_seed = {"seed1": 0.7, "seed2": 0.6, "seed3": 0.8}
+    p_by_seed = {"seed1": 0.01, "seed2": 0.04, "seed3": 0.002}
+    monkeypatch.setattr(
+        perfit.bench.diagnostics, "mask_diagnostics",
+        lambda d: {"mean_pairwise_overlap": 0.6, "overlap_with_data_free_mask": 0.5, "kept_alone": 0.1,
+                   "mask_vs_data_similarity_r": r_by_seed[Path(d).name],
+                   **({"mask_vs_data_similarity_p": p_by_seed[Path(d).name]} if Path(d).name in p_by_seed else {})},
+    )  # fmt: skip
+    runs = tmp_path / "personal"
+    values = {
+        "fit": ((10.0, 12.0, 11.0), (0.30, 0.30, 0.30)),
+        "fit-ft": ((9.8, 11.6, 10.9), (0.29, 0.29, 0.29)),
+        "local": ((11.0, 13.0, 12.0), (0.20, 0.20, 0.20)),
+        "fedsa": ((9.7, 12.0, 11.0), (0.28, 0.28, 0.28)),  # the strongest baseline at seed 1 only
+        "perfit-4": ((9.0, 10.8, 9.9), (0.31, 0.31, 0.31)),
+    }
+    personal_runs(runs, values)
+    tuning = {
+        f"personal/{split}/{label}": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 12.0 - (label == "perfit-4")}}
+        for split in ("pathological", "dirichlet")
+        for label in ("fit", *PERSONAL_VARIANTS)
+    }
+    summary = summarize(load(runs), {"cells": tuning})
+    path = summary["splits"]["pathological"]
+    assert path["over_best_baseline_per_seed"] == pytest.approx({"1": 9.0 / 9.7, "2": 10.8 / 11.6, "3": 9.9 / 10.9})
+    assert path["goal_met"] is True and all(path["checks"].values())  # every seed, every check
+    readings = path["cells"]["perfit-4"]
+    assert readings["mask_r"] == pytest.approx(0.7) and readings["mask_r_p"] == 0.04  # r's mean, p's largest
+    assert "| 0.600 | 0.500 | 0.70 | 0.0400 | 0.100 |" in "\n".join(section_markdown(summary, runs))
+    del p_by_seed["seed2"]  # a run read before p was: the cell's p is unknown, not the others' largest
+    unread = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]["cells"]["perfit-4"]
+    assert math.isnan(unread["mask_r_p"])
+    p_by_seed["seed2"] = 0.04
+    assert summary["splits"]["dirichlet"]["missing_seeds"]["perfit-4"] == [1, 2, 3]
+    assert summary["goal_met"] is None  # Dirichlet not measurable yet: no verdict over both splits
+    assert "held-out runs missing (perfit-4 seeds [1, 2, 3]; fit seeds [1, 2, 3]; " in "\n".join(
+        section_markdown(summary, runs)
+    )
+
+    r_by_seed["seed2"] = 0.4  # r below 0.5 at one seed, 0.63 on average
+    again = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]
+    assert again["checks"]["masks_follow_data"] is False and again["goal_met"] is False
+    r_by_seed["seed2"] = 0.6
+    worse = dict(values, **{"perfit-4": ((9.0, 10.8, 9.9), (0.40, 0.40, 0.29))})  # ROUGE-L above FIT on average
+    personal_runs(runs, worse)
+    again = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]
+    assert again["checks"]["rouge_l_not_below_fit"] is False  # but below it at seed 3
+    personal_runs(runs, values)
+    (runs / "personal/pathological/fedsa/seed3/summary.json").unlink()  # a baseline short of a seed
+    again = summarize(load(runs), {"cells": tuning})["splits"]["pathological"]
+    assert again["goal_met"] is None and again["missing_seeds"] == {"fedsa": [3]}
+
+
+def test_the_goal_over_both_splits_needs_one_method_meeting_it_in_each():
+    from perfit.bench.personal import _both_splits
+
+    def splits(*found):
+        return {f"s{i}": {"chosen_variant": v, "goal_met": met} for i, (v, met) in enumerate(found)}
+
+    assert _both_splits(splits(("perfit-4", True), ("perfit-4", True))) is True
+    assert _both_splits(splits(("perfit-4", True), ("perfit", True))) is False  # two methods, not one
+    assert _both_splits(splits(("perfit-4", True), ("perfit-4", None))) is None
+    assert _both_splits(splits(("perfit-4", False), (None, None))) is False
+    assert _both_splits(splits((None, None), (None, None))) is None
+
+
+def test_the_report_reads_the_base_model_on_fits_rows_at_the_seeds_that_have_it(tmp_path):
+    """FIT over the base model (`perfit bench base`'s base.json in FIT's runs), per seed and over the
+    seeds that have the reading, beside the other methods' ratios to FIT at those seeds only."""
+    from perfit.bench.personal import base_model, load, summarize
+    from perfit.bench.personal_report import _base_model_lines
+
+    runs = tmp_path / "personal"
+    values = {
+        "fit": ((10.0, 12.0, 11.0), (0.3,) * 3),
+        "fit-ft": ((9.8, 11.6, 10.9), (0.3,) * 3),  # 0.98x, 0.967x, 0.991x
+        "perfit": ((10.5, 12.0, 12.1), (0.3,) * 3),  # 1.05x, 1.00x, 1.10x (seed 3: no base reading)
+    }
+    personal_runs(runs, values)
+    fit = runs / "personal/pathological/fit"
+    assert base_model(load(runs)["personal/pathological/fit"]) is None  # no reading yet
+    for seed, base in ((1, 12.5), (2, 16.0)):
+        (fit / f"seed{seed}" / "base.json").write_text(json.dumps({"personalized_base_ppl": base}))
+    found = base_model(load(runs)["personal/pathological/fit"])
+    assert found["seeds"] == [1, 2] and found["personalized_ppl"] == pytest.approx(14.25)
+    assert found["fit_over_base_per_seed"] == pytest.approx({"1": 0.8, "2": 0.75})
+    assert found["fit_over_base"] == pytest.approx(11.0 / 14.25)  # means over the seeds, then their ratio
+    split = summarize(load(runs))["splits"]["pathological"]
+    assert split["base_model"] == found and summarize(load(runs))["splits"]["dirichlet"]["base_model"] is None
+    assert _base_model_lines(split) == [
+        "Training itself: FIT's personalized perplexity is 0.800x / 0.750x the base model's with no adapter at "
+        "seeds 1/2 (base 14.250; `perfit bench base`), 23% lower; at the same seeds every other method is "
+        "0.967x to 1.050x FIT's.",
+        "",
+    ]
+    one_seed = {
+        **split,
+        "cells": {label: {**cell, "over_fit_per_seed": {"1": 1.05}} for label, cell in split["cells"].items()},
+    }
+    assert _base_model_lines(one_seed)[0].endswith("every other method is 1.050x FIT's.")  # not "1.050x to 1.050x"
+    worse = {**split, "base_model": {**found, "fit_over_base": 1.05, "fit_over_base_per_seed": {"1": 1.05}}}
+    assert (
+        "1.050x the base model's with no adapter at seed 1 (base 14.250; `perfit bench base`), 5% higher"
+        in (_base_model_lines(worse)[0])
+    )  # training that made it worse says so, not "-5% lower"
+    (fit / "seed2" / "base.json").write_text(json.dumps({"personalized_base_ppl": None}))  # no client scored
+    assert base_model(load(runs)["personal/pathological/fit"])["seeds"] == [1]
