@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from perfit.bench.experiments import GRIDS
+from perfit.bench.experiments import GRIDS, PERSONAL_VARIANTS
 from perfit.bench.results import CellResult
 
-from .fake_runs import personal_runs
+from .fake_runs import fake_run, personal_runs
 
 
 def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_spread():
@@ -273,3 +273,72 @@ def test_the_report_reads_the_base_model_on_fits_rows_at_the_seeds_that_have_it(
     )  # training that made it worse says so, not "-5% lower"
     (fit / "seed2" / "base.json").write_text(json.dumps({"personalized_base_ppl": None}))  # no client scored
     assert base_model(load(runs)["personal/pathological/fit"])["seeds"] == [1]
+
+
+def test_a_check_every_seed_must_pass_settles_the_goal_as_soon_as_a_clean_run_fails_it(tmp_path):
+    """With seeds still to run, a finite reading that fails an every-seed check at a seed whose runs
+    are in fails the goal: no run still missing can undo it. A diverged run, a reading not made or a
+    degraded run may be rerun, so it settles nothing."""
+    from perfit.bench.personal import failed_already, load
+
+    runs = tmp_path / "personal"
+    personal_runs(
+        runs,
+        {
+            "fit": ((10.0, 10.0, 10.0), (0.30, 0.30, 0.30)),
+            "fedsa": ((10.0, 9.0, 10.0), (0.30, 0.30, 0.30)),
+            # seed 1: 0.9x FIT, 0.9x FedSA, ROUGE-L below FIT's; seed 2: 0.96x FIT and 1.07x FedSA
+            "perfit-4": ((9.0, 9.6, 9.0), (0.29, 0.31, 0.31)),
+        },
+    )
+    for label in ("fit", "fedsa", "perfit-4"):
+        (runs / f"personal/pathological/{label}/seed3/summary.json").unlink()
+    results = load(runs)
+    method, fit = results["personal/pathological/perfit-4"], results["personal/pathological/fit"]
+    fedsa = results["personal/pathological/fedsa"]
+    masks = {1: {"mask_vs_data_similarity_r": 0.47}, 2: None}  # seed 2's masks not read: no verdict on them
+    assert failed_already(method, fit, [fedsa], masks) == {
+        "over_fit_every_seed": [2],
+        "over_best_baseline_every_seed": [2],
+        "rouge_l_not_below_fit": [1],
+        "masks_follow_data": [1],
+    }
+    assert failed_already(method, fit, [], {}) == {"over_fit_every_seed": [2], "rouge_l_not_below_fit": [1]}
+    # seed 2 rerun degraded (a client's update rejected): what it reads waits for the rerun
+    fake_run(runs / "personal/pathological/perfit-4/seed2", 9.6, cell=method.cell, rouge_l=0.31,
+             rejected_updates=[{"client": 3, "reason": "no reply"}])  # fmt: skip
+    assert failed_already(load(runs)["personal/pathological/perfit-4"], fit, [fedsa], {}) == {
+        "rouge_l_not_below_fit": [1]
+    }
+    fake_run(runs / "personal/pathological/perfit-4/seed1", None, cell=method.cell)  # diverged, no ROUGE-L read
+    assert failed_already(load(runs)["personal/pathological/perfit-4"], fit, [fedsa], masks) == {
+        "masks_follow_data": [1]
+    }
+    # the verdict: not met, with the seeds that settle it, though runs are missing
+    personal_runs(runs, {"perfit-4": ((9.0, 9.6, 9.0), (0.31, 0.31, 0.31))})
+    (runs / "personal/pathological/perfit-4/seed3/summary.json").unlink()
+    from perfit.bench.personal import summarize
+    from perfit.bench.personal_report import _verdict
+
+    tuning = {"cells": {f"personal/{s}/{label}": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 9.0}}
+                        for s in ("pathological", "dirichlet") for label in ("fit", *PERSONAL_VARIANTS)}}  # fmt: skip
+    tuning["cells"]["personal/pathological/perfit-4"]["validation_ppl"]["0.003"] = 8.0
+    tuning["cells"]["personal/dirichlet/perfit-4"]["validation_ppl"]["0.003"] = 8.0
+    summary = summarize(load(runs), tuning)
+    path = summary["splits"]["pathological"]
+    assert path["goal_met"] is False
+    assert path["failed_at"] == {"over_fit_every_seed": [2], "over_best_baseline_every_seed": [2]}
+    assert summary["splits"]["dirichlet"]["goal_met"] is None and summary["goal_met"] is False
+    text = "\n".join(_verdict(path))
+    assert "**not met**, settled at the seeds already run (over_fit_every_seed at seeds [2]; over_best" in text
+    assert "perfit-4 seeds [3]" in text
+    from perfit.bench.personal_report import section_markdown
+
+    assert (
+        "The goal over both splits (one PerFIT method, chosen for both on validation): **not met** (not met "
+        "under the pathological split)." in "\n".join(section_markdown(summary, runs))
+    )
+    (runs / "personal/pathological/perfit-4/seed2/summary.json").unlink()  # only the seed that passes: no verdict
+    path = summarize(load(runs), tuning)["splits"]["pathological"]
+    assert path["goal_met"] is None and path["failed_at"] == {}
+    assert "held-out runs missing" in "\n".join(_verdict(path))

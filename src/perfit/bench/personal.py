@@ -323,29 +323,27 @@ def _goal(
 ) -> dict[str, Any]:
     """The goal's checks for `method`, seed by seed over every held-out seed. Not measurable (goal_met
     None, the missing seeds named) until the method, FIT and every personalized baseline have
-    finished all of them: a run not there could be the one that fails. At each seed the strongest
+    finished all of them: a run not there could be the one that fails; unless a check every seed
+    must pass already fails on a clean run that is in (`failed_already`: goal_met False). At each seed the strongest
     baseline is the one the method beats least there; a NaN (a diverged run, a reading not made)
     fails its check. `masks`: the method's mask readings by seed, as `summarize` read them."""
     compared = (method, fit, *baselines)
     missing = {r.cell.label: sorted(set(HELD_OUT_SEEDS) - set(r.runs)) for r in compared}
     missing = {label: seeds for label, seeds in missing.items() if seeds}
     if missing:
-        return {"missing_seeds": missing, "checks": None, "goal_met": None}
+        failed = failed_already(method, fit, baselines, masks)
+        return {"missing_seeds": missing, "checks": None, "failed_at": failed, "goal_met": False if failed else None}
     seeds = HELD_OUT_SEEDS
     over_fit = {s: method.ppl[s] / fit.ppl[s] for s in seeds}  # a diverged run's perplexity reads as NaN
     per_baseline = [[method.ppl[s] / b.ppl[s] for b in baselines] for s in seeds]
     worst = {s: max(r) if all(map(math.isfinite, r)) else math.nan for s, r in zip(seeds, per_baseline, strict=True)}
-
-    def mask_r(seed: int) -> float:
-        reading = masks.get(seed)
-        return reading["mask_vs_data_similarity_r"] if reading else math.nan
 
     checks = {
         "over_fit_every_seed": all(v <= GOAL["over_fit"] for v in over_fit.values()),
         "over_best_baseline_every_seed": all(v <= GOAL["over_best_baseline"] for v in worst.values()),
         # a NaN compares False: a ROUGE-L not read fails the check
         "rouge_l_not_below_fit": all(_seed_rouge(method, s) >= _seed_rouge(fit, s) for s in seeds),
-        "masks_follow_data": all(mask_r(s) >= GOAL["mask_r"] for s in seeds),
+        "masks_follow_data": all(_mask_r(masks, s) >= GOAL["mask_r"] for s in seeds),
         # every compared run counted every client it sampled (`CellResult.degraded_seeds`)
         "no_rejected_updates": not any(r.degraded_seeds for r in compared),
         # a claim needs the paired changes beyond their seed spread, against FIT and the best baseline
@@ -358,3 +356,37 @@ def _goal(
         "checks": checks,
         "goal_met": all(checks.values()),
     }
+
+
+def _mask_r(masks: dict[int, dict[str, Any] | None], seed: int) -> float:
+    """r of the masks' similarity against the clients' data overlap at `seed` (NaN where not read)."""
+    reading = masks.get(seed)
+    return reading["mask_vs_data_similarity_r"] if reading else math.nan
+
+
+def failed_already(
+    method: CellResult, fit: CellResult, baselines: list[CellResult], masks: dict[int, dict[str, Any] | None]
+) -> dict[str, list[int]]:
+    """The goal's every-seed checks that `method` already fails at a held-out seed whose runs are in,
+    whatever the seeds still to run read: check -> the failing seeds. Only a clean, finite reading
+    settles a check early; a diverged run, a reading not made or a degraded run (`degraded_seeds`)
+    may be rerun, so it waits for the full verdict. The spread check needs every seed, so it waits too."""
+
+    def seeds_of(*results: CellResult) -> list[int]:
+        done = set(HELD_OUT_SEEDS).intersection(*(r.runs for r in results))
+        return sorted(done - {s for r in results for s in r.degraded_seeds})
+
+    def failing(values: dict[int, float], limit: float) -> set[int]:
+        """The seeds whose value exceeds `limit` (a NaN compares False: it waits)."""
+        return {s for s, v in values.items() if v > limit}
+
+    over_fit = {s: method.ppl[s] / fit.ppl[s] for s in seeds_of(method, fit)}
+    over_baselines = [{s: method.ppl[s] / b.ppl[s] for s in seeds_of(method, b)} for b in baselines]
+    found = {
+        "over_fit_every_seed": failing(over_fit, GOAL["over_fit"]),
+        # the strongest baseline at a seed is the one the method beats least: any one over the limit fails it
+        "over_best_baseline_every_seed": set().union(*(failing(r, GOAL["over_best_baseline"]) for r in over_baselines)),
+        "rouge_l_not_below_fit": failing({s: _seed_rouge(fit, s) - _seed_rouge(method, s) for s in over_fit}, 0.0),
+        "masks_follow_data": {s for s in seeds_of(method) if _mask_r(masks, s) < GOAL["mask_r"]},
+    }
+    return {check: sorted(seeds) for check, seeds in found.items() if seeds}

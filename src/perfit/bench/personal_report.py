@@ -47,6 +47,9 @@ def section_markdown(summary: dict[str, Any], runs: Path) -> list[str]:
         lines += _search_table(summary["search_readings"].get(split, {}), summary.get("transcribed_source", ""))
         lines += _verdict(found)
     overall = {True: "**met**", False: "**not met**", None: "not measurable yet"}[summary.get("goal_met")]
+    failing = [split for split, found in summary["splits"].items() if found.get("goal_met") is False]
+    if failing:
+        overall += f" (not met under the {' and '.join(failing)} split{'s' if len(failing) > 1 else ''})"
     lines += [f"The goal over both splits (one PerFIT method, chosen for both on validation): {overall}.", ""]
     return lines
 
@@ -167,9 +170,18 @@ def _verdict(found: dict[str, Any]) -> list[str]:
             "is not complete): no claim.",
             "",
         ]
-    if found.get("goal_met") is None:
+    if found.get("missing_seeds"):
         missing = "; ".join(f"{label} seeds {seeds}" for label, seeds in found["missing_seeds"].items())
-        return [*lines, f"Chosen variant `{found['chosen_variant']}`: held-out runs missing ({missing}), no claim.", ""]
+        if found["goal_met"] is None:
+            variant = found["chosen_variant"]
+            return [*lines, f"Chosen variant `{variant}`: held-out runs missing ({missing}), no claim.", ""]
+        failed = "; ".join(f"{check} at seeds {seeds}" for check, seeds in found["failed_at"].items())
+        return [
+            *lines,
+            f"Goal for `{found['chosen_variant']}` ({GOAL}): **not met**, settled at the seeds already run ({failed}): "
+            f"a check every seed must pass, failed on a clean run, whatever the runs still missing read ({missing}).",
+            "",
+        ]
     failed = [name for name, ok in found["checks"].items() if not ok]
     verdict = "met" if found["goal_met"] else f"not met ({', '.join(failed)})"
     return [*lines, f"Goal for `{found['chosen_variant']}` ({GOAL}): **{verdict}**.", ""]
