@@ -15,7 +15,7 @@ from .fake_runs import fake_run, personal_runs
 
 
 def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_spread():
-    from perfit.bench.personal import paired_claim
+    from perfit.bench.personal_goal import paired_claim
 
     assert paired_claim([-0.02, -0.03, -0.025]) == "lower"  # mean -0.025, sample std 0.005
     assert paired_claim([0.01, 0.01, 0.01]) == "higher"  # no spread at all
@@ -220,16 +220,16 @@ def test_the_goal_needs_every_held_out_seed_of_every_compared_cell_and_checks_ea
 
 
 def test_the_goal_over_both_splits_needs_one_method_meeting_it_in_each():
-    from perfit.bench.personal import _both_splits
+    from perfit.bench.personal_goal import both_splits
 
     def splits(*found):
         return {f"s{i}": {"chosen_variant": v, "goal_met": met} for i, (v, met) in enumerate(found)}
 
-    assert _both_splits(splits(("perfit-4", True), ("perfit-4", True))) is True
-    assert _both_splits(splits(("perfit-4", True), ("perfit", True))) is False  # two methods, not one
-    assert _both_splits(splits(("perfit-4", True), ("perfit-4", None))) is None
-    assert _both_splits(splits(("perfit-4", False), (None, None))) is False
-    assert _both_splits(splits((None, None), (None, None))) is None
+    assert both_splits(splits(("perfit-4", True), ("perfit-4", True))) is True
+    assert both_splits(splits(("perfit-4", True), ("perfit", True))) is False  # two methods, not one
+    assert both_splits(splits(("perfit-4", True), ("perfit-4", None))) is None
+    assert both_splits(splits(("perfit-4", False), (None, None))) is False
+    assert both_splits(splits((None, None), (None, None))) is None
 
 
 def test_the_report_reads_the_base_model_on_fits_rows_at_the_seeds_that_have_it(tmp_path):
@@ -279,7 +279,8 @@ def test_a_check_every_seed_must_pass_settles_the_goal_as_soon_as_a_clean_run_fa
     """With seeds still to run, a finite reading that fails an every-seed check at a seed whose runs
     are in fails the goal: no run still missing can undo it. A diverged run, a reading not made or a
     degraded run may be rerun, so it settles nothing."""
-    from perfit.bench.personal import failed_already, load
+    from perfit.bench.personal import load
+    from perfit.bench.personal_goal import failed_already
 
     runs = tmp_path / "personal"
     personal_runs(

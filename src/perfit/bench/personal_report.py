@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from perfit.bench.experiments import HELD_OUT_SEEDS
-from perfit.bench.personal import GOAL, MASK_READINGS, load, machine_hours, summarize
+from perfit.bench.personal import MASK_READINGS, load, machine_hours, summarize
+from perfit.bench.personal_goal import GOAL
 
 HEADING = "## Does personalization pay at the paper's data per client?"
 FIGURE = "personal_over_fit.png"
