@@ -343,3 +343,43 @@ def test_a_check_every_seed_must_pass_settles_the_goal_as_soon_as_a_clean_run_fa
     path = summarize(load(runs), tuning)["splits"]["pathological"]
     assert path["goal_met"] is None and path["failed_at"] == {}
     assert "held-out runs missing" in "\n".join(_verdict(path))
+
+
+def test_follows_reads_whether_a_method_moves_the_clients_a_reference_moves():
+    """r over every client-seed, its p from relabelling clients within each seed, and the spread ratio."""
+    from perfit.bench.personal import follows
+
+    # one seed: x = y / 2 exactly, a NaN pair dropped; of the 3! labellings only this one reaches r = 1
+    found = follows([[0.1, math.nan, -0.1, 0.0]], [[0.2, 0.5, -0.2, 0.0]])
+    assert found["r"] == pytest.approx(1.0) and found["spread"] == pytest.approx(0.5)
+    assert found["client_seeds"] == 3 and found["p"] == pytest.approx(1 / 6, abs=0.02)
+    # two seeds: sum xy 0.10, sum x^2 0.2, sum y^2 0.1 -> r 0.1 / sqrt(0.02) = 0.707; within each seed
+    # 2 x 2 labellings, r 0.707, 0.141, -0.141, -0.707: p 1/4 (across the seeds 5 of 24)
+    found = follows([[0.1, -0.1], [0.3, -0.3]], [[0.2, -0.2], [0.1, -0.1]])
+    assert found["r"] == pytest.approx(0.70711, rel=1e-4) and found["p"] == pytest.approx(0.25, abs=0.02)
+    assert found["spread"] == pytest.approx(math.sqrt(2))  # sqrt(0.2 / 0.1)
+    assert math.isnan(follows([[0.0, 0.0, 0.0]], [[0.1, -0.1, 0.0]])["r"])  # no spread: nothing to follow
+
+
+def test_each_method_is_read_against_fit_ft_client_by_client(tmp_path):
+    from perfit.bench.personal import load, summarize
+    from perfit.bench.personal_report import _against_fit_lines
+
+    runs = tmp_path / "personal"
+    personal_runs(
+        runs,
+        {
+            "fit": ((10.0, 10.0, 10.0), (0.3,) * 3),
+            "fit-ft": ((9.0, 11.0, 10.5), (0.3,) * 3),  # ratios 0.9, 1.1, 1.05
+            "perfit": ((8.1, 12.1, 11.025), (0.3,) * 3),  # their squares: log ratio twice FIT + FT's
+        },
+    )
+    cells = summarize(load(runs))["splits"]["pathological"]["cells"]
+    assert cells["fit"]["follows_fit_ft"] is None and cells["fit-ft"]["follows_fit_ft"] is None
+    found = cells["perfit"]["follows_fit_ft"]
+    assert found["r"] == pytest.approx(1.0) and found["spread"] == pytest.approx(2.0) and found["client_seeds"] == 3
+    line = next(x for x in _against_fit_lines({"cells": cells}) if x.startswith("- `perfit`"))
+    # one client a seed: no relabelling within a seed changes r, so every one reaches it (p 1)
+    assert "follows FIT + FT's at r 1.00 (permutation p 1.0000, 3 client-seeds), 2.00x as wide." in line
+    (runs / "personal/pathological/fit-ft/seed3/summary.json").unlink()
+    assert summarize(load(runs))["splits"]["pathological"]["cells"]["perfit"]["follows_fit_ft"] is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -66,17 +67,65 @@ def _per_seed(a: CellResult, b: CellResult) -> dict[int, float]:
     return {seed: a.ppl[seed] / b.ppl[seed] for seed in sorted(set(a.runs) & set(b.runs))}
 
 
-def _per_client_ratios(result: CellResult, fit: CellResult) -> list[float]:
-    """Each client's personalized perplexity over its perplexity under FIT at the same held-out seed,
-    over the seeds (the clients both runs evaluated; NaN where either diverged)."""
-    ratios = []
-    for seed in HELD_OUT_SEEDS:
-        own = result.runs[seed]["summary"].get("per_client_ppl", {})
-        shared = fit.runs[seed]["summary"].get("per_client_ppl", {})
-        for client in sorted(set(own) & set(shared), key=int):
-            mine, theirs = own[client], shared[client]
-            ratios.append(math.nan if mine is None or theirs is None else float(mine) / float(theirs))
+def _client_ratios(result: CellResult, fit: CellResult, seed: int) -> dict[str, float]:
+    """Each client's personalized perplexity over its perplexity under FIT at held-out `seed` (the
+    clients both runs evaluated; NaN where either diverged), by client id in order."""
+    own = result.runs[seed]["summary"].get("per_client_ppl", {})
+    shared = fit.runs[seed]["summary"].get("per_client_ppl", {})
+    ratios = {}
+    for client in sorted(set(own) & set(shared), key=int):
+        mine, theirs = own[client], shared[client]
+        ratios[client] = math.nan if mine is None or theirs is None else float(mine) / float(theirs)
     return ratios
+
+
+def _per_client_ratios(result: CellResult, fit: CellResult) -> list[float]:
+    """`_client_ratios` over every held-out seed, in order."""
+    return [r for seed in HELD_OUT_SEEDS for r in _client_ratios(result, fit, seed).values()]
+
+
+def follows(changes: list[list[float]], reference: list[list[float]], permutations: int = 9999) -> dict[str, Any]:
+    """Does a method move the same clients, the same way, as a reference does? `changes` and
+    `reference`: one list a seed, each client's log perplexity ratio to FIT in the same client order
+    (non-finite pairs dropped). r: Pearson's over every client-seed; p: the share of `permutations`
+    relabellings of the reference's clients within each seed (seeded), the observed one counted, whose
+    r is at least r (one-sided); spread: the method's standard deviation over the reference's (how
+    far it moves clients, against how far the reference does). NaN where either side has no spread."""
+    pairs = [[(x, y) for x, y in zip(c, r, strict=True) if math.isfinite(x) and math.isfinite(y)]
+             for c, r in zip(changes, reference, strict=True)]  # fmt: skip
+    xs = [x for seed in pairs for x, _ in seed]
+    ys = [[y for _, y in seed] for seed in pairs]
+    flat = [y for seed in ys for y in seed]
+    if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(flat) == 0:
+        return {"r": math.nan, "p": math.nan, "spread": math.nan, "client_seeds": len(xs)}
+    r = statistics.correlation(xs, flat)
+    shuffle = random.Random(0).shuffle
+    at_least = 1  # the observed labelling counts
+    for _ in range(permutations):
+        for seed in ys:  # within a seed: the seeds' own levels stay where they are
+            shuffle(seed)
+        at_least += statistics.correlation(xs, [y for seed in ys for y in seed]) >= r - 1e-12
+    spread = statistics.pstdev(xs) / statistics.pstdev(flat)
+    return {"r": r, "p": at_least / (permutations + 1), "spread": spread, "client_seeds": len(xs)}
+
+
+def _follows_fit_ft(result: CellResult, fit: CellResult, fit_ft: CellResult) -> dict[str, Any] | None:
+    """`follows` against FIT + FT, the most direct fit to each client's own rows: a method that
+    personalizes should serve better the clients their own epoch serves better. Both are ratios to
+    the same FIT reading, so a client FIT serves worse than its peers leaves room to both: read r
+    beside another method's (the paper's PerFIT carries the same bias). None until all three have
+    every held-out seed, and for FIT and FIT + FT themselves."""
+    if result is fit or result is fit_ft:
+        return None
+    if any(not all(s in r.runs for s in HELD_OUT_SEEDS) for r in (result, fit, fit_ft)):
+        return None
+    changes, reference = [], []
+    for seed in HELD_OUT_SEEDS:
+        mine, theirs = _client_ratios(result, fit, seed), _client_ratios(fit_ft, fit, seed)
+        clients = sorted(set(mine) & set(theirs), key=int)
+        changes.append([math.log(mine[c]) if mine[c] > 0 else math.nan for c in clients])
+        reference.append([math.log(theirs[c]) if theirs[c] > 0 else math.nan for c in clients])
+    return follows(changes, reference)
 
 
 def _against_fit(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
@@ -252,7 +301,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
     out["transcribed_source"] = (tuning or {}).get("transcribed_source", "")
     chosen = chosen_variants((tuning or {}).get("cells"))
     for split in SPLITS:
-        fit = results[f"personal/{split}/fit"]
+        fit, fit_ft = results[f"personal/{split}/fit"], results[f"personal/{split}/fit-ft"]
         baselines = [results[f"personal/{split}/{b}"] for b in PERSONALIZED_BASELINES]
         cells, mask_readings = {}, {}
         for result in results.values():
@@ -269,6 +318,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
                 "rouge_l": _rouge(result),
                 "degraded_seeds": result.degraded_seeds,
                 "against_fit": _against_fit(result, fit),
+                "follows_fit_ft": _follows_fit_ft(result, fit, fit_ft),
                 **_masks(list(mask_readings[result.cell.label].values())),
             }
         variant = chosen[split]

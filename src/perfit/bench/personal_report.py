@@ -120,8 +120,21 @@ def _against_fit_lines(found: dict[str, Any]) -> list[str]:
         if against["client_ratio_range"]:
             low, high = against["client_ratio_range"]
             clients += f" over the seeds (each {low:.3f}x to {high:.3f}x FIT's)"
-        lines.append(f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{clients}.{rerun}")
+        follows = _follows_line(found["cells"][label].get("follows_fit_ft"))
+        lines.append(
+            f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{clients}.{follows}{rerun}"
+        )
     return [*lines, ""]
+
+
+def _follows_line(found: dict[str, Any] | None) -> str:
+    """Whether a method moves the clients FIT + FT moves (`bench.personal.follows`), in a sentence."""
+    if not found or not math.isfinite(found["r"]):
+        return ""
+    return (
+        f" Client by client, its change from FIT follows FIT + FT's at r {found['r']:.2f} (permutation p "
+        f"{found['p']:.4f}, {found['client_seeds']} client-seeds), {found['spread']:.2f}x as wide."
+    )
 
 
 def _search_table(searched: dict[str, dict[str, Any]], transcribed_source: str) -> list[str]:
