@@ -29,7 +29,7 @@ def test_a_paired_difference_is_named_only_where_every_seed_agrees_beyond_the_sp
 def test_against_fit_counts_the_clients_a_method_serves_better_than_fit_does():
     """A mean can hide the owners who lose: each client's perplexity over its own under FIT at the
     same seed, counted over the seeds; a diverged client (null) counts as not better."""
-    from perfit.bench.personal import _against_fit
+    from perfit.bench.personal import _against
 
     cells = {c.name: c for c in GRIDS["personal"]()}
 
@@ -39,13 +39,13 @@ def test_against_fit_counts_the_clients_a_method_serves_better_than_fit_does():
 
     fit = result("personal/pathological/fit", {"0": 10.0, "1": 20.0, "2": 30.0})
     method = result("personal/pathological/perfit", {"0": 9.0, "1": 21.0, "2": 27.0})  # 0.9x, 1.05x, 0.9x a seed
-    against = _against_fit(method, fit)
+    against = _against(method, fit)
     assert against["clients_better"] == 6 and against["client_seeds"] == 9
     assert against["client_ratio_range"] == pytest.approx([0.9, 1.05])
-    diverged = _against_fit(result("personal/pathological/perfit", {"0": None, "1": 21.0, "2": 27.0}), fit)
+    diverged = _against(result("personal/pathological/perfit", {"0": None, "1": 21.0, "2": 27.0}), fit)
     assert diverged["clients_better"] == 3 and diverged["client_seeds"] == 9
     assert diverged["client_ratio_range"] == pytest.approx([0.9, 1.05])
-    assert _against_fit(fit, fit) is None  # FIT against itself says nothing
+    assert _against(fit, fit) is None  # FIT against itself says nothing
 
 
 def test_the_report_reads_every_perfit_cells_masks_on_its_chosen_tuning_run(tmp_path, monkeypatch):
@@ -383,3 +383,33 @@ def test_each_method_is_read_against_fit_ft_client_by_client(tmp_path):
     assert "follows FIT + FT's at r 1.00 (permutation p 1.0000, 3 client-seeds), 2.00x as wide." in line
     (runs / "personal/pathological/fit-ft/seed3/summary.json").unlink()
     assert summarize(load(runs))["splits"]["pathological"]["cells"]["perfit"]["follows_fit_ft"] is None
+
+
+def test_the_chosen_variant_is_read_against_the_papers_perfit_at_the_same_seeds(tmp_path):
+    from perfit.bench.personal import load, summarize
+    from perfit.bench.personal_report import _against_fit_lines
+
+    runs = tmp_path / "personal"
+    personal_runs(
+        runs,
+        {
+            "fit": ((10.0, 10.0, 10.0), (0.3,) * 3),
+            "perfit": ((10.0, 12.0, 11.0), (0.30, 0.30, 0.30)),
+            "perfit-4": ((9.8, 11.7, 10.8), (0.31, 0.32, 0.30)),  # 0.98x, 0.975x, 0.982x the paper's
+        },
+    )
+
+    def tuning(chosen: str) -> dict:
+        cells = {f"personal/{s}/{label}": {"chosen_lr": 0.003, "validation_ppl": {"0.003": 9.0 - (label == chosen)}}
+                 for s in ("pathological", "dirichlet") for label in ("fit", *PERSONAL_VARIANTS)}  # fmt: skip
+        return {"cells": cells}
+
+    split = summarize(load(runs), tuning("perfit-4"))["splits"]["pathological"]
+    against = split["variant_over_paper"]
+    assert against["ppl_ratios"] == pytest.approx([0.98, 11.7 / 12.0, 10.8 / 11.0])
+    assert against["ppl"] == "lower" and against["rouge_l"] == "within the seed spread"
+    assert against["clients_better"] == 3 and against["client_seeds"] == 3
+    line = _against_fit_lines(split)[-2]
+    assert line.startswith("- The chosen `perfit-4` against the paper's PerFIT (`perfit`): perplexity 0.980x / ")
+    assert "**lower (better)**" in line and "Lower perplexity than the paper's PerFIT for 3 of 3 clients" in line
+    assert "variant_over_paper" not in summarize(load(runs), tuning("perfit"))["splits"]["pathological"]

@@ -128,11 +128,12 @@ def _follows_fit_ft(result: CellResult, fit: CellResult, fit_ft: CellResult) -> 
     return follows(changes, reference)
 
 
-def _against_fit(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
-    """A cell against FIT at every held-out seed, paired by seed: the perplexity ratios and ROUGE-L
-    differences, and what each lets the report say (`paired_claim`); how many clients, over the
-    seeds, it gives a lower perplexity than FIT does, and the range of their ratios (a mean can hide
-    the owners who lose). None until both have every seed."""
+def _against(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
+    """A cell against FIT (or another cell: the chosen variant against the paper's PerFIT) at every
+    held-out seed, paired by seed: the perplexity ratios and ROUGE-L differences, and what each lets
+    the report say (`paired_claim`); how many clients, over the seeds, it gives a lower perplexity
+    than FIT does, and the range of their ratios (a mean can hide the owners who lose). None until
+    both have every seed."""
     if result is fit or not all(s in result.runs and s in fit.runs for s in HELD_OUT_SEEDS):
         return None
     ratios = list(_per_seed(result, fit).values())  # every held-out seed, in order
@@ -294,7 +295,7 @@ def machine_hours(directory: Path | None) -> float:
 
 def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per split: every cell's mean perplexity, paired ratio to FIT (and per seed, and what every
-    seed lets the report say against FIT: `_against_fit`), ROUGE-L and mask readings; the chosen
+    seed lets the report say against FIT: `_against`), ROUGE-L and mask readings; the chosen
     variant and the goal's checks for it (None where not yet measurable); every PerFIT cell's masks
     on its tuning run (`search_readings`). `tuning`: a tuning.json's content."""
     out: dict[str, Any] = {"goal": GOAL, "splits": {}, "search_readings": search_readings(tuning)}
@@ -302,6 +303,7 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
     chosen = chosen_variants((tuning or {}).get("cells"))
     for split in SPLITS:
         fit, fit_ft = results[f"personal/{split}/fit"], results[f"personal/{split}/fit-ft"]
+        paper_perfit = results[f"personal/{split}/perfit"]
         baselines = [results[f"personal/{split}/{b}"] for b in PERSONALIZED_BASELINES]
         cells, mask_readings = {}, {}
         for result in results.values():
@@ -317,13 +319,15 @@ def summarize(results: dict[str, CellResult], tuning: dict[str, Any] | None = No
                 "over_fit_per_seed": {str(s): v for s, v in _per_seed(result, fit).items()},
                 "rouge_l": _rouge(result),
                 "degraded_seeds": result.degraded_seeds,
-                "against_fit": _against_fit(result, fit),
+                "against_fit": _against(result, fit),
                 "follows_fit_ft": _follows_fit_ft(result, fit, fit_ft),
                 **_masks(list(mask_readings[result.cell.label].values())),
             }
         variant = chosen[split]
         split_out: dict[str, Any] = {"cells": cells, "chosen_variant": variant, "goal_met": None}
         split_out["base_model"] = base_model(fit)
+        if variant not in (None, "perfit"):  # the search it replaces, at the same seeds
+            split_out["variant_over_paper"] = _against(results[f"personal/{split}/{variant}"], paper_perfit)
         if variant is not None:
             split_out.update(
                 goal_checks(results[f"personal/{split}/{variant}"], fit, baselines, mask_readings.get(variant, {}))

@@ -98,7 +98,8 @@ def _base_model_lines(found: dict[str, Any]) -> list[str]:
 
 
 def _against_fit_lines(found: dict[str, Any]) -> list[str]:
-    """The cells with every held-out seed against FIT's same seeds: what the seeds let us say."""
+    """The cells with every held-out seed against FIT's same seeds: what the seeds let us say; and the
+    chosen variant against the paper's PerFIT (`variant_over_paper`), the search it replaces."""
     compared = {label: cell["against_fit"] for label, cell in found["cells"].items() if cell.get("against_fit")}
     if not compared:
         return []
@@ -109,22 +110,28 @@ def _against_fit_lines(found: dict[str, Any]) -> list[str]:
         "",
     ]
     for label, against in compared.items():
-        ratios = " / ".join(_number(r) + "x" if math.isfinite(r) else "–" for r in against["ppl_ratios"])
-        rouge = " / ".join(f"{d:+.3f}" if math.isfinite(d) else "–" for d in against["rouge_l_differences"])
-        ppl, answers = against["ppl"], against["rouge_l"]
-        ppl += {"lower": " (better)", "higher": " (worse)"}.get(ppl, "")
-        answers += {"lower": " (worse)", "higher": " (better)"}.get(answers, "")
         degraded = found["cells"][label]["degraded_seeds"]
         rerun = f" Seeds {degraded} are to rerun before a claim (below)." if degraded else ""
-        clients = f" Lower perplexity than FIT for {against['clients_better']} of {against['client_seeds']} clients"
-        if against["client_ratio_range"]:
-            low, high = against["client_ratio_range"]
-            clients += f" over the seeds (each {low:.3f}x to {high:.3f}x FIT's)"
         follows = _follows_line(found["cells"][label].get("follows_fit_ft"))
-        lines.append(
-            f"- `{label}`: perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{clients}.{follows}{rerun}"
-        )
+        lines.append(f"- `{label}`: {_against_sentence(against, 'FIT')}{follows}{rerun}")
+    if found.get("variant_over_paper"):
+        sentence = _against_sentence(found["variant_over_paper"], "the paper's PerFIT")
+        lines.append(f"- The chosen `{found['chosen_variant']}` against the paper's PerFIT (`perfit`): {sentence}")
     return [*lines, ""]
+
+
+def _against_sentence(against: dict[str, Any], other: str) -> str:
+    """One method against `other` at every held-out seed (`bench.personal._against`), in a sentence."""
+    ratios = " / ".join(_number(r) + "x" if math.isfinite(r) else "–" for r in against["ppl_ratios"])
+    rouge = " / ".join(f"{d:+.3f}" if math.isfinite(d) else "–" for d in against["rouge_l_differences"])
+    ppl, answers = against["ppl"], against["rouge_l"]
+    ppl += {"lower": " (better)", "higher": " (worse)"}.get(ppl, "")
+    answers += {"lower": " (worse)", "higher": " (better)"}.get(answers, "")
+    clients = f" Lower perplexity than {other} for {against['clients_better']} of {against['client_seeds']} clients"
+    if against["client_ratio_range"]:
+        low, high = against["client_ratio_range"]
+        clients += f" over the seeds (each {low:.3f}x to {high:.3f}x {other}'s)"
+    return f"perplexity {ratios}, **{ppl}**; ROUGE-L {rouge}, **{answers}**.{clients}."
 
 
 def _follows_line(found: dict[str, Any] | None) -> str:
