@@ -84,56 +84,89 @@ def _per_client_ratios(result: CellResult, fit: CellResult) -> list[float]:
     return [r for seed in HELD_OUT_SEEDS for r in _client_ratios(result, fit, seed).values()]
 
 
-def follows(changes: list[list[float]], reference: list[list[float]], permutations: int = 9999) -> dict[str, Any]:
-    """Does a method move the same clients, the same way, as a reference does? `changes` and
-    `reference`: one list a seed, each client's log perplexity ratio to FIT in the same client order
-    (non-finite pairs dropped). r: Pearson's over every client-seed; p: the share of `permutations`
-    relabellings of the reference's clients within each seed (seeded), the observed one counted, whose
-    r is at least r (one-sided); spread: the method's standard deviation over the reference's (how
-    far it moves clients, against how far the reference does). NaN where either side has no spread."""
-    pairs = [[(x, y) for x, y in zip(c, r, strict=True) if math.isfinite(x) and math.isfinite(y)]
-             for c, r in zip(changes, reference, strict=True)]  # fmt: skip
-    xs = [x for seed in pairs for x, _ in seed]
-    ys = [[y for _, y in seed] for seed in pairs]
-    flat = [y for seed in ys for y in seed]
-    if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(flat) == 0:
+def _residuals(values: list[float], on: list[float]) -> list[float]:
+    """`values` less their least-squares line on `on` (with an intercept)."""
+    mean_v, mean_o = statistics.fmean(values), statistics.fmean(on)
+    spread = sum((o - mean_o) ** 2 for o in on)
+    slope = sum((v - mean_v) * (o - mean_o) for v, o in zip(values, on, strict=True)) / spread if spread else 0.0
+    return [v - mean_v - slope * (o - mean_o) for v, o in zip(values, on, strict=True)]
+
+
+def _centred(values: list[float]) -> list[float]:
+    mean = statistics.fmean(values)
+    return [v - mean for v in values]
+
+
+def follows(
+    method: list[list[float]], reference: list[list[float]], fit: list[list[float]], permutations: int = 9999
+) -> dict[str, Any]:
+    """Does a method move the same clients, the same way, as a reference does, beyond what FIT's own
+    reading of each client explains? Each argument: one list a seed of each client's log perplexity,
+    in the same client order (a client not finite in all three is dropped; a seed with fewer than 3
+    clients left is skipped). r: Pearson's between the method's and the reference's residuals after
+    each is regressed, seed by seed, on FIT's (a partial correlation given FIT: a client FIT serves
+    worse than its peers leaves room to both, and would read as agreement in their ratios to FIT);
+    p: the share of `permutations` relabellings of the reference's residuals within each seed
+    (seeded), the observed one counted, whose r is at least r (one-sided); spread: the standard
+    deviation of the method's log ratio to FIT over the reference's, each centred on its seed's mean
+    (how far it moves clients, against how far the reference does). NaN where a side has no spread."""
+    xs, ys, moved, ref_moved = [], [], [], []
+    for m, r, f in zip(method, reference, fit, strict=True):
+        kept = [(a, b, c) for a, b, c in zip(m, r, f, strict=True) if all(map(math.isfinite, (a, b, c)))]
+        if len(kept) < 3:
+            continue
+        m_seed, r_seed, f_seed = (list(column) for column in zip(*kept, strict=True))
+        xs += _residuals(m_seed, f_seed)
+        ys.append(_residuals(r_seed, f_seed))
+        moved += _centred([a - c for a, c in zip(m_seed, f_seed, strict=True)])
+        ref_moved += _centred([b - c for b, c in zip(r_seed, f_seed, strict=True)])
+    norm = math.sqrt(sum(x * x for x in xs) * sum(y * y for seed in ys for y in seed))
+    if norm == 0 or statistics.pstdev(ref_moved) == 0:
         return {"r": math.nan, "p": math.nan, "spread": math.nan, "client_seeds": len(xs)}
-    r = statistics.correlation(xs, flat)
+
+    def r_of(labelled: list[list[float]]) -> float:  # residuals have mean 0 a seed: r is their cosine
+        return sum(x * y for x, y in zip(xs, (y for seed in labelled for y in seed), strict=True)) / norm
+
+    r = r_of(ys)
     shuffle = random.Random(0).shuffle
+    shuffled = [list(seed) for seed in ys]
     at_least = 1  # the observed labelling counts
     for _ in range(permutations):
-        for seed in ys:  # within a seed: the seeds' own levels stay where they are
+        for seed in shuffled:  # within a seed: its clients' residuals change places, nothing else
             shuffle(seed)
-        at_least += statistics.correlation(xs, [y for seed in ys for y in seed]) >= r - 1e-12
-    spread = statistics.pstdev(xs) / statistics.pstdev(flat)
+        at_least += r_of(shuffled) >= r - 1e-12
+    spread = statistics.pstdev(moved) / statistics.pstdev(ref_moved)
     return {"r": r, "p": at_least / (permutations + 1), "spread": spread, "client_seeds": len(xs)}
 
 
 def _follows_fit_ft(result: CellResult, fit: CellResult, fit_ft: CellResult) -> dict[str, Any] | None:
     """`follows` against FIT + FT, the most direct fit to each client's own rows: a method that
-    personalizes should serve better the clients their own epoch serves better. Both are ratios to
-    the same FIT reading, so a client FIT serves worse than its peers leaves room to both: read r
-    beside another method's (the paper's PerFIT carries the same bias). None until all three have
-    every held-out seed, and for FIT and FIT + FT themselves."""
+    personalizes should serve better the clients their own epoch serves better. None until all
+    three have every held-out seed, and for FIT and FIT + FT themselves."""
     if result is fit or result is fit_ft:
         return None
     if any(not all(s in r.runs for s in HELD_OUT_SEEDS) for r in (result, fit, fit_ft)):
         return None
-    changes, reference = [], []
+    columns: tuple[list[list[float]], ...] = ([], [], [])
     for seed in HELD_OUT_SEEDS:
-        mine, theirs = _client_ratios(result, fit, seed), _client_ratios(fit_ft, fit, seed)
-        clients = sorted(set(mine) & set(theirs), key=int)
-        changes.append([math.log(mine[c]) if mine[c] > 0 else math.nan for c in clients])
-        reference.append([math.log(theirs[c]) if theirs[c] > 0 else math.nan for c in clients])
-    return follows(changes, reference)
+        readings = [r.runs[seed]["summary"].get("per_client_ppl", {}) for r in (result, fit_ft, fit)]
+        clients = sorted(set.intersection(*(set(found) for found in readings)), key=int)
+        for column, found in zip(columns, readings, strict=True):
+            column.append([_log(found[c]) for c in clients])
+    return follows(*columns)
+
+
+def _log(ppl: float | None) -> float:
+    """A perplexity's log; NaN for a diverged one (null, NaN or not positive)."""
+    return math.log(ppl) if ppl is not None and ppl > 0 else math.nan
 
 
 def _against(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
     """A cell against FIT (or another cell: the chosen variant against the paper's PerFIT) at every
     held-out seed, paired by seed: the perplexity ratios and ROUGE-L differences, and what each lets
     the report say (`paired_claim`); how many clients, over the seeds, it gives a lower perplexity
-    than FIT does, and the range of their ratios (a mean can hide the owners who lose). None until
-    both have every seed."""
+    than the other cell does, and the range of their ratios (a mean can hide the owners who lose).
+    None until both have every seed."""
     if result is fit or not all(s in result.runs and s in fit.runs for s in HELD_OUT_SEEDS):
         return None
     ratios = list(_per_seed(result, fit).values())  # every held-out seed, in order

@@ -25,11 +25,11 @@ def seed_rouge(result: CellResult, seed: int) -> float:
 
 
 def paired_claim(changes: list[float]) -> str:
-    """What paired per-seed changes against FIT (one per held-out seed: a perplexity's relative
-    change, ratio - 1; a ROUGE-L's difference) let the report say: "lower" or "higher" where every
-    seed agrees and the mean change exceeds the seeds' sample standard deviation
-    (`changes_beyond_spread`), else "within the seed spread"; a NaN (a diverged run, a reading not
-    made) allows no claim."""
+    """What paired per-seed changes against FIT or another cell (one per held-out seed: a
+    perplexity's relative change, ratio - 1; a ROUGE-L's difference) let the report say: "lower" or
+    "higher" where every seed agrees and the mean change exceeds the seeds' sample standard
+    deviation (`changes_beyond_spread`), else "within the seed spread"; a NaN (a diverged run, a
+    reading not made) allows no claim."""
     if any(math.isnan(c) for c in changes):
         return "diverged or not read at a seed"
     if not changes_beyond_spread(changes):
@@ -83,12 +83,17 @@ def failed_already(
 ) -> dict[str, list[int]]:
     """The goal's every-seed checks that `method` already fails at a held-out seed whose runs are in,
     whatever the seeds still to run read: check -> the failing seeds. Only a clean, finite reading
-    settles a check early; a diverged run, a reading not made or a degraded run (`degraded_seeds`)
-    may be rerun, so it waits for the full verdict. The spread check needs every seed, so it waits too."""
+    settles a check early; a diverged run (its masks and ROUGE-L too), a reading not made or a
+    degraded run (`degraded_seeds`) may be rerun, so it waits for the full verdict. The spread
+    check needs every seed, so it waits too."""
 
     def seeds_of(*results: CellResult) -> list[int]:
+        """The seeds every one of `results` finished cleanly: not degraded, not diverged."""
         done = set(HELD_OUT_SEEDS).intersection(*(r.runs for r in results))
-        return sorted(done - {s for r in results for s in r.degraded_seeds})
+        doubtful = {s for r in results for s in r.degraded_seeds} | {
+            s for r in results for s in done if not math.isfinite(r.ppl[s])
+        }
+        return sorted(done - doubtful)
 
     def failing(values: dict[int, float], limit: float) -> set[int]:
         """The seeds whose value exceeds `limit` (a NaN compares False: it waits)."""

@@ -101,7 +101,7 @@ def _against_fit_lines(found: dict[str, Any]) -> list[str]:
     """The cells with every held-out seed against FIT's same seeds: what the seeds let us say; and the
     chosen variant against the paper's PerFIT (`variant_over_paper`), the search it replaces."""
     compared = {label: cell["against_fit"] for label, cell in found["cells"].items() if cell.get("against_fit")}
-    if not compared:
+    if not compared and not found.get("variant_over_paper"):
         return []
     seeds = "/".join(map(str, HELD_OUT_SEEDS))
     lines = [
@@ -139,8 +139,9 @@ def _follows_line(found: dict[str, Any] | None) -> str:
     if not found or not math.isfinite(found["r"]):
         return ""
     return (
-        f" Client by client, its change from FIT follows FIT + FT's at r {found['r']:.2f} (permutation p "
-        f"{found['p']:.4f}, {found['client_seeds']} client-seeds), {found['spread']:.2f}x as wide."
+        f" Client by client, beyond what FIT's reading of each client explains, it moves the clients FIT + "
+        f"FT moves at partial r {found['r']:.2f} (permutation p {found['p']:.4f}, {found['client_seeds']} "
+        f"client-seeds), {found['spread']:.2f}x as far."
     )
 
 
