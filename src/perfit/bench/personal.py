@@ -67,21 +67,18 @@ def _per_seed(a: CellResult, b: CellResult) -> dict[int, float]:
     return {seed: a.ppl[seed] / b.ppl[seed] for seed in sorted(set(a.runs) & set(b.runs))}
 
 
-def _client_ratios(result: CellResult, fit: CellResult, seed: int) -> dict[str, float]:
-    """Each client's personalized perplexity over its perplexity under FIT at held-out `seed` (the
-    clients both runs evaluated; NaN where either diverged), by client id in order."""
-    own = result.runs[seed]["summary"].get("per_client_ppl", {})
-    shared = fit.runs[seed]["summary"].get("per_client_ppl", {})
-    ratios = {}
-    for client in sorted(set(own) & set(shared), key=int):
-        mine, theirs = own[client], shared[client]
-        ratios[client] = math.nan if mine is None or theirs is None else float(mine) / float(theirs)
+def _per_client_ratios(result: CellResult, other: CellResult) -> list[float]:
+    """Each client's personalized perplexity over its perplexity under `other` (FIT, or the paper's
+    PerFIT) at the same held-out seed, over the seeds (the clients both runs evaluated; NaN where
+    either diverged)."""
+    ratios = []
+    for seed in HELD_OUT_SEEDS:
+        own = result.runs[seed]["summary"].get("per_client_ppl", {})
+        theirs = other.runs[seed]["summary"].get("per_client_ppl", {})
+        for client in sorted(set(own) & set(theirs), key=int):
+            mine, shared = own[client], theirs[client]
+            ratios.append(math.nan if mine is None or shared is None else float(mine) / float(shared))
     return ratios
-
-
-def _per_client_ratios(result: CellResult, fit: CellResult) -> list[float]:
-    """`_client_ratios` over every held-out seed, in order."""
-    return [r for seed in HELD_OUT_SEEDS for r in _client_ratios(result, fit, seed).values()]
 
 
 def _residuals(values: list[float], on: list[float]) -> list[float]:
@@ -161,17 +158,17 @@ def _log(ppl: float | None) -> float:
     return math.log(ppl) if ppl is not None and ppl > 0 else math.nan
 
 
-def _against(result: CellResult, fit: CellResult) -> dict[str, Any] | None:
-    """A cell against FIT (or another cell: the chosen variant against the paper's PerFIT) at every
+def _against(result: CellResult, other: CellResult) -> dict[str, Any] | None:
+    """A cell against `other` (FIT; or the chosen variant against the paper's PerFIT) at every
     held-out seed, paired by seed: the perplexity ratios and ROUGE-L differences, and what each lets
     the report say (`paired_claim`); how many clients, over the seeds, it gives a lower perplexity
     than the other cell does, and the range of their ratios (a mean can hide the owners who lose).
     None until both have every seed."""
-    if result is fit or not all(s in result.runs and s in fit.runs for s in HELD_OUT_SEEDS):
+    if result is other or not all(s in result.runs and s in other.runs for s in HELD_OUT_SEEDS):
         return None
-    ratios = list(_per_seed(result, fit).values())  # every held-out seed, in order
-    rouge = [seed_rouge(result, s) - seed_rouge(fit, s) for s in HELD_OUT_SEEDS]
-    clients = _per_client_ratios(result, fit)
+    ratios = list(_per_seed(result, other).values())  # every held-out seed, in order
+    rouge = [seed_rouge(result, s) - seed_rouge(other, s) for s in HELD_OUT_SEEDS]
+    clients = _per_client_ratios(result, other)
     finite = [r for r in clients if math.isfinite(r)]
     return {
         "ppl_ratios": ratios,
