@@ -378,6 +378,25 @@ def test_follows_reads_whether_a_method_moves_the_clients_a_reference_moves():
     assert math.isnan(follows([[0.1, -0.1]], [[0.2, -0.2]], [[0.0, 0.0]])["r"])  # 2 clients a seed: skipped
 
 
+def test_follows_keeps_its_size_when_nothing_follows():
+    """Method, reference and FIT drawn independently for every client (seeded): the partial r's p
+    falls at or below 0.05 in about 5 % of trials; the ratios to FIT, correlated as they are, agree
+    through FIT's shared reading and would read as following in most of them."""
+    import random
+
+    from perfit.bench.personal import follows
+
+    rng = random.Random(1)
+    partial = ratios = 0
+    for _ in range(100):
+        m, ft, f = ([[rng.gauss(2.3, 0.1) for _ in range(10)] for _ in range(3)] for _ in range(3))
+        partial += follows(m, ft, f, permutations=99)["p"] <= 0.05
+        to_fit = [[[a - c for a, c in zip(x, z, strict=True)] for x, z in zip(side, f, strict=True)]
+                  for side in (m, ft)]  # fmt: skip
+        ratios += follows(*to_fit, [[0.0] * 10] * 3, permutations=99)["p"] <= 0.05  # FIT all 0: no residual
+    assert partial <= 10 and ratios >= 50, (partial, ratios)
+
+
 def test_each_method_is_read_against_fit_ft_client_by_client(tmp_path):
     from perfit.bench.personal import load, summarize
     from perfit.bench.personal_report import _against_fit_lines
