@@ -84,12 +84,13 @@ def _per_client_ratios(result: CellResult, other: CellResult) -> list[float]:
 def _residuals(values: list[float], on: list[float]) -> list[float]:
     """`values` less their least-squares line on `on` (with an intercept)."""
     mean_v, mean_o = statistics.fmean(values), statistics.fmean(on)
-    spread = sum((o - mean_o) ** 2 for o in on)
-    slope = sum((v - mean_v) * (o - mean_o) for v, o in zip(values, on, strict=True)) / spread if spread else 0.0
+    squares = sum((o - mean_o) ** 2 for o in on)
+    slope = sum((v - mean_v) * (o - mean_o) for v, o in zip(values, on, strict=True)) / squares if squares else 0.0
     return [v - mean_v - slope * (o - mean_o) for v, o in zip(values, on, strict=True)]
 
 
 def _centred(values: list[float]) -> list[float]:
+    """`values` less their mean."""
     mean = statistics.fmean(values)
     return [v - mean for v in values]
 
