@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from perfit.client.task import ClientTask
 from perfit.config import Config
-from perfit.core.aggregate import aggregate, personalize
+from perfit.core.aggregate import aggregate, personalize, trimmed_mean
 from perfit.core.methods import global_start
 
 from ..tiny import TINY_RUN
@@ -43,8 +43,8 @@ def server_global(out: Path) -> torch.Tensor:
 def expected_global(
     config: Config, clients: list[int], masks: dict[int, torch.Tensor], weights: dict[int, float] | None = None
 ) -> torch.Tensor:
-    """Eq. 6 over exactly `clients`' updates in every round, computed here without Flower; each
-    weighs its example count, or `weights[client]` where given."""
+    """Eq. 6 over exactly `clients`' updates in every round (their trimmed mean where `config.trim`),
+    computed here without Flower; each weighs its example count, or `weights[client]` where given."""
     task = ClientTask(config)
     current = global_start(task.layout, config)
     for round_number in range(1, config.rounds + 1):
@@ -54,7 +54,10 @@ def expected_global(
             if result.examples:  # as the server does: a client with no loss-carrying rows adds nothing
                 weight = (weights or {}).get(client, float(result.examples))
                 updates.append((masks[client], result.flat * masks[client], weight))
-        current = aggregate(config.aggregation, current, updates)
+        if config.trim:
+            current = trimmed_mean(current, updates, config.trim)
+        else:
+            current = aggregate(config.aggregation, current, updates)
     return current
 
 

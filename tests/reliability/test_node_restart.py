@@ -120,7 +120,16 @@ class _Federation:
         return sum(node["status"] == "online" for node in json.loads(listed.stdout)["nodes"])
 
 
-def _ends_as_uninterrupted(federation: _Federation, fields: dict, out: Path) -> dict:
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, small_data, tmp_path_factory) -> dict:
+    """The summary of the run both tests interrupt, run in simulation without a stop."""
+    fields = _fields(tiny_model, small_data, SEED)
+    reference = run_simulation(Config(**{**fields, "out": str(tmp_path_factory.mktemp("uninterrupted"))}), num_cpus=2)
+    assert all(value > 1 for value in reference["per_client_ppl"].values())  # every client measured
+    return reference
+
+
+def _ends_as_uninterrupted(federation: _Federation, fields: dict, out: Path, reference: dict) -> dict:
     """The run's rounds sampled the seeded clients, rejected nothing, restarted no kept values, and
     every client's perplexity is the uninterrupted run's; each node kept its B by round and, at the
     end, its owner's adapter in PEFT format. Returns the run's summary."""
@@ -128,9 +137,7 @@ def _ends_as_uninterrupted(federation: _Federation, fields: dict, out: Path) -> 
     assert [r["clients"] for r in rounds if not r.get("final")] == _sampled(fields["seed"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rejected_updates"] == [] and summary["kept_lost"] == []
-    reference_out = federation.tmp_path / "uninterrupted"
-    reference = run_simulation(Config(**{**fields, "out": str(reference_out)}), num_cpus=2)
-    assert all(value > 1 for value in reference["per_client_ppl"].values())  # every client measured
+    assert set(summary["per_client_ppl"]) == set(reference["per_client_ppl"])
     for client, value in reference["per_client_ppl"].items():
         assert summary["per_client_ppl"][client] == pytest.approx(value, rel=1e-4), client
     for k in range(NODES):
@@ -142,20 +149,27 @@ def _ends_as_uninterrupted(federation: _Federation, fields: dict, out: Path) -> 
     return summary
 
 
-def _victim_and_seed() -> tuple[int, int]:
-    """A seed and a client sampled in rounds 1 and 3 but not 2: killed after round 1, it is away
-    while round 2 runs without it, and needs what it kept in round 3 and the final evaluation."""
+def _roles() -> tuple[int, int, int, int]:
+    """The first seed with a client sampled in rounds 1 and 3 but not 2 (`victim`: killed after
+    round 1, it is away while round 2 runs without it, and needs what it kept in round 3 and the
+    final evaluation), and whose round 2 samples one client that trained in round 1 (`ahead`: it
+    keeps a B of round 2 newer than the checkpoint of round 1) and one that did not (`held`: frozen,
+    it keeps round 2 from ending, so the server cannot checkpoint it). Both tests interrupt the run
+    of this seed, so one uninterrupted run is the reference of both. (seed, victim, ahead, held)"""
     for seed in range(100):
-        rounds = _sampled(seed)
-        for client in rounds[0]:
-            if client not in rounds[1] and client in rounds[2]:
-                return client, seed
-    raise AssertionError("no seed samples a client in rounds 1 and 3 only")
+        first, second, third = _sampled(seed)
+        victims = [c for c in first if c not in second and c in third]
+        ahead, held = [c for c in second if c in first], [c for c in second if c not in first]
+        if victims and len(ahead) == len(held) == 1:
+            return seed, victims[0], ahead[0], held[0]
+    raise AssertionError("no seed samples a client in rounds 1 and 3 only, and one of round 1 again in round 2")
 
 
-def test_a_killed_supernode_restarts_with_what_it_kept(tiny_model, small_data, tmp_path):
-    victim, seed = _victim_and_seed()
-    fields, out = _fields(tiny_model, small_data, seed), tmp_path / "out"
+SEED, VICTIM, AHEAD, HELD = _roles()
+
+
+def test_a_killed_supernode_restarts_with_what_it_kept(tiny_model, small_data, tmp_path, uninterrupted):
+    victim, fields, out = VICTIM, _fields(tiny_model, small_data, SEED), tmp_path / "out"
     federation = _Federation(tmp_path)
     try:
         federation.superlink()
@@ -173,31 +187,18 @@ def test_a_killed_supernode_restarts_with_what_it_kept(tiny_model, small_data, t
     finally:
         _stop_all(tmp_path)
     assert _ours(tmp_path) == []
-    _ends_as_uninterrupted(federation, fields, out)
-
-
-def _ahead_held_and_seed() -> tuple[int, int, int]:
-    """A seed whose round 2 samples a client that trained in round 1 (`ahead`: it keeps a B of round
-    2 newer than the checkpoint of round 1) and one that did not (`held`: frozen, it keeps round 2
-    from ending, so the server cannot checkpoint it)."""
-    for seed in range(100):
-        first, second, _ = _sampled(seed)
-        ahead, held = [c for c in second if c in first], [c for c in second if c not in first]
-        if len(ahead) == len(held) == 1:
-            return ahead[0], held[0], seed
-    raise AssertionError("no seed samples one client of round 1 again in round 2")
+    _ends_as_uninterrupted(federation, fields, out, uninterrupted)
 
 
 def test_a_superlink_killed_in_a_round_resumes_from_the_checkpoint_the_nodes_are_ahead_of(
-    tiny_model, small_data, tmp_path
+    tiny_model, small_data, tmp_path, uninterrupted
 ):
     """The SuperLink is killed with its ServerApp after node `ahead` trained round 2 and before the
     round could end: the checkpoint is round 1's and `ahead` has kept a B of round 2. The restarted
     SuperLink (its database keeps the nodes' registrations) runs the resumed run: round 2 again, from
     the B `ahead` kept in round 1, as the checkpoint names; a node continuing from its newest B would
     train round 2 twice."""
-    ahead, held, seed = _ahead_held_and_seed()
-    fields, out = _fields(tiny_model, small_data, seed), tmp_path / "out"
+    ahead, held, fields, out = AHEAD, HELD, _fields(tiny_model, small_data, SEED), tmp_path / "out"
     federation = _Federation(tmp_path)
     try:
         superlink = federation.superlink()
@@ -219,5 +220,5 @@ def test_a_superlink_killed_in_a_round_resumes_from_the_checkpoint_the_nodes_are
     finally:
         _stop_all(tmp_path)
     assert _ours(tmp_path) == []
-    summary = _ends_as_uninterrupted(federation, fields, out)
+    summary = _ends_as_uninterrupted(federation, fields, out, uninterrupted)
     assert summary["resumed_at_round"] == 2
