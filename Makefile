@@ -33,9 +33,10 @@ bench: install
 report: install
 	$(BIN)/perfit report --runs runs/paper --out docs
 
-# Two workers, a file each (module fixtures run once), one torch thread each: the suite mostly waits
-# on process and Ray start-ups, and two workers at a thread per core would ask for twice the cores.
-TEST_WORKERS ?= 2
+# Three workers on two cores, a file each (module fixtures run once), one torch thread each: much of
+# the suite waits (process and Ray start-ups, a SuperLink's heartbeats, reply timeouts), and a third
+# worker fills the cores two would leave idle; more than three only queue for them.
+TEST_WORKERS ?= 3
 test: install lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -40,7 +40,7 @@ def dolly_rows(per_category: int) -> list[dict]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow (real-model) tests first: under `make test`'s two workers their file, the longest,
+    """The slow (real-model) tests first: under `make test`'s workers their file, the longest,
     starts at once instead of running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
