@@ -278,7 +278,6 @@ def bench_tune(
 ) -> None:
     """Choose each cell's learning rate on a validation slice of the clients' train splits (seed 0);
     the held-out rows are never read. Resumable; writes docs/tuning.md and docs/tuning.json."""
-    from perfit.bench.experiments import run_grid
     from perfit.bench.tuning import collect, read_transcribed, still_to_run
 
     chosen, common = _grid_selection(ctx, cells, grid)
@@ -307,12 +306,7 @@ def bench_tune(
         tune += [arg for flag, path in given.items() for arg in (f"--{flag}", str(path))]
         _tune_in_lanes(lanes, chosen, runs, out, tune)
         runs = to_run()
-    outcomes: list[tuple[Any, int, str]] = []
-    while runs:  # then what the finished runs asked for: FIT + FT once FIT has chosen, widened rates
-        with errors("data"):
-            outcomes += run_grid(runs, out, common, base.run_federation, console.print, record)
-        tried = {cell.name for cell, _, _ in outcomes}
-        runs = [run for run in to_run() if run.name not in tried]
+    outcomes = _run_until_settled(runs, to_run, out, common, record)
     with errors("tuning", ValueError):
         table = collect(chosen, out, **tuning)
     rates = _start_rates(chosen, out, tuning, grid)
@@ -325,6 +319,20 @@ def bench_tune(
     command = " ".join(["perfit bench tune", *flags, *(f"--cells '{c}'" for c in cells)])
     document = {"command": command, "out": str(out.resolve()), "lrs": list(candidates), "widen": widen, "cells": table}
     console.print(_write_tuning(docs, document, source))
+
+
+def _run_until_settled(runs: list[Any], to_run: Any, out: Path, common: dict, record: Path | None) -> list[Any]:
+    """Run `runs`, then what the finished runs asked for (FIT + FT once FIT has chosen its rate, a
+    widened rate), until `to_run()` names nothing not tried yet. Returns every run's outcome."""
+    from perfit.bench.experiments import run_grid
+
+    outcomes: list[tuple[Any, int, str]] = []
+    while runs:
+        with errors("data"):
+            outcomes += run_grid(runs, out, common, base.run_federation, console.print, record)
+        tried = {cell.name for cell, _, _ in outcomes}
+        runs = [run for run in to_run() if run.name not in tried]
+    return outcomes
 
 
 @app.command()
