@@ -44,7 +44,13 @@ def expected_global(
     config: Config, clients: list[int], masks: dict[int, torch.Tensor], weights: dict[int, float] | None = None
 ) -> torch.Tensor:
     """Eq. 6 over exactly `clients`' updates in every round (their trimmed mean where `config.trim`),
-    computed here without Flower; each weighs its example count, or `weights[client]` where given."""
+    computed here without Flower; each weighs its example count, or `weights[client]` where given.
+    What the server does to an update out of bounds (its norm bound, its weight cap) is not
+    recomputed: a test that compares a round with this one shows that no update was bounded or
+    capped. For the methods that share every position they train (FIT, PerFIT), not FedSA-LoRA's
+    or HetLoRA's rules."""
+    if config.method not in ("fit", "perfit"):
+        raise ValueError(f"expected_global recomputes FIT and PerFIT rounds, not {config.method}")
     task = ClientTask(config)
     current = global_start(task.layout, config)
     for round_number in range(1, config.rounds + 1):

@@ -142,6 +142,25 @@ def test_node_config_points_at_local_copies(tiny_model, small_data, tmp_path):
         handlers._task(msg, context(**{"partition-id": 1, "num-partitions": 3}))
 
 
+def test_two_rounds_on_deployment_engine(tiny_model, small_data, tmp_path):
+    """local_federation.sh: CA and keys, TLS SuperLink with node auth, 2 registered SuperNodes, 2 rounds."""
+    flags = {**TINY_RUN, "num_clients": 2, "clients_per_round": 2, "rounds": 2, "seed": 3}
+    args = cli_args({**flags, "model": tiny_model, "data": small_data})
+    work, out = tmp_path / "deploy", tmp_path / "out"
+    env = _env(tmp_path, "cli-home", DEPLOY_DIR=str(work))
+    returncode, output, left = _local_federation(tmp_path, [*args, "--out", str(out)], env)
+    assert returncode == 0, output[-4000:]
+    assert left == [], "local_federation.sh left processes running"
+    assert "finished:completed" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_client_ppl"]) == {"0", "1"}
+    assert all(value > 1 for value in summary["per_client_ppl"].values())
+    assert summary["rejected_updates"] == []
+    superlink_log = (work / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1:" in superlink_log  # TLS, loopback only
+    assert superlink_log.count('/v1/fleet/activate-node HTTP/1.1" 200') == 2  # both registered nodes
+
+
 def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     """Three owners, each SuperNode with its own private file (40 / 60 / 120 rows; one without
     `category`, one in Alpaca's fields), `split=owner`, 2 rounds of PerFIT over TLS with node
@@ -150,8 +169,7 @@ def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     set). The run config's `data` names no file, and its `model` a directory holding only the
     model's config.json: the server side has no path to any data and no weights (the nodes have the
     model's weights at their own path, from their node config). The SuperLink serves HTTPS on
-    127.0.0.1 only and activates exactly the registered nodes; the script leaves nothing running.
-    (A shared file split across nodes, the default, runs in test_node_restart.py.)"""
+    127.0.0.1 only and activates exactly the registered nodes; the script leaves nothing running."""
     flags = {**TINY_RUN, "split": "owner", "num_clients": 3, "clients_per_round": 3, "rounds": 2, "seed": 1, "trim": 1}
     nowhere, config_only = tmp_path / "no-data-on-the-server", tmp_path / "config-only-model"
     config_only.mkdir()
@@ -167,7 +185,8 @@ def test_data_owners_on_deployment_engine(tiny_model, owners_dir, tmp_path):
     assert not nowhere.exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["client_names"] == {"0": "acme", "1": "globex", "2": "initech"}
-    assert all(value > 1 for value in summary["per_client_ppl"].values()) and summary["rejected_updates"] == []
+    assert set(summary["per_client_ppl"]) == {"0", "1", "2"} and summary["rejected_updates"] == []
+    assert all(value > 1 for value in summary["per_client_ppl"].values())
     partitions = json.loads((out / "partitions.json").read_text())
     for client, (name, rows) in enumerate(OWNER_SIZES.items()):  # 80/20 of each owner's own file, counts only
         assert partitions[str(client)] == {

@@ -52,10 +52,10 @@ def test_an_honest_round_is_unchanged_by_the_bound(runs):
     from perfit.core.methods import fixed_masks
 
     honest = runs["honest-on"]
-    assert honest["record"]["bounded"] == {}
+    assert honest["record"]["bounded"] == {} and honest["record"]["weight_capped"] == {}
     config = honest["config"]
     masks = fixed_masks(layout_for(config.model, config.dense_rank, config.alpha_value), config, range(4))
-    torch.testing.assert_close(honest["global"], expected_global(config, [0, 1, 2, 3], masks), atol=1e-6, rtol=0)
+    torch.testing.assert_close(honest["global"], expected_global(config, [0, 1, 2, 3], masks), atol=1e-5, rtol=0)
 
 
 def test_a_100x_update_is_bounded_and_moves_the_adapter_no_further_than_the_bound(runs):

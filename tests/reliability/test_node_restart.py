@@ -125,7 +125,8 @@ def uninterrupted(tiny_model, small_data, tmp_path_factory) -> dict:
     """The summary of the run both tests interrupt, run in simulation without a stop."""
     fields = _fields(tiny_model, small_data, SEED)
     reference = run_simulation(Config(**{**fields, "out": str(tmp_path_factory.mktemp("uninterrupted"))}), num_cpus=2)
-    assert all(value > 1 for value in reference["per_client_ppl"].values())  # every client measured
+    assert set(reference["per_client_ppl"]) == {str(k) for k in range(NODES)}  # every client measured
+    assert all(value > 1 for value in reference["per_client_ppl"].values())
     return reference
 
 
