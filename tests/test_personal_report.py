@@ -167,3 +167,21 @@ def test_splice_replaces_the_personalization_section_or_puts_it_before_the_secti
     assert splice("# R\n\n## Ablations\n", section) == "# R\n\n## Ablations\n\n" + "\n".join(section)
     at_end = splice(f"# R\n\n{HEADING}\n\nold\n### pathological\n\nold table", section)
     assert at_end == "# R\n\n" + "\n".join(section)  # its ### subsections go with it
+
+
+def test_a_table_whose_rows_have_other_seeds_says_how_to_read_them():
+    """A cell with fewer seeds than FIT's has a mean over other seeds: the table says to read its
+    ratio to FIT at the same seeds, and says nothing when every row has the same seeds."""
+    from perfit.bench.personal import MASK_READINGS
+    from perfit.bench.personal_report import _held_out_table
+
+    def cell(seeds: list[int], ppl: float, over_fit: float) -> dict[str, Any]:
+        masks = dict.fromkeys(MASK_READINGS, float("nan"))
+        return {"seeds": seeds, "personalized_ppl": ppl, "over_fit": over_fit, "rouge_l": 0.2, **masks}
+
+    cells = {"fit": cell([1, 2, 3], 10.9, 1.0), "perfit": cell([1, 2, 3], 11.1, 1.02)}
+    assert not any("different seeds" in line for line in _held_out_table({"chosen_variant": None, "cells": cells}))
+    cells["perfit"] = cell([1], 11.5, 1.0185)  # one seed: its mean is not comparable with FIT's over three
+    text = "\n".join(_held_out_table({"chosen_variant": None, "cells": cells}))
+    assert "| perfit | 1 | 11.500 | 1.0185 | 0.200 |" in text
+    assert "The rows have different seeds" in text and "/ FIT column" in text

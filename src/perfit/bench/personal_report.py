@@ -67,6 +67,12 @@ def _held_out_table(found: dict[str, Any]) -> list[str]:
         seeds = ",".join(map(str, cell["seeds"]))
         numbers = [_number(cell["personalized_ppl"]), _number(cell["over_fit"], 4), _number(cell["rouge_l"])]
         lines.append(f"| {label}{marker} | {seeds} | " + " | ".join(numbers) + f" | {_mask_numbers(cell)} |")
+    if len({tuple(cell["seeds"]) for cell in found["cells"].values()}) > 1:  # seeds move perplexity more than methods
+        lines += [
+            "",
+            "The rows have different seeds: perplexity and ROUGE-L are means over a row's own seeds, so read "
+            "a row against FIT by its / FIT column (FIT at the same seeds), not by its perplexity.",
+        ]
     return [*lines, ""]
 
 
